@@ -1,0 +1,13 @@
+-- name: read
+-- params: $1 source
+SELECT stream, state FROM etl_checkpoints WHERE source = $1
+
+-- name: write
+-- params: $1 source, $2 stream, $3 state (jsonb), $4 run id
+INSERT INTO etl_checkpoints (source, stream, state, run_id) VALUES ($1, $2, $3, $4)
+ON CONFLICT (source, stream) DO UPDATE
+    SET state = EXCLUDED.state, run_id = EXCLUDED.run_id, updated_at = now()
+
+-- name: clear
+-- params: $1 source
+DELETE FROM etl_checkpoints WHERE source = $1

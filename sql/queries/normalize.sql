@@ -1,0 +1,54 @@
+-- name: upsert
+-- Normalize raw rows of one source into normalized_data. {raw_table} is one of the raw tables.
+-- Within the rows selected, the later raw row of a natural key wins; a row is written only
+-- when its content differs from what normalized_data holds.
+-- params: $1 source, $2 kind, $3 raw ids above, $4 raw ids up to, $5 raw ids to skip (bigint[]),
+--         $6..$13 JSON paths (text[]) of source_id, title, description, category, amount, url,
+--         tags, event_time (NULL: not mapped), $14 separator of tags given as one string
+WITH src AS (
+    SELECT DISTINCT ON (key) id, run_id, key, record
+    FROM (
+        SELECT r.id, r.run_id, r.record #>> $6::text[] AS key, r.record
+        FROM {raw_table} r
+        WHERE r.source = $1 AND r.id > $3 AND r.id <= $4 AND r.id <> ALL ($5::bigint[])
+    ) s
+    WHERE key <> ''
+    ORDER BY key, id DESC
+), up AS (
+    INSERT INTO normalized_data AS n
+        (kind, source, source_id, title, description, category, amount, url, tags, event_time,
+         raw_table, raw_id, run_id)
+    SELECT $2, $1, key,
+           record #>> $7::text[],
+           record #>> $8::text[],
+           record #>> $9::text[],
+           nullif(btrim(record #>> $10::text[]), '')::numeric,
+           record #>> $11::text[],
+           CASE jsonb_typeof(record #> $12::text[])
+               WHEN 'array' THEN ARRAY(SELECT jsonb_array_elements_text(record #> $12::text[]))
+               WHEN 'string' THEN array_remove(string_to_array(record #>> $12::text[], $14), '')
+           END,
+           nullif(record #>> $13::text[], '')::timestamptz,
+           '{raw_table}', id, run_id
+    FROM src
+    ON CONFLICT (source, source_id) DO UPDATE SET
+        title = EXCLUDED.title, description = EXCLUDED.description,
+        category = EXCLUDED.category, amount = EXCLUDED.amount, url = EXCLUDED.url,
+        tags = EXCLUDED.tags, event_time = EXCLUDED.event_time, kind = EXCLUDED.kind,
+        raw_table = EXCLUDED.raw_table, raw_id = EXCLUDED.raw_id, run_id = EXCLUDED.run_id,
+        updated_at = now()
+    WHERE (n.title, n.description, n.category, n.amount, n.url, n.tags, n.event_time)
+          IS DISTINCT FROM
+          (EXCLUDED.title, EXCLUDED.description, EXCLUDED.category, EXCLUDED.amount,
+           EXCLUDED.url, EXCLUDED.tags, EXCLUDED.event_time)
+    RETURNING (xmax = 0) AS inserted
+)
+SELECT count(*) FILTER (WHERE inserted) AS inserted,
+       count(*) FILTER (WHERE NOT inserted) AS updated
+FROM up
+
+-- name: next_raw_id
+-- The raw rows a COPY adds next all have ids above this one.
+-- params: $1 sequence of the raw table's id
+SELECT nextval($1::regclass)
+

@@ -1,0 +1,40 @@
+-- name: start
+-- params: $1 source, $2 kind, $3 trigger, $4 full refresh, $5 host, $6 pid
+INSERT INTO etl_runs (source, kind, trigger, full_refresh, host, pid)
+VALUES ($1, $2, $3, $4, $5, $6)
+RETURNING id
+
+-- name: abandon_stale
+-- Runs of a source left 'running' by a process that died: only called while holding the
+-- source's advisory lock, so no live run of it exists.
+-- params: $1 source
+UPDATE etl_runs SET status = 'failed', finished_at = now(),
+       error = 'interrupted: the process running it stopped before it finished'
+WHERE source = $1 AND status = 'running'
+
+-- name: running
+-- params: $1 source
+SELECT id FROM etl_runs WHERE source = $1 AND status = 'running' ORDER BY id DESC LIMIT 1
+
+-- name: set_total
+-- params: $1 run id, $2 bytes to read
+UPDATE etl_runs SET bytes_total = $2 WHERE id = $1
+
+-- name: add
+-- Counters of one committed batch, in the batch's transaction.
+-- params: $1 run id, $2 read, $3 valid, $4 rejected, $5 inserted, $6 updated, $7 unchanged,
+--         $8 bytes, $9 pages
+UPDATE etl_runs SET rows_read = rows_read + $2, rows_valid = rows_valid + $3,
+       rows_rejected = rows_rejected + $4, rows_inserted = rows_inserted + $5,
+       rows_updated = rows_updated + $6, rows_unchanged = rows_unchanged + $7,
+       bytes_read = bytes_read + $8, pages_read = pages_read + $9, heartbeat_at = now()
+WHERE id = $1
+
+-- name: finish
+-- params: $1 run id, $2 status, $3 error text
+UPDATE etl_runs SET status = $2, error = $3, finished_at = now() WHERE id = $1
+RETURNING *
+
+-- name: get
+-- params: $1 run id
+SELECT * FROM etl_runs WHERE id = $1

@@ -1,0 +1,185 @@
+"""The ``etlsvc`` command: run, replay, migrate, check.
+
+Owns argument parsing, exit codes (0 success, 1 a run or check failed, 2 bad usage or
+config) and what a person at a terminal sees: a progress bar and a summary table on stderr,
+while the structured logs go to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import structlog
+
+from etlsvc import __version__, db, pipeline
+from etlsvc.config import Config, config_path, load_config
+from etlsvc.errors import ConfigError, EtlError, SourceBusy
+from etlsvc.logs import configure_logging
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="PATH",
+                        help="config file (default: $ETLSVC_CONFIG, else ./config.toml)")
+    parser = _Parser(prog="etlsvc", description="Self-hosted ETL service.")
+    parser.add_argument("--version", action="version", version=f"etlsvc {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    run = sub.add_parser("run", parents=[common], help="run sources once and exit")
+    run.add_argument("sources", nargs="*", metavar="SOURCE",
+                     help="sources to run (default: all)")
+    run.add_argument("--full-refresh", action="store_true",
+                     help="ignore checkpoints and read everything again")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    replay = sub.add_parser("replay", parents=[common],
+                            help="normalize a source again from its raw rows")
+    replay.add_argument("source", metavar="SOURCE")
+    sub.add_parser("migrate", parents=[common], help="apply database migrations")
+    sub.add_parser("check", parents=[common], help="check config and database connectivity")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``etlsvc`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(config_path(args.config))
+        configure_logging(cfg.log.level, cfg.log.format)
+        return asyncio.run(_COMMANDS[args.command](cfg, args))
+    except ConfigError as exc:
+        print(f"etlsvc: config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except EtlError as exc:
+        print(f"etlsvc: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("etlsvc: interrupted", file=sys.stderr)
+        return 130
+
+
+async def _run(cfg: Config, args: argparse.Namespace) -> int:
+    selected = [cfg.source(n) for n in args.sources] if args.sources else list(cfg.sources)
+    if not selected:
+        raise ConfigError("no sources configured")
+    show_bar = not args.no_progress and sys.stderr.isatty()
+    results: list[dict[str, Any]] = []
+    async with db.open_database(cfg) as database:
+        for src in selected:
+            bar = _ProgressBar(src.name) if show_bar else None
+            try:
+                row = await pipeline.run_source(
+                    database, cfg, src, trigger="manual", full_refresh=args.full_refresh,
+                    on_progress=bar.update if bar else None)
+            except SourceBusy as exc:
+                structlog.get_logger().error("source busy", source=src.name, run_id=exc.run_id)
+                row = {"id": exc.run_id, "source": src.name, "status": "busy",
+                       "error": str(exc)}
+            finally:
+                if bar:
+                    bar.close()
+            results.append(row)
+        totals = await database.pool.fetch(
+            "SELECT source, count(*) AS n FROM normalized_data WHERE source = ANY($1::text[])"
+            " GROUP BY source", [s.name for s in selected])
+    _print_summary(results, {r["source"]: r["n"] for r in totals})
+    return EXIT_OK if all(r["status"] == "succeeded" for r in results) else EXIT_FAILED
+
+
+async def _replay(cfg: Config, args: argparse.Namespace) -> int:
+    src = cfg.source(args.source)
+    async with db.open_database(cfg) as database:
+        row = await pipeline.replay_source(database, cfg, src)
+    _print_summary([row], {})
+    return EXIT_OK if row["status"] == "succeeded" else EXIT_FAILED
+
+
+async def _migrate(cfg: Config, args: argparse.Namespace) -> int:
+    async with db.open_database(cfg, migrate=False) as database:
+        applied = await db.apply_migrations(database.pool)
+    print(f"applied: {', '.join(applied)}" if applied else "database is up to date",
+          file=sys.stderr)
+    return EXIT_OK
+
+
+async def _check(cfg: Config, args: argparse.Namespace) -> int:
+    problems = 0
+
+    def report(ok: bool, what: str) -> None:
+        nonlocal problems
+        problems += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} {what}", file=sys.stderr)
+
+    report(True, f"config: {len(cfg.sources)} source(s): "
+                 f"{', '.join(s.name for s in cfg.sources) or 'none'}")
+    async with db.open_database(cfg, migrate=False) as database:
+        version = await database.pool.fetchval("SHOW server_version")
+        where = "embedded" if database.embedded else "configured URL"
+        report(True, f"database: PostgreSQL {version} ({where})")
+        done = {r["version"] for r in await database.pool.fetch(
+            "SELECT version FROM etl_schema_migrations")} if await database.pool.fetchval(
+            "SELECT to_regclass('etl_schema_migrations') IS NOT NULL") else set()
+        pending = [name for v, name, _ in db.migration_files() if v not in done]
+        report(True, f"migrations: {len(pending)} pending" + (
+            f" ({', '.join(pending)}; applied by `etlsvc migrate` or at start)"
+            if pending else ""))
+    for src in cfg.sources:
+        try:
+            report(True, f"source {src.name}: {pipeline.check_source(cfg, src)}")
+        except EtlError as exc:
+            report(False, str(exc))
+    return EXIT_OK if not problems else EXIT_FAILED
+
+
+_COMMANDS = {"run": _run, "replay": _replay, "migrate": _migrate, "check": _check}
+
+
+class _ProgressBar:
+    """tqdm bar over the bytes of a run, with rows and rows/s."""
+
+    def __init__(self, source: str) -> None:
+        from tqdm import tqdm
+
+        self._bar = tqdm(desc=source, unit="B", unit_scale=True, unit_divisor=1024,
+                         file=sys.stderr, dynamic_ncols=True, leave=True)
+
+    def update(self, progress: pipeline.Progress) -> None:
+        bar = self._bar
+        bar.total = progress.bytes_total or None
+        rows = progress.counts["rows_read"]
+        elapsed = bar.format_dict["elapsed"] or 1e-9
+        bar.set_postfix(rows=f"{rows:,}", rows_s=f"{rows / elapsed:,.0f}",
+                        rejected=progress.counts["rows_rejected"], refresh=False)
+        bar.update(progress.counts["bytes_read"] - bar.n)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def _print_summary(rows: list[dict[str, Any]], totals: dict[str, int]) -> None:
+    header = ("source", "run", "status", "read", "valid", "rejected", "inserted", "updated",
+              "unchanged", "rows in table")
+    lines = [header]
+    for r in rows:
+        lines.append((r["source"], str(r.get("id") or "-"), r["status"],
+                      *(f"{r.get(k, 0):,}" for k in ("rows_read", "rows_valid", "rows_rejected",
+                                                     "rows_inserted", "rows_updated",
+                                                     "rows_unchanged")),
+                      f"{totals[r['source']]:,}" if r["source"] in totals else "-"))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    for line in lines:
+        print("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip(), file=sys.stderr)
+    for r in rows:
+        if r.get("error"):
+            print(f"{r['source']}: {r['error']}", file=sys.stderr)

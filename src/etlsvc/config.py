@@ -1,0 +1,209 @@
+"""Configuration: `config.toml` decoded into frozen msgspec structs, plus ``ETLSVC_*`` overrides.
+
+Owns finding the file (``--config``, else ``ETLSVC_CONFIG``, else ``./config.toml``), decoding
+and validating it, and turning every mistake into one :class:`~etlsvc.errors.ConfigError` that
+names the file and the key. It does no I/O beyond reading that file.
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+
+from etlsvc.errors import ConfigError
+
+#: The columns of ``normalized_data`` a source can map its fields to.
+NORMALIZED_FIELDS = (
+    "source_id", "title", "description", "category", "amount", "url", "tags", "event_time",
+)
+
+SourceName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")]
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+Rate = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+OneChar = Annotated[str, msgspec.Meta(min_length=1, max_length=1)]
+
+
+class Fields(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Which source field feeds each normalized column (None: the column stays null)."""
+
+    source_id: str | None = None
+    title: str | None = None
+    description: str | None = None
+    category: str | None = None
+    amount: str | None = None
+    url: str | None = None
+    tags: str | None = None
+    event_time: str | None = None
+
+    def mapped(self) -> dict[str, str]:
+        """The normalized fields that are mapped, with their source field."""
+        return {f: v for f in NORMALIZED_FIELDS if (v := getattr(self, f)) is not None}
+
+
+class CsvSource(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="csv",
+                tag_field="kind"):
+    """A CSV file, or every file matching a glob, read as a stream of records."""
+
+    name: SourceName
+    path: str
+    fields: Fields
+    schedule: str | None = None
+    batch_size: PositiveInt = 10_000
+    max_error_rate: Rate = 0.05
+    encoding: str = "utf-8"
+    delimiter: OneChar = ","
+    quotechar: OneChar = '"'
+    tags_separator: str = ";"
+    #: A field longer than this is an error (an unterminated quote would otherwise
+    #: swallow the rest of the file into one field).
+    max_field_bytes: PositiveInt = 1 << 20
+
+    kind = "csv"
+
+
+Source = CsvSource
+
+
+class DatabaseConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Where PostgreSQL is; an empty ``url`` means the embedded server."""
+
+    url: str = ""
+    min_pool_size: Annotated[int, msgspec.Meta(ge=0)] = 1
+    max_pool_size: PositiveInt = 10
+    connect_timeout: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+
+
+class EmbeddedConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The embedded PostgreSQL used when no database URL is configured."""
+
+    data_dir: str = ".etlsvc"
+    pg_version: Literal[16, 18] = 18
+
+
+class LogConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Log level and format (``auto``: JSON, or coloured text on a terminal)."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The whole configuration of one etlsvc process."""
+
+    sources: list[Source] = []
+    database: DatabaseConfig = DatabaseConfig()
+    embedded: EmbeddedConfig = EmbeddedConfig()
+    log: LogConfig = LogConfig()
+    #: Directory of the config file: relative paths in it are relative to this.
+    base_dir: str = "."
+
+    def source(self, name: str) -> Source:
+        """The source called ``name``; a ConfigError naming the known ones otherwise."""
+        for src in self.sources:
+            if src.name == name:
+                return src
+        known = ", ".join(s.name for s in self.sources) or "none"
+        raise ConfigError(f"unknown source {name!r} (configured sources: {known})")
+
+    def resolve(self, path: str) -> Path:
+        """A path from the config, made absolute relative to the config file."""
+        return (Path(self.base_dir) / path).resolve()
+
+    @property
+    def embedded_dir(self) -> Path:
+        """Data directory of the embedded PostgreSQL."""
+        return self.resolve(self.embedded.data_dir) / f"pg{self.embedded.pg_version}"
+
+
+#: Environment variables that override a config key, and the key they override.
+ENV_OVERRIDES = {
+    "ETLSVC_DATABASE_URL": ("database", "url"),
+    "ETLSVC_LOG_LEVEL": ("log", "level"),
+    "ETLSVC_LOG_FORMAT": ("log", "format"),
+    "ETLSVC_DATA_DIR": ("embedded", "data_dir"),
+}
+
+
+def config_path(cli_path: str | None, environ: Mapping[str, str] = os.environ) -> Path:
+    """The config file to use: ``--config``, else ``$ETLSVC_CONFIG``, else ``./config.toml``."""
+    return Path(cli_path or environ.get("ETLSVC_CONFIG") or "config.toml")
+
+
+def load_config(path: Path, environ: Mapping[str, str] = os.environ) -> Config:
+    """Read, decode and check the config file; ConfigError (naming file and key) on any problem."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found (use --config PATH or "
+                          "ETLSVC_CONFIG)") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from exc
+    try:
+        data = msgspec.toml.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a TOML document")
+    for var, (section, key) in ENV_OVERRIDES.items():
+        if var in environ:
+            data.setdefault(section, {})[key] = environ[var]
+    data["base_dir"] = str(path.resolve().parent)
+    try:
+        cfg = msgspec.convert(data, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{path}: {_explain(exc, data)}") from exc
+    _check(cfg, path)
+    return cfg
+
+
+def _explain(exc: msgspec.ValidationError, data: dict) -> str:
+    """Turn msgspec's ``... - at `$.sources[0].fields``` into ``key sources[0].fields: ...``."""
+    msg = str(exc)
+    m = re.match(r"(?s)(.*) - at `\$\.?(.*)`$", msg)
+    if not m:
+        return msg
+    text, where = m.groups()
+    unknown = re.match(r"Object contains unknown field `(.*)`", text)
+    if unknown:
+        key = f"{where}.{unknown.group(1)}" if where else unknown.group(1)
+        hint = ""
+        if where.endswith(".fields"):
+            hint = f" (normalized fields are: {', '.join(NORMALIZED_FIELDS)})"
+        return f"unknown key {key!r}{hint}"
+    missing = re.match(r"Object missing required field `(.*)`", text)
+    if missing:
+        key = f"{where}.{missing.group(1)}" if where else missing.group(1)
+        return f"missing required key {key!r}"
+    if "Invalid value" in text and where.endswith(".kind"):
+        return f"key {where!r}: {text} (supported kinds: csv)"
+    return f"key {where!r}: {text}"
+
+
+def _check(cfg: Config, path: Path) -> None:
+    """Checks msgspec's types cannot express."""
+    seen: set[str] = set()
+    for i, src in enumerate(cfg.sources):
+        where = f"{path}: key 'sources[{i}]"
+        if src.name in seen:
+            raise ConfigError(f"{where}.name': duplicate source name {src.name!r}")
+        seen.add(src.name)
+        if src.fields.source_id is None:
+            raise ConfigError(f"{where}.fields.source_id': every source needs its natural key "
+                              "mapped")
+        try:
+            codecs.lookup(src.encoding)
+        except LookupError:
+            raise ConfigError(f"{where}.encoding': unknown encoding {src.encoding!r}") from None
+        if src.delimiter == src.quotechar:
+            raise ConfigError(f"{where}.delimiter': delimiter and quotechar are the same")
+        typed = [v for f, v in src.fields.mapped().items()
+                 if f in ("source_id", "amount", "event_time")]
+        if len(typed) != len(set(typed)):
+            raise ConfigError(f"{where}.fields': one column cannot feed two of source_id, "
+                              "amount and event_time")

@@ -1,0 +1,140 @@
+"""PostgreSQL access: the pool, the SQL files in ``sql/``, migrations.
+
+Owns connecting (to the configured URL or the embedded server), loading named queries
+from ``sql/queries/*.sql`` and applying ``sql/migrations/NNNN_*.sql`` in order under an
+advisory lock. asyncpg errors at connect time become :class:`DatabaseError` here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import asyncpg
+import msgspec
+import structlog
+
+from etlsvc.config import Config
+from etlsvc.embedded import EmbeddedPostgres
+from etlsvc.errors import DatabaseError
+from etlsvc.logs import redact
+
+log = structlog.get_logger()
+
+_MIGRATION_LOCK = 0x6574_6C73_7663_0001  # "etlsvc" + 1: one key for every etlsvc process
+_MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+
+
+def sql_dir() -> Path:
+    """``sql/`` inside the installed package (wheel), else at the root of the source tree."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "sql", here.parents[1] / "sql"):
+        if (candidate / "migrations").is_dir():
+            return candidate
+    raise DatabaseError(f"SQL files not found next to {here}")
+
+
+@cache
+def queries(name: str) -> dict[str, str]:
+    """Named queries of ``sql/queries/<name>.sql`` (each starts with a ``-- name: x`` line)."""
+    text = (sql_dir() / "queries" / f"{name}.sql").read_text()
+    parts = re.split(r"^-- name: (\w+)\s*$", text, flags=re.M)
+    return {parts[i]: parts[i + 1].strip() for i in range(1, len(parts), 2)}
+
+
+def query(file: str, name: str) -> str:
+    """One named query from ``sql/queries/<file>.sql``."""
+    return queries(file)[name]
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    for typ in ("json", "jsonb"):
+        await conn.set_type_codec(typ, schema="pg_catalog", encoder=_json_text,
+                                  decoder=msgspec.json.decode, format="text")
+
+
+def _json_text(value: object) -> str:
+    return value if isinstance(value, str) else msgspec.json.encode(value).decode()
+
+
+async def connect_pool(dsn: str, cfg: Config, **kwargs: object) -> asyncpg.Pool:
+    """An asyncpg pool with JSON codecs and UTC sessions; DatabaseError if unreachable."""
+    try:
+        return await asyncpg.create_pool(
+            dsn, min_size=cfg.database.min_pool_size, max_size=cfg.database.max_pool_size,
+            timeout=cfg.database.connect_timeout, init=_init_connection,
+            server_settings={"application_name": "etlsvc", "timezone": "UTC"}, **kwargs)
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        raise DatabaseError(f"cannot connect to PostgreSQL at {redact(dsn)}: {exc}") from exc
+
+
+@dataclass
+class Database:
+    """An open pool, and the embedded server behind it if there is one."""
+
+    pool: asyncpg.Pool
+    dsn: str
+    embedded: EmbeddedPostgres | None
+
+
+@contextlib.asynccontextmanager
+async def open_database(cfg: Config, *, migrate: bool = True) -> AsyncIterator[Database]:
+    """Connect (starting the embedded server when no URL is set), migrate, yield, close."""
+    embedded = None
+    dsn = cfg.database.url
+    if not dsn:
+        embedded = EmbeddedPostgres(cfg.embedded_dir, cfg.embedded.pg_version)
+        dsn = embedded.start()
+    try:
+        pool = await connect_pool(dsn, cfg)
+        try:
+            if migrate:
+                await apply_migrations(pool)
+            yield Database(pool, dsn, embedded)
+        finally:
+            await pool.close()
+    finally:
+        if embedded:
+            embedded.stop()
+
+
+def migration_files() -> list[tuple[int, str, str]]:
+    """(version, file name, SQL) of every migration, in order."""
+    found = []
+    for path in sorted((sql_dir() / "migrations").glob("*.sql")):
+        m = _MIGRATION_NAME.match(path.name)
+        if not m:
+            raise DatabaseError(f"migration file name {path.name!r} is not NNNN_name.sql")
+        found.append((int(m.group(1)), path.name, path.read_text()))
+    return found
+
+
+async def apply_migrations(pool: asyncpg.Pool) -> list[str]:
+    """Apply pending migrations under an advisory lock; return the names applied."""
+    applied_now = []
+    async with pool.acquire() as conn:
+        await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
+        try:
+            await conn.execute(query("migrations", "create_table"))
+            done = {r["version"]: r["checksum"]
+                    for r in await conn.fetch(query("migrations", "applied"))}
+            for version, name, sql in migration_files():
+                checksum = hashlib.sha256(sql.encode()).hexdigest()
+                if version in done:
+                    if done[version] != checksum:
+                        raise DatabaseError(f"migration {name} was changed after it was applied"
+                                            " to this database; add a new migration instead")
+                    continue
+                async with conn.transaction():
+                    await conn.execute(sql)
+                    await conn.execute(query("migrations", "record"), version, name, checksum)
+                log.info("migration applied", migration=name)
+                applied_now.append(name)
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
+    return applied_now

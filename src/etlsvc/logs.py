@@ -1,0 +1,64 @@
+"""Structured logs: one JSON object per line on stdout (or coloured text on a terminal).
+
+Owns the structlog configuration and the redaction of secrets. Every module logs through
+``structlog.get_logger()``; run and request context is bound with contextvars.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from typing import Any
+
+import msgspec
+import structlog
+
+_URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://[^:/@\s]+):[^@\s]+@", re.I)
+_SECRET_KEYS = re.compile(r"pass|secret|token|api_?key|authorization", re.I)
+
+
+def redact(text: str) -> str:
+    """Hide the password of any ``scheme://user:password@host`` URL in ``text``."""
+    return _URL_PASSWORD.sub(r"\g<scheme>:***@", text)
+
+
+def _redact_event(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+    for key, value in event.items():
+        if _SECRET_KEYS.search(key) and value:
+            event[key] = "***"
+        elif isinstance(value, str) and "://" in value:
+            event[key] = redact(value)
+    return event
+
+
+def _json_dumps(obj: Any, default: Any = None) -> str:
+    return msgspec.json.encode(obj, enc_hook=str).decode()
+
+
+def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
+    """Send structlog (and stdlib logging) to ``stream`` (stdout) as JSON lines or console text."""
+    stream = stream or sys.stdout
+    if fmt == "auto":
+        fmt = "console" if stream.isatty() else "json"
+    renderer: Any = (structlog.dev.ConsoleRenderer(colors=stream.isatty()) if fmt == "console"
+                     else structlog.processors.JSONRenderer(serializer=_json_dumps))
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _redact_event,
+    ]
+    structlog.configure(
+        processors=[*shared, structlog.processors.dict_tracebacks, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=structlog.WriteLoggerFactory(file=stream),
+        cache_logger_on_first_use=False,
+    )
+    # Libraries that log through the standard library end up in the same stream and format.
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        processor=renderer, foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name]))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(max(logging.getLevelName(level.upper()), logging.INFO))

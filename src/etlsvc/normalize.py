@@ -1,0 +1,46 @@
+"""Normalization: raw rows of a source → ``normalized_data``, in SQL.
+
+Owns turning a source's field mapping into the parameters of ``sql/queries/normalize.sql``
+(JSON paths into the raw record) and running it over a range of raw row ids. The same SQL
+serves a load (the rows one batch just copied) and a replay (every raw row of a source).
+"""
+
+from __future__ import annotations
+
+import asyncpg
+
+from etlsvc import db
+from etlsvc.config import NORMALIZED_FIELDS, Fields
+from etlsvc.load import RAW_TABLES
+
+MAX_ID = 2**63 - 1
+
+
+def paths(fields: Fields, kind: str) -> list[list[str] | None]:
+    """JSON path of each normalized field in the raw record (dotted for JSON kinds)."""
+    mapped = fields.mapped()
+    out: list[list[str] | None] = []
+    for field in NORMALIZED_FIELDS:
+        name = mapped.get(field)
+        if name is None:
+            out.append(None)
+        else:
+            out.append([name] if kind == "csv" else name.split("."))
+    return out
+
+
+async def upsert(conn: asyncpg.Connection, *, source: str, kind: str, fields: Fields,
+                 tags_separator: str, above: int, upto: int = MAX_ID,
+                 skip: list[int] | None = None) -> tuple[int, int]:
+    """Normalize raw rows ``above < id <= upto`` of ``source``; return (inserted, updated)."""
+    table = RAW_TABLES[kind]
+    sql = db.query("normalize", "upsert").replace("{raw_table}", table)
+    row = await conn.fetchrow(sql, source, kind, above, upto, skip or [],
+                              *paths(fields, kind), tags_separator)
+    return row["inserted"], row["updated"]
+
+
+async def next_raw_id(conn: asyncpg.Connection, kind: str) -> int:
+    """A fresh value of the raw table's id sequence: rows copied after this call are above it."""
+    return await conn.fetchval(db.query("normalize", "next_raw_id"),
+                               f"{RAW_TABLES[kind]}_id_seq")

@@ -1,0 +1,290 @@
+"""One run of one source: read → validate → raw COPY → normalize → checkpoint.
+
+Owns the order of the steps, the transaction of each batch (raw rows, normalized rows,
+rejects, checkpoint and run counters commit together or not at all), overlapping the
+parsing of the next batch with the database work of the current one, and the run's log
+context and summary event. Owns no SQL and no parsing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from itertools import repeat
+from typing import Any, TypeVar
+
+import structlog
+
+from etlsvc import checkpoint, load, normalize, runs
+from etlsvc.config import Config, Source
+from etlsvc.db import Database
+from etlsvc.errors import EtlError, SourceError
+from etlsvc.sources import RawBatch, Reject, csv_files
+from etlsvc.validate import RowValidator
+
+log = structlog.get_logger()
+T = TypeVar("T")
+
+
+@dataclass
+class Prepared:
+    """A batch ready for the database: COPY payload, rejects, counters, checkpoint state."""
+
+    stream: str
+    payload: bytes
+    valid: int
+    rejects: list[Reject]
+    rows_read: int
+    bytes_read: int
+    state: dict[str, Any]
+
+
+@dataclass
+class Progress:
+    """Counters of a run so far, passed to the progress callback after each batch."""
+
+    run_id: int
+    source: str
+    bytes_total: int = 0
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(runs.COUNTERS, 0))
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+async def run_source(database: Database, cfg: Config, src: Source, *, trigger: str = "manual",
+                     full_refresh: bool = False,
+                     on_progress: ProgressCallback | None = None) -> dict[str, Any]:
+    """Run ``src`` once; return its finished ``etl_runs`` row. SourceBusy if already running."""
+    async with database.pool.acquire() as conn, runs.source_lock(conn, src.name):
+        run_id = await runs.start(conn, src.name, src.kind, trigger, full_refresh)
+        with structlog.contextvars.bound_contextvars(run_id=run_id, source=src.name):
+            log.info("run started", trigger=trigger, full_refresh=full_refresh)
+            progress = Progress(run_id, src.name)
+            started = time.monotonic()
+            error = None
+            try:
+                await _load_csv(conn, cfg, src, progress, full_refresh, on_progress)
+            except (EtlError, OSError, UnicodeError) as exc:
+                error = str(exc)
+            except Exception as exc:  # a bug: the run fails, the service does not
+                log.exception("run crashed")
+                error = f"internal error: {type(exc).__name__}: {exc}"
+            c = progress.counts
+            if error is None and c["rows_read"] and \
+                    c["rows_rejected"] / c["rows_read"] > src.max_error_rate:
+                error = (f"{c['rows_rejected']} of {c['rows_read']} records rejected "
+                         f"({c['rows_rejected'] / c['rows_read']:.1%}), above the source's "
+                         f"max_error_rate of {src.max_error_rate:.1%}")
+            row = await runs.finish(conn, run_id, "failed" if error else "succeeded", error)
+            seconds = time.monotonic() - started
+            (log.error if error else log.info)(
+                "run finished", status=row["status"], error=error,
+                duration_s=round(seconds, 3),
+                rows_per_s=round(row["rows_read"] / seconds) if seconds else None,
+                **{k: row[k] for k in runs.COUNTERS})
+            return row
+
+
+async def _load_csv(conn: Any, cfg: Config, src: Source, progress: Progress,
+                    full_refresh: bool, on_progress: ProgressCallback | None) -> None:
+    states = {} if full_refresh else await checkpoint.read(conn, src.name)
+    files = csv_files.find_files(src, cfg.resolve("."))
+    plans = [await asyncio.to_thread(csv_files.plan_file, p, states.get(p), full_refresh)
+             for p in files]
+    progress.bytes_total = sum(p.todo for p in plans)
+    await runs.set_total(conn, progress.run_id, progress.bytes_total)
+    prepare = _csv_preparer(src, progress.run_id)
+    for plan in plans:
+        if plan.todo <= 0:
+            log.info("file unchanged since last run", file=plan.path)
+            continue
+        log.info("reading file", file=plan.path, start=plan.start, size=plan.size)
+        async for batch in _prefetch(csv_files.read_file(src, plan, prepare)):
+            await _commit(conn, src, progress, batch)
+            if on_progress:
+                on_progress(progress)
+
+
+def _csv_preparer(src: Source, run_id: int) -> Callable[[RawBatch], Prepared]:
+    """Validation and COPY encoding of one CSV batch (runs in the parsing thread)."""
+    validators: dict[tuple[str, ...], RowValidator] = {}
+
+    def prepare(batch: RawBatch) -> Prepared:
+        columns = tuple(batch.columns)
+        validator = validators.get(columns)
+        if validator is None:
+            validator = validators[columns] = RowValidator(batch.columns, src.fields)
+        if validator.missing and (batch.rows or not columns):
+            missing = ", ".join(f"{c!r} (for {f})" for f, c in validator.missing)
+            raise SourceError(src.name, f"{batch.stream}: column {missing} not in the header "
+                              f"(columns: {', '.join(columns) or 'none'})")
+        bad = validator.check(batch.rows)
+        keep = None
+        rejects = batch.rejects
+        if bad:
+            keep = [True] * len(batch.rows)
+            for i, reason in bad.items():
+                keep[i] = False
+                line, offset = batch.positions[i]
+                rejects.append(Reject(batch.stream, {"line": line, "byte_offset": offset},
+                                      dict(zip(batch.columns, batch.rows[i])), reason))
+            rejects.sort(key=lambda r: r.position["line"])
+        key_col = batch.columns.index(src.fields.source_id) if batch.rows else 0
+        payload, valid = load.csv_payload(batch, run_id, src.name, key_col, keep)
+        return Prepared(batch.stream, payload, valid, rejects, batch.rows_read,
+                        batch.bytes_read, batch.state)
+
+    return prepare
+
+
+async def _commit(conn: Any, src: Source, progress: Progress, batch: Prepared) -> None:
+    """One transaction: raw rows, normalized rows, rejects, checkpoint, run counters."""
+    async with conn.transaction():
+        mark = await normalize.next_raw_id(conn, src.kind)
+        await load.copy_raw(conn, src.kind, load.CSV_COLUMNS, batch.payload)
+        inserted, updated = (0, 0)
+        if batch.valid:
+            inserted, updated = await normalize.upsert(
+                conn, source=src.name, kind=src.kind, fields=src.fields,
+                tags_separator=src.tags_separator, above=mark)
+        await load.insert_rejects(conn, progress.run_id, src.name, batch.rejects)
+        await checkpoint.write(conn, src.name, batch.stream, batch.state, progress.run_id)
+        counts = {"rows_read": batch.rows_read, "rows_valid": batch.valid,
+                  "rows_rejected": len(batch.rejects), "rows_inserted": inserted,
+                  "rows_updated": updated, "rows_unchanged": batch.valid - inserted - updated,
+                  "bytes_read": batch.bytes_read}
+        await runs.add(conn, progress.run_id, counts)
+    for k, v in counts.items():
+        progress.counts[k] += v
+
+
+_END = object()
+
+
+async def _prefetch(items: AsyncIterator[T], depth: int = 1) -> AsyncIterator[T]:
+    """Iterate ``items`` with up to ``depth`` items produced ahead (overlaps CPU and I/O)."""
+    queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=depth)
+
+    async def produce() -> None:
+        try:
+            async for item in items:
+                await queue.put(item)
+            await queue.put(_END)
+        except Exception as exc:
+            await queue.put(_Failed(exc))
+
+    task = asyncio.create_task(produce())
+    try:
+        for _ in repeat(None):
+            item = await queue.get()
+            if item is _END:
+                return
+            if isinstance(item, _Failed):
+                raise item.exc
+            yield item
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+@dataclass
+class _Failed:
+    exc: Exception
+
+
+def check_source(cfg: Config, src: Source) -> str:
+    """What ``etlsvc check`` says of a source; SourceError if it cannot be read or mapped."""
+    files = csv_files.find_files(src, cfg.resolve("."))
+    for path in files:
+        header = csv_files.read_header(src, path)
+        missing = [f"{c!r} (for {f})" for f, c in src.fields.mapped().items()
+                   if c not in header]
+        if missing:
+            raise SourceError(src.name, f"{path}: column {', '.join(missing)} not in the header "
+                              f"(columns: {', '.join(header) or 'none'})")
+    return f"{len(files)} file(s), mapped columns present"
+
+
+async def replay_source(database: Database, cfg: Config, src: Source,
+                        chunk: int = 10_000) -> dict[str, Any]:
+    """Normalize ``src`` again from its raw rows with the current mapping, in one transaction.
+
+    Raw rows are validated again (a mapping change can make a row invalid: it becomes a
+    reject of this run); normalized rows whose key no raw row produces any more are deleted.
+    """
+    async with database.pool.acquire() as conn, runs.source_lock(conn, src.name):
+        run_id = await runs.start(conn, src.name, src.kind, "replay", False)
+        with structlog.contextvars.bound_contextvars(run_id=run_id, source=src.name):
+            log.info("replay started")
+            counts = dict.fromkeys(runs.COUNTERS, 0)
+            error = None
+            try:
+                async with conn.transaction():
+                    await _replay(conn, src, run_id, chunk, counts)
+            except (EtlError, OSError) as exc:
+                error = str(exc)
+            await runs.add(conn, run_id, counts)
+            row = await runs.finish(conn, run_id, "failed" if error else "succeeded", error)
+            (log.error if error else log.info)(
+                "replay finished", status=row["status"], error=error,
+                **{k: row[k] for k in runs.COUNTERS})
+            return row
+
+
+async def _replay(conn: Any, src: Source, run_id: int, chunk: int,
+                  counts: dict[str, int]) -> None:
+    table = load.RAW_TABLES[src.kind]
+    key_path = normalize.paths(src.fields, src.kind)[0]
+    await conn.execute("CREATE TEMP TABLE replay_keys (key text PRIMARY KEY) ON COMMIT DROP")
+    validators: dict[tuple[str, ...], RowValidator] = {}
+    last = 0
+    while True:
+        raw = await conn.fetch(
+            f"SELECT id, file, line, byte_offset, record FROM {table} "
+            "WHERE source = $1 AND id > $2 ORDER BY id LIMIT $3", src.name, last, chunk)
+        if not raw:
+            break
+        skip: list[int] = []
+        rejects: list[Reject] = []
+        for columns, group in _by_columns(raw).items():
+            validator = validators.get(columns) or validators.setdefault(
+                columns, RowValidator(list(columns), src.fields))
+            rows = [list(r["record"].values()) for r in group]
+            bad = validator.check(rows)
+            if validator.missing:
+                bad = dict.fromkeys(range(len(rows)), "mapped column not in the record: " +
+                                    ", ".join(c for _, c in validator.missing))
+            for i, reason in bad.items():
+                r = group[i]
+                skip.append(r["id"])
+                rejects.append(Reject(r["file"], {"line": r["line"],
+                                                  "byte_offset": r["byte_offset"]},
+                                      r["record"], reason))
+        inserted, updated = await normalize.upsert(
+            conn, source=src.name, kind=src.kind, fields=src.fields,
+            tags_separator=src.tags_separator, above=last, upto=raw[-1]["id"], skip=skip)
+        await conn.execute(
+            f"INSERT INTO replay_keys SELECT DISTINCT record #>> $4::text[] FROM {table} "
+            "WHERE source = $1 AND id > $2 AND id <= $3 AND id <> ALL ($5::bigint[]) "
+            "ON CONFLICT DO NOTHING", src.name, last, raw[-1]["id"], key_path, skip)
+        await load.insert_rejects(conn, run_id, src.name, rejects)
+        valid = len(raw) - len(skip)
+        for k, v in (("rows_read", len(raw)), ("rows_valid", valid),
+                     ("rows_rejected", len(skip)), ("rows_inserted", inserted),
+                     ("rows_updated", updated), ("rows_unchanged", valid - inserted - updated)):
+            counts[k] += v
+        last = raw[-1]["id"]
+    deleted = await conn.execute(
+        "DELETE FROM normalized_data n WHERE n.source = $1 AND NOT EXISTS "
+        "(SELECT 1 FROM replay_keys k WHERE k.key = n.source_id)", src.name)
+    log.info("stale normalized rows deleted", count=int(deleted.split()[-1]))
+
+
+def _by_columns(raw: list[Any]) -> dict[tuple[str, ...], list[Any]]:
+    groups: dict[tuple[str, ...], list[Any]] = {}
+    for r in raw:
+        groups.setdefault(tuple(r["record"]), []).append(r)
+    return groups

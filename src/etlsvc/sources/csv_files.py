@@ -1,0 +1,411 @@
+"""CSV source: files (or a glob of files) streamed in constant memory, resumable by byte offset.
+
+Owns turning bytes into rows and knowing exactly where each row came from:
+
+* files are read in chunks with aiofiles; parsing happens in a worker thread, so the event
+  loop stays free while a big file is read;
+* a chunk is cut after the last newline that is outside quotes (even count of quote
+  characters before it), so every chunk holds whole records and quoted newlines are safe;
+* each record's position is its physical line number and the byte offset of its first byte;
+* the checkpoint stores the byte offset after the last committed record and a SHA-256 of the
+  file's bytes before it (the fingerprint): the next run continues there if the file was only
+  appended to, and reads the file again from the start if it changed;
+* rows the CSV reader cannot parse, with a wrong number of fields, with NUL characters or with
+  bytes that are not valid in the configured encoding become rejects, never rows.
+
+It does no validation of values (see ``validate.py``) and no database work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import csv
+import glob
+import hashlib
+import io
+import os
+import re
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from itertools import accumulate, compress, count, repeat
+from operator import add, attrgetter, itemgetter, ne
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiofiles
+
+from etlsvc.config import CsvSource
+from etlsvc.errors import SourceError
+from etlsvc.sources import RawBatch, Reject
+
+T = TypeVar("T")
+
+CHUNK_SIZE = 1 << 20
+_HASH_BLOCK = 1 << 20
+_ASCII_PROBE = "\n\r\"',;|\t#"
+_SURROGATE = re.compile("[\udc80-\udcff]")
+
+
+@dataclass
+class FilePlan:
+    """One file of a source and where to read it from."""
+
+    path: str
+    size: int
+    start: int                     # byte offset to start at
+    line: int                      # lines before ``start`` (the next record's line - 1)
+    header: list[str] | None       # known when resuming
+    hasher: Any                    # sha256 of bytes [0, start)
+    stat: os.stat_result
+
+    @property
+    def todo(self) -> int:
+        """Bytes left to read."""
+        return self.size - self.start
+
+
+def find_files(src: CsvSource, base: Path) -> list[str]:
+    """The files a source's ``path`` names (a file or a glob), sorted; SourceError if none."""
+    pattern = str(base / src.path)
+    paths = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+    files = [p for p in paths if os.path.isfile(p)]
+    if not files:
+        what = "no file matches" if glob.has_magic(pattern) else "file not found:"
+        raise SourceError(src.name, f"{what} {pattern}")
+    for p in files:
+        if any(c in p for c in "\t\r\n\x00"):
+            raise SourceError(src.name, f"file name contains a control character: {p!r}")
+    return files
+
+
+def _hash_prefix(path: str, length: int) -> Any:
+    """SHA-256 object fed with the first ``length`` bytes of the file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        left = length
+        while left > 0:
+            block = f.read(min(_HASH_BLOCK, left))
+            if not block:
+                break
+            h.update(block)
+            left -= len(block)
+    return h
+
+
+def plan_file(path: str, state: dict[str, Any] | None, full_refresh: bool) -> FilePlan:
+    """Decide where to (re)start reading ``path`` given its checkpoint ``state``.
+
+    Unchanged since the checkpoint: nothing to read. Grown, with the bytes before the offset
+    unchanged (same fingerprint): continue at the offset. Anything else: from the start.
+    """
+    st = os.stat(path)
+    if state and not full_refresh:
+        offset = int(state["offset"])
+        same_file = (state.get("size") == st.st_size and state.get("mtime_ns") == st.st_mtime_ns
+                     and state.get("inode") == st.st_ino)
+        if same_file and offset == st.st_size:
+            h = _hash_prefix(path, 0)  # not used: nothing left to read
+            return FilePlan(path, st.st_size, offset, int(state["line"]), state.get("header"),
+                            h, st)
+        if st.st_size >= offset:
+            h = _hash_prefix(path, offset)
+            if h.hexdigest() == state.get("fingerprint"):
+                return FilePlan(path, st.st_size, offset, int(state["line"]),
+                                state.get("header"), h, st)
+    return FilePlan(path, st.st_size, 0, 0, None, hashlib.sha256(), st)
+
+
+def _codec(encoding: str, head: bytes) -> tuple[str, int]:
+    """The codec to decode with and the length of the byte-order mark to skip."""
+    name = codecs.lookup(encoding).name
+    if name in ("utf-8", "utf-8-sig"):
+        return "utf-8", 3 if head.startswith(codecs.BOM_UTF8) else 0
+    for family, boms in (("utf-32", ((codecs.BOM_UTF32_LE, "utf-32-le"),
+                                     (codecs.BOM_UTF32_BE, "utf-32-be"))),
+                         ("utf-16", ((codecs.BOM_UTF16_LE, "utf-16-le"),
+                                     (codecs.BOM_UTF16_BE, "utf-16-be")))):
+        if name == family:
+            for bom, codec in boms:
+                if head.startswith(bom):
+                    return codec, len(bom)
+            return f"{family}-le", 0
+    return name, 0
+
+
+def _ascii_compatible(codec: str) -> bool:
+    if codec.startswith(("utf-16", "utf-32", "utf-7")):
+        return False
+    try:
+        return _ASCII_PROBE.encode(codec) == _ASCII_PROBE.encode("ascii")
+    except UnicodeError:
+        return False
+
+
+class _ErrorRow(list):
+    """Placeholder row for a record the CSV reader rejected; carries the message."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__()
+        self.message = message
+
+
+class CsvParser:
+    """Turns the chunks of one file into :class:`RawBatch` objects (sync; runs in a thread)."""
+
+    def __init__(self, src: CsvSource, plan: FilePlan, codec: str, bom: int) -> None:
+        self.src = src
+        self.plan = plan
+        self.codec = codec
+        self.ascii = _ascii_compatible(codec)
+        self.decoder = None if self.ascii else codecs.getincrementaldecoder(codec)(
+            "surrogateescape")
+        self.header: list[str] | None = plan.header
+        self.offset = plan.start + (bom if plan.start == 0 else 0)   # absolute, after the tail
+        self.line = plan.line
+        self.hasher = plan.hasher
+        if plan.start == 0 and bom:
+            self.hasher.update(codecs.BOM_UTF8 if codec == "utf-8" else b"")
+        self._bom_pending = bom if plan.start == 0 and codec != "utf-8" else 0
+        self._tail: bytes | str = b"" if self.ascii else ""
+        self._quote = src.quotechar
+        self._max_pending = src.max_field_bytes + CHUNK_SIZE
+        # Rows of the batch being built, with positions; batch-level counters.
+        self._rows: list[list[str]] = []
+        self._pos: list[tuple[int, int]] = []
+        self._rejects: list[Reject] = []
+        self._read = 0
+        self._batch_start = self.offset
+        self._hashed = 0
+        csv.field_size_limit(max(csv.field_size_limit(), src.max_field_bytes))
+
+    # -- chunk level -------------------------------------------------------------------
+
+    def feed(self, chunk: bytes) -> list[RawBatch]:
+        """Parse ``chunk`` (``b""`` at end of file); return the batches it completed."""
+        if self._bom_pending:
+            # BOM of a UTF-16/32 file: part of the fingerprint, not of the text.
+            self.hasher.update(chunk[:self._bom_pending])
+            chunk = chunk[self._bom_pending:]
+            self._bom_pending = 0
+        final = not chunk
+        if self.ascii:
+            data = self._tail + chunk
+            cut = len(data) if final else self._boundary(data, b"\n", b"\r",
+                                                          self._quote.encode())
+            part, self._tail = data[:cut], data[cut:]
+            text, dirty = self._decode(part)
+            sizes = list(map(len, part.splitlines(keepends=True)))
+            raw = part
+        else:
+            assert self.decoder is not None
+            data = self._tail + self.decoder.decode(chunk, final)
+            cut = len(data) if final else self._boundary(data, "\n", "\r", self._quote)
+            text, self._tail = data[:cut], data[cut:]
+            dirty = bool(_SURROGATE.search(text)) or "\x00" in text
+            encode = self.codec
+            sizes = [len(s.encode(encode, "surrogateescape"))
+                     for s in io.StringIO(text, newline="")]
+            raw = text.encode(encode, "surrogateescape")
+        out: list[RawBatch] = []
+        if text:
+            self._parse(text, raw, sizes, dirty, out)
+        elif not final and len(self._tail) > self._max_pending:
+            raise SourceError(self.src.name, f"{self.plan.path}: no record boundary within "
+                              f"{self._max_pending} bytes after offset {self.offset}")
+        if final and (self._rows or self._rejects or self.offset > self._batch_start):
+            out.append(self._flush())
+        return out
+
+    def _boundary(self, data: Any, nl: Any, cr: Any, quote: Any) -> int:
+        """End of the last whole record in ``data``: after a newline with even quotes before."""
+        total = data.count(quote)
+        end = len(data)
+        pos = data.rfind(nl)
+        if pos < 0:                         # old Mac files: \r only
+            pos = data.rfind(cr, 0, len(data) - 1)
+        after = 0
+        while pos >= 0:
+            after += data.count(quote, pos + 1, end)
+            if (total - after) % 2 == 0:
+                return pos + 1
+            end = pos + 1
+            pos = data.rfind(nl, 0, pos)
+        if len(data) > self._max_pending:
+            # An unterminated quote: give the reader what we have; it reports the bad record.
+            last = data.rfind(nl)
+            return last + 1 if last >= 0 else len(data)
+        return 0
+
+    def _decode(self, part: bytes) -> tuple[str, bool]:
+        try:
+            text = part.decode(self.codec)
+            return text, "\x00" in text
+        except UnicodeDecodeError:
+            return part.decode(self.codec, "surrogateescape"), True
+
+    # -- record level ------------------------------------------------------------------
+
+    def _parse(self, text: str, raw: bytes, sizes: list[int], dirty: bool,
+               out: list[RawBatch]) -> None:
+        """Parse whole records; add them to the batch, flushing batches as they fill up.
+
+        Per-row work is done by C code (csv, zip, map, compress); only rows that a
+        whole-chunk check flags (header, blank, malformed, unclean) go through Python.
+        """
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter=self.src.delimiter,
+                            quotechar=self._quote, doublequote=True, strict=True)
+        pairs = zip(reader, map(attrgetter("line_num"), repeat(reader)))
+        parsed: list[tuple[list[str], int]] = []
+        while True:
+            try:
+                parsed.extend(pairs)
+                break
+            except csv.Error as exc:          # the reader resumes at the next line
+                parsed.append((_ErrorRow(f"malformed CSV: {exc}"), reader.line_num))
+        entries = list(map(itemgetter(0), parsed))
+        ends = list(map(itemgetter(1), parsed))
+        starts = [0, *ends[:-1]]
+        offsets = list(accumulate(sizes, initial=0))
+        base_off, base_line = self.offset, self.line
+        self.offset += len(raw)
+        self.line += len(sizes)
+        lines = list(map(add, starts, repeat(base_line + 1)))
+        offs = list(map(add, map(offsets.__getitem__, starts), repeat(base_off)))
+        n = len(entries)
+        skip = 0
+        if self.header is None:                     # the first clean, non-blank record
+            skip = n
+            for i, row in enumerate(entries):
+                if row and not isinstance(row, _ErrorRow) and not self._unclean(row):
+                    self.header = _dedupe(row)
+                    skip = i + 1
+                    break
+        odd = set(range(skip))
+        if self.header is not None:
+            odd.difference_update([skip - 1] if skip else [])
+            odd.update(compress(count(skip), map(ne, map(len, entries[skip:]),
+                                                 repeat(len(self.header)))))
+        if dirty:
+            odd.update(i for i in range(skip, n) if self._unclean(entries[i]))
+        mask = [True] * n
+        if skip:
+            mask[skip - 1] = False                  # the header row
+        rejected: dict[int, Reject] = {}
+        for i in odd:
+            mask[i] = False
+            reject = self._odd_row(entries[i], lines[i], offs[i],
+                                   raw[offsets[starts[i]]:offsets[ends[i]]])
+            if reject:
+                rejected[i] = reject
+        good = list(compress(range(n), mask))
+        first = 0                                   # first entry not yet in a batch
+        g = 0
+        while True:
+            need = self.src.batch_size - len(self._rows)
+            take = good[g:g + need]
+            last = take[-1] if len(take) == need else n - 1
+            self._rows.extend(map(entries.__getitem__, take))
+            self._pos.extend(zip(map(lines.__getitem__, take), map(offs.__getitem__, take)))
+            mine = [rejected[i] for i in sorted(rejected) if first <= i <= last]
+            self._rejects.extend(mine)
+            self._read += len(take) + len(mine)
+            g += len(take)
+            if len(take) < need or n == 0:
+                break
+            end = offsets[ends[last]]
+            self.hasher.update(raw[self._hashed:end])
+            self._hashed = end
+            out.append(self._flush(base_off + end, base_line + ends[last]))
+            first = last + 1
+        self.hasher.update(raw[self._hashed:])
+        self._hashed = 0
+
+    def _unclean(self, row: list[str]) -> bool:
+        return any("\x00" in f or _SURROGATE.search(f) for f in row)
+
+    def _odd_row(self, row: list[str], line: int, offset: int, raw: bytes) -> Reject | None:
+        """The reject for a malformed, unclean or wrongly sized row; None for a blank line."""
+        if not row and not isinstance(row, _ErrorRow):
+            return None
+        if isinstance(row, _ErrorRow):
+            reason = row.message
+        elif any("\x00" in f for f in row):
+            reason = "NUL character in the record"
+        elif self._unclean(row):
+            reason = f"bytes that are not valid {self.codec} in the record"
+        else:
+            assert self.header is not None
+            reason = (f"expected {len(self.header)} fields (as in the header), "
+                      f"found {len(row)}")
+        original = raw.decode(self.codec, "backslashreplace").replace("\x00", "\\x00")
+        return Reject(self.plan.path, {"line": line, "byte_offset": offset},
+                      {"text": original}, reason)
+
+    def _flush(self, end: int | None = None, line: int | None = None) -> RawBatch:
+        end = self.offset if end is None else end
+        line = self.line if line is None else line
+        batch = RawBatch(
+            stream=self.plan.path, columns=self.header or [], rows=self._rows,
+            positions=self._pos, rejects=self._rejects, rows_read=self._read,
+            bytes_read=end - self._batch_start,
+            state={"offset": end, "line": line, "fingerprint": self.hasher.hexdigest(),
+                   "size": self.plan.stat.st_size, "mtime_ns": self.plan.stat.st_mtime_ns,
+                   "inode": self.plan.stat.st_ino, "header": self.header,
+                   "codec": self.codec})
+        self._rows, self._pos, self._rejects, self._read = [], [], [], 0
+        self._batch_start = end
+        return batch
+
+
+def _dedupe(header: list[str]) -> list[str]:
+    """Header names made unique and non-empty (``a, a, ""`` → ``a, a_2, column_3``)."""
+    out: list[str] = []
+    seen: set[str] = set()
+    for i, name in enumerate(header, 1):
+        name = name or f"column_{i}"
+        candidate, n = name, 1
+        while candidate in seen:
+            n += 1
+            candidate = f"{name}_{n}"
+        seen.add(candidate)
+        out.append(candidate)
+    return out
+
+
+async def read_file(src: CsvSource, plan: FilePlan,
+                    prepare: Callable[[RawBatch], T]) -> AsyncIterator[T]:
+    """Stream one file from ``plan.start``; yield ``prepare(batch)`` for each batch.
+
+    Parsing and ``prepare`` (validation, encoding) run in a worker thread.
+    """
+    if plan.todo <= 0:
+        return
+    async with aiofiles.open(plan.path, "rb") as f:
+        head = await f.read(4)
+        codec, bom = _codec(src.encoding, head)
+        parser = CsvParser(src, plan, codec, bom)
+        await f.seek(plan.start + (bom if plan.start == 0 else 0))
+        if plan.start == 0 and bom and codec == "utf-8":
+            pass  # the UTF-8 BOM was hashed by the parser
+        while True:
+            chunk = await f.read(CHUNK_SIZE)
+            for item in await asyncio.to_thread(_feed, parser, chunk, prepare):
+                yield item
+            if not chunk:
+                break
+
+
+def _feed(parser: CsvParser, chunk: bytes, prepare: Callable[[RawBatch], T]) -> list[T]:
+    return [prepare(b) for b in parser.feed(chunk)]
+
+
+def read_header(src: CsvSource, path: str) -> list[str]:
+    """The header of a file (its first non-blank record), for ``etlsvc check``."""
+    with open(path, "rb") as f:
+        head = f.read(min(src.max_field_bytes, 1 << 20))
+    codec, bom = _codec(src.encoding, head)
+    text = head[bom:].decode(codec, "replace")
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=src.delimiter,
+                        quotechar=src.quotechar)
+    return _dedupe(next((row for row in reader if row), []))
