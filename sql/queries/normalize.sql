@@ -1,19 +1,21 @@
 -- name: upsert
 -- Normalize raw rows of one source into normalized_data. {raw_table} is one of the raw tables.
--- Within the rows selected, the later raw row of a natural key wins; a row is written only
--- when its content differs from what normalized_data holds.
+-- Within the rows selected, the later raw row of a natural key wins ({distinct} and {order}
+-- are "DISTINCT ON (key)" and "ORDER BY key, id DESC", or empty when the caller knows the
+-- keys are distinct: the sort is a third of the cost); a row is written only when its
+-- content differs from what normalized_data holds.
 -- params: $1 source, $2 kind, $3 raw ids above, $4 raw ids up to, $5 raw ids to skip (bigint[]),
 --         $6..$13 JSON paths (text[]) of source_id, title, description, category, amount, url,
 --         tags, event_time (NULL: not mapped), $14 separator of tags given as one string
 WITH src AS (
-    SELECT DISTINCT ON (key) id, run_id, key, record
+    SELECT {distinct} id, run_id, key, record
     FROM (
         SELECT r.id, r.run_id, r.record #>> $6::text[] AS key, r.record
         FROM {raw_table} r
         WHERE r.source = $1 AND r.id > $3 AND r.id <= $4 AND r.id <> ALL ($5::bigint[])
     ) s
     WHERE key <> ''
-    ORDER BY key, id DESC
+    {order}
 ), up AS (
     INSERT INTO normalized_data AS n
         (kind, source, source_id, title, description, category, amount, url, tags, event_time,

@@ -7,6 +7,8 @@ serves a load (the rows one batch just copied) and a replay (every raw row of a 
 
 from __future__ import annotations
 
+from functools import cache
+
 import asyncpg
 
 from etlsvc import db
@@ -31,13 +33,22 @@ def paths(fields: Fields, kind: str) -> list[list[str] | None]:
 
 async def upsert(conn: asyncpg.Connection, *, source: str, kind: str, fields: Fields,
                  tags_separator: str, above: int, upto: int = MAX_ID,
-                 skip: list[int] | None = None) -> tuple[int, int]:
-    """Normalize raw rows ``above < id <= upto`` of ``source``; return (inserted, updated)."""
-    table = RAW_TABLES[kind]
-    sql = db.query("normalize", "upsert").replace("{raw_table}", table)
+                 skip: list[int] | None = None, distinct_keys: bool = False) -> tuple[int, int]:
+    """Normalize raw rows ``above < id <= upto`` of ``source``; return (inserted, updated).
+
+    ``distinct_keys``: the caller knows no two of these rows share a natural key.
+    """
+    sql = _upsert_sql(RAW_TABLES[kind], distinct_keys)
     row = await conn.fetchrow(sql, source, kind, above, upto, skip or [],
                               *paths(fields, kind), tags_separator)
     return row["inserted"], row["updated"]
+
+
+@cache
+def _upsert_sql(table: str, distinct_keys: bool) -> str:
+    dedupe = ("", "") if distinct_keys else ("DISTINCT ON (key)", "ORDER BY key, id DESC")
+    return (db.query("normalize", "upsert").replace("{raw_table}", table)
+            .replace("{distinct}", dedupe[0]).replace("{order}", dedupe[1]))
 
 
 async def next_raw_id(conn: asyncpg.Connection, kind: str) -> int:

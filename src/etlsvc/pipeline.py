@@ -12,7 +12,8 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from itertools import repeat
+from itertools import compress, repeat
+from operator import itemgetter
 from typing import Any, TypeVar
 
 import structlog
@@ -35,6 +36,7 @@ class Prepared:
     stream: str
     payload: bytes
     valid: int
+    distinct_keys: bool
     rejects: list[Reject]
     rows_read: int
     bytes_read: int
@@ -134,8 +136,10 @@ def _csv_preparer(src: Source, run_id: int) -> Callable[[RawBatch], Prepared]:
             rejects.sort(key=lambda r: r.position["line"])
         key_col = batch.columns.index(src.fields.source_id) if batch.rows else 0
         payload, valid = load.csv_payload(batch, run_id, src.name, key_col, keep)
-        return Prepared(batch.stream, payload, valid, rejects, batch.rows_read,
-                        batch.bytes_read, batch.state)
+        kept = batch.rows if keep is None else compress(batch.rows, keep)
+        keys = list(map(itemgetter(key_col), kept))
+        return Prepared(batch.stream, payload, valid, len(set(keys)) == len(keys), rejects,
+                        batch.rows_read, batch.bytes_read, batch.state)
 
     return prepare
 
@@ -143,13 +147,17 @@ def _csv_preparer(src: Source, run_id: int) -> Callable[[RawBatch], Prepared]:
 async def _commit(conn: Any, src: Source, progress: Progress, batch: Prepared) -> None:
     """One transaction: raw rows, normalized rows, rejects, checkpoint, run counters."""
     async with conn.transaction():
+        # Safe: raw rows, normalized rows and checkpoint commit together, so a commit lost
+        # in a server crash loses all three together and the next run reads them again.
+        await conn.execute("SET LOCAL synchronous_commit = off")
         mark = await normalize.next_raw_id(conn, src.kind)
         await load.copy_raw(conn, src.kind, load.CSV_COLUMNS, batch.payload)
         inserted, updated = (0, 0)
         if batch.valid:
             inserted, updated = await normalize.upsert(
                 conn, source=src.name, kind=src.kind, fields=src.fields,
-                tags_separator=src.tags_separator, above=mark)
+                tags_separator=src.tags_separator, above=mark,
+                distinct_keys=batch.distinct_keys)
         await load.insert_rejects(conn, progress.run_id, src.name, batch.rejects)
         await checkpoint.write(conn, src.name, batch.stream, batch.state, progress.run_id)
         counts = {"rows_read": batch.rows_read, "rows_valid": batch.valid,
