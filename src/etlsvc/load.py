@@ -9,8 +9,9 @@ rejects.
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable
 from functools import lru_cache
-from itertools import compress, starmap
+from itertools import compress, repeat, starmap
 from operator import itemgetter
 from typing import Any
 
@@ -27,33 +28,65 @@ _encode = msgspec.json.encode
 
 
 @lru_cache(maxsize=64)
-def record_struct(columns: tuple[str, ...]) -> type[msgspec.Struct]:
-    """A struct whose JSON encoding is the object {column: value} of a CSV row."""
+def _record_struct(columns: tuple[str, ...]) -> type[msgspec.Struct] | None:
+    """A struct whose JSON encoding is the object {column: value} of a CSV row.
+
+    None when msgspec cannot use a column name as a field name (quotes, backslashes or
+    control characters in it).
+    """
     names = [f"f{i}" for i in range(len(columns))]
-    return msgspec.defstruct("CsvRecord", [(n, str) for n in names],
-                             rename=dict(zip(names, columns)))
+    try:
+        return msgspec.defstruct("CsvRecord", [(n, str) for n in names],
+                                 rename=dict(zip(names, columns)))
+    except ValueError:
+        return None
+
+
+def encode_records(columns: list[str], rows: list[list[str]]) -> Iterable[bytes]:
+    """JSON objects {column: value} of ``rows``, encoded by msgspec."""
+    struct = _record_struct(tuple(columns))
+    if struct is None:
+        return map(_encode, map(dict, map(zip, repeat(columns), rows)))
+    return map(_encode, starmap(struct, rows))
+
+
+def _copy_text(value: str) -> str:
+    """``value`` escaped for COPY's text format."""
+    return (value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
+            .replace("\r", "\\r"))
 
 
 def csv_payload(batch: RawBatch, run_id: int, source: str, key_col: int,
                 keep: list[bool] | None) -> tuple[bytes, int]:
     """COPY (text format) payload of the kept rows of a CSV batch, and how many rows it holds.
 
-    Every value is encoded by C code (msgspec, bytes formatting). The only escaping COPY's
-    text format needs is doubling backslashes, done once on the whole payload: JSON has no
-    raw tabs or line breaks, validation keeps them out of keys, and ``find_files`` out of
-    file names.
+    Every value is encoded by C code (msgspec, bytes formatting). Usually the only escaping
+    COPY's text format needs is doubling backslashes, done once on the whole payload: JSON
+    has no raw tabs or line breaks and ``find_files`` keeps them out of file names. Only a
+    batch with a tab or line break in a key has its values escaped one by one.
     """
     rows = batch.rows if keep is None else list(compress(batch.rows, keep))
     if not rows:
         return b"", 0
     positions = batch.positions if keep is None else list(compress(batch.positions, keep))
-    records = map(_encode, starmap(record_struct(tuple(batch.columns)), rows))
-    keys = map(str.encode, map(itemgetter(key_col), rows))
-    prefix = f"{run_id}\t{source}\t{batch.stream}\t".encode().replace(b"%", b"%%")
-    fmt = (prefix + b"%d\t%d\t%b\t%b\n").__mod__
-    payload = b"".join(map(fmt, zip(map(itemgetter(0), positions),
-                                    map(itemgetter(1), positions), keys, records)))
-    return payload.replace(b"\\", b"\\\\"), len(rows)
+    records = encode_records(batch.columns, rows)
+    keys: Iterable[str] = map(itemgetter(key_col), rows)
+    stream = batch.stream
+    keys = list(keys)
+    one_by_one = _has_breaks(keys)
+    if one_by_one:
+        stream, keys = _copy_text(stream), list(map(_copy_text, keys))
+        records = (r.replace(b"\\", b"\\\\") for r in records)
+    prefix = f"{run_id}\t{source}\t{stream}\t"
+    fmt = (prefix.encode().replace(b"%", b"%%") + b"%d\t%d\t%b\t%b\n").__mod__
+    payload = b"".join(map(fmt, zip(map(itemgetter(0), positions), map(itemgetter(1), positions),
+                                    map(str.encode, keys), records)))
+    return (payload if one_by_one else payload.replace(b"\\", b"\\\\")), len(rows)
+
+
+def _has_breaks(keys: list[str]) -> bool:
+    joined = "".join(keys)
+    return "\t" in joined or "\n" in joined or "\r" in joined
 
 
 async def copy_raw(conn: asyncpg.Connection, kind: str, columns: tuple[str, ...],

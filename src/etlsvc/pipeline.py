@@ -119,7 +119,7 @@ def _csv_preparer(src: Source, run_id: int) -> Callable[[RawBatch], Prepared]:
         validator = validators.get(columns)
         if validator is None:
             validator = validators[columns] = RowValidator(batch.columns, src.fields)
-        if validator.missing and (batch.rows or not columns):
+        if validator.missing and batch.rows:
             missing = ", ".join(f"{c!r} (for {f})" for f, c in validator.missing)
             raise SourceError(src.name, f"{batch.stream}: column {missing} not in the header "
                               f"(columns: {', '.join(columns) or 'none'})")

@@ -3,7 +3,7 @@
 Owns the rules a record must pass to be loaded, and the human-readable reason when it does
 not. The rules concern the normalized fields a source maps:
 
-* ``source_id``: present, not empty, without tabs or line breaks;
+* ``source_id``: present and not empty;
 * ``amount``: empty, or a number (``12``, ``-3.50``, ``1e3``; no thousands separators or
   currency signs);
 * ``event_time``: empty, or an RFC 3339 date-time (``2024-05-01T12:00:00Z``; without an
@@ -56,7 +56,6 @@ class RowValidator:
         # Empty amount / event_time cells are valid (null): hidden from msgspec as None.
         self._blankable = [i for i, f in self.checked.items() if f != "source_id"]
         self._time_col = next((i for i, f in self.checked.items() if f == "event_time"), None)
-        self._key_col = next((i for i, f in self.checked.items() if f == "source_id"), None)
 
     def check(self, rows: list[list[Any]]) -> dict[int, str]:
         """Validate ``rows``; return {row index: reason} for the rows that fail."""
@@ -75,8 +74,6 @@ class RowValidator:
         finally:
             for i, col in blanks:
                 rows[i][col] = ""
-        if self._key_col is not None:
-            self._check_key_chars(rows, bad)
         if self._time_col is not None:
             self._check_offsets(rows, bad)
         return bad
@@ -104,18 +101,6 @@ class RowValidator:
             return i, f"column {self.columns[col]!r}: {str(exc)[:m.start()]}"
         shown = repr(value) if len(str(value)) <= 60 else repr(str(value)[:60]) + "…"
         return i, f"{field} (column {self.columns[col]!r}) {_RULES[field][1]}: {shown}"
-
-    def _check_key_chars(self, rows: list[list[Any]], bad: dict[int, str]) -> None:
-        assert self._key_col is not None
-        col = self._key_col
-        values = list(map(itemgetter(col), rows))
-        joined = "".join(values)
-        if "\t" not in joined and "\n" not in joined and "\r" not in joined:
-            return
-        for i, v in enumerate(values):
-            if i not in bad and any(c in v for c in "\t\r\n"):
-                bad[i] = (f"source_id (column {self.columns[col]!r}) contains a tab or a line "
-                          f"break: {v!r}")
 
     def _check_offsets(self, rows: list[list[Any]], bad: dict[int, str]) -> None:
         assert self._time_col is not None

@@ -161,12 +161,10 @@ class CsvParser:
         self.decoder = None if self.ascii else codecs.getincrementaldecoder(codec)(
             "surrogateescape")
         self.header: list[str] | None = plan.header
-        self.offset = plan.start + (bom if plan.start == 0 else 0)   # absolute, after the tail
+        self.offset = plan.start          # absolute offset of the first byte not yet parsed
         self.line = plan.line
         self.hasher = plan.hasher
-        if plan.start == 0 and bom:
-            self.hasher.update(codecs.BOM_UTF8 if codec == "utf-8" else b"")
-        self._bom_pending = bom if plan.start == 0 and codec != "utf-8" else 0
+        self._bom_pending = bom if plan.start == 0 else 0
         self._tail: bytes | str = b"" if self.ascii else ""
         self._quote = src.quotechar
         self._max_pending = src.max_field_bytes + CHUNK_SIZE
@@ -184,8 +182,9 @@ class CsvParser:
     def feed(self, chunk: bytes) -> list[RawBatch]:
         """Parse ``chunk`` (``b""`` at end of file); return the batches it completed."""
         if self._bom_pending:
-            # BOM of a UTF-16/32 file: part of the fingerprint, not of the text.
+            # The byte-order mark: part of the fingerprint and the offsets, not of the text.
             self.hasher.update(chunk[:self._bom_pending])
+            self.offset += self._bom_pending
             chunk = chunk[self._bom_pending:]
             self._bom_pending = 0
         final = not chunk
@@ -274,11 +273,11 @@ class CsvParser:
         offs = list(map(add, map(offsets.__getitem__, starts), repeat(base_off)))
         n = len(entries)
         skip = 0
-        if self.header is None:                     # the first clean, non-blank record
+        if self.header is None:                     # the first non-blank record
             skip = n
             for i, row in enumerate(entries):
-                if row and not isinstance(row, _ErrorRow) and not self._unclean(row):
-                    self.header = _dedupe(row)
+                if row or isinstance(row, _ErrorRow):
+                    self.header = self._header(row, lines[i])
                     skip = i + 1
                     break
         odd = set(range(skip))
@@ -320,6 +319,18 @@ class CsvParser:
             first = last + 1
         self.hasher.update(raw[self._hashed:])
         self._hashed = 0
+
+    def _header(self, row: list[str], line: int) -> list[str]:
+        """The header from its row; SourceError if the row is not a usable header."""
+        where = f"{self.plan.path}, line {line}: the header"
+        if isinstance(row, _ErrorRow):
+            raise SourceError(self.src.name, f"{where} is not valid CSV ({row.message})")
+        if any("\x00" in f for f in row):
+            raise SourceError(self.src.name, f"{where} contains NUL characters")
+        if self._unclean(row):
+            raise SourceError(self.src.name, f"{where} has bytes that are not valid "
+                              f"{self.codec}: set `encoding` for this source")
+        return _dedupe(row)
 
     def _unclean(self, row: list[str]) -> bool:
         return any("\x00" in f or _SURROGATE.search(f) for f in row)
@@ -385,9 +396,7 @@ async def read_file(src: CsvSource, plan: FilePlan,
         head = await f.read(4)
         codec, bom = _codec(src.encoding, head)
         parser = CsvParser(src, plan, codec, bom)
-        await f.seek(plan.start + (bom if plan.start == 0 else 0))
-        if plan.start == 0 and bom and codec == "utf-8":
-            pass  # the UTF-8 BOM was hashed by the parser
+        await f.seek(plan.start)
         while True:
             chunk = await f.read(CHUNK_SIZE)
             for item in await asyncio.to_thread(_feed, parser, chunk, prepare):

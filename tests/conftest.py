@@ -1,0 +1,188 @@
+"""Shared fixtures: a real PostgreSQL database per test session, configs, the CLI.
+
+``ETLSVC_TEST_DATABASE_URL`` (any database on the server; CI: the PostgreSQL on
+127.0.0.1:5432) is used to create a fresh database for the session, dropped at the end.
+Without it, an embedded PostgreSQL is started in a temporary directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from etlsvc import db
+from etlsvc.config import Config, load_config
+from etlsvc.embedded import EmbeddedPostgres
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+CORPUS = Path(os.environ.get("ETLSVC_CORPUS", SHARED / "corpus"))
+GEN_CSV = Path(os.environ.get("ETLSVC_GEN_CSV", SHARED / "bench" / "gen_csv.py"))
+TABLES = ("etl_runs", "raw_csv_data", "raw_api_data", "raw_rss_data", "normalized_data",
+          "etl_checkpoints", "etl_rejects")
+
+
+def _with_db(dsn: str, name: str) -> str:
+    base, _, query = dsn.partition("?")
+    scheme, _, rest = base.partition("://")
+    host = rest.split("/", 1)[0]
+    return f"{scheme}://{host}/{name}" + (f"?{query}" if query else "")
+
+
+@pytest.fixture(scope="session")
+def server_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """DSN of a PostgreSQL server we may create databases on."""
+    url = os.environ.get("ETLSVC_TEST_DATABASE_URL")
+    if url:
+        yield url
+        return
+    server = EmbeddedPostgres(tmp_path_factory.mktemp("pg"))
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def database_url(server_dsn: str) -> Iterator[str]:
+    """A fresh, migrated database for this test session."""
+    name = f"etlsvc_test_{uuid.uuid4().hex[:12]}"
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(server_dsn)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    url = _with_db(server_dsn, name)
+
+    async def migrate() -> None:
+        conn = await asyncpg.connect(url)
+        pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
+        try:
+            await db.apply_migrations(pool)
+        finally:
+            await pool.close()
+            await conn.close()
+
+    asyncio.run(migrate())
+    try:
+        yield url
+    finally:
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    """A pool on the session database, emptied before the test."""
+    p = await asyncpg.create_pool(database_url, min_size=1, max_size=4,
+                                  init=db._init_connection)
+    await p.execute(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY")
+    try:
+        yield p
+    finally:
+        await p.close()
+
+
+@dataclass
+class Env:
+    """A config file in a temp dir, pointing at the test database."""
+
+    dir: Path
+    database_url: str
+
+    def write_config(self, sources: str, extra: str = "") -> Path:
+        path = self.dir / "config.toml"
+        path.write_text(textwrap.dedent(f"""\
+            [database]
+            url = "{self.database_url}"
+            [log]
+            format = "json"
+            {textwrap.dedent(extra)}
+            """) + textwrap.dedent(sources))
+        return path
+
+    def config(self, sources: str, extra: str = "") -> Config:
+        return load_config(self.write_config(sources, extra), environ={})
+
+    def cli(self, *args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+        """Run ``python -m etlsvc ARGS`` with this dir's config."""
+        return subprocess.run(
+            [sys.executable, "-m", "etlsvc", *args, "--config", str(self.dir / "config.toml")],
+            capture_output=True, text=True, timeout=timeout, cwd=self.dir,
+            env={**os.environ, "ETLSVC_DATABASE_URL": self.database_url, **env})
+
+
+@pytest.fixture
+def env(tmp_path: Path, database_url: str, pool: asyncpg.Pool) -> Env:
+    """A temp dir with a config writer and the CLI, on an emptied test database."""
+    return Env(tmp_path, database_url)
+
+
+def csv_source(name: str, path: str | Path, *, key: str = "id", extra: str = "",
+               fields: str | None = None) -> str:
+    """A ``[[sources]]`` table for a CSV file (gen_csv's columns unless ``fields``)."""
+    if fields is None:
+        fields = f"""source_id = "{key}"
+title = "title"
+description = "description"
+category = "category"
+amount = "amount"
+url = "url"
+tags = "tags"
+event_time = "created_at"
+"""
+    return f"""
+[[sources]]
+name = "{name}"
+kind = "csv"
+path = "{path}"
+{extra}
+[sources.fields]
+{fields}
+"""
+
+
+def log_events(stdout: str) -> list[dict[str, Any]]:
+    """The JSON log lines of a CLI run."""
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.fixture(scope="session")
+def gen_csv(tmp_path_factory: pytest.TempPathFactory):
+    """Make (and cache for the session) a file with ../shared/bench/gen_csv.py."""
+    made: dict[tuple[int, float], tuple[Path, Path]] = {}
+    folder = tmp_path_factory.mktemp("gen")
+
+    def make(rows: int, bad_rate: float = 0.01) -> tuple[Path, Path]:
+        if (rows, bad_rate) not in made:
+            out, clean = folder / f"{rows}_{bad_rate}.csv", folder / f"{rows}_{bad_rate}_clean.csv"
+            subprocess.run([sys.executable, str(GEN_CSV), str(rows), str(out), "--clean",
+                            str(clean), "--bad-rate", str(bad_rate)], check=True,
+                           capture_output=True)
+            made[rows, bad_rate] = (out, clean)
+        return made[rows, bad_rate]
+
+    return make
+
+
+async def run_source(cfg: Config, name: str, **kwargs: Any) -> dict[str, Any]:
+    """Run one source in this process; return its finished etl_runs row."""
+    from etlsvc import pipeline
+
+    async with db.open_database(cfg) as database:
+        return await pipeline.run_source(database, cfg, cfg.source(name), **kwargs)
