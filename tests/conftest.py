@@ -30,8 +30,15 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 CORPUS = Path(os.environ.get("ETLSVC_CORPUS", SHARED / "corpus"))
 GEN_CSV = Path(os.environ.get("ETLSVC_GEN_CSV", SHARED / "bench" / "gen_csv.py"))
-TABLES = ("etl_runs", "raw_csv_data", "raw_api_data", "raw_rss_data", "normalized_data",
-          "etl_checkpoints", "etl_rejects")
+TABLES = (
+    "etl_runs",
+    "raw_csv_data",
+    "raw_api_data",
+    "raw_rss_data",
+    "normalized_data",
+    "etl_checkpoints",
+    "etl_rejects",
+)
 
 
 def _with_db(dsn: str, name: str) -> str:
@@ -89,8 +96,7 @@ def database_url(server_dsn: str) -> Iterator[str]:
 @pytest.fixture
 async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
     """A pool on the session database, emptied before the test."""
-    p = await asyncpg.create_pool(database_url, min_size=1, max_size=4,
-                                  init=db._init_connection)
+    p = await asyncpg.create_pool(database_url, min_size=1, max_size=4, init=db._init_connection)
     await p.execute(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY")
     try:
         yield p
@@ -107,13 +113,16 @@ class Env:
 
     def write_config(self, sources: str, extra: str = "") -> Path:
         path = self.dir / "config.toml"
-        path.write_text(textwrap.dedent(f"""\
+        path.write_text(
+            textwrap.dedent(f"""\
             [database]
             url = "{self.database_url}"
             [log]
             format = "json"
             {textwrap.dedent(extra)}
-            """) + textwrap.dedent(sources))
+            """)
+            + textwrap.dedent(sources)
+        )
         return path
 
     def config(self, sources: str, extra: str = "") -> Config:
@@ -123,8 +132,12 @@ class Env:
         """Run ``python -m etlsvc ARGS`` with this dir's config."""
         return subprocess.run(
             [sys.executable, "-m", "etlsvc", *args, "--config", str(self.dir / "config.toml")],
-            capture_output=True, text=True, timeout=timeout, cwd=self.dir,
-            env={**os.environ, "ETLSVC_DATABASE_URL": self.database_url, **env})
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=self.dir,
+            env={**os.environ, "ETLSVC_DATABASE_URL": self.database_url, **env},
+        )
 
 
 @pytest.fixture
@@ -133,8 +146,9 @@ def env(tmp_path: Path, database_url: str, pool: asyncpg.Pool) -> Env:
     return Env(tmp_path, database_url)
 
 
-def csv_source(name: str, path: str | Path, *, key: str = "id", extra: str = "",
-               fields: str | None = None) -> str:
+def csv_source(
+    name: str, path: str | Path, *, key: str = "id", extra: str = "", fields: str | None = None
+) -> str:
     """A ``[[sources]]`` table for a CSV file (gen_csv's columns unless ``fields``)."""
     if fields is None:
         fields = f"""source_id = "{key}"
@@ -171,9 +185,20 @@ def gen_csv(tmp_path_factory: pytest.TempPathFactory):
     def make(rows: int, bad_rate: float = 0.01) -> tuple[Path, Path]:
         if (rows, bad_rate) not in made:
             out, clean = folder / f"{rows}_{bad_rate}.csv", folder / f"{rows}_{bad_rate}_clean.csv"
-            subprocess.run([sys.executable, str(GEN_CSV), str(rows), str(out), "--clean",
-                            str(clean), "--bad-rate", str(bad_rate)], check=True,
-                           capture_output=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    str(GEN_CSV),
+                    str(rows),
+                    str(out),
+                    "--clean",
+                    str(clean),
+                    "--bad-rate",
+                    str(bad_rate),
+                ],
+                check=True,
+                capture_output=True,
+            )
             made[rows, bad_rate] = (out, clean)
         return made[rows, bad_rate]
 

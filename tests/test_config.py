@@ -20,21 +20,30 @@ def test_good_config_decodes_with_defaults(env: Env) -> None:
     assert cfg.resolve(src.path) == env.dir / "data.csv"
 
 
-@pytest.mark.parametrize(("mutation", "expected"), [
-    # unknown key in a source
-    (lambda s: s.replace('kind = "csv"', 'kind = "csv"\nbatchsize = 10'),
-     "unknown key 'sources[0].batchsize'"),
-    # wrong type
-    (lambda s: s.replace('kind = "csv"', 'kind = "csv"\nbatch_size = "big"'),
-     "key 'sources[0].batch_size': Expected `int`, got `str`"),
-    # mapping to a field that is not a normalized field
-    (lambda s: s.replace('title = "title"', 'headline = "title"'),
-     "unknown key 'sources[0].fields.headline' (normalized fields are: source_id, title"),
-    # missing required key
-    (lambda s: s.replace('path = "data.csv"', ""), "missing required key 'sources[0].path'"),
-    # a kind that does not exist
-    (lambda s: s.replace('kind = "csv"', 'kind = "ftp"'), "key 'sources[0].kind'"),
-])
+@pytest.mark.parametrize(
+    ("mutation", "expected"),
+    [
+        # unknown key in a source
+        (
+            lambda s: s.replace('kind = "csv"', 'kind = "csv"\nbatchsize = 10'),
+            "unknown key 'sources[0].batchsize'",
+        ),
+        # wrong type
+        (
+            lambda s: s.replace('kind = "csv"', 'kind = "csv"\nbatch_size = "big"'),
+            "key 'sources[0].batch_size': Expected `int`, got `str`",
+        ),
+        # mapping to a field that is not a normalized field
+        (
+            lambda s: s.replace('title = "title"', 'headline = "title"'),
+            "unknown key 'sources[0].fields.headline' (normalized fields are: source_id, title",
+        ),
+        # missing required key
+        (lambda s: s.replace('path = "data.csv"', ""), "missing required key 'sources[0].path'"),
+        # a kind that does not exist
+        (lambda s: s.replace('kind = "csv"', 'kind = "ftp"'), "key 'sources[0].kind'"),
+    ],
+)
 def test_bad_config_exits_2_naming_key_and_file(env: Env, mutation, expected: str) -> None:
     path = env.write_config(mutation(GOOD))
     result = env.cli("check")
@@ -71,11 +80,12 @@ def test_config_path_precedence(tmp_path) -> None:
 
 def test_environment_overrides_database_url(env: Env) -> None:
     path = env.write_config(GOOD)
-    cfg = load_config(path, {"ETLSVC_DATABASE_URL": "postgresql://x@y/z",
-                             "ETLSVC_LOG_LEVEL": "debug"})
+    cfg = load_config(
+        path, {"ETLSVC_DATABASE_URL": "postgresql://x@y/z", "ETLSVC_LOG_LEVEL": "debug"}
+    )
     assert cfg.database.url == "postgresql://x@y/z"
     assert cfg.log.level == "debug"
-    with pytest.raises(ConfigError, match="ETLSVC|log.level"):
+    with pytest.raises(ConfigError, match=r"log\.level"):
         load_config(path, {"ETLSVC_LOG_LEVEL": "loud"})
 
 

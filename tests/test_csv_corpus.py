@@ -14,8 +14,11 @@ from etlsvc.sources.csv_files import read_header
 from tests.conftest import CORPUS, Env, csv_source, run_source
 
 SPECTRUM = sorted((CORPUS / "csv" / "csv-spectrum" / "csvs").glob("*.csv"))
-OTHERS = sorted(p for p in (CORPUS / "csv").rglob("*")
-                if p.is_file() and "csv-spectrum" not in p.parts and p.suffix != ".md")
+OTHERS = sorted(
+    p
+    for p in (CORPUS / "csv").rglob("*")
+    if p.is_file() and "csv-spectrum" not in p.parts and p.suffix != ".md"
+)
 
 
 def first_column(path: Path, encoding: str = "utf-8") -> str:
@@ -26,7 +29,8 @@ def first_column(path: Path, encoding: str = "utf-8") -> str:
 
 @pytest.mark.parametrize("path", SPECTRUM, ids=[p.stem for p in SPECTRUM])
 async def test_csv_spectrum_loads_exactly_the_expected_records(
-        env: Env, pool: asyncpg.Pool, path: Path) -> None:
+    env: Env, pool: asyncpg.Pool, path: Path
+) -> None:
     expected = json.loads((path.parent.parent / "json" / f"{path.stem}.json").read_text())
     key = next(iter(expected[0]))
     cfg = env.config(csv_source("spectrum", path, fields=f'source_id = "{key}"'))
@@ -42,12 +46,20 @@ async def test_csv_spectrum_loads_exactly_the_expected_records(
 
 @pytest.mark.parametrize("path", OTHERS, ids=[str(p.relative_to(CORPUS / "csv")) for p in OTHERS])
 async def test_every_other_corpus_file_loads_or_fails_clearly(
-        env: Env, pool: asyncpg.Pool, path: Path) -> None:
+    env: Env, pool: asyncpg.Pool, path: Path
+) -> None:
     encoding = "utf-16" if "utf16" in path.name or "utf-16" in path.name else "utf-8"
     extra = f'encoding = "{encoding}"\nmax_error_rate = 1.0'
     if path.suffix == ".tsv":
         extra += '\ndelimiter = "\\t"'
-    cfg = env.config(csv_source("corpus", path, fields=f'source_id = {json.dumps(first_column(path, encoding))}', extra=extra))
+    cfg = env.config(
+        csv_source(
+            "corpus",
+            path,
+            fields=f"source_id = {json.dumps(first_column(path, encoding))}",
+            extra=extra,
+        )
+    )
     run = await asyncio.wait_for(run_source(cfg, "corpus"), timeout=60)
     if run["status"] == "failed":
         assert str(path) in run["error"] and "internal error" not in run["error"], run["error"]
@@ -64,33 +76,40 @@ async def test_every_other_corpus_file_loads_or_fails_clearly(
 async def test_nul_bytes_are_rejected_with_a_reason(env: Env, pool: asyncpg.Pool) -> None:
     path = CORPUS / "csv" / "csvkit" / "null_byte.csv"
     assert b"\x00" in path.read_bytes()
-    cfg = env.config(csv_source("nul", path, fields='source_id = "a"',
-                                extra="max_error_rate = 1.0"))
+    cfg = env.config(
+        csv_source("nul", path, fields='source_id = "a"', extra="max_error_rate = 1.0")
+    )
     run = await run_source(cfg, "nul")
     rejects = await pool.fetch("SELECT reason, record FROM etl_rejects")
     assert run["rows_rejected"] == len(rejects) >= 1
     assert all(r["reason"] == "NUL character in the record" for r in rejects)
     assert "\\x00" in rejects[0]["record"]["text"]
     assert not await pool.fetchval(
-        "SELECT count(*) FROM raw_csv_data WHERE record::text LIKE '%\\u0000%'")
+        "SELECT count(*) FROM raw_csv_data WHERE record::text LIKE '%\\u0000%'"
+    )
 
 
 async def test_undecodable_bytes_are_rejected_or_decoded_as_configured(
-        env: Env, pool: asyncpg.Pool) -> None:
+    env: Env, pool: asyncpg.Pool
+) -> None:
     path = CORPUS / "csv" / "csvkit" / "test_latin1.csv"
-    cfg = env.config(csv_source("latin", path, fields='source_id = "a"',
-                                extra="max_error_rate = 1.0"))
+    cfg = env.config(
+        csv_source("latin", path, fields='source_id = "a"', extra="max_error_rate = 1.0")
+    )
     run = await run_source(cfg, "latin")
     reasons = [r["reason"] for r in await pool.fetch("SELECT reason FROM etl_rejects")]
     assert reasons and set(reasons) == {"bytes that are not valid utf-8 in the record"}
     assert run["rows_rejected"] == len(reasons)
 
-    cfg = env.config(csv_source("latin", path, fields='source_id = "a"',
-                                extra='encoding = "latin-1"'))
+    cfg = env.config(
+        csv_source("latin", path, fields='source_id = "a"', extra='encoding = "latin-1"')
+    )
     run = await run_source(cfg, "latin", full_refresh=True)
     assert run["status"] == "succeeded" and run["rows_rejected"] == 0
-    text = await pool.fetchval("SELECT record::text FROM raw_csv_data WHERE run_id = $1 "
-                               "ORDER BY line LIMIT 1 OFFSET 1", run["id"])
+    text = await pool.fetchval(
+        "SELECT record::text FROM raw_csv_data WHERE run_id = $1 ORDER BY line LIMIT 1 OFFSET 1",
+        run["id"],
+    )
     assert "©" in text or "Ã" not in text
 
 
@@ -99,8 +118,10 @@ async def test_undecodable_header_fails_the_run_with_advice(env: Env, pool: asyn
     cfg = env.config(csv_source("es", path, fields='source_id = "GF_ID"'))
     run = await run_source(cfg, "es")
     assert run["status"] == "failed"
-    assert run["error"] == (f"source 'es': {path}, line 1: the header has bytes that are not "
-                            "valid utf-8: set `encoding` for this source")
+    assert run["error"] == (
+        f"source 'es': {path}, line 1: the header has bytes that are not "
+        "valid utf-8: set `encoding` for this source"
+    )
     assert not await pool.fetchval("SELECT count(*) FROM etl_checkpoints")
 
 
@@ -113,7 +134,13 @@ async def test_bom_and_utf16_files_decode(env: Env, pool: asyncpg.Pool) -> None:
     assert not any(k.startswith("\ufeff") for k in header)
 
     utf16 = CORPUS / "csv" / "csvkit" / "test_utf16_little.csv"
-    cfg = env.config(csv_source("u16", utf16, extra='encoding = "utf-16"',
-                                fields=f'source_id = "{first_column(utf16, "utf-16")}"'))
+    cfg = env.config(
+        csv_source(
+            "u16",
+            utf16,
+            extra='encoding = "utf-16"',
+            fields=f'source_id = "{first_column(utf16, "utf-16")}"',
+        )
+    )
     run = await run_source(cfg, "u16")
     assert run["status"] == "succeeded" and run["rows_valid"] > 0

@@ -74,12 +74,7 @@ async def run_source(database: Database, cfg: Config, src: Source, *, trigger: s
             except Exception as exc:  # a bug: the run fails, the service does not
                 log.exception("run crashed")
                 error = f"internal error: {type(exc).__name__}: {exc}"
-            c = progress.counts
-            if error is None and c["rows_read"] and \
-                    c["rows_rejected"] / c["rows_read"] > src.max_error_rate:
-                error = (f"{c['rows_rejected']} of {c['rows_read']} records rejected "
-                         f"({c['rows_rejected'] / c['rows_read']:.1%}), above the source's "
-                         f"max_error_rate of {src.max_error_rate:.1%}")
+            error = error or _error_rate_exceeded(src, progress.counts)
             row = await runs.finish(conn, run_id, "failed" if error else "succeeded", error)
             seconds = time.monotonic() - started
             (log.error if error else log.info)(
@@ -88,6 +83,15 @@ async def run_source(database: Database, cfg: Config, src: Source, *, trigger: s
                 rows_per_s=round(row["rows_read"] / seconds) if seconds else None,
                 **{k: row[k] for k in runs.COUNTERS})
             return row
+
+
+def _error_rate_exceeded(src: Source, counts: dict[str, int]) -> str | None:
+    """The failure message if more records were rejected than the source allows."""
+    read, rejected = counts["rows_read"], counts["rows_rejected"]
+    if read and rejected / read > src.max_error_rate:
+        return (f"{rejected} of {read} records rejected ({rejected / read:.1%}), above the "
+                f"source's max_error_rate of {src.max_error_rate:.1%}")
+    return None
 
 
 async def _load_csv(conn: Any, cfg: Config, src: Source, progress: Progress,
@@ -222,6 +226,8 @@ async def replay_source(database: Database, cfg: Config, src: Source,
 
     Raw rows are validated again (a mapping change can make a row invalid: it becomes a
     reject of this run); normalized rows whose key no raw row produces any more are deleted.
+    If more rows are rejected than the source's ``max_error_rate`` allows, the whole replay
+    is rolled back: a wrong mapping never empties the table.
     """
     async with database.pool.acquire() as conn, runs.source_lock(conn, src.name):
         run_id = await runs.start(conn, src.name, src.kind, "replay", False)
@@ -249,6 +255,7 @@ async def _replay(conn: Any, src: Source, run_id: int, chunk: int,
     await conn.execute("CREATE TEMP TABLE replay_keys (key text PRIMARY KEY) ON COMMIT DROP")
     validators: dict[tuple[str, ...], RowValidator] = {}
     last = 0
+    first_reason = None
     while True:
         raw = await conn.fetch(
             f"SELECT id, file, line, byte_offset, record FROM {table} "
@@ -279,12 +286,16 @@ async def _replay(conn: Any, src: Source, run_id: int, chunk: int,
             "WHERE source = $1 AND id > $2 AND id <= $3 AND id <> ALL ($5::bigint[]) "
             "ON CONFLICT DO NOTHING", src.name, last, raw[-1]["id"], key_path, skip)
         await load.insert_rejects(conn, run_id, src.name, rejects)
+        first_reason = first_reason or (rejects[0].reason if rejects else None)
         valid = len(raw) - len(skip)
         for k, v in (("rows_read", len(raw)), ("rows_valid", valid),
                      ("rows_rejected", len(skip)), ("rows_inserted", inserted),
                      ("rows_updated", updated), ("rows_unchanged", valid - inserted - updated)):
             counts[k] += v
         last = raw[-1]["id"]
+    if failure := _error_rate_exceeded(src, counts):
+        example = f"; first reason: {first_reason}" if first_reason else ""
+        raise SourceError(src.name, f"replay rolled back: {failure}{example}")
     deleted = await conn.execute(
         "DELETE FROM normalized_data n WHERE n.source = $1 AND NOT EXISTS "
         "(SELECT 1 FROM replay_keys k WHERE k.key = n.source_id)", src.name)

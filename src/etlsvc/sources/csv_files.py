@@ -57,7 +57,6 @@ class FilePlan:
     line: int                      # lines before ``start`` (the next record's line - 1)
     header: list[str] | None       # known when resuming
     hasher: Any                    # sha256 of bytes [0, start)
-    stat: os.stat_result
 
     @property
     def todo(self) -> int:
@@ -96,24 +95,20 @@ def _hash_prefix(path: str, length: int) -> Any:
 def plan_file(path: str, state: dict[str, Any] | None, full_refresh: bool) -> FilePlan:
     """Decide where to (re)start reading ``path`` given its checkpoint ``state``.
 
-    Unchanged since the checkpoint: nothing to read. Grown, with the bytes before the offset
-    unchanged (same fingerprint): continue at the offset. Anything else: from the start.
+    If the file's bytes before the checkpoint's offset are unchanged (same SHA-256), reading
+    continues at the offset (nothing to read if the file did not grow); otherwise the file
+    is read again from the start. The prefix is hashed every time rather than trusting
+    size and mtime, which can stay the same across a quick edit.
     """
     st = os.stat(path)
     if state and not full_refresh:
         offset = int(state["offset"])
-        same_file = (state.get("size") == st.st_size and state.get("mtime_ns") == st.st_mtime_ns
-                     and state.get("inode") == st.st_ino)
-        if same_file and offset == st.st_size:
-            h = _hash_prefix(path, 0)  # not used: nothing left to read
-            return FilePlan(path, st.st_size, offset, int(state["line"]), state.get("header"),
-                            h, st)
         if st.st_size >= offset:
             h = _hash_prefix(path, offset)
             if h.hexdigest() == state.get("fingerprint"):
                 return FilePlan(path, st.st_size, offset, int(state["line"]),
-                                state.get("header"), h, st)
-    return FilePlan(path, st.st_size, 0, 0, None, hashlib.sha256(), st)
+                                state.get("header"), h)
+    return FilePlan(path, st.st_size, 0, 0, None, hashlib.sha256())
 
 
 def _codec(encoding: str, head: bytes) -> tuple[str, int]:
@@ -361,9 +356,7 @@ class CsvParser:
             positions=self._pos, rejects=self._rejects, rows_read=self._read,
             bytes_read=end - self._batch_start,
             state={"offset": end, "line": line, "fingerprint": self.hasher.hexdigest(),
-                   "size": self.plan.stat.st_size, "mtime_ns": self.plan.stat.st_mtime_ns,
-                   "inode": self.plan.stat.st_ino, "header": self.header,
-                   "codec": self.codec})
+                   "header": self.header, "codec": self.codec})
         self._rows, self._pos, self._rejects, self._read = [], [], [], 0
         self._batch_start = end
         return batch
