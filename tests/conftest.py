@@ -27,9 +27,9 @@ from etlsvc.config import Config, load_config
 from etlsvc.embedded import EmbeddedPostgres
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-CORPUS = Path(os.environ.get("ETLSVC_CORPUS", SHARED / "corpus"))
-GEN_CSV = Path(os.environ.get("ETLSVC_GEN_CSV", SHARED / "bench" / "gen_csv.py"))
+# Third-party corpus (see tests/corpus/README.md and */SOURCES.md for origins and licenses).
+CORPUS = REPO / "tests" / "corpus"
+GEN_CSV = REPO / "bench" / "gen_csv.py"
 TABLES = (
     "etl_runs",
     "raw_csv_data",
