@@ -9,6 +9,10 @@ from tests.conftest import REPO
 
 
 def test_ruff_finds_nothing() -> None:
-    result = subprocess.run([sys.executable, "-m", "ruff", "check", "src", "tests", "bench"],
-                            cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "src", "tests", "bench"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -27,6 +27,7 @@ import io
 import os
 import re
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import accumulate, compress, count, repeat
 from operator import add, attrgetter, itemgetter, ne
@@ -385,17 +386,21 @@ async def read_file(src: CsvSource, plan: FilePlan,
     """
     if plan.todo <= 0:
         return
-    async with aiofiles.open(plan.path, "rb") as f:
-        head = await f.read(4)
-        codec, bom = _codec(src.encoding, head)
-        parser = CsvParser(src, plan, codec, bom)
-        await f.seek(plan.start)
-        while True:
-            chunk = await f.read(CHUNK_SIZE)
-            for item in await asyncio.to_thread(_feed, parser, chunk, prepare):
-                yield item
-            if not chunk:
-                break
+    loop = asyncio.get_running_loop()
+    # One thread per file: its allocations stay in one malloc arena, which keeps the peak
+    # RSS of a big file down (the default pool spreads them over several).
+    with ThreadPoolExecutor(1, thread_name_prefix="etlsvc-csv") as pool:
+        async with aiofiles.open(plan.path, "rb", executor=pool) as f:
+            head = await f.read(4)
+            codec, bom = _codec(src.encoding, head)
+            parser = CsvParser(src, plan, codec, bom)
+            await f.seek(plan.start)
+            while True:
+                chunk = await f.read(CHUNK_SIZE)
+                for item in await loop.run_in_executor(pool, _feed, parser, chunk, prepare):
+                    yield item
+                if not chunk:
+                    break
 
 
 def _feed(parser: CsvParser, chunk: bytes, prepare: Callable[[RawBatch], T]) -> list[T]:

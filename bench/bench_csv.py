@@ -1,0 +1,138 @@
+"""CSV load benchmark: `etlsvc run` against `psql \\copy` of the same file, in one run.
+
+usage: python bench/bench_csv.py [ROWS ...] [--database-url URL] [--batch-size N]
+
+For each size (default 1,000,000): generate the file with bench/gen_csv.py (cached in
+bench/data/), time `psql \\copy` of it into an all-text table, then `etlsvc run` of it into
+an empty database; record both wall times, their ratio, rows/s and etlsvc's peak RSS in
+bench/RESULTS.md. The server is the one at --database-url (default: $ETLSVC_BENCH_DATABASE_URL,
+else postgresql://postgres@127.0.0.1:5432/postgres); fresh databases are created and dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE / "data"
+RESULTS = HERE / "RESULTS.md"
+TEXT_TABLE = ("CREATE TABLE t (id text, title text, description text, category text, "
+              "amount text, url text, created_at text, tags text)")
+
+
+def sh(*cmd: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
+
+
+def with_db(url: str, name: str) -> str:
+    base, _, query = url.partition("?")
+    scheme, _, rest = base.partition("://")
+    return f"{scheme}://{rest.split('/', 1)[0]}/{name}" + (f"?{query}" if query else "")
+
+
+def fresh_db(url: str, name: str) -> str:
+    sh("psql", url, "-qc", f'DROP DATABASE IF EXISTS "{name}"', "-c", f'CREATE DATABASE "{name}"')
+    return with_db(url, name)
+
+
+def generate(rows: int) -> Path:
+    DATA.mkdir(exist_ok=True)
+    path = DATA / f"products_{rows}.csv"
+    if not path.exists():
+        print(f"generating {path} …", flush=True)
+        sh(sys.executable, str(HERE / "gen_csv.py"), str(rows), str(path))
+    return path
+
+
+def time_copy(url: str, path: Path) -> float:
+    db = fresh_db(url, "etlsvc_bench_copy")
+    sh("psql", db, "-qc", TEXT_TABLE)
+    start = time.perf_counter()
+    sh("psql", db, "-qc", f"\\copy t FROM '{path}' WITH (FORMAT csv, HEADER true)")
+    return time.perf_counter() - start
+
+
+def time_etlsvc(url: str, path: Path, batch_size: int, workdir: Path) -> tuple[float, int, str]:
+    db = fresh_db(url, "etlsvc_bench_run")
+    config = workdir / "bench.toml"
+    config.write_text(textwrap.dedent(f"""\
+        [log]
+        format = "json"
+        [[sources]]
+        name = "products"
+        kind = "csv"
+        path = "{path}"
+        batch_size = {batch_size}
+        [sources.fields]
+        source_id = "id"
+        title = "title"
+        description = "description"
+        category = "category"
+        amount = "amount"
+        url = "url"
+        tags = "tags"
+        event_time = "created_at"
+        """))
+    # migrations first, so that the timed run is the load alone
+    sh(sys.executable, "-m", "etlsvc", "migrate", "--config", str(config),
+       env={**os.environ, "ETLSVC_DATABASE_URL": db})
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "etlsvc", "run", "--config", str(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "ETLSVC_DATABASE_URL": db})
+    out = proc.stdout.read() if proc.stdout else ""
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    if status != 0:
+        raise SystemExit(f"etlsvc run failed ({status}):\n{out[-2000:]}")
+    summary = next(line for line in out.splitlines() if '"run finished"' in line)
+    return seconds, usage.ru_maxrss * 1024, summary
+
+
+def machine() -> str:
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo
+                if line.startswith("model name")), platform.processor())
+    pg = sh("psql", os.environ.get("ETLSVC_BENCH_DATABASE_URL",
+                                   "postgresql://postgres@127.0.0.1:5432/postgres"),
+            "-Atc", "SHOW server_version").stdout.strip()
+    return (f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, "
+            f"PostgreSQL {pg} on the same machine")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("rows", type=int, nargs="*", default=[1_000_000])
+    ap.add_argument("--database-url", default=os.environ.get(
+        "ETLSVC_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"))
+    ap.add_argument("--batch-size", type=int, default=10_000)
+    args = ap.parse_args()
+    lines = []
+    for rows in args.rows:
+        path = generate(rows)
+        copy_s = time_copy(args.database_url, path)
+        run_s, rss, summary = time_etlsvc(args.database_url, path, args.batch_size, DATA)
+        line = (f"| {rows:,} | {path.stat().st_size / 2**20:,.0f} MiB | {copy_s:.1f} s | "
+                f"{run_s:.1f} s | **{run_s / copy_s:.2f}×** | {rows / run_s:,.0f} | "
+                f"{rss / 2**20:.0f} MiB |")
+        print(line, flush=True)
+        print(summary, flush=True)
+        lines.append(line)
+    with open(RESULTS, "a") as f:
+        f.write(f"\n### {dt.date.today()}: `python bench/bench_csv.py "
+                f"{' '.join(map(str, args.rows))}` (batch_size {args.batch_size})\n\n"
+                f"{machine()}\n\n"
+                "| rows | file | psql \\copy | etlsvc run | ratio | etlsvc rows/s | "
+                "etlsvc peak RSS |\n|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Migrations: applied once, in order, under a lock; changed history refused."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import asyncpg
+import pytest
+
+from etlsvc import db
+from etlsvc.errors import DatabaseError
+from tests.conftest import _with_db
+
+
+@pytest.fixture
+async def empty_db(server_dsn: str):
+    name = f"etlsvc_mig_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(server_dsn)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield _with_db(server_dsn, name)
+    finally:
+        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+async def test_concurrent_migrations_apply_each_file_once(empty_db: str) -> None:
+    pools = [await asyncpg.create_pool(empty_db, min_size=1, max_size=2) for _ in range(4)]
+    try:
+        applied = await asyncio.gather(*(db.apply_migrations(p) for p in pools))
+    finally:
+        for p in pools:
+            await p.close()
+    names = [f for _, f, _ in db.migration_files()]
+    assert sorted(n for names_ in applied for n in names_) == sorted(
+        names
+    )  # each applied by exactly one
+    conn = await asyncpg.connect(empty_db)
+    try:
+        rows = await conn.fetch("SELECT name FROM etl_schema_migrations ORDER BY version")
+        assert [r["name"] for r in rows] == names
+        tables = {
+            r["t"]
+            for r in await conn.fetch(
+                "SELECT tablename AS t FROM pg_tables WHERE schemaname = 'public'"
+            )
+        }
+        assert {
+            "raw_csv_data",
+            "raw_api_data",
+            "raw_rss_data",
+            "normalized_data",
+            "etl_checkpoints",
+            "etl_runs",
+            "etl_rejects",
+        } <= tables
+        await conn.execute("UPDATE etl_schema_migrations SET checksum = 'x' WHERE version = 1")
+    finally:
+        await conn.close()
+    pool = await asyncpg.create_pool(empty_db, min_size=1, max_size=1)
+    try:
+        with pytest.raises(DatabaseError, match="was changed after it was applied"):
+            await db.apply_migrations(pool)
+    finally:
+        await pool.close()
+
+
+async def test_unreachable_database_is_one_clear_error_without_the_password() -> None:
+    from etlsvc.config import Config
+
+    with pytest.raises(DatabaseError) as err:
+        await db.connect_pool("postgresql://etl:s3cret@127.0.0.1:1/x", Config())
+    assert "cannot connect to PostgreSQL at postgresql://etl:***@127.0.0.1:1/x" in str(err.value)
+    assert "s3cret" not in str(err.value)
+
+
+async def test_every_named_query_prepares_against_the_schema(pool: asyncpg.Pool) -> None:
+    from etlsvc.load import RAW_TABLES
+
+    async with pool.acquire() as conn:
+        for file in ("checkpoints", "runs", "rejects", "normalize", "migrations"):
+            for sql in db.queries(file).values():
+                for table in RAW_TABLES.values():
+                    text = (
+                        sql.replace("{raw_table}", table)
+                        .replace("{distinct}", "")
+                        .replace("{order}", "")
+                    )
+                    await conn.prepare(text)
+                    if "{raw_table}" not in sql:
+                        break
