@@ -260,3 +260,22 @@ async def test_replay_renormalizes_from_raw_rows_without_the_file(
         f"source 'products': replay rolled back: {before} of {before} records rejected"
     )
     assert "first reason: amount (column 'description') is not a number" in failed["error"]
+
+
+async def test_a_glob_reads_every_matching_file_with_its_own_checkpoint(
+    env: Env, pool: asyncpg.Pool
+) -> None:
+    (env.dir / "in").mkdir()
+    write_rows(env.dir / "in" / "a.csv", [["id", "title"], ["a1", "x"], ["a2", "y"]])
+    write_rows(env.dir / "in" / "b.csv", [["id", "title"], ["b1", "z"]])
+    (env.dir / "in" / "notes.txt").write_text("not matched")
+    cfg = env.config(csv_source("many", "in/*.csv", fields='source_id = "id"\ntitle = "title"'))
+    run = await run_source(cfg, "many")
+    assert (run["status"], run["rows_read"], run["rows_inserted"]) == ("succeeded", 3, 3)
+    streams = {r["stream"] for r in await pool.fetch("SELECT stream FROM etl_checkpoints")}
+    assert streams == {str(env.dir / "in" / "a.csv"), str(env.dir / "in" / "b.csv")}
+    write_rows(env.dir / "in" / "c.csv", [["id", "title"], ["c1", "w"]])
+    run = await run_source(cfg, "many")
+    assert (run["rows_read"], run["rows_inserted"]) == (1, 1)
+    files = await pool.fetch("SELECT DISTINCT file FROM raw_csv_data ORDER BY file")
+    assert [Path(r["file"]).name for r in files] == ["a.csv", "b.csv", "c.csv"]

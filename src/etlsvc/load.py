@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 from collections.abc import Iterable
 from functools import lru_cache
-from itertools import compress, repeat, starmap
+from itertools import compress, islice, repeat, starmap
 from operator import itemgetter
 from typing import Any
 
@@ -20,6 +20,7 @@ import msgspec
 
 from etlsvc import db
 from etlsvc.sources import RawBatch, Reject
+from etlsvc.sources.csv_files import GIL_SLICE
 
 RAW_TABLES = {"csv": "raw_csv_data", "api": "raw_api_data", "rss": "raw_rss_data"}
 CSV_COLUMNS = ("run_id", "source", "file", "line", "byte_offset", "source_key", "record")
@@ -79,8 +80,13 @@ def csv_payload(batch: RawBatch, run_id: int, source: str, key_col: int,
         records = (r.replace(b"\\", b"\\\\") for r in records)
     prefix = f"{run_id}\t{source}\t{stream}\t"
     fmt = (prefix.encode().replace(b"%", b"%%") + b"%d\t%d\t%b\t%b\n").__mod__
-    payload = b"".join(map(fmt, zip(map(itemgetter(0), positions), map(itemgetter(1), positions),
-                                    map(str.encode, keys), records)))
+    lines = map(fmt, zip(map(itemgetter(0), positions), map(itemgetter(1), positions),
+                         map(str.encode, keys), records))
+    # In slices, so that this thread lets go of the GIL now and then (see csv_files).
+    parts = []
+    while part := b"".join(islice(lines, GIL_SLICE)):
+        parts.append(part)
+    payload = b"".join(parts)
     return (payload if one_by_one else payload.replace(b"\\", b"\\\\")), len(rows)
 
 

@@ -102,6 +102,10 @@ async def _load_csv(conn: Any, cfg: Config, src: Source, progress: Progress,
              for p in files]
     progress.bytes_total = sum(p.todo for p in plans)
     await runs.set_total(conn, progress.run_id, progress.bytes_total)
+    # Safe for batches: raw rows, normalized rows and checkpoint commit together, so a
+    # commit lost in a server crash loses all three and the next run reads them again.
+    # (The pool resets the setting when the connection is released.)
+    await conn.execute("SET synchronous_commit = off")
     prepare = _csv_preparer(src, progress.run_id)
     for plan in plans:
         if plan.todo <= 0:
@@ -151,9 +155,6 @@ def _csv_preparer(src: Source, run_id: int) -> Callable[[RawBatch], Prepared]:
 async def _commit(conn: Any, src: Source, progress: Progress, batch: Prepared) -> None:
     """One transaction: raw rows, normalized rows, rejects, checkpoint, run counters."""
     async with conn.transaction():
-        # Safe: raw rows, normalized rows and checkpoint commit together, so a commit lost
-        # in a server crash loses all three together and the next run reads them again.
-        await conn.execute("SET LOCAL synchronous_commit = off")
         mark = await normalize.next_raw_id(conn, src.kind)
         await load.copy_raw(conn, src.kind, load.CSV_COLUMNS, batch.payload)
         inserted, updated = (0, 0)

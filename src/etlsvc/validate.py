@@ -30,6 +30,9 @@ _PATH = re.compile(r" - at `\$\[(\d+)\]\[(\d+)\]`$")
 # Offsets PostgreSQL refuses ("time zone displacement out of range") though RFC 3339 allows.
 _BIG_OFFSET = re.compile(r"[+-](?:1[6-9]|[2-9]\d):?\d\d(?=\x1f|$)", re.M)
 
+#: Rows checked by one msgspec call at most (the parsing thread must let go of the GIL often).
+SLICE = 2000
+
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
 
 _RULES: dict[str, tuple[Any, str]] = {
@@ -64,9 +67,11 @@ class RowValidator:
         try:
             start = 0
             while start < len(rows):
+                # Windows of SLICE rows: one C call holds the GIL until it returns.
+                end = min(start + SLICE, len(rows))
                 try:
-                    msgspec.convert(rows[start:] if start else rows, self._type, strict=False)
-                    break
+                    msgspec.convert(rows[start:end], self._type, strict=False)
+                    start = end
                 except msgspec.ValidationError as exc:
                     i, reason = self._explain(exc, rows, start)
                     bad[i] = reason

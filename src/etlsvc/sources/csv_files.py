@@ -29,7 +29,7 @@ import re
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from itertools import accumulate, compress, count, repeat
+from itertools import accumulate, compress, count, islice, repeat
 from operator import add, attrgetter, itemgetter, ne
 from pathlib import Path
 from typing import Any, TypeVar
@@ -43,6 +43,8 @@ from etlsvc.sources import RawBatch, Reject
 T = TypeVar("T")
 
 CHUNK_SIZE = 1 << 20
+#: Rows handed to one C call at most, so the parsing thread lets go of the GIL often.
+GIL_SLICE = 2000
 _HASH_BLOCK = 1 << 20
 _ASCII_PROBE = "\n\r\"',;|\t#"
 _SURROGATE = re.compile("[\udc80-\udcff]")
@@ -254,7 +256,13 @@ class CsvParser:
         parsed: list[tuple[list[str], int]] = []
         while True:
             try:
-                parsed.extend(pairs)
+                # In slices: a C call holds the GIL until it returns, and the event loop
+                # needs the GIL to keep the database busy.
+                while True:
+                    before = len(parsed)
+                    parsed.extend(islice(pairs, GIL_SLICE))
+                    if len(parsed) - before < GIL_SLICE:
+                        break
                 break
             except csv.Error as exc:          # the reader resumes at the next line
                 parsed.append((_ErrorRow(f"malformed CSV: {exc}"), reader.line_num))
