@@ -279,3 +279,31 @@ async def test_a_glob_reads_every_matching_file_with_its_own_checkpoint(
     assert (run["rows_read"], run["rows_inserted"]) == (1, 1)
     files = await pool.fetch("SELECT DISTINCT file FROM raw_csv_data ORDER BY file")
     assert [Path(r["file"]).name for r in files] == ["a.csv", "b.csv", "c.csv"]
+
+
+async def test_an_unterminated_quote_costs_bounded_memory_and_a_reject(
+    env: Env, pool: asyncpg.Pool
+) -> None:
+    path = env.dir / "quote.csv"
+    rows = [["id", "title"]] + [[f"k{i}", f"t{i}"] for i in range(5)]
+    write_rows(path, rows)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write('bad,"never closed\n')
+        f.writelines(f"m{i},{'x' * 100}\n" for i in range(30_000))  # ~3 MB after it
+    cfg = env.config(
+        csv_source(
+            "q",
+            path,
+            fields='source_id = "id"\ntitle = "title"',
+            extra="max_field_bytes = 1000\nmax_error_rate = 1.0",
+        )
+    )
+    run = await run_source(cfg, "q")
+    assert run["status"] == "succeeded"
+    reasons = [r["reason"] for r in await pool.fetch("SELECT reason FROM etl_rejects")]
+    assert reasons and all(r.startswith("malformed CSV") for r in reasons), reasons
+    # the rows before the bad quote and most of those after it are loaded
+    keys = {r["source_id"] for r in await pool.fetch("SELECT source_id FROM normalized_data")}
+    assert {f"k{i}" for i in range(5)} <= keys
+    assert "m29999" in keys
+    assert run["rows_read"] == run["rows_valid"] + run["rows_rejected"]

@@ -8,6 +8,3 @@ INSERT INTO etl_checkpoints (source, stream, state, run_id) VALUES ($1, $2, $3, 
 ON CONFLICT (source, stream) DO UPDATE
     SET state = EXCLUDED.state, run_id = EXCLUDED.run_id, updated_at = now()
 
--- name: clear
--- params: $1 source
-DELETE FROM etl_checkpoints WHERE source = $1

@@ -24,7 +24,3 @@ async def write(conn: asyncpg.Connection, source: str, stream: str, state: dict[
     """Record the position after a batch (call inside the batch's transaction)."""
     await conn.execute(db.query("checkpoints", "write"), source, stream, state, run_id)
 
-
-async def clear(conn: asyncpg.Connection, source: str) -> None:
-    """Forget every position of ``source`` (full refresh)."""
-    await conn.execute(db.query("checkpoints", "clear"), source)

@@ -9,7 +9,6 @@ at the boundary where they happen, and kept as ``__cause__``.
   x DatabaseError        PostgreSQL unreachable, migration failure, embedded server failure
   x SourceError          a source cannot be read (carries ``source``)
   x SourceBusy           another process is already running this source (carries ``run_id``)
-  x RunFailed            a run ended failed (carries ``run_id``)
 
 Invalid *records* are not exceptions: they are data, stored in ``etl_rejects``.
 """

@@ -32,7 +32,7 @@ def _redact_event(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, 
     return event
 
 
-def _json_dumps(obj: Any, default: Any = None) -> str:
+def _json_dumps(obj: Any, **_: Any) -> str:
     return msgspec.json.encode(obj, enc_hook=str).decode()
 
 
