@@ -211,3 +211,24 @@ async def run_source(cfg: Config, name: str, **kwargs: Any) -> dict[str, Any]:
 
     async with db.open_database(cfg) as database:
         return await pipeline.run_source(database, cfg, cfg.source(name), **kwargs)
+
+
+@pytest.fixture
+def upstream():
+    """A real HTTP server on 127.0.0.1 (see tests/upstream.py)."""
+    from tests.upstream import serve
+
+    yield from serve()
+
+
+def api_source(name: str, url: str, fields: str, extra: str = "") -> str:
+    """A ``[[sources]]`` table for an API."""
+    return f"""
+[[sources]]
+name = "{name}"
+kind = "api"
+url = "{url}"
+{extra}
+[sources.fields]
+{fields}
+"""

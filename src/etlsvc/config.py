@@ -67,7 +67,96 @@ class CsvSource(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="cs
     kind = "csv"
 
 
-Source = CsvSource
+class Pagination(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How an API is paged.
+
+    ``style``: ``none`` (one request); ``page`` (``page_param`` = 1, 2, …); ``offset``
+    (``offset_param`` = 0, n, 2n, …); ``cursor`` (the next cursor is read from the body at
+    ``cursor_path`` and sent as ``cursor_param``; the end is an empty cursor, or
+    ``has_more_path`` false); ``next_url`` (the next page's URL is read from the body at
+    ``next_url_path``); ``link_header`` (RFC 8288 ``Link: <…>; rel="next"``).
+    """
+
+    style: Literal["none", "page", "offset", "cursor", "next_url", "link_header"] = "none"
+    page_size: PositiveInt | None = None
+    size_param: str = "per_page"      # page style: page size parameter (limit_param for offset)
+    page_param: str = "page"
+    first_page: Annotated[int, msgspec.Meta(ge=0)] = 1
+    offset_param: str = "offset"
+    limit_param: str = "limit"
+    cursor_param: str = "cursor"
+    cursor_path: str = "next_cursor"
+    has_more_path: str | None = None
+    next_url_path: str = "next"
+    #: A walk stops after this many pages (a guard against an API that never ends).
+    max_pages: PositiveInt = 10_000
+
+
+class Auth(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A secret header; the secret itself comes from the environment variable ``env``."""
+
+    type: Literal["bearer", "header", "basic"]
+    env: str
+    header: str = "Authorization"     # for type "header", e.g. "X-API-Key"
+    username: str | None = None       # for type "basic"; the password comes from ``env``
+
+
+class Incremental(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Ask only for items changed since the last run (inclusive high-water mark)."""
+
+    param: str                        # query parameter, e.g. "updated_since"
+    field: str                        # dotted path of the item's change time, e.g. "updated_at"
+    lag_seconds: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    #: Keys seen exactly at the high-water mark, remembered so that the inclusive bound
+    #: does not load them twice (at most this many).
+    max_boundary_keys: PositiveInt = 10_000
+
+
+class Retry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Retries of a request on connection errors, timeouts, 5xx and 429."""
+
+    attempts: PositiveInt = 5
+    backoff: Annotated[float, msgspec.Meta(ge=0)] = 0.5      # first delay, doubled each time
+    max_backoff: Annotated[float, msgspec.Meta(ge=0)] = 30.0
+    #: A Retry-After longer than this fails the request instead of sleeping.
+    max_retry_after: Annotated[float, msgspec.Meta(ge=0)] = 300.0
+
+
+class Timeouts(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Seconds: to connect, between bytes read, and for a whole request with its body."""
+
+    connect: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    read: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    total: Annotated[float, msgspec.Meta(gt=0)] = 120.0
+
+
+class ApiSource(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="api",
+                tag_field="kind"):
+    """A paginated JSON HTTP API."""
+
+    name: SourceName
+    url: str
+    fields: Fields
+    schedule: str | None = None
+    max_error_rate: Rate = 0.05
+    #: Dotted path of the items' list in the body; "" when the body is the list.
+    items_path: str = ""
+    params: dict[str, str] = {}
+    headers: dict[str, str] = {}
+    auth: Auth | None = None
+    pagination: Pagination = Pagination()
+    incremental: Incremental | None = None
+    retry: Retry = Retry()
+    timeouts: Timeouts = Timeouts()
+    tags_separator: str = ";"         # when the tags field is a string, not a list
+    #: Requests per second at most (None: no limit).
+    rate_limit: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    max_response_bytes: PositiveInt = 64 << 20
+
+    kind = "api"
+
+
+Source = CsvSource | ApiSource
 
 
 class DatabaseConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -181,7 +270,7 @@ def _explain(exc: msgspec.ValidationError, data: dict) -> str:
         key = f"{where}.{missing.group(1)}" if where else missing.group(1)
         return f"missing required key {key!r}"
     if "Invalid value" in text and where.endswith(".kind"):
-        return f"key {where!r}: {text} (supported kinds: csv)"
+        return f"key {where!r}: {text} (supported kinds: csv, api)"
     return f"key {where!r}: {text}"
 
 
@@ -196,14 +285,28 @@ def _check(cfg: Config, path: Path) -> None:
         if src.fields.source_id is None:
             raise ConfigError(f"{where}.fields.source_id': every source needs its natural key "
                               "mapped")
-        try:
-            codecs.lookup(src.encoding)
-        except LookupError:
-            raise ConfigError(f"{where}.encoding': unknown encoding {src.encoding!r}") from None
-        if src.delimiter == src.quotechar:
-            raise ConfigError(f"{where}.delimiter': delimiter and quotechar are the same")
+        if isinstance(src, CsvSource):
+            _check_csv(src, where)
+        else:
+            _check_api(src, where)
         typed = [v for f, v in src.fields.mapped().items()
                  if f in ("source_id", "amount", "event_time")]
         if len(typed) != len(set(typed)):
             raise ConfigError(f"{where}.fields': one column cannot feed two of source_id, "
                               "amount and event_time")
+
+
+def _check_csv(src: CsvSource, where: str) -> None:
+    try:
+        codecs.lookup(src.encoding)
+    except LookupError:
+        raise ConfigError(f"{where}.encoding': unknown encoding {src.encoding!r}") from None
+    if src.delimiter == src.quotechar:
+        raise ConfigError(f"{where}.delimiter': delimiter and quotechar are the same")
+
+
+def _check_api(src: ApiSource, where: str) -> None:
+    if not re.match(r"^https?://[^/\s]+", src.url):
+        raise ConfigError(f"{where}.url': expected an http(s) URL, got {src.url!r}")
+    if src.auth and src.auth.type == "basic" and not src.auth.username:
+        raise ConfigError(f"{where}.auth.username': basic auth needs a username")

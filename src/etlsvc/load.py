@@ -24,6 +24,7 @@ from etlsvc.sources.csv_files import GIL_SLICE
 
 RAW_TABLES = {"csv": "raw_csv_data", "api": "raw_api_data", "rss": "raw_rss_data"}
 CSV_COLUMNS = ("run_id", "source", "file", "line", "byte_offset", "source_key", "record")
+API_COLUMNS = ("run_id", "source", "url", "page", "item_index", "source_key", "record")
 
 _encode = msgspec.json.encode
 
@@ -93,6 +94,17 @@ def csv_payload(batch: RawBatch, run_id: int, source: str, key_col: int,
 def _has_breaks(keys: list[str]) -> bool:
     joined = "".join(keys)
     return "\t" in joined or "\n" in joined or "\r" in joined
+
+
+def api_payload(run_id: int, source: str, page: Any, keys: list[str], keep: list[bool]) -> bytes:
+    """COPY (text format) payload of the kept items of an API page."""
+    url = _copy_text(page.url)
+    records = (raw for raw, k in zip(page.raw, keep) if k)
+    indexes = (i for i, k in enumerate(keep) if k)
+    return "".join(
+        f"{run_id}\t{source}\t{url}\t{page.number}\t{i}\t{_copy_text(key)}\t"
+        f"{_copy_text(raw.decode())}\n"
+        for i, key, raw in zip(indexes, keys, records)).encode()
 
 
 async def copy_raw(conn: asyncpg.Connection, kind: str, columns: tuple[str, ...],

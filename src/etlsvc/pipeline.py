@@ -16,13 +16,14 @@ from itertools import compress, repeat
 from operator import itemgetter
 from typing import Any, TypeVar
 
+import httpx
 import structlog
 
 from etlsvc import checkpoint, load, normalize, runs
-from etlsvc.config import Config, Source
+from etlsvc.config import ApiSource, Config, Source
 from etlsvc.db import Database
 from etlsvc.errors import EtlError, SourceError
-from etlsvc.sources import RawBatch, Reject, csv_files
+from etlsvc.sources import RawBatch, Reject, csv_files, json_api
 from etlsvc.validate import RowValidator
 
 log = structlog.get_logger()
@@ -34,6 +35,7 @@ class Prepared:
     """A batch ready for the database: COPY payload, rejects, counters, checkpoint state."""
 
     stream: str
+    columns: tuple[str, ...]
     payload: bytes
     valid: int
     distinct_keys: bool
@@ -41,6 +43,7 @@ class Prepared:
     rows_read: int
     bytes_read: int
     state: dict[str, Any]
+    pages: int = 0
 
 
 @dataclass
@@ -68,7 +71,8 @@ async def run_source(database: Database, cfg: Config, src: Source, *, trigger: s
             started = time.monotonic()
             error = None
             try:
-                await _load_csv(conn, cfg, src, progress, full_refresh, on_progress)
+                loader = _load_csv if src.kind == "csv" else _load_api
+                await loader(conn, cfg, src, progress, full_refresh, on_progress)
             except (EtlError, OSError, UnicodeError) as exc:
                 error = str(exc)
             except Exception as exc:  # a bug: the run fails, the service does not
@@ -118,6 +122,55 @@ async def _load_csv(conn: Any, cfg: Config, src: Source, progress: Progress,
                 on_progress(progress)
 
 
+async def _load_api(conn: Any, cfg: Config, src: ApiSource, progress: Progress,
+                    full_refresh: bool, on_progress: ProgressCallback | None) -> None:
+    state = (await checkpoint.read(conn, src.name)).get(src.url)
+    if full_refresh or not state or not state.get("request"):
+        state = json_api.first_request(src, None if full_refresh else state)
+    else:
+        log.info("resuming the walk", page=state["page"] + 1)
+    await conn.execute("SET synchronous_commit = off")     # see _load_csv
+    t = src.timeouts
+    timeout = httpx.Timeout(t.total, connect=t.connect, read=t.read)
+    async with httpx.AsyncClient(timeout=timeout, follow_redirects=True) as client:
+        fetcher = json_api.Fetcher(src, client)
+        async for page in _prefetch(json_api.walk(src, fetcher, state)):
+            batch = _prepare_page(src, progress.run_id, page)
+            await _commit(conn, src, progress, batch)
+            if on_progress:
+                on_progress(progress)
+
+
+def _prepare_page(src: ApiSource, run_id: int, page: json_api.Page) -> Prepared:
+    """Validation and COPY encoding of one API page (small: done on the loop)."""
+    columns = list(dict.fromkeys(src.fields.mapped().values()))
+    validator = RowValidator(columns, src.fields)
+    objects = [isinstance(item, dict) for item in page.items]
+    keep = [o and k for o, k in zip(objects, json_api.skip_boundary(src, page.state,
+                                                                     page.items))]
+    skipped = len(page.items) - sum(keep) - objects.count(False)
+    rows = json_api.project([i if o else {} for i, o in zip(page.items, objects)], columns)
+    bad = validator.check(rows)
+    rejects = []
+    for i, item in enumerate(page.items):
+        if not objects[i]:
+            reason = "the item is not a JSON object"
+        elif keep[i] and i in bad:
+            reason = bad[i]
+        else:
+            continue
+        keep[i] = False
+        rejects.append(Reject(page.url, {"page": page.number, "index": i}, item, reason))
+    key_col = columns.index(src.fields.source_id)
+    keys = [row[key_col] for row, k in zip(rows, keep) if k]
+    payload = load.api_payload(run_id, src.name, page, keys, keep)
+    if skipped:
+        log.info("items at the previous high-water mark skipped", count=skipped)
+    return Prepared(src.url, load.API_COLUMNS, payload, len(keys),
+                    len(set(keys)) == len(keys), rejects, len(page.items) - skipped, page.size,
+                    page.state, pages=1)
+
+
 def _csv_preparer(src: Source, run_id: int) -> Callable[[RawBatch], Prepared]:
     """Validation and COPY encoding of one CSV batch (runs in the parsing thread)."""
     validators: dict[tuple[str, ...], RowValidator] = {}
@@ -146,8 +199,9 @@ def _csv_preparer(src: Source, run_id: int) -> Callable[[RawBatch], Prepared]:
         payload, valid = load.csv_payload(batch, run_id, src.name, key_col, keep)
         kept = batch.rows if keep is None else compress(batch.rows, keep)
         keys = list(map(itemgetter(key_col), kept))
-        return Prepared(batch.stream, payload, valid, len(set(keys)) == len(keys), rejects,
-                        batch.rows_read, batch.bytes_read, batch.state)
+        return Prepared(batch.stream, load.CSV_COLUMNS, payload, valid,
+                        len(set(keys)) == len(keys), rejects, batch.rows_read, batch.bytes_read,
+                        batch.state)
 
     return prepare
 
@@ -156,7 +210,7 @@ async def _commit(conn: Any, src: Source, progress: Progress, batch: Prepared) -
     """One transaction: raw rows, normalized rows, rejects, checkpoint, run counters."""
     async with conn.transaction():
         mark = await normalize.next_raw_id(conn, src.kind)
-        await load.copy_raw(conn, src.kind, load.CSV_COLUMNS, batch.payload)
+        await load.copy_raw(conn, src.kind, batch.columns, batch.payload)
         inserted, updated = (0, 0)
         if batch.valid:
             inserted, updated = await normalize.upsert(
@@ -168,7 +222,7 @@ async def _commit(conn: Any, src: Source, progress: Progress, batch: Prepared) -
         counts = {"rows_read": batch.rows_read, "rows_valid": batch.valid,
                   "rows_rejected": len(batch.rejects), "rows_inserted": inserted,
                   "rows_updated": updated, "rows_unchanged": batch.valid - inserted - updated,
-                  "bytes_read": batch.bytes_read}
+                  "bytes_read": batch.bytes_read, "pages_read": batch.pages}
         await runs.add(conn, progress.run_id, counts)
     for k, v in counts.items():
         progress.counts[k] += v

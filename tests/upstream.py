@@ -1,0 +1,93 @@
+"""A real HTTP upstream on 127.0.0.1 for tests: routes are functions, requests are recorded."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+import msgspec
+
+
+@dataclass
+class Request:
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    at: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Reply:
+    status: int = 200
+    body: bytes | Any = b""
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0
+
+    def encoded(self) -> bytes:
+        if isinstance(self.body, bytes):
+            return self.body
+        return msgspec.json.encode(self.body)
+
+
+Route = Callable[[Request], Reply]
+
+
+class Upstream:
+    """``route(path, fn)``; ``base`` is the server's URL; ``requests`` what it received."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, Route] = {}
+        self.requests: list[Request] = []
+        upstream = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                parts = urlsplit(self.path)
+                req = Request(
+                    parts.path,
+                    dict(parse_qsl(parts.query)),
+                    {k.lower(): v for k, v in self.headers.items()},
+                )
+                upstream.requests.append(req)
+                route = upstream.routes.get(parts.path)
+                reply = route(req) if route else Reply(404, b'{"error": "no route"}')
+                if reply.delay:
+                    time.sleep(reply.delay)
+                body = reply.encoded()
+                self.send_response(reply.status)
+                headers = {"Content-Type": "application/json", **reply.headers}
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                if "Content-Length" not in headers:
+                    self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.base = f"http://127.0.0.1:{self.server.server_port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def route(self, path: str, fn: Route) -> None:
+        self.routes[path] = fn
+
+    def __enter__(self) -> Upstream:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def serve() -> Iterator[Upstream]:
+    with Upstream() as upstream:
+        yield upstream
