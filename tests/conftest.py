@@ -232,3 +232,58 @@ url = "{url}"
 [sources.fields]
 {fields}
 """
+
+
+@pytest.fixture(scope="session")
+def json_server_bin() -> Path:
+    """json-server 0.17.4 from npm, installed once into .tools/ of the repository."""
+    tools = REPO / ".tools"
+    binary = tools / "node_modules" / ".bin" / "json-server"
+    if not binary.exists():
+        subprocess.run(
+            [
+                "npm",
+                "install",
+                "--silent",
+                "--no-audit",
+                "--no-fund",
+                "--prefix",
+                str(tools),
+                "json-server@0.17.4",
+            ],
+            check=True,
+            capture_output=True,
+        )
+    return binary
+
+
+@pytest.fixture
+def json_server(json_server_bin: Path, tmp_path: Path) -> Iterator[str]:
+    """A real json-server on 127.0.0.1 serving the corpus' db.json; yields its base URL."""
+    import shutil
+    import socket
+    import time
+
+    db = tmp_path / "db.json"
+    shutil.copy(CORPUS / "api" / "json-server" / "db.json", db)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [str(json_server_bin), "--host", "127.0.0.1", "--port", str(port), str(db)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait()

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import random
+import signal
+import subprocess
+import sys
 import time
 
 import asyncpg
@@ -373,3 +378,70 @@ async def test_rate_limit_spaces_requests(env: Env, pool: asyncpg.Pool, upstream
     assert len(upstream.requests) == 5
     assert upstream.requests[-1].at - upstream.requests[0].at >= 0.8 - 0.05
     assert time.monotonic() - started < 10
+
+
+async def test_sigkill_mid_walk_then_resume_loses_and_duplicates_nothing(
+    env: Env, pool: asyncpg.Pool, upstream: Upstream
+) -> None:
+    items = numbered_items(600)
+    upstream.route(
+        "/slow",
+        lambda r: Reply(
+            body=items[(int(r.query["page"]) - 1) * 20 : int(r.query["page"]) * 20], delay=0.05
+        ),
+    )
+    env.write_config(
+        api_source(
+            "slow",
+            f"{upstream.base}/slow",
+            'source_id = "id"\ntitle = "name"',
+            '[sources.pagination]\nstyle = "page"\npage_size = 20\n',
+        )
+    )
+    cmd = [sys.executable, "-m", "etlsvc", "run", "slow", "--config", str(env.dir / "config.toml")]
+    environ = {**os.environ, "ETLSVC_DATABASE_URL": env.database_url}
+
+    async def committed_page() -> int:
+        state = await pool.fetchval("SELECT state FROM etl_checkpoints WHERE source = 'slow'")
+        return state["page"] if state else 0
+
+    kills = 0
+    for _ in range(3):
+        before = await committed_page()
+        proc = subprocess.Popen(cmd, env=environ, stdout=subprocess.DEVNULL)
+        while proc.poll() is None and await committed_page() < before + 3:
+            time.sleep(0.02)
+        time.sleep(random.uniform(0, 0.05))
+        proc.send_signal(signal.SIGKILL)
+        kills += proc.wait() == -signal.SIGKILL
+    assert kills == 3
+    assert 0 < await committed_page() < 31
+    assert subprocess.run(cmd, env=environ, capture_output=True).returncode == 0
+    assert await keys(pool, "slow") == [i["id"] for i in items]
+    raw = await pool.fetch("SELECT page, item_index, source_key FROM raw_api_data")
+    assert len(raw) == 600 == len({(r["page"], r["item_index"]) for r in raw})
+    assert len({r["source_key"] for r in raw}) == 600
+
+
+async def test_json_server_with_page_and_limit_and_link_headers(
+    env: Env, pool: asyncpg.Pool, json_server: str
+) -> None:
+    db = json.loads((API / "json-server" / "db.json").read_text())
+    fields = 'source_id = "id"\ntitle = "name"'
+    cfg = env.config(
+        "".join(
+            api_source(
+                name,
+                f"{json_server}/{name}",
+                fields if name != "issues" else 'source_id = "id"\ntitle = "title"',
+                '[sources.pagination]\nstyle = "link_header"\npage_param = "_page"\n'
+                'size_param = "_limit"\npage_size = 5\n',
+            )
+            for name in ("issues", "interfaces", "devices")
+        )
+    )
+    for name in ("issues", "interfaces", "devices"):
+        run = await run_source(cfg, name)
+        assert run["status"] == "succeeded", run["error"]
+        assert sorted(await keys(pool, name)) == sorted(str(x["id"]) for x in db[name])
+        assert run["pages_read"] == -(-len(db[name]) // 5)

@@ -74,7 +74,8 @@ class Pagination(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     (``offset_param`` = 0, n, 2n, …); ``cursor`` (the next cursor is read from the body at
     ``cursor_path`` and sent as ``cursor_param``; the end is an empty cursor, or
     ``has_more_path`` false); ``next_url`` (the next page's URL is read from the body at
-    ``next_url_path``); ``link_header`` (RFC 8288 ``Link: <…>; rel="next"``).
+    ``next_url_path``); ``link_header`` (RFC 8288 ``Link: <…>; rel="next"``; with a
+    ``page_size``, the first request also asks for page ``first_page``).
     """
 
     style: Literal["none", "page", "offset", "cursor", "next_url", "link_header"] = "none"

@@ -205,7 +205,8 @@ def first_request(src: ApiSource, state: dict[str, Any] | None) -> dict[str, Any
     params = dict(src.params)
     if p.page_size is not None:
         params[p.limit_param if p.style == "offset" else p.size_param] = str(p.page_size)
-    if p.style == "page":
+    if p.style == "page" or (p.style == "link_header" and p.page_size is not None):
+        # Some Link-header APIs (json-server) page only when asked for a first page.
         params[p.page_param] = str(p.first_page)
     elif p.style == "offset":
         params[p.offset_param] = "0"
