@@ -445,3 +445,33 @@ async def test_json_server_with_page_and_limit_and_link_headers(
         assert run["status"] == "succeeded", run["error"]
         assert sorted(await keys(pool, name)) == sorted(str(x["id"]) for x in db[name])
         assert run["pages_read"] == -(-len(db[name]) // 5)
+
+
+async def test_replay_of_an_api_source_uses_the_new_paths(
+    env: Env, pool: asyncpg.Pool, upstream: Upstream
+) -> None:
+    upstream.route("/things", lambda r: Reply(body=numbered_items(30)))
+    source = api_source("things", f"{upstream.base}/things", 'source_id = "id"\ntitle = "name"')
+    env.write_config(source)
+    assert env.cli("run").returncode == 0
+    env.write_config(source.replace('title = "name"', 'title = "updated_at"'))
+    result = env.cli("replay", "things")
+    assert result.returncode == 0, result.stderr
+    titles = await pool.fetch("SELECT title FROM normalized_data ORDER BY source_id")
+    assert [t["title"] for t in titles] == [i["updated_at"] for i in numbered_items(30)]
+    assert len(upstream.requests) == 1  # replay fetched nothing
+
+
+async def test_check_fetches_the_first_page(env: Env, upstream: Upstream) -> None:
+    upstream.route("/ok", lambda r: Reply(body=[]))
+    upstream.route("/bad", lambda r: Reply(500, b"boom"))
+    env.write_config(
+        api_source("ok", f"{upstream.base}/ok", 'source_id = "id"')
+        + api_source("bad", f"{upstream.base}/bad", 'source_id = "id"')
+    )
+    result = env.cli("check")
+    assert result.returncode == 1
+    assert f"ok   source ok: GET {upstream.base}/ok: HTTP 200" in result.stderr
+    assert f"FAIL source 'bad': GET {upstream.base}/bad: HTTP 500 after 1 attempts" in (
+        result.stderr
+    )

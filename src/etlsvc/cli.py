@@ -136,7 +136,7 @@ async def _check(cfg: Config, args: argparse.Namespace) -> int:
             if pending else ""))
     for src in cfg.sources:
         try:
-            report(True, f"source {src.name}: {pipeline.check_source(cfg, src)}")
+            report(True, f"source {src.name}: {await pipeline.check_source(cfg, src)}")
         except EtlError as exc:
             report(False, str(exc))
     return EXIT_OK if not problems else EXIT_FAILED

@@ -25,6 +25,12 @@ from etlsvc.sources.csv_files import GIL_SLICE
 RAW_TABLES = {"csv": "raw_csv_data", "api": "raw_api_data", "rss": "raw_rss_data"}
 CSV_COLUMNS = ("run_id", "source", "file", "line", "byte_offset", "source_key", "record")
 API_COLUMNS = ("run_id", "source", "url", "page", "item_index", "source_key", "record")
+#: Per kind: the raw table's stream column and its position as a jsonb expression (SQL).
+RAW_POSITIONS = {
+    "csv": ("file", "jsonb_build_object('line', line, 'byte_offset', byte_offset)"),
+    "api": ("url", "jsonb_build_object('page', page, 'index', item_index)"),
+    "rss": ("feed_url", "jsonb_build_object('entry', entry_index)"),
+}
 
 _encode = msgspec.json.encode
 

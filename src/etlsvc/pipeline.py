@@ -17,6 +17,7 @@ from operator import itemgetter
 from typing import Any, TypeVar
 
 import httpx
+import msgspec
 import structlog
 
 from etlsvc import checkpoint, load, normalize, runs
@@ -262,8 +263,15 @@ class _Failed:
     exc: Exception
 
 
-def check_source(cfg: Config, src: Source) -> str:
+async def check_source(cfg: Config, src: Source) -> str:
     """What ``etlsvc check`` says of a source; SourceError if it cannot be read or mapped."""
+    if isinstance(src, ApiSource):
+        once = msgspec.structs.replace(src, retry=msgspec.structs.replace(src.retry, attempts=1))
+        request = json_api.first_request(once, None)["request"]
+        async with httpx.AsyncClient(timeout=src.timeouts.connect) as client:
+            response, _ = await json_api.Fetcher(once, client).get(request["url"],
+                                                                   request["params"])
+        return f"GET {response.url}: HTTP {response.status_code}"
     files = csv_files.find_files(src, cfg.resolve("."))
     for path in files:
         header = csv_files.read_header(src, path)
@@ -312,17 +320,21 @@ async def _replay(conn: Any, src: Source, run_id: int, chunk: int,
     last = 0
     first_reason = None
     while True:
+        stream, position = load.RAW_POSITIONS[src.kind]
         raw = await conn.fetch(
-            f"SELECT id, file, line, byte_offset, record FROM {table} "
+            f"SELECT id, {stream} AS stream, {position} AS position, record FROM {table} "
             "WHERE source = $1 AND id > $2 ORDER BY id LIMIT $3", src.name, last, chunk)
         if not raw:
             break
         skip: list[int] = []
         rejects: list[Reject] = []
-        for columns, group in _by_columns(raw).items():
+        for columns, group in _by_columns(src, raw).items():
             validator = validators.get(columns) or validators.setdefault(
                 columns, RowValidator(list(columns), src.fields))
-            rows = [list(r["record"].values()) for r in group]
+            if src.kind == "csv":
+                rows = [list(r["record"].values()) for r in group]
+            else:
+                rows = json_api.project([r["record"] for r in group], list(columns))
             bad = validator.check(rows)
             if validator.missing:
                 bad = dict.fromkeys(range(len(rows)), "mapped column not in the record: " +
@@ -330,9 +342,7 @@ async def _replay(conn: Any, src: Source, run_id: int, chunk: int,
             for i, reason in bad.items():
                 r = group[i]
                 skip.append(r["id"])
-                rejects.append(Reject(r["file"], {"line": r["line"],
-                                                  "byte_offset": r["byte_offset"]},
-                                      r["record"], reason))
+                rejects.append(Reject(r["stream"], r["position"], r["record"], reason))
         inserted, updated = await normalize.upsert(
             conn, source=src.name, kind=src.kind, fields=src.fields,
             tags_separator=src.tags_separator, above=last, upto=raw[-1]["id"], skip=skip)
@@ -357,7 +367,10 @@ async def _replay(conn: Any, src: Source, run_id: int, chunk: int,
     log.info("stale normalized rows deleted", count=int(deleted.split()[-1]))
 
 
-def _by_columns(raw: list[Any]) -> dict[tuple[str, ...], list[Any]]:
+def _by_columns(src: Source, raw: list[Any]) -> dict[tuple[str, ...], list[Any]]:
+    """Raw rows grouped by the columns to validate: a CSV file's header, an API's paths."""
+    if src.kind != "csv":
+        return {tuple(dict.fromkeys(src.fields.mapped().values())): raw}
     groups: dict[tuple[str, ...], list[Any]] = {}
     for r in raw:
         groups.setdefault(tuple(r["record"]), []).append(r)
