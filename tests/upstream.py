@@ -60,10 +60,11 @@ class Upstream:
                     time.sleep(reply.delay)
                 body = reply.encoded()
                 self.send_response(reply.status)
-                headers = {"Content-Type": "application/json", **reply.headers}
+                headers = {"content-type": "application/json"}
+                headers.update((k.lower(), v) for k, v in reply.headers.items())
                 for k, v in headers.items():
                     self.send_header(k, v)
-                if "Content-Length" not in headers:
+                if "content-length" not in headers:
                     self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)

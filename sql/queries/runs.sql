@@ -38,3 +38,7 @@ RETURNING *
 -- name: get
 -- params: $1 run id
 SELECT * FROM etl_runs WHERE id = $1
+
+-- name: note
+-- params: $1 run id, $2 notes (jsonb, merged into the run's notes)
+UPDATE etl_runs SET notes = notes || $2 WHERE id = $1

@@ -157,7 +157,35 @@ class ApiSource(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="ap
     kind = "api"
 
 
-Source = CsvSource | ApiSource
+#: What an RSS source maps by default: the entry's id (else link, else a hash), title,
+#: summary, link, tag terms, and published (else updated) date.
+RSS_FIELDS = Fields(source_id="etlsvc_key", title="title", description="summary", url="link",
+                    tags="etlsvc_tags", event_time="etlsvc_time")
+
+
+class RssSource(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="rss",
+                tag_field="kind"):
+    """One or more RSS/Atom feeds."""
+
+    name: SourceName
+    urls: Annotated[list[str], msgspec.Meta(min_length=1)]
+    fields: Fields = RSS_FIELDS
+    schedule: str | None = None
+    max_error_rate: Rate = 0.05
+    headers: dict[str, str] = {}
+    auth: Auth | None = None
+    retry: Retry = Retry()
+    timeouts: Timeouts = Timeouts()
+    rate_limit: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    max_response_bytes: PositiveInt = 32 << 20
+    #: Feeds fetched at the same time at most.
+    max_concurrency: PositiveInt = 8
+    tags_separator: str = ";"
+
+    kind = "rss"
+
+
+Source = CsvSource | ApiSource | RssSource
 
 
 class DatabaseConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -271,7 +299,7 @@ def _explain(exc: msgspec.ValidationError, data: dict) -> str:
         key = f"{where}.{missing.group(1)}" if where else missing.group(1)
         return f"missing required key {key!r}"
     if "Invalid value" in text and where.endswith(".kind"):
-        return f"key {where!r}: {text} (supported kinds: csv, api)"
+        return f"key {where!r}: {text} (supported kinds: csv, api, rss)"
     return f"key {where!r}: {text}"
 
 
@@ -288,8 +316,11 @@ def _check(cfg: Config, path: Path) -> None:
                               "mapped")
         if isinstance(src, CsvSource):
             _check_csv(src, where)
+        elif isinstance(src, ApiSource):
+            _check_api(src, where, src.url, "url")
         else:
-            _check_api(src, where)
+            for j, url in enumerate(src.urls):
+                _check_api(src, where, url, f"urls[{j}]")
         typed = [v for f, v in src.fields.mapped().items()
                  if f in ("source_id", "amount", "event_time")]
         if len(typed) != len(set(typed)):
@@ -306,8 +337,8 @@ def _check_csv(src: CsvSource, where: str) -> None:
         raise ConfigError(f"{where}.delimiter': delimiter and quotechar are the same")
 
 
-def _check_api(src: ApiSource, where: str) -> None:
-    if not re.match(r"^https?://[^/\s]+", src.url):
-        raise ConfigError(f"{where}.url': expected an http(s) URL, got {src.url!r}")
+def _check_api(src: ApiSource | RssSource, where: str, url: str, key: str) -> None:
+    if not re.match(r"^https?://[^/\s]+", url):
+        raise ConfigError(f"{where}.{key}': expected an http(s) URL, got {url!r}")
     if src.auth and src.auth.type == "basic" and not src.auth.username:
         raise ConfigError(f"{where}.auth.username': basic auth needs a username")

@@ -25,6 +25,7 @@ from etlsvc.sources.csv_files import GIL_SLICE
 RAW_TABLES = {"csv": "raw_csv_data", "api": "raw_api_data", "rss": "raw_rss_data"}
 CSV_COLUMNS = ("run_id", "source", "file", "line", "byte_offset", "source_key", "record")
 API_COLUMNS = ("run_id", "source", "url", "page", "item_index", "source_key", "record")
+RSS_COLUMNS = ("run_id", "source", "feed_url", "entry_index", "source_key", "record")
 #: Per kind: the raw table's stream column and its position as a jsonb expression (SQL).
 RAW_POSITIONS = {
     "csv": ("file", "jsonb_build_object('line', line, 'byte_offset', byte_offset)"),
@@ -102,15 +103,17 @@ def _has_breaks(keys: list[str]) -> bool:
     return "\t" in joined or "\n" in joined or "\r" in joined
 
 
-def api_payload(run_id: int, source: str, page: Any, keys: list[str], keep: list[bool]) -> bytes:
-    """COPY (text format) payload of the kept items of an API page."""
-    url = _copy_text(page.url)
-    records = (raw for raw, k in zip(page.raw, keep) if k)
-    indexes = (i for i, k in enumerate(keep) if k)
+def items_payload(run_id: int, source: str, stream: str, positions: list[tuple[int, ...]],
+                  keys: list[str], records: list[bytes]) -> bytes:
+    """COPY (text format) payload of JSON items (API page items, feed entries).
+
+    ``positions`` are the values of the position columns of the kind's raw table.
+    """
+    head = f"{run_id}\t{source}\t{_copy_text(stream)}\t"
     return "".join(
-        f"{run_id}\t{source}\t{url}\t{page.number}\t{i}\t{_copy_text(key)}\t"
+        head + "".join(f"{p}\t" for p in pos) + f"{_copy_text(key)}\t"
         f"{_copy_text(raw.decode())}\n"
-        for i, key, raw in zip(indexes, keys, records)).encode()
+        for pos, key, raw in zip(positions, keys, records)).encode()
 
 
 async def copy_raw(conn: asyncpg.Connection, kind: str, columns: tuple[str, ...],

@@ -21,10 +21,10 @@ import msgspec
 import structlog
 
 from etlsvc import checkpoint, load, normalize, runs
-from etlsvc.config import ApiSource, Config, Source
+from etlsvc.config import ApiSource, Config, CsvSource, RssSource, Source
 from etlsvc.db import Database
 from etlsvc.errors import EtlError, SourceError
-from etlsvc.sources import RawBatch, Reject, csv_files, json_api
+from etlsvc.sources import RawBatch, Reject, csv_files, json_api, rss_feeds
 from etlsvc.validate import RowValidator
 
 log = structlog.get_logger()
@@ -72,7 +72,7 @@ async def run_source(database: Database, cfg: Config, src: Source, *, trigger: s
             started = time.monotonic()
             error = None
             try:
-                loader = _load_csv if src.kind == "csv" else _load_api
+                loader = {"csv": _load_csv, "api": _load_api, "rss": _load_rss}[src.kind]
                 await loader(conn, cfg, src, progress, full_refresh, on_progress)
             except (EtlError, OSError, UnicodeError) as exc:
                 error = str(exc)
@@ -143,33 +143,74 @@ async def _load_api(conn: Any, cfg: Config, src: ApiSource, progress: Progress,
 
 
 def _prepare_page(src: ApiSource, run_id: int, page: json_api.Page) -> Prepared:
-    """Validation and COPY encoding of one API page (small: done on the loop)."""
-    columns = list(dict.fromkeys(src.fields.mapped().values()))
-    validator = RowValidator(columns, src.fields)
-    objects = [isinstance(item, dict) for item in page.items]
-    keep = [o and k for o, k in zip(objects, json_api.skip_boundary(src, page.state,
-                                                                     page.items))]
-    skipped = len(page.items) - sum(keep) - objects.count(False)
-    rows = json_api.project([i if o else {} for i, o in zip(page.items, objects)], columns)
-    bad = validator.check(rows)
-    rejects = []
-    for i, item in enumerate(page.items):
-        if not objects[i]:
-            reason = "the item is not a JSON object"
-        elif keep[i] and i in bad:
-            reason = bad[i]
-        else:
-            continue
-        keep[i] = False
-        rejects.append(Reject(page.url, {"page": page.number, "index": i}, item, reason))
-    key_col = columns.index(src.fields.source_id)
-    keys = [row[key_col] for row, k in zip(rows, keep) if k]
-    payload = load.api_payload(run_id, src.name, page, keys, keep)
-    if skipped:
+    """An API page as a batch; items at the previous high-water mark already loaded are
+    skipped."""
+    keep = json_api.skip_boundary(src, page.state, page.items)
+    if skipped := keep.count(False):
         log.info("items at the previous high-water mark skipped", count=skipped)
-    return Prepared(src.url, load.API_COLUMNS, payload, len(keys),
-                    len(set(keys)) == len(keys), rejects, len(page.items) - skipped, page.size,
-                    page.state, pages=1)
+    return _prepare_items(
+        src, run_id, checkpoint_stream=src.url, raw_stream=page.url, items=page.items,
+        raws=page.raw, positions=[(page.number, i) for i in range(len(page.items))],
+        where=lambda i: {"page": page.number, "index": i}, keep=keep, state=page.state,
+        size=page.size)
+
+
+def _prepare_items(src: ApiSource | RssSource, run_id: int, *, checkpoint_stream: str,
+                   raw_stream: str, items: list[Any], raws: list[bytes],
+                   positions: list[tuple[int, ...]], where: Callable[[int], dict[str, int]],
+                   keep: list[bool], state: dict[str, Any], size: int) -> Prepared:
+    """Validation and COPY encoding of JSON items (small batches: done on the loop)."""
+    columns = list(dict.fromkeys(src.fields.mapped().values()))
+    objects = [isinstance(item, dict) for item in items]
+    rows = json_api.project([i if o else {} for i, o in zip(items, objects)], columns)
+    bad = RowValidator(columns, src.fields).check(rows)
+    read = keep.count(True)
+    rejects = []
+    for i, item in enumerate(items):
+        reason = bad.get(i) if objects[i] else "the item is not a JSON object"
+        if keep[i] and reason:
+            keep[i] = False
+            rejects.append(Reject(raw_stream, where(i), item, reason))
+    kept = [i for i, k in enumerate(keep) if k]
+    key_col = columns.index(src.fields.source_id)
+    keys = [rows[i][key_col] for i in kept]
+    payload = load.items_payload(run_id, src.name, raw_stream, [positions[i] for i in kept],
+                                 keys, [raws[i] for i in kept])
+    copy_columns = load.API_COLUMNS if src.kind == "api" else load.RSS_COLUMNS
+    return Prepared(checkpoint_stream, copy_columns, payload, len(keys),
+                    len(set(keys)) == len(keys), rejects, read, size, state, pages=1)
+
+
+async def _load_rss(conn: Any, cfg: Config, src: RssSource, progress: Progress,
+                    full_refresh: bool, on_progress: ProgressCallback | None) -> None:
+    states = {} if full_refresh else await checkpoint.read(conn, src.name)
+    await conn.execute("SET synchronous_commit = off")     # see _load_csv
+    t = src.timeouts
+    timeout = httpx.Timeout(t.total, connect=t.connect, read=t.read)
+    outcomes: dict[str, dict[str, Any]] = {}
+    async with httpx.AsyncClient(timeout=timeout, follow_redirects=True) as client:
+        async for feed in rss_feeds.fetch_all(src, client, states):
+            outcomes[feed.url] = {"status": feed.status, "entries": len(feed.entries),
+                                  "problem": feed.problem}
+            (log.warning if feed.problem else log.info)(
+                "feed " + feed.status, feed=feed.url, entries=len(feed.entries),
+                problem=feed.problem)
+            if feed.status != "loaded":
+                continue
+            raws = [msgspec.json.encode(e) for e in feed.entries]
+            batch = _prepare_items(
+                src, progress.run_id, checkpoint_stream=feed.url, raw_stream=feed.url,
+                items=feed.entries, raws=raws, positions=[(i,) for i in range(len(raws))],
+                where=lambda i: {"entry": i}, keep=[True] * len(raws), state=feed.state,
+                size=feed.size)
+            await _commit(conn, src, progress, batch)
+            if on_progress:
+                on_progress(progress)
+    await runs.note(conn, progress.run_id, {"feeds": outcomes})
+    failed = {u: o["problem"] for u, o in outcomes.items() if o["status"] == "failed"}
+    if failed:
+        raise SourceError(src.name, f"{len(failed)} of {len(outcomes)} feeds failed: " +
+                          "; ".join(failed.values()))
 
 
 def _csv_preparer(src: Source, run_id: int) -> Callable[[RawBatch], Prepared]:
@@ -265,13 +306,17 @@ class _Failed:
 
 async def check_source(cfg: Config, src: Source) -> str:
     """What ``etlsvc check`` says of a source; SourceError if it cannot be read or mapped."""
-    if isinstance(src, ApiSource):
+    if not isinstance(src, CsvSource):
         once = msgspec.structs.replace(src, retry=msgspec.structs.replace(src.retry, attempts=1))
-        request = json_api.first_request(once, None)["request"]
+        requests = ([json_api.first_request(once, None)["request"]] if isinstance(once, ApiSource)
+                    else [{"url": u, "params": {}} for u in once.urls])
+        answers = []
         async with httpx.AsyncClient(timeout=src.timeouts.connect) as client:
-            response, _ = await json_api.Fetcher(once, client).get(request["url"],
-                                                                   request["params"])
-        return f"GET {response.url}: HTTP {response.status_code}"
+            for request in requests:
+                response, _ = await json_api.Fetcher(once, client).get(request["url"],
+                                                                       request["params"])
+                answers.append(f"GET {response.url}: HTTP {response.status_code}")
+        return "; ".join(answers)
     files = csv_files.find_files(src, cfg.resolve("."))
     for path in files:
         header = csv_files.read_header(src, path)

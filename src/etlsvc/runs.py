@@ -51,6 +51,11 @@ async def set_total(conn: asyncpg.Connection, run_id: int, total: int) -> None:
     await conn.execute(db.query("runs", "set_total"), run_id, total)
 
 
+async def note(conn: asyncpg.Connection, run_id: int, notes: dict[str, Any]) -> None:
+    """Merge ``notes`` (what the run reports beyond counters) into the run's row."""
+    await conn.execute(db.query("runs", "note"), run_id, notes)
+
+
 async def finish(conn: asyncpg.Connection, run_id: int, status: str,
                  error: str | None) -> dict[str, Any]:
     """Mark the run finished; return its row."""

@@ -111,7 +111,7 @@ class RowValidator:
         assert self._time_col is not None
         col = self._time_col
         values = list(map(itemgetter(col), rows))
-        if not _BIG_OFFSET.search("\x1f".join(values)):
+        if not _BIG_OFFSET.search("\x1f".join(filter(None, values))):
             return
         for i, v in enumerate(values):
             if i not in bad and v and _BIG_OFFSET.search(v):

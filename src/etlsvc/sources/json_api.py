@@ -31,7 +31,7 @@ import httpx
 import msgspec
 import structlog
 
-from etlsvc.config import ApiSource
+from etlsvc.config import ApiSource, RssSource
 from etlsvc.errors import SourceError
 
 log = structlog.get_logger()
@@ -91,7 +91,7 @@ def get_path(obj: Any, path: str) -> Any:
 class Fetcher:
     """GET requests of one source, with its timeouts, retries, rate limit and size cap."""
 
-    def __init__(self, src: ApiSource, client: httpx.AsyncClient,
+    def __init__(self, src: ApiSource | RssSource, client: httpx.AsyncClient,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self.src = src
         self.client = client
@@ -124,10 +124,11 @@ class Fetcher:
         if start > now:
             await self.sleep(start - now)
 
-    async def get(self, url: str, params: dict[str, str]) -> tuple[httpx.Response, bytes]:
+    async def get(self, url: str, params: dict[str, str],
+                  headers: dict[str, str] | None = None) -> tuple[httpx.Response, bytes]:
         """GET ``url``; retry what is worth retrying; SourceError when it cannot succeed."""
         retry = self.src.retry
-        headers = self._headers()
+        headers = {**self._headers(), **(headers or {})}
         problem = ""
         for attempt in range(1, retry.attempts + 1):
             await self._wait_for_slot()
