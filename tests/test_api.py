@@ -475,3 +475,131 @@ async def test_check_fetches_the_first_page(env: Env, upstream: Upstream) -> Non
     assert f"FAIL source 'bad': GET {upstream.base}/bad: HTTP 500 after 1 attempts" in (
         result.stderr
     )
+
+
+async def test_walks_stop_on_a_loop_and_at_the_page_limit(
+    env: Env, pool: asyncpg.Pool, upstream: Upstream
+) -> None:
+    # next always points back to the first page; a cursor that never changes
+    upstream.route("/loop", lambda r: Reply(body={"next": "/loop?x=1", "results": [{"id": "a"}]}))
+    upstream.route(
+        "/stuck", lambda r: Reply(body={"cursor": "same", "items": [{"id": r.query.get("c", "0")}]})
+    )
+    items = numbered_items(100)
+    upstream.route(
+        "/long", lambda r: Reply(body=items[int(r.query["page"]) - 1 : int(r.query["page"])])
+    )
+    cfg = env.config(
+        api_source(
+            "loop",
+            f"{upstream.base}/loop",
+            'source_id = "id"',
+            'items_path = "results"\n[sources.pagination]\nstyle = "next_url"\n',
+        )
+        + api_source(
+            "stuck",
+            f"{upstream.base}/stuck",
+            'source_id = "id"',
+            'items_path = "items"\n[sources.pagination]\nstyle = "cursor"\ncursor_param = "c"\n'
+            'cursor_path = "cursor"\n',
+        )
+        + api_source(
+            "long",
+            f"{upstream.base}/long",
+            'source_id = "id"',
+            '[sources.pagination]\nstyle = "page"\npage_size = 1\nmax_pages = 7\n',
+        )
+    )
+    for name, pages in (("loop", 2), ("stuck", 2), ("long", 7)):
+        upstream.requests.clear()
+        run = await run_source(cfg, name)
+        assert run["status"] == "succeeded", run["error"]
+        assert run["pages_read"] == pages == len(upstream.requests), name
+
+
+async def test_size_cap_read_timeout_and_http_date_retry_after(
+    env: Env, pool: asyncpg.Pool, upstream: Upstream
+) -> None:
+    upstream.route("/big", lambda r: Reply(body=[{"id": "x" * 5000}]))
+    upstream.route("/slowpoke", lambda r: Reply(body=[{"id": "a"}], delay=1.0))
+    cfg = env.config(
+        api_source("big", f"{upstream.base}/big", 'source_id = "id"', "max_response_bytes = 1000\n")
+        + api_source(
+            "slowpoke",
+            f"{upstream.base}/slowpoke",
+            'source_id = "id"',
+            "[sources.retry]\nattempts = 2\nbackoff = 0.01\n[sources.timeouts]\nread = 0.3\n",
+        )
+    )
+    big = await run_source(cfg, "big")
+    assert big["status"] == "failed"
+    assert "larger than max_response_bytes (1000)" in big["error"]
+    slow = await run_source(cfg, "slowpoke")
+    assert slow["status"] == "failed"
+    assert slow["error"].endswith("ReadTimeout after 2 attempts")
+
+    import datetime as dt
+    from email.utils import format_datetime
+
+    from etlsvc.sources.json_api import _retry_after
+
+    soon = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=30)
+    assert 28 <= _retry_after(format_datetime(soon, usegmt=True)) <= 30
+    assert _retry_after("7") == 7.0
+    assert _retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
+    assert _retry_after("soon") is None
+
+
+def test_auth_header_kinds() -> None:
+    import asyncio
+
+    import httpx
+
+    from etlsvc.config import ApiSource, Auth, Fields
+    from etlsvc.sources.json_api import Fetcher
+
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers)
+        return httpx.Response(200, json=[])
+
+    async def fetch(auth: Auth) -> None:
+        src = ApiSource(name="a", url="http://api.test/x", fields=Fields(source_id="id"), auth=auth)
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+            await Fetcher(src, client).get(src.url, {})
+
+    os.environ["ETLSVC_TEST_SECRET"] = "pw"
+    try:
+        asyncio.run(fetch(Auth(type="header", env="ETLSVC_TEST_SECRET", header="X-API-Key")))
+        asyncio.run(fetch(Auth(type="basic", env="ETLSVC_TEST_SECRET", username="etl")))
+    finally:
+        del os.environ["ETLSVC_TEST_SECRET"]
+    assert seen[0]["x-api-key"] == "pw"
+    assert seen[1]["authorization"] == "Basic ZXRsOnB3"  # etl:pw
+
+
+async def test_incremental_lag_window_rereads_late_arrivals(
+    env: Env, pool: asyncpg.Pool, upstream: Upstream
+) -> None:
+    rows = [{"id": "a", "updated_at": "2024-01-01T10:00:00Z"}]
+
+    def changes(r: Request) -> Reply:
+        since = r.query.get("since")
+        return Reply(body=[x for x in rows if since is None or x["updated_at"] >= since])
+
+    upstream.route("/lag", changes)
+    cfg = env.config(
+        api_source(
+            "lag",
+            f"{upstream.base}/lag",
+            'source_id = "id"',
+            '[sources.incremental]\nparam = "since"\nfield = "updated_at"\nlag_seconds = 3600\n',
+        )
+    )
+    await run_source(cfg, "lag")
+    # a late arrival, stamped before the mark but within the lag window
+    rows.append({"id": "late", "updated_at": "2024-01-01T09:30:00Z"})
+    run = await run_source(cfg, "lag")
+    assert upstream.requests[-1].query["since"] == "2024-01-01T09:00:00+00:00"
+    assert run["rows_inserted"] == 1 and await keys(pool, "lag") == ["a", "late"]

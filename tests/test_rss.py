@@ -221,3 +221,31 @@ async def test_identity_falls_back_to_link_then_a_hash_and_dates_are_utc(
     assert rows["has link"]["source_id"] == "http://example.com/x"
     assert rows["has link"]["url"] == "http://example.com/x"
     assert re.fullmatch(r"[0-9a-f]{64}", rows["bare"]["source_id"])
+
+
+async def test_feeds_are_fetched_concurrently_within_the_bound(
+    env: Env, pool: asyncpg.Pool, upstream: Upstream
+) -> None:
+    import threading
+
+    lock = threading.Lock()
+    state = {"now": 0, "max": 0}
+    doc = (RSS / "feedjira-real-feeds" / "SamRuby.xml").read_bytes()
+
+    def slow(r: Request) -> Reply:
+        with lock:
+            state["now"] += 1
+            state["max"] = max(state["max"], state["now"])
+        time.sleep(0.2)
+        with lock:
+            state["now"] -= 1
+        return Reply(body=doc, headers={"Content-Type": "application/atom+xml"})
+
+    upstream.route("/slow", slow)
+    urls = [f"{upstream.base}/slow?n={n}" for n in range(12)]
+    cfg = env.config(rss_source("bounded", urls, "max_concurrency = 4"))
+    started = time.monotonic()
+    run = await run_source(cfg, "bounded")
+    assert run["status"] == "succeeded", run["error"]
+    assert state["max"] == 4
+    assert time.monotonic() - started < 12 * 0.2  # not one after the other
