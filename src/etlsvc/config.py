@@ -46,20 +46,27 @@ class Fields(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return {f: v for f in NORMALIZED_FIELDS if (v := getattr(self, f)) is not None}
 
 
-class CsvSource(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="csv",
-                tag_field="kind"):
-    """A CSV file, or every file matching a glob, read as a stream of records."""
+class _Source(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True,
+              tag_field="kind"):
+    """What every source has."""
 
     name: SourceName
+    schedule: str | None = None
+    #: Share of rejected records above which a run fails.
+    max_error_rate: Rate = 0.05
+    #: Separator of the tags field when it is one string.
+    tags_separator: str = ";"
+
+
+class CsvSource(_Source, tag="csv"):
+    """A CSV file, or every file matching a glob, read as a stream of records."""
+
     path: str
     fields: Fields
-    schedule: str | None = None
     batch_size: PositiveInt = 10_000
-    max_error_rate: Rate = 0.05
     encoding: str = "utf-8"
     delimiter: OneChar = ","
     quotechar: OneChar = '"'
-    tags_separator: str = ";"
     #: A field longer than this is an error (an unterminated quote would otherwise
     #: swallow the rest of the file into one field).
     max_field_bytes: PositiveInt = 1 << 20
@@ -131,28 +138,28 @@ class Timeouts(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     total: Annotated[float, msgspec.Meta(gt=0)] = 120.0
 
 
-class ApiSource(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="api",
-                tag_field="kind"):
-    """A paginated JSON HTTP API."""
+class _HttpSource(_Source, kw_only=True):
+    """What sources fetched over HTTP have."""
 
-    name: SourceName
-    url: str
-    fields: Fields
-    schedule: str | None = None
-    max_error_rate: Rate = 0.05
-    #: Dotted path of the items' list in the body; "" when the body is the list.
-    items_path: str = ""
-    params: dict[str, str] = {}
     headers: dict[str, str] = {}
     auth: Auth | None = None
-    pagination: Pagination = Pagination()
-    incremental: Incremental | None = None
     retry: Retry = Retry()
     timeouts: Timeouts = Timeouts()
-    tags_separator: str = ";"         # when the tags field is a string, not a list
     #: Requests per second at most (None: no limit).
     rate_limit: Annotated[float, msgspec.Meta(gt=0)] | None = None
     max_response_bytes: PositiveInt = 64 << 20
+
+
+class ApiSource(_HttpSource, tag="api"):
+    """A paginated JSON HTTP API."""
+
+    url: str
+    fields: Fields
+    #: Dotted path of the items' list in the body; "" when the body is the list.
+    items_path: str = ""
+    params: dict[str, str] = {}
+    pagination: Pagination = Pagination()
+    incremental: Incremental | None = None
 
     kind = "api"
 
@@ -163,24 +170,13 @@ RSS_FIELDS = Fields(source_id="etlsvc_key", title="title", description="summary"
                     tags="etlsvc_tags", event_time="etlsvc_time")
 
 
-class RssSource(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="rss",
-                tag_field="kind"):
+class RssSource(_HttpSource, tag="rss"):
     """One or more RSS/Atom feeds."""
 
-    name: SourceName
     urls: Annotated[list[str], msgspec.Meta(min_length=1)]
     fields: Fields = RSS_FIELDS
-    schedule: str | None = None
-    max_error_rate: Rate = 0.05
-    headers: dict[str, str] = {}
-    auth: Auth | None = None
-    retry: Retry = Retry()
-    timeouts: Timeouts = Timeouts()
-    rate_limit: Annotated[float, msgspec.Meta(gt=0)] | None = None
-    max_response_bytes: PositiveInt = 32 << 20
     #: Feeds fetched at the same time at most.
     max_concurrency: PositiveInt = 8
-    tags_separator: str = ";"
 
     kind = "rss"
 
