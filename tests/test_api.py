@@ -603,3 +603,25 @@ async def test_incremental_lag_window_rereads_late_arrivals(
     run = await run_source(cfg, "lag")
     assert upstream.requests[-1].query["since"] == "2024-01-01T09:00:00+00:00"
     assert run["rows_inserted"] == 1 and await keys(pool, "lag") == ["a", "late"]
+
+
+async def test_connection_errors_are_retried_then_reported(env: Env, pool: asyncpg.Pool) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = env.config(
+        api_source(
+            "nowhere",
+            f"http://127.0.0.1:{port}/x",
+            'source_id = "id"',
+            "[sources.retry]\nattempts = 3\nbackoff = 0.2\n",
+        )
+    )
+    started = time.monotonic()
+    run = await run_source(cfg, "nowhere")
+    assert run["status"] == "failed"
+    assert run["error"].startswith(f"source 'nowhere': GET http://127.0.0.1:{port}/x: ConnectError")
+    assert run["error"].endswith("after 3 attempts")
+    assert time.monotonic() - started >= 0.2 * 0.5 + 0.4 * 0.5  # backoff, with jitter ≥ 50 %

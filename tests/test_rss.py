@@ -249,3 +249,28 @@ async def test_feeds_are_fetched_concurrently_within_the_bound(
     assert run["status"] == "succeeded", run["error"]
     assert state["max"] == 4
     assert time.monotonic() - started < 12 * 0.2  # not one after the other
+
+
+async def test_last_modified_gives_a_conditional_request_too(
+    env: Env, pool: asyncpg.Pool, upstream: Upstream
+) -> None:
+    doc = (RSS / "feedjira-real-feeds" / "SamRuby.xml").read_bytes()
+    stamp = "Wed, 01 May 2024 10:00:00 GMT"
+
+    def feed(r: Request) -> Reply:
+        if r.headers.get("if-modified-since") == stamp:
+            return Reply(304, b"")
+        return Reply(
+            body=doc, headers={"Last-Modified": stamp, "Content-Type": "application/atom+xml"}
+        )
+
+    upstream.route("/lm", feed)
+    cfg = env.config(rss_source("lm", [f"{upstream.base}/lm"]))
+    first = await run_source(cfg, "lm")
+    assert first["rows_inserted"] > 0
+    second = await run_source(cfg, "lm")
+    assert upstream.requests[-1].headers["if-modified-since"] == stamp
+    assert (
+        second["rows_read"] == 0
+        and second["notes"]["feeds"][f"{upstream.base}/lm"]["status"] == "not modified"
+    )
