@@ -9,6 +9,7 @@ context and summary event. Owns no SQL and no parsing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -64,30 +65,72 @@ async def run_source(database: Database, cfg: Config, src: Source, *, trigger: s
                      full_refresh: bool = False,
                      on_progress: ProgressCallback | None = None) -> dict[str, Any]:
     """Run ``src`` once; return its finished ``etl_runs`` row. SourceBusy if already running."""
-    async with database.pool.acquire() as conn, runs.source_lock(conn, src.name):
+    claimed = await claim(database, src, trigger=trigger, full_refresh=full_refresh)
+    return await claimed.execute(cfg, on_progress)
+
+
+async def claim(database: Database, src: Source, *, trigger: str,
+                full_refresh: bool) -> ClaimedRun:
+    """Take the source's lock and create its run row (SourceBusy if it is running).
+
+    The run has an id from here on; ``ClaimedRun.execute`` does the work and lets go.
+    """
+    stack = contextlib.AsyncExitStack()
+    try:
+        conn = await stack.enter_async_context(database.pool.acquire())
+        await stack.enter_async_context(runs.source_lock(conn, src.name))
         run_id = await runs.start(conn, src.name, src.kind, trigger, full_refresh)
-        with structlog.contextvars.bound_contextvars(run_id=run_id, source=src.name):
-            log.info("run started", trigger=trigger, full_refresh=full_refresh)
-            progress = Progress(run_id, src.name)
-            started = time.monotonic()
-            error = None
-            try:
-                loader = {"csv": _load_csv, "api": _load_api, "rss": _load_rss}[src.kind]
-                await loader(conn, cfg, src, progress, full_refresh, on_progress)
-            except (EtlError, OSError, UnicodeError) as exc:
-                error = str(exc)
-            except Exception as exc:  # a bug: the run fails, the service does not
-                log.exception("run crashed")
-                error = f"internal error: {type(exc).__name__}: {exc}"
-            error = error or _error_rate_exceeded(src, progress.counts)
-            row = await runs.finish(conn, run_id, "failed" if error else "succeeded", error)
-            seconds = time.monotonic() - started
-            (log.error if error else log.info)(
-                "run finished", status=row["status"], error=error,
-                duration_s=round(seconds, 3),
-                rows_per_s=round(row["rows_read"] / seconds) if seconds else None,
-                **{k: row[k] for k in runs.COUNTERS})
-            return row
+    except BaseException:
+        await stack.aclose()
+        raise
+    return ClaimedRun(run_id, src, trigger, full_refresh, conn, stack)
+
+
+@dataclass
+class ClaimedRun:
+    """A run whose lock is held and whose ``etl_runs`` row exists."""
+
+    id: int
+    src: Source
+    trigger: str
+    full_refresh: bool
+    _conn: Any
+    _stack: contextlib.AsyncExitStack
+
+    async def execute(self, cfg: Config,
+                      on_progress: ProgressCallback | None = None) -> dict[str, Any]:
+        """Load the source, finish the run row, release the lock; return the row."""
+        try:
+            return await _execute(self._conn, cfg, self, on_progress)
+        finally:
+            await self._stack.aclose()
+
+
+async def _execute(conn: Any, cfg: Config, run: ClaimedRun,
+                   on_progress: ProgressCallback | None) -> dict[str, Any]:
+    src = run.src
+    with structlog.contextvars.bound_contextvars(run_id=run.id, source=src.name):
+        log.info("run started", trigger=run.trigger, full_refresh=run.full_refresh)
+        progress = Progress(run.id, src.name)
+        started = time.monotonic()
+        error = None
+        try:
+            loader = {"csv": _load_csv, "api": _load_api, "rss": _load_rss}[src.kind]
+            await loader(conn, cfg, src, progress, run.full_refresh, on_progress)
+        except (EtlError, OSError, UnicodeError) as exc:
+            error = str(exc)
+        except Exception as exc:  # a bug: the run fails, the service does not
+            log.exception("run crashed")
+            error = f"internal error: {type(exc).__name__}: {exc}"
+        error = error or _error_rate_exceeded(src, progress.counts)
+        row = await runs.finish(conn, run.id, "failed" if error else "succeeded", error)
+        seconds = time.monotonic() - started
+        (log.error if error else log.info)(
+            "run finished", status=row["status"], error=error,
+            duration_s=round(seconds, 3),
+            rows_per_s=round(row["rows_read"] / seconds) if seconds else None,
+            **{k: row[k] for k in runs.COUNTERS})
+        return row
 
 
 def _error_rate_exceeded(src: Source, counts: dict[str, int]) -> str | None:
