@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     replay = sub.add_parser("replay", parents=[common],
                             help="normalize a source again from its raw rows")
     replay.add_argument("source", metavar="SOURCE")
+    serve = sub.add_parser("serve", parents=[common],
+                           help="run the HTTP API and the scheduler")
+    serve.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="port (default 8000)")
     sub.add_parser("migrate", parents=[common], help="apply database migrations")
     sub.add_parser("check", parents=[common], help="check config and database connectivity")
     return parser
@@ -142,7 +146,21 @@ async def _check(cfg: Config, args: argparse.Namespace) -> int:
     return EXIT_OK if not problems else EXIT_FAILED
 
 
-_COMMANDS = {"run": _run, "replay": _replay, "migrate": _migrate, "check": _check}
+async def _serve(cfg: Config, args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from etlsvc.app import SHUTDOWN_GRACE, create_app
+
+    config = uvicorn.Config(
+        create_app(cfg), host=args.host or cfg.server.host, port=args.port or cfg.server.port,
+        log_config=None, access_log=False, lifespan="on", server_header=False,
+        timeout_graceful_shutdown=int(SHUTDOWN_GRACE) + 5)
+    server = uvicorn.Server(config)
+    await server.serve()
+    return EXIT_OK if server.started else EXIT_FAILED
+
+
+_COMMANDS = {"serve": _serve, "run": _run, "replay": _replay, "migrate": _migrate, "check": _check}
 
 
 class _ProgressBar:

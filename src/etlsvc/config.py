@@ -207,10 +207,18 @@ class LogConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     format: Literal["auto", "json", "console"] = "auto"
 
 
+class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Where `etlsvc serve` listens (``--host``/``--port`` override)."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 8000
+
+
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The whole configuration of one etlsvc process."""
 
     sources: list[Source] = []
+    server: ServerConfig = ServerConfig()
     database: DatabaseConfig = DatabaseConfig()
     embedded: EmbeddedConfig = EmbeddedConfig()
     log: LogConfig = LogConfig()
@@ -241,6 +249,7 @@ ENV_OVERRIDES = {
     "ETLSVC_LOG_LEVEL": ("log", "level"),
     "ETLSVC_LOG_FORMAT": ("log", "format"),
     "ETLSVC_DATA_DIR": ("embedded", "data_dir"),
+    "ETLSVC_HOST": ("server", "host"),
 }
 
 
@@ -307,6 +316,13 @@ def _check(cfg: Config, path: Path) -> None:
         if src.name in seen:
             raise ConfigError(f"{where}.name': duplicate source name {src.name!r}")
         seen.add(src.name)
+        if src.schedule:
+            from etlsvc.service import parse_schedule  # apscheduler only when scheduling
+
+            try:
+                parse_schedule(src.schedule)
+            except ConfigError as exc:
+                raise ConfigError(f"{where}.schedule': {exc}") from None
         if src.fields.source_id is None:
             raise ConfigError(f"{where}.fields.source_id': every source needs its natural key "
                               "mapped")

@@ -1,0 +1,117 @@
+"""The Litestar application: lifespan, request ids, error envelope, OpenAPI.
+
+Owns opening and closing what the service needs (the database, the scheduler) in one
+lifespan, the ``X-Request-ID`` of every request (accepted or generated, returned, bound into
+every log line), and turning every error into the envelope with the right status and no
+stack trace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import structlog
+from litestar import Litestar, MediaType, Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import RedocRenderPlugin, SwaggerRenderPlugin
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+
+from etlsvc import __version__, db, routes
+from etlsvc.config import Config
+from etlsvc.service import Service
+
+log = structlog.get_logger()
+
+#: Seconds a running run may take to finish its batch at shutdown before it is cancelled.
+SHUTDOWN_GRACE = 20.0
+MAX_BODY = 1 << 20
+
+
+def request_ids(app: ASGIApp) -> ASGIApp:
+    """ASGI middleware: the request id (``X-Request-ID`` or a new one) and the start time."""
+
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1").strip()
+        request_id = given[:128] if given.isprintable() and given else uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state["request_id"], state["started"] = request_id, time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"],
+                                      (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        with structlog.contextvars.bound_contextvars(request_id=request_id):
+            await app(scope, receive, send_with_id)
+
+    return middleware
+
+
+def _error(request: Request, status: int, code: str, message: str,
+           **details: Any) -> Response[dict[str, Any]]:
+    body = routes.envelope(request, None)
+    body["error"] = {"status": status, "code": code, "message": message, **details}
+    return Response(content=body, status_code=status, media_type=MediaType.JSON)
+
+
+_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+          405: "method_not_allowed", 409: "conflict", 413: "payload_too_large",
+          415: "unsupported_media_type", 422: "unprocessable", 429: "too_many_requests",
+          503: "unavailable"}
+
+
+def _http_error(request: Request, exc: HTTPException) -> Response[dict[str, Any]]:
+    if isinstance(exc, routes.ApiError):
+        return _error(request, exc.status_code, exc.code, exc.detail, **exc.details)
+    if isinstance(exc, ValidationException):
+        problems = [{"key": e.get("key"), "message": e.get("message")}
+                    for e in (exc.extra or []) if isinstance(e, dict)]
+        return _error(request, 400, "bad_parameter", "invalid request: " + "; ".join(
+            f"{p['key']}: {p['message']}" for p in problems) if problems else exc.detail,
+            problems=problems)
+    status = exc.status_code
+    return _error(request, status, _CODES.get(status, "error"), exc.detail)
+
+
+def _internal_error(request: Request, exc: Exception) -> Response[dict[str, Any]]:
+    log.exception("request failed", path=request.url.path)
+    return _error(request, 500, "internal", "internal error; see the service log with this "
+                  "request id")
+
+
+def create_app(cfg: Config) -> Litestar:
+    """The application for ``cfg``; the lifespan opens the database and the scheduler."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        async with db.open_database(cfg) as database:
+            service = Service(cfg, database)
+            app.state.service = service
+            service.start_scheduler()
+            try:
+                yield
+            finally:
+                await service.stop(SHUTDOWN_GRACE)
+
+    return Litestar(
+        route_handlers=routes.HANDLERS,
+        lifespan=[lifespan],
+        middleware=[request_ids],
+        exception_handlers={HTTPException: _http_error, Exception: _internal_error},
+        request_max_body_size=MAX_BODY,
+        openapi_config=OpenAPIConfig(
+            title="etlsvc", version=__version__, path="/schema",
+            render_plugins=[SwaggerRenderPlugin(), RedocRenderPlugin(path="/redoc")]),
+        debug=False,
+        logging_config=None,
+    )

@@ -1,0 +1,248 @@
+"""The HTTP API: run control, the read API over ``normalized_data``, health.
+
+Owns request parsing, the response envelope ``{"data", "metadata": {"request_id",
+"api_latency_ms", "pagination"}}``, opaque keyset cursors and API-key checks. SQL comes from
+``sql/queries/api.sql``; runs are started through ``service.py``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import hashlib
+import hmac
+import os
+import time
+from typing import Any
+
+import msgspec
+from litestar import Request, Response, get, post
+from litestar.exceptions import HTTPException, NotFoundException
+from litestar.params import Parameter
+
+from etlsvc import db, load
+from etlsvc.errors import ConfigError, SourceBusy
+from etlsvc.service import Service, schedule_seconds
+
+MAX_ID = 2**63 - 1
+
+
+class ApiError(HTTPException):
+    """An error answered with the envelope: status, code and message (and extra details)."""
+
+    def __init__(self, status: int, code: str, message: str, **details: Any) -> None:
+        super().__init__(status_code=status, detail=message)
+        self.code = code
+        self.details = details
+
+
+def envelope(request: Request, data: Any, pagination: dict[str, Any] | None = None) -> dict:
+    """The response body every JSON endpoint answers with."""
+    started = request.scope.get("state", {}).get("started", time.perf_counter())
+    return {"data": data, "metadata": {
+        "request_id": request.scope.get("state", {}).get("request_id"),
+        "api_latency_ms": round((time.perf_counter() - started) * 1000, 3),
+        "pagination": pagination}}
+
+
+def service_of(request: Request) -> Service:
+    return request.app.state.service
+
+
+# -- cursors -------------------------------------------------------------------------------
+
+def encode_cursor(position: int, filters: tuple[Any, ...]) -> str:
+    """An opaque cursor: the position, bound to the filters it was made for."""
+    body = msgspec.json.encode({"after": position, "f": _filters_digest(filters)})
+    check = hashlib.sha256(b"etlsvc-cursor" + body).digest()[:6]
+    return base64.urlsafe_b64encode(body + check).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str, filters: tuple[Any, ...]) -> int:
+    """The position of a cursor; ApiError 400 if it was altered or made for other filters."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        body, check = raw[:-6], raw[-6:]
+        if not hmac.compare_digest(check, hashlib.sha256(b"etlsvc-cursor" + body).digest()[:6]):
+            raise ValueError("checksum")
+        doc = msgspec.json.decode(body, type=dict[str, Any])
+        position = doc["after"]
+        if not isinstance(position, int) or not 0 <= position <= MAX_ID:
+            raise ValueError("position")
+    except (ValueError, KeyError, binascii.Error, msgspec.DecodeError):
+        raise ApiError(400, "bad_cursor", "the cursor is not one this API gave out") from None
+    if doc.get("f") != _filters_digest(filters):
+        raise ApiError(400, "bad_cursor", "the cursor was made for other filters")
+    return position
+
+
+def _filters_digest(filters: tuple[Any, ...]) -> str:
+    return hashlib.sha256(msgspec.json.encode([str(f) for f in filters])).hexdigest()[:12]
+
+
+# -- auth ----------------------------------------------------------------------------------
+
+def require_api_key(request: Request) -> None:
+    """401 without a bearer key, 403 with a wrong one (compared in constant time)."""
+    keys = [k.strip() for k in os.environ.get("ETLSVC_API_KEYS", "").split(",") if k.strip()]
+    header = request.headers.get("authorization", "")
+    if not header.lower().startswith("bearer ") or not header[7:].strip():
+        raise ApiError(401, "unauthorized", "an API key is required: Authorization: Bearer "
+                       "<key>")
+    given = header[7:].strip().encode()
+    if not any(hmac.compare_digest(given, k.encode()) for k in keys):
+        raise ApiError(403, "forbidden", "this API key is not accepted")
+
+
+# -- run control ---------------------------------------------------------------------------
+
+class RunRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """Body of POST /etl/run (optional): which sources, and whether to ignore checkpoints."""
+
+    sources: list[str] | None = None
+    full_refresh: bool = False
+
+
+@post("/etl/run", status_code=202, summary="Start runs (API key required)")
+async def start_runs(request: Request, data: RunRequest | None = None) -> dict[str, Any]:
+    """Start a run of each requested source (all by default); 202 with their ids."""
+    require_api_key(request)
+    service = service_of(request)
+    body = data or RunRequest()
+    try:
+        sources = [service.cfg.source(n) for n in body.sources] if body.sources else list(
+            service.cfg.sources)
+    except ConfigError as exc:
+        raise ApiError(404, "unknown_source", str(exc)) from None
+    started = []
+    for src in sources:
+        try:
+            run_id = await service.start_run(src, full_refresh=body.full_refresh)
+        except SourceBusy as exc:
+            raise ApiError(409, "source_running", str(exc), source=src.name,
+                           running_run_id=exc.run_id, started=started) from None
+        started.append({"source": src.name, "run_id": run_id})
+    return envelope(request, {"runs": started})
+
+
+def run_view(row: Any) -> dict[str, Any]:
+    """A run row with its progress (percent where the size is known)."""
+    run = dict(row)
+    total = run.get("bytes_total")
+    run["percent"] = (round(100 * run["bytes_read"] / total, 1)
+                      if total else (100.0 if run["status"] != "running" else None))
+    return run
+
+
+@get("/etl/runs", summary="Run history, newest first")
+async def list_runs(
+    request: Request,
+    source: str | None = None,
+    status: str | None = Parameter(default=None, pattern="^(running|succeeded|failed)$"),
+    limit: int = Parameter(default=50, ge=1, le=1000),
+    cursor: str | None = None,
+) -> dict[str, Any]:
+    """Runs, filtered by source and status, paged by cursor."""
+    filters = ("runs", source, status)
+    before = decode_cursor(cursor, filters) if cursor else MAX_ID
+    rows = await service_of(request).database.pool.fetch(
+        db.query("api", "runs_page"), before, limit + 1, source, status)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    nxt = encode_cursor(rows[-1]["id"], filters) if more else None
+    return envelope(request, [run_view(r) for r in rows],
+                    {"limit": limit, "next_cursor": nxt, "has_more": more})
+
+
+@get("/etl/runs/{run_id:int}", summary="One run, with live progress")
+async def get_run(request: Request, run_id: int) -> dict[str, Any]:
+    row = await service_of(request).database.pool.fetchrow(db.query("runs", "get"), run_id)
+    if row is None:
+        raise NotFoundException(f"no run {run_id}")
+    return envelope(request, run_view(row))
+
+
+# -- read API ------------------------------------------------------------------------------
+
+@get("/data", summary="Normalized records, keyset-paginated")
+async def list_data(
+    request: Request,
+    limit: int = Parameter(default=50, ge=1, le=1000),
+    cursor: str | None = None,
+    source: str | None = None,
+    kind: str | None = Parameter(default=None, pattern="^(csv|api|rss)$"),
+    category: str | None = None,
+    event_from: dt.datetime | None = None,
+    event_to: dt.datetime | None = None,
+    updated_since: dt.datetime | None = None,
+) -> Response[dict[str, Any]]:
+    """A page of records in a stable order (by id); ``next_cursor`` continues after it."""
+    filters = ("data", source, kind, category, event_from, event_to, updated_since)
+    after = decode_cursor(cursor, filters) if cursor else 0
+    rows = await service_of(request).database.pool.fetch(
+        db.query("api", "data_page"), after, limit + 1, source, kind, category, event_from,
+        event_to, updated_since)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    page = [dict(r) for r in rows]
+    etag = '"' + hashlib.sha256(msgspec.json.encode(page)).hexdigest()[:32] + '"'
+    if request.headers.get("if-none-match") == etag:
+        return Response(content=None, status_code=304, headers={"ETag": etag})
+    nxt = encode_cursor(rows[-1]["id"], filters) if more else None
+    body = envelope(request, page, {"limit": limit, "next_cursor": nxt, "has_more": more})
+    return Response(content=body, headers={"ETag": etag})
+
+
+@get("/data/{record_id:int}", summary="One record with its lineage")
+async def get_record(request: Request, record_id: int) -> dict[str, Any]:
+    """The record, the raw record it came from, and the run that produced it."""
+    pool = service_of(request).database.pool
+    row = await pool.fetchrow(db.query("api", "data_one"), record_id)
+    if row is None:
+        raise NotFoundException(f"no record {record_id}")
+    record = dict(row)
+    table = record.pop("raw_table")
+    if table not in load.RAW_TABLES.values():
+        raise ApiError(500, "internal", "unknown raw table")
+    raw = await pool.fetchrow(f"SELECT * FROM {table} WHERE id = $1",
+                              record.pop("raw_id"))
+    run = await pool.fetchrow(db.query("runs", "get"), record.pop("run_id"))
+    record["lineage"] = {"raw_table": table, "raw": dict(raw) if raw else None,
+                         "run": run_view(run) if run else None}
+    return envelope(request, record)
+
+
+# -- health --------------------------------------------------------------------------------
+
+@get("/health", summary="Liveness and readiness")
+async def health(request: Request) -> Response[dict[str, Any]]:
+    """200 when the database answers, the scheduler runs and no source is stale; else 503."""
+    service = service_of(request)
+    checks: dict[str, Any] = {"scheduler": service.scheduler_running}
+    try:
+        await service.database.pool.fetchval("SELECT 1", timeout=5)
+        checks["database"] = True
+        last = {r["source"]: dict(r) for r in await service.database.pool.fetch(
+            db.query("api", "last_runs"), timeout=5)}
+    except Exception as exc:  # any failure to reach the database is "not ready"
+        checks["database"] = False
+        checks["database_error"] = type(exc).__name__
+        last = {}
+    now = dt.datetime.now(dt.UTC)
+    sources = {}
+    for src in service.cfg.sources:
+        info = last.get(src.name, {})
+        period = schedule_seconds(src.schedule) if src.schedule else None
+        stale = bool(period and info.get("last_success") and
+                     (now - info["last_success"]).total_seconds() > 3 * period)
+        sources[src.name] = {"last_run": info.get("id"), "status": info.get("status"),
+                             "last_success": info.get("last_success"), "stale": stale}
+    healthy = checks["database"] and checks["scheduler"] and not any(
+        s["stale"] for s in sources.values())
+    body = envelope(request, {"status": "ok" if healthy else "degraded", "checks": checks,
+                              "sources": sources})
+    return Response(content=body, status_code=200 if healthy else 503)
+
+
+HANDLERS = [start_runs, list_runs, get_run, list_data, get_record, health]

@@ -1,0 +1,120 @@
+"""The long-running service: scheduled and requested runs on the application's event loop.
+
+Owns the APScheduler 3 ``AsyncIOScheduler`` (one job per source with a ``schedule``:
+coalescing, one instance at a time, a misfire grace), starting runs in the background for
+``POST /etl/run``, and a graceful stop: no new runs, then the running ones get a grace period
+to finish (each batch commits or rolls back as a whole), then they are cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+
+from etlsvc import pipeline
+from etlsvc.config import Config, Source
+from etlsvc.db import Database
+from etlsvc.errors import ConfigError, SourceBusy
+
+log = structlog.get_logger()
+
+_INTERVAL = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d)$")
+_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_schedule(text: str) -> CronTrigger | IntervalTrigger:
+    """A trigger from ``30s`` / ``5m`` / ``1h`` / ``1d`` or a 5-field cron expression (UTC)."""
+    m = _INTERVAL.match(text.strip())
+    if m:
+        return IntervalTrigger(seconds=float(m.group(1)) * _UNIT[m.group(2)])
+    try:
+        return CronTrigger.from_crontab(text, timezone="UTC")
+    except ValueError as exc:
+        raise ConfigError(f"schedule {text!r}: not an interval (30s, 5m, 1h, 1d) or a cron "
+                          f"expression ({exc})") from exc
+
+
+def schedule_seconds(text: str) -> float | None:
+    """The period of an interval schedule (None for cron)."""
+    m = _INTERVAL.match(text.strip())
+    return float(m.group(1)) * _UNIT[m.group(2)] if m else None
+
+
+@dataclass
+class Service:
+    """Runs of this process: scheduled ones and requested ones."""
+
+    cfg: Config
+    database: Database
+    scheduler: AsyncIOScheduler | None = None
+    running: dict[int, asyncio.Task[Any]] = field(default_factory=dict)
+    accepting: bool = True
+
+    def start_scheduler(self) -> None:
+        """Add a job per scheduled source and start the scheduler on the running loop."""
+        self.scheduler = AsyncIOScheduler(timezone="UTC")
+        for src in self.cfg.sources:
+            if src.schedule:
+                self.scheduler.add_job(
+                    self.scheduled_run, parse_schedule(src.schedule), args=[src.name],
+                    id=src.name, name=f"run {src.name}", coalesce=True, max_instances=1,
+                    misfire_grace_time=60, replace_existing=True)
+        self.scheduler.start()
+        log.info("scheduler started", jobs=[j.id for j in self.scheduler.get_jobs()])
+
+    @property
+    def scheduler_running(self) -> bool:
+        return bool(self.scheduler and self.scheduler.running)
+
+    async def scheduled_run(self, name: str) -> None:
+        """A scheduler tick: run the source unless another worker is running it."""
+        if not self.accepting:
+            return
+        try:
+            run_id = await self.start_run(self.cfg.source(name), trigger="schedule")
+        except SourceBusy as exc:
+            log.info("scheduled run skipped: the source is running elsewhere", source=name,
+                     running_run_id=exc.run_id)
+            return
+        task = self.running.get(run_id)
+        if task:             # the job lasts as long as the run: max_instances=1 then holds
+            await asyncio.shield(task)
+
+    async def start_run(self, src: Source, *, trigger: str = "manual",
+                        full_refresh: bool = False) -> int:
+        """Claim a run of ``src`` and execute it in the background; return its id."""
+        if not self.accepting:
+            raise SourceBusy(src.name, None)
+        claimed = await pipeline.claim(self.database, src, trigger=trigger,
+                                       full_refresh=full_refresh)
+        task = asyncio.create_task(self._execute(claimed), name=f"run {claimed.id}")
+        self.running[claimed.id] = task
+        task.add_done_callback(lambda _: self.running.pop(claimed.id, None))
+        return claimed.id
+
+    async def _execute(self, claimed: pipeline.ClaimedRun) -> None:
+        try:
+            await claimed.execute(self.cfg)
+        except asyncio.CancelledError:
+            log.warning("run cancelled at shutdown; its last batch rolled back", run_id=claimed.id)
+            raise
+
+    async def stop(self, grace: float) -> None:
+        """Stop taking runs; give running ones ``grace`` seconds, then cancel them."""
+        self.accepting = False
+        if self.scheduler and self.scheduler.running:
+            self.scheduler.shutdown(wait=False)
+        tasks = list(self.running.values())
+        if tasks:
+            log.info("waiting for running runs", runs=list(self.running), grace_s=grace)
+            _, pending = await asyncio.wait(tasks, timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
