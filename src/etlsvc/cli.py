@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import structlog
+import uvicorn
 
 from etlsvc import __version__, db, pipeline
 from etlsvc.config import Config, config_path, load_config
@@ -147,20 +150,33 @@ async def _check(cfg: Config, args: argparse.Namespace) -> int:
 
 
 async def _serve(cfg: Config, args: argparse.Namespace) -> int:
-    import uvicorn
-
     from etlsvc.app import SHUTDOWN_GRACE, create_app
 
     config = uvicorn.Config(
         create_app(cfg), host=args.host or cfg.server.host, port=args.port or cfg.server.port,
         log_config=None, access_log=False, lifespan="on", server_header=False,
         timeout_graceful_shutdown=int(SHUTDOWN_GRACE) + 5)
-    server = uvicorn.Server(config)
+    server = _Server(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, server.stop_gracefully)
     await server.serve()
     return EXIT_OK if server.started else EXIT_FAILED
 
 
 _COMMANDS = {"serve": _serve, "run": _run, "replay": _replay, "migrate": _migrate, "check": _check}
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, minus its signal handling: ours stops it and exits 0."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+    def stop_gracefully(self) -> None:
+        structlog.get_logger().info("stop signal received, shutting down")
+        self.should_exit = True
 
 
 class _ProgressBar:

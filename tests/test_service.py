@@ -1,0 +1,231 @@
+"""`etlsvc serve`: run control, the read API, errors and shutdown, over real HTTP and DB."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import asyncpg
+import httpx
+import pytest
+from litestar.testing import AsyncTestClient
+
+from etlsvc.app import create_app
+from tests.conftest import Env, csv_source
+
+KEY = {"Authorization": "Bearer test-key"}
+
+
+@pytest.fixture(autouse=True)
+def api_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ETLSVC_API_KEYS", "other-key, test-key")
+
+
+async def fill(pool: asyncpg.Pool, n: int, source: str = "bulk") -> None:
+    await pool.execute(
+        "INSERT INTO normalized_data (kind, source, source_id, title, category, raw_table, "
+        "raw_id, run_id) SELECT 'csv', $1, 'k' || g, 't' || g, 'c' || (g % 7), "
+        "'raw_csv_data', g, 0 FROM generate_series(1, $2) g",
+        source,
+        n,
+    )
+
+
+async def test_paging_returns_every_row_once_even_with_inserts_while_paging(
+    env: Env, pool: asyncpg.Pool
+) -> None:
+    await fill(pool, 10_000)
+    cfg = env.config("")
+    async with AsyncTestClient(app=create_app(cfg)) as client:
+        seen: list[int] = []
+        cursor = None
+        pages = 0
+        while True:
+            params = {"limit": 1000, **({"cursor": cursor} if cursor else {})}
+            r = await client.get("/data", params=params)
+            assert r.status_code == 200, r.text
+            body = r.json()
+            seen += [row["id"] for row in body["data"]]
+            pages += 1
+            if pages == 3:  # rows arrive while a client pages
+                await fill(pool, 500, source="late")
+            if not body["metadata"]["pagination"]["has_more"]:
+                break
+            cursor = body["metadata"]["pagination"]["next_cursor"]
+        assert len(seen) == len(set(seen))
+        original = {
+            r["id"]
+            for r in await pool.fetch("SELECT id FROM normalized_data WHERE source = 'bulk'")
+        }
+        assert original <= set(seen) and len(original) == 10_000
+        # filters, a tampered cursor, limits, ETag
+        r = await client.get("/data", params={"category": "c3", "limit": 5})
+        assert {row["category"] for row in r.json()["data"]} == {"c3"}
+        nxt = r.json()["metadata"]["pagination"]["next_cursor"]
+        tampered = nxt[:-2] + ("A" if nxt[-2] != "A" else "B") + nxt[-1]
+        bad = await client.get("/data", params={"category": "c3", "cursor": tampered})
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "bad_cursor"
+        other = await client.get("/data", params={"category": "c4", "cursor": nxt})
+        assert other.status_code == 400
+        for limit in ("0", "1001", "x"):
+            r = await client.get("/data", params={"limit": limit})
+            assert r.status_code == 400 and r.json()["error"]["code"] == "bad_parameter"
+        first = await client.get("/data", params={"limit": 10})
+        again = await client.get(
+            "/data", params={"limit": 10}, headers={"If-None-Match": first.headers["etag"]}
+        )
+        assert again.status_code == 304
+
+
+async def test_run_control_auth_lineage_and_errors(env: Env, pool: asyncpg.Pool, gen_csv) -> None:
+    full, _ = gen_csv(5_000)
+    cfg = env.config(csv_source("products", full, extra="batch_size = 1000"))
+    async with AsyncTestClient(app=create_app(cfg)) as client:
+        assert (await client.post("/etl/run")).status_code == 401
+        wrong = await client.post("/etl/run", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 403 and wrong.json()["error"]["code"] == "forbidden"
+        assert await pool.fetchval("SELECT count(*) FROM etl_runs") == 0
+        unknown = await client.post("/etl/run", json={"sources": ["nope"]}, headers=KEY)
+        assert unknown.status_code == 404
+        big = await client.post(
+            "/etl/run",
+            content=b"x" * (2 << 20),
+            headers={**KEY, "Content-Type": "application/json"},
+        )
+        assert big.status_code == 413 and big.json()["error"]["code"] == "payload_too_large"
+
+        r = await client.post(
+            "/etl/run", json={"sources": ["products"]}, headers={**KEY, "X-Request-ID": "req-42"}
+        )
+        assert r.status_code == 202, r.text
+        assert r.headers["x-request-id"] == "req-42"
+        assert r.json()["metadata"]["request_id"] == "req-42"
+        run_id = r.json()["data"]["runs"][0]["run_id"]
+        busy = await client.post("/etl/run", json={"sources": ["products"]}, headers=KEY)
+        if busy.status_code == 409:  # the first run was still going
+            assert busy.json()["error"]["running_run_id"] == run_id
+        for _ in range(200):
+            run = (await client.get(f"/etl/runs/{run_id}")).json()["data"]
+            if run["status"] != "running":
+                break
+            await asyncio.sleep(0.05)
+        assert run["status"] == "succeeded" and run["percent"] == 100.0
+        listed = (await client.get("/etl/runs", params={"source": "products"})).json()
+        assert listed["data"][0]["id"] >= run_id
+
+        page = (await client.get("/data", params={"limit": 1})).json()["data"][0]
+        one = (await client.get(f"/data/{page['id']}")).json()["data"]
+        assert one["lineage"]["raw"]["record"]["id"] == one["source_id"]
+        assert one["lineage"]["run"]["id"] == run_id
+        missing = await client.get("/data/999999999")
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+        assert (await client.get("/health")).status_code == 200
+        assert (await client.get("/schema/openapi.json")).status_code == 200
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(env: Env, port: int) -> subprocess.Popen:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "etlsvc",
+            "serve",
+            "--port",
+            str(port),
+            "--config",
+            str(env.dir / "config.toml"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "ETLSVC_DATABASE_URL": env.database_url},
+    )
+
+
+def wait_up(port: int) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code in (200, 503):
+                return
+        except httpx.TransportError:
+            time.sleep(0.1)
+    raise AssertionError(f"no server on {port}")
+
+
+async def test_two_servers_one_run_the_other_409(env: Env, pool: asyncpg.Pool, gen_csv) -> None:
+    full, _ = gen_csv(200_000)
+    env.write_config(csv_source("products", full, extra="batch_size = 5000"))
+    ports = [free_port(), free_port()]
+    procs = [serve(env, p) for p in ports]
+    try:
+        for p in ports:
+            wait_up(p)
+        answers = await asyncio.gather(
+            *(
+                asyncio.to_thread(
+                    httpx.post,
+                    f"http://127.0.0.1:{p}/etl/run",
+                    json={"sources": ["products"]},
+                    headers=KEY,
+                )
+                for p in ports
+            )
+        )
+        codes = sorted(a.status_code for a in answers)
+        assert codes == [202, 409], [a.text for a in answers]
+        ok = next(a for a in answers if a.status_code == 202).json()["data"]["runs"][0]
+        conflict = next(a for a in answers if a.status_code == 409).json()["error"]
+        assert conflict["running_run_id"] == ok["run_id"]
+        assert await pool.fetchval("SELECT count(*) FROM etl_runs") == 1
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            proc.wait(timeout=60)
+
+
+async def test_sigterm_during_a_run_exits_in_time_with_whole_batches(
+    env: Env, pool: asyncpg.Pool, gen_csv
+) -> None:
+    full, _ = gen_csv(200_000)
+    env.write_config(csv_source("products", full, extra="batch_size = 5000"))
+    port = free_port()
+    proc = serve(env, port)
+    try:
+        wait_up(port)
+        r = httpx.post(f"http://127.0.0.1:{port}/etl/run", headers=KEY)
+        assert r.status_code == 202
+        while not await pool.fetchval("SELECT count(*) FROM etl_checkpoints"):
+            time.sleep(0.05)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=40) == 0
+        assert time.monotonic() - started < 30
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    state = await pool.fetchval("SELECT state FROM etl_checkpoints")
+    raw = await pool.fetchval("SELECT count(*) FROM raw_csv_data")
+    rejects = await pool.fetchval("SELECT count(*) FROM etl_rejects")
+    run = await pool.fetchrow("SELECT * FROM etl_runs")
+    # The checkpoint, the raw rows and the counters describe the same whole batches.
+    assert raw + rejects == run["rows_read"]
+    assert state["line"] >= run["rows_read"]
+    # The next run resumes from the checkpoint and completes the file exactly.
+    env.cli("run", "products")
+    assert (
+        await pool.fetchval("SELECT count(*) FROM raw_csv_data")
+        + await pool.fetchval("SELECT count(*) FROM etl_rejects")
+        == 200_000
+    )
