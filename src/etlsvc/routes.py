@@ -14,12 +14,12 @@ import hashlib
 import hmac
 import os
 import time
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 from litestar import Request, Response, get, post
 from litestar.exceptions import HTTPException, NotFoundException
-from litestar.params import Parameter
+from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 
 from etlsvc import db, load
 from etlsvc.errors import ConfigError, SourceBusy
@@ -105,7 +105,7 @@ class RunRequest(msgspec.Struct, forbid_unknown_fields=True):
 
 
 @post("/etl/run", status_code=202, summary="Start runs (API key required)")
-async def start_runs(request: Request, data: RunRequest | None = None) -> dict[str, Any]:
+async def start_runs(request: Request, data: JSONBody[RunRequest | None] = None) -> dict[str, Any]:
     """Start a run of each requested source (all by default); 202 with their ids."""
     require_api_key(request)
     service = service_of(request)
@@ -138,10 +138,10 @@ def run_view(row: Any) -> dict[str, Any]:
 @get("/etl/runs", summary="Run history, newest first")
 async def list_runs(
     request: Request,
-    source: str | None = None,
-    status: str | None = Parameter(default=None, pattern="^(running|succeeded|failed)$"),
-    limit: int = Parameter(default=50, ge=1, le=1000),
-    cursor: str | None = None,
+    source: FromQuery[str | None] = None,
+    status: Annotated[str | None, QueryParameter(pattern="^(running|succeeded|failed)$")] = None,
+    limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 50,
+    cursor: FromQuery[str | None] = None,
 ) -> dict[str, Any]:
     """Runs, filtered by source and status, paged by cursor."""
     filters = ("runs", source, status)
@@ -156,7 +156,7 @@ async def list_runs(
 
 
 @get("/etl/runs/{run_id:int}", summary="One run, with live progress")
-async def get_run(request: Request, run_id: int) -> dict[str, Any]:
+async def get_run(request: Request, run_id: FromPath[int]) -> dict[str, Any]:
     row = await service_of(request).database.pool.fetchrow(db.query("runs", "get"), run_id)
     if row is None:
         raise NotFoundException(f"no run {run_id}")
@@ -168,14 +168,14 @@ async def get_run(request: Request, run_id: int) -> dict[str, Any]:
 @get("/data", summary="Normalized records, keyset-paginated")
 async def list_data(
     request: Request,
-    limit: int = Parameter(default=50, ge=1, le=1000),
-    cursor: str | None = None,
-    source: str | None = None,
-    kind: str | None = Parameter(default=None, pattern="^(csv|api|rss)$"),
-    category: str | None = None,
-    event_from: dt.datetime | None = None,
-    event_to: dt.datetime | None = None,
-    updated_since: dt.datetime | None = None,
+    limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 50,
+    cursor: FromQuery[str | None] = None,
+    source: FromQuery[str | None] = None,
+    kind: Annotated[str | None, QueryParameter(pattern="^(csv|api|rss)$")] = None,
+    category: FromQuery[str | None] = None,
+    event_from: FromQuery[dt.datetime | None] = None,
+    event_to: FromQuery[dt.datetime | None] = None,
+    updated_since: FromQuery[dt.datetime | None] = None,
 ) -> Response[dict[str, Any]]:
     """A page of records in a stable order (by id); ``next_cursor`` continues after it."""
     filters = ("data", source, kind, category, event_from, event_to, updated_since)
@@ -195,7 +195,7 @@ async def list_data(
 
 
 @get("/data/{record_id:int}", summary="One record with its lineage")
-async def get_record(request: Request, record_id: int) -> dict[str, Any]:
+async def get_record(request: Request, record_id: FromPath[int]) -> dict[str, Any]:
     """The record, the raw record it came from, and the run that produced it."""
     pool = service_of(request).database.pool
     row = await pool.fetchrow(db.query("api", "data_one"), record_id)
