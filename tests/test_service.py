@@ -229,3 +229,13 @@ async def test_sigterm_during_a_run_exits_in_time_with_whole_batches(
         + await pool.fetchval("SELECT count(*) FROM etl_rejects")
         == 200_000
     )
+
+
+async def test_rate_limit_answers_429_in_the_envelope(env: Env, pool: asyncpg.Pool) -> None:
+    cfg = env.config("", extra="[server]\nrate_limit_per_minute = 5")
+    async with AsyncTestClient(app=create_app(cfg)) as client:
+        codes = [(await client.get("/data")).status_code for _ in range(6)]
+        assert codes == [200] * 5 + [429]
+        limited = await client.get("/data")
+        assert limited.json()["error"]["code"] == "too_many_requests"
+        assert (await client.get("/health")).status_code == 200      # not limited

@@ -14,9 +14,11 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import asyncpg
 import structlog
 from litestar import Litestar, MediaType, Request, Response
 from litestar.exceptions import HTTPException, ValidationException
+from litestar.middleware.rate_limit import RateLimitConfig
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import RedocRenderPlugin, SwaggerRenderPlugin
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
@@ -83,6 +85,14 @@ def _http_error(request: Request, exc: HTTPException) -> Response[dict[str, Any]
     return _error(request, status, _CODES.get(status, "error"), exc.detail)
 
 
+def _database_error(request: Request, exc: Exception) -> Response[dict[str, Any]]:
+    if isinstance(exc, asyncpg.QueryCanceledError):
+        return _error(request, 503, "query_timeout", "the query took too long; narrow the "
+                      "filters or use a smaller limit")
+    log.warning("database unavailable", error=type(exc).__name__)
+    return _error(request, 503, "unavailable", "the database is not available")
+
+
 def _internal_error(request: Request, exc: Exception) -> Response[dict[str, Any]]:
     log.exception("request failed", path=request.url.path)
     return _error(request, 500, "internal", "internal error; see the service log with this "
@@ -95,6 +105,12 @@ def create_app(cfg: Config) -> Litestar:
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         async with db.open_database(cfg) as database:
+            # The read API has its own pool: on the read-only role where one is configured,
+            # with a statement timeout, and never starved by runs.
+            app.state.read_pool = await db.connect_pool(
+                cfg.database.read_url or database.dsn, cfg, settings={
+                    "statement_timeout": str(cfg.server.read_statement_timeout_ms),
+                    "default_transaction_read_only": "on"})
             service = Service(cfg, database)
             app.state.service = service
             service.start_scheduler()
@@ -102,12 +118,22 @@ def create_app(cfg: Config) -> Litestar:
                 yield
             finally:
                 await service.stop(SHUTDOWN_GRACE)
+                await app.state.read_pool.close()
 
+    middleware: list[Any] = [request_ids]
+    if cfg.server.rate_limit_per_minute:
+        middleware.append(RateLimitConfig(
+            rate_limit=("minute", cfg.server.rate_limit_per_minute),
+            exclude=["/health", "/metrics"]).middleware)
     return Litestar(
         route_handlers=routes.HANDLERS,
         lifespan=[lifespan],
-        middleware=[request_ids],
-        exception_handlers={HTTPException: _http_error, Exception: _internal_error},
+        middleware=middleware,
+        exception_handlers={HTTPException: _http_error, Exception: _internal_error,
+                            asyncpg.QueryCanceledError: _database_error,
+                            asyncpg.PostgresConnectionError: _database_error,
+                            asyncpg.InterfaceError: _database_error,
+                            OSError: _database_error},
         request_max_body_size=MAX_BODY,
         openapi_config=OpenAPIConfig(
             title="etlsvc", version=__version__, path="/schema",

@@ -188,6 +188,8 @@ class DatabaseConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Where PostgreSQL is; an empty ``url`` means the embedded server."""
 
     url: str = ""
+    #: Optional URL of a read-only role for the read API (default: ``url``).
+    read_url: str = ""
     min_pool_size: Annotated[int, msgspec.Meta(ge=0)] = 1
     max_pool_size: PositiveInt = 10
     connect_timeout: Annotated[float, msgspec.Meta(gt=0)] = 10.0
@@ -208,10 +210,15 @@ class LogConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Where `etlsvc serve` listens (``--host``/``--port`` override)."""
+    """`etlsvc serve`: where it listens (``--host``/``--port`` override) and its limits."""
 
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 8000
+    #: Requests per minute per client address (None: no limit); /health and /metrics are
+    #: not limited.
+    rate_limit_per_minute: PositiveInt | None = 1200
+    #: Longest a read query may run (ms) before it is cancelled with a 503.
+    read_statement_timeout_ms: PositiveInt = 5000
 
 
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -246,6 +253,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 #: Environment variables that override a config key, and the key they override.
 ENV_OVERRIDES = {
     "ETLSVC_DATABASE_URL": ("database", "url"),
+    "ETLSVC_READ_DATABASE_URL": ("database", "read_url"),
     "ETLSVC_LOG_LEVEL": ("log", "level"),
     "ETLSVC_LOG_FORMAT": ("log", "format"),
     "ETLSVC_DATA_DIR": ("embedded", "data_dir"),

@@ -62,13 +62,15 @@ def _json_text(value: object) -> str:
     return value if isinstance(value, str) else msgspec.json.encode(value).decode()
 
 
-async def connect_pool(dsn: str, cfg: Config, **kwargs: object) -> asyncpg.Pool:
+async def connect_pool(dsn: str, cfg: Config, settings: dict[str, str] | None = None,
+                       **kwargs: object) -> asyncpg.Pool:
     """An asyncpg pool with JSON codecs and UTC sessions; DatabaseError if unreachable."""
     try:
         return await asyncpg.create_pool(
             dsn, min_size=cfg.database.min_pool_size, max_size=cfg.database.max_pool_size,
             timeout=cfg.database.connect_timeout, init=_init_connection,
-            server_settings={"application_name": "etlsvc", "timezone": "UTC"}, **kwargs)
+            server_settings={"application_name": "etlsvc", "timezone": "UTC",
+                             **(settings or {})}, **kwargs)
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
         raise DatabaseError(f"cannot connect to PostgreSQL at {redact(dsn)}: {exc}") from exc
 

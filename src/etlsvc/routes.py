@@ -50,6 +50,11 @@ def service_of(request: Request) -> Service:
     return request.app.state.service
 
 
+def read_pool(request: Request) -> Any:
+    """The read API's pool (read-only, with a statement timeout)."""
+    return request.app.state.read_pool
+
+
 # -- cursors -------------------------------------------------------------------------------
 
 def encode_cursor(position: int, filters: tuple[Any, ...]) -> str:
@@ -180,7 +185,7 @@ async def list_data(
     """A page of records in a stable order (by id); ``next_cursor`` continues after it."""
     filters = ("data", source, kind, category, event_from, event_to, updated_since)
     after = decode_cursor(cursor, filters) if cursor else 0
-    rows = await service_of(request).database.pool.fetch(
+    rows = await read_pool(request).fetch(
         db.query("api", "data_page"), after, limit + 1, source, kind, category, event_from,
         event_to, updated_since)
     more = len(rows) > limit
@@ -197,7 +202,7 @@ async def list_data(
 @get("/data/{record_id:int}", summary="One record with its lineage")
 async def get_record(request: Request, record_id: FromPath[int]) -> dict[str, Any]:
     """The record, the raw record it came from, and the run that produced it."""
-    pool = service_of(request).database.pool
+    pool = read_pool(request)
     row = await pool.fetchrow(db.query("api", "data_one"), record_id)
     if row is None:
         raise NotFoundException(f"no record {record_id}")
