@@ -238,4 +238,27 @@ async def test_rate_limit_answers_429_in_the_envelope(env: Env, pool: asyncpg.Po
         assert codes == [200] * 5 + [429]
         limited = await client.get("/data")
         assert limited.json()["error"]["code"] == "too_many_requests"
-        assert (await client.get("/health")).status_code == 200      # not limited
+        assert (await client.get("/health")).status_code == 200  # not limited
+
+
+async def test_stats_and_metrics(env: Env, pool: asyncpg.Pool, gen_csv) -> None:
+    full, _ = gen_csv(2_000)
+    cfg = env.config(csv_source("products", full))
+    from tests.conftest import run_source
+
+    run = await run_source(cfg, "products")
+    async with AsyncTestClient(app=create_app(cfg)) as client:
+        for _ in range(5):
+            await client.get("/data", params={"limit": 3})
+        stats = (await client.get("/stats")).json()["data"]
+        products = stats["sources"]["products"]
+        assert products["rows"] == run["rows_inserted"]
+        assert (products["runs"], products["succeeded"], products["success_rate"]) == (1, 1, 1.0)
+        assert products["error_rate"] == round(run["rows_rejected"] / run["rows_read"], 4)
+        assert products["last_rows_per_s"] > 0
+        assert stats["pools"]["read"]["max"] >= 1
+        assert stats["api_latency"]["requests"] >= 5 and stats["api_latency"]["p99_ms"] > 0
+        text = (await client.get("/metrics")).text
+        assert 'etlsvc_runs_total{source="products",status="succeeded"}' in text
+        assert "etlsvc_http_request_duration_seconds_bucket" in text
+        assert 'etlsvc_db_pool_connections{pool="read",state="idle"}' in text

@@ -35,3 +35,19 @@ SELECT DISTINCT ON (source) source, id, status, started_at, finished_at, error,
          WHERE s.source = r.source AND s.status = 'succeeded') AS last_success
 FROM etl_runs r
 ORDER BY source, id DESC
+
+-- name: source_stats
+-- Per source: rows in normalized_data, runs, successes, records read and rejected, and the
+-- throughput of the last successful run.
+SELECT s.source,
+       (SELECT count(*) FROM normalized_data n WHERE n.source = s.source) AS rows,
+       count(*) AS runs,
+       count(*) FILTER (WHERE status = 'succeeded') AS succeeded,
+       count(*) FILTER (WHERE status = 'failed') AS failed,
+       sum(rows_read)::bigint AS rows_read, sum(rows_rejected)::bigint AS rows_rejected,
+       max(id) AS last_run_id,
+       (SELECT round(r.rows_read / greatest(extract(epoch FROM r.finished_at - r.started_at), 0.001))
+          FROM etl_runs r WHERE r.source = s.source AND r.status = 'succeeded'
+          ORDER BY r.id DESC LIMIT 1) AS last_rows_per_s
+FROM etl_runs s
+GROUP BY s.source

@@ -23,7 +23,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import RedocRenderPlugin, SwaggerRenderPlugin
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from etlsvc import __version__, db, routes
+from etlsvc import __version__, db, metrics, routes
 from etlsvc.config import Config
 from etlsvc.service import Service
 
@@ -51,6 +51,8 @@ def request_ids(app: ASGIApp) -> ASGIApp:
                 message.setdefault("headers", [])
                 message["headers"] = [*message["headers"],
                                       (b"x-request-id", request_id.encode())]
+                metrics.observe_request(scope["method"], message["status"],
+                                        time.perf_counter() - state["started"])
             await send(message)
 
         with structlog.contextvars.bound_contextvars(request_id=request_id):

@@ -21,7 +21,7 @@ import httpx
 import msgspec
 import structlog
 
-from etlsvc import checkpoint, load, normalize, runs
+from etlsvc import checkpoint, load, metrics, normalize, runs
 from etlsvc.config import ApiSource, Config, CsvSource, RssSource, Source
 from etlsvc.db import Database
 from etlsvc.errors import EtlError, SourceError
@@ -125,6 +125,7 @@ async def _execute(conn: Any, cfg: Config, run: ClaimedRun,
         error = error or _error_rate_exceeded(src, progress.counts)
         row = await runs.finish(conn, run.id, "failed" if error else "succeeded", error)
         seconds = time.monotonic() - started
+        metrics.observe_run(row, seconds)
         (log.error if error else log.info)(
             "run finished", status=row["status"], error=error,
             duration_s=round(seconds, 3),

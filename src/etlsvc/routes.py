@@ -21,7 +21,7 @@ from litestar import Request, Response, get, post
 from litestar.exceptions import HTTPException, NotFoundException
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 
-from etlsvc import db, load
+from etlsvc import db, load, metrics
 from etlsvc.errors import ConfigError, SourceBusy
 from etlsvc.service import Service, schedule_seconds
 
@@ -250,4 +250,39 @@ async def health(request: Request) -> Response[dict[str, Any]]:
     return Response(content=body, status_code=200 if healthy else 503)
 
 
-HANDLERS = [start_runs, list_runs, get_run, list_data, get_record, health]
+@get("/stats", summary="Per-source statistics, pool use, API latency")
+async def stats(request: Request) -> dict[str, Any]:
+    """Rows, runs, success rate, error rate, throughput and last run per source."""
+    service = service_of(request)
+    rows = {r["source"]: r for r in await service.database.pool.fetch(
+        db.query("api", "source_stats"))}
+    sources = {}
+    for src in service.cfg.sources:
+        r = rows.get(src.name)
+        runs_n = r["runs"] if r else 0
+        sources[src.name] = {
+            "kind": src.kind, "rows": r["rows"] if r else 0, "runs": runs_n,
+            "succeeded": r["succeeded"] if r else 0, "failed": r["failed"] if r else 0,
+            "success_rate": round(r["succeeded"] / runs_n, 4) if runs_n else None,
+            "error_rate": round(r["rows_rejected"] / r["rows_read"], 4)
+            if r and r["rows_read"] else None,
+            "last_rows_per_s": int(r["last_rows_per_s"]) if r and r["last_rows_per_s"]
+            else None,
+            "last_run_id": r["last_run_id"] if r else None}
+    pools = {"etl": service.database.pool, "read": read_pool(request)}
+    return envelope(request, {
+        "sources": sources,
+        "pools": {name: {"size": p.get_size(), "idle": p.get_idle_size(),
+                         "max": p.get_max_size()} for name, p in pools.items()},
+        "api_latency": metrics.latency_percentiles(),
+        "running": list(service.running)})
+
+
+@get("/metrics", summary="Prometheus metrics", media_type="text/plain")
+async def prometheus(request: Request) -> Response[bytes]:
+    body, content_type = metrics.exposition(
+        {"etl": service_of(request).database.pool, "read": read_pool(request)})
+    return Response(content=body, media_type=content_type)
+
+
+HANDLERS = [start_runs, list_runs, get_run, list_data, get_record, health, stats, prometheus]

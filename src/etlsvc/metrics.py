@@ -1,0 +1,58 @@
+"""Metrics: Prometheus counters of runs and requests, and recent API latencies for /stats.
+
+Owns the process's metric objects (prometheus-client) and a bounded window of request
+latencies. Each replica exposes its own; Prometheus sums them.
+"""
+
+from __future__ import annotations
+
+import collections
+import statistics
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+
+RUNS = Counter("etlsvc_runs_total", "Finished runs", ["source", "status"])
+ROWS = Counter("etlsvc_rows_total", "Records of finished runs, by outcome", ["source", "outcome"])
+RUN_SECONDS = Histogram("etlsvc_run_duration_seconds", "Duration of runs", ["source"],
+                        buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600))
+REQUESTS = Counter("etlsvc_http_requests_total", "HTTP requests", ["method", "status"])
+LATENCY = Histogram("etlsvc_http_request_duration_seconds", "HTTP request latency",
+                    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5))
+POOL_SIZE = Gauge("etlsvc_db_pool_connections", "Database pool connections", ["pool", "state"])
+
+_recent: collections.deque[float] = collections.deque(maxlen=2000)
+
+
+def observe_run(row: dict[str, Any], seconds: float) -> None:
+    """Count a finished run (its status, its records by outcome, its duration)."""
+    RUNS.labels(row["source"], row["status"]).inc()
+    for outcome in ("read", "valid", "rejected", "inserted", "updated", "unchanged"):
+        ROWS.labels(row["source"], outcome).inc(row[f"rows_{outcome}"])
+    RUN_SECONDS.labels(row["source"]).observe(seconds)
+
+
+def observe_request(method: str, status: int, seconds: float) -> None:
+    """Count an HTTP request and keep its latency for the percentiles of /stats."""
+    REQUESTS.labels(method, str(status)).inc()
+    LATENCY.observe(seconds)
+    _recent.append(seconds * 1000)
+
+
+def latency_percentiles() -> dict[str, float | None]:
+    """p50 and p99 (ms) of the recent requests of this process."""
+    if len(_recent) < 2:
+        return {"p50_ms": _recent[0] if _recent else None, "p99_ms": _recent[0] if _recent
+                else None, "requests": len(_recent)}
+    cuts = statistics.quantiles(_recent, n=100, method="inclusive")
+    return {"p50_ms": round(cuts[49], 3), "p99_ms": round(cuts[98], 3),
+            "requests": len(_recent)}
+
+
+def exposition(pools: dict[str, Any]) -> tuple[bytes, str]:
+    """The Prometheus text exposition, with the pools' sizes refreshed."""
+    for name, pool in pools.items():
+        size, idle = pool.get_size(), pool.get_idle_size()
+        POOL_SIZE.labels(name, "busy").set(size - idle)
+        POOL_SIZE.labels(name, "idle").set(idle)
+    return generate_latest(), CONTENT_TYPE_LATEST
