@@ -18,7 +18,7 @@ from typing import Any
 import structlog
 import uvicorn
 
-from etlsvc import __version__, db, pipeline
+from etlsvc import __version__, db, pipeline, tail
 from etlsvc.config import Config, config_path, load_config
 from etlsvc.errors import ConfigError, EtlError, SourceBusy
 from etlsvc.logs import configure_logging
@@ -53,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
                            help="run the HTTP API and the scheduler")
     serve.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="port (default 8000)")
+    logs = sub.add_parser("logs", help="pretty-print and filter an etlsvc JSON log stream")
+    logs.add_argument("file", nargs="?", default="-", help="log file (default: stdin)")
+    logs.add_argument("-f", "--follow", action="store_true", help="wait for new lines")
+    logs.add_argument("--level", default="debug", choices=list(tail.LEVELS),
+                      help="lowest level shown")
+    logs.add_argument("--run-id", type=int, default=None, help="only this run")
+    logs.add_argument("--source", default=None, help="only this source")
     sub.add_parser("migrate", parents=[common], help="apply database migrations")
     sub.add_parser("check", parents=[common], help="check config and database connectivity")
     return parser
@@ -61,6 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``etlsvc`` console script."""
     args = build_parser().parse_args(argv)
+    if args.command == "logs":          # reads a log stream: needs no config
+        try:
+            return tail.run_cli(args.file, args.follow,
+                                tail.LogFilter(args.level, args.run_id, args.source))
+        except OSError as exc:
+            print(f"etlsvc: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        except KeyboardInterrupt:
+            return EXIT_OK
     try:
         cfg = load_config(config_path(args.config))
         configure_logging(cfg.log.level, cfg.log.format)

@@ -43,11 +43,14 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None
         fmt = "console" if stream.isatty() else "json"
     renderer: Any = (structlog.dev.ConsoleRenderer(colors=stream.isatty()) if fmt == "console"
                      else structlog.processors.JSONRenderer(serializer=_json_dumps))
+    from etlsvc.tail import HUB
+
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _redact_event,
+        HUB.processor,          # live subscribers of GET /logs/stream
     ]
     structlog.configure(
         processors=[*shared, structlog.processors.dict_tracebacks, renderer],

@@ -14,14 +14,16 @@ import hashlib
 import hmac
 import os
 import time
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import msgspec
 from litestar import Request, Response, get, post
 from litestar.exceptions import HTTPException, NotFoundException
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
+from litestar.response import ServerSentEvent
 
-from etlsvc import db, load, metrics
+from etlsvc import db, load, metrics, tail
 from etlsvc.errors import ConfigError, SourceBusy
 from etlsvc.service import Service, schedule_seconds
 
@@ -285,4 +287,27 @@ async def prometheus(request: Request) -> Response[bytes]:
     return Response(content=body, media_type=content_type)
 
 
-HANDLERS = [start_runs, list_runs, get_run, list_data, get_record, health, stats, prometheus]
+@get("/logs/stream", summary="Live log events (server-sent events; API key required)")
+async def log_stream(
+    request: Request,
+    level: Annotated[str, QueryParameter(pattern="^(debug|info|warning|error|critical)$")]
+    = "info",
+    run_id: FromQuery[int | None] = None,
+    source: FromQuery[str | None] = None,
+) -> ServerSentEvent:
+    """Each matching log event of this process, from now on, as one SSE ``data:`` line."""
+    require_api_key(request)
+    keep = tail.LogFilter(level, run_id, source)
+
+    async def events() -> AsyncIterator[str]:
+        with tail.HUB.subscribe() as queue:
+            while True:
+                event = await queue.get()
+                if keep(event):
+                    yield msgspec.json.encode(event).decode()
+
+    return ServerSentEvent(events())
+
+
+HANDLERS = [start_runs, list_runs, get_run, list_data, get_record, health, stats, prometheus,
+            log_stream]
