@@ -84,7 +84,10 @@ def _http_error(request: Request, exc: HTTPException) -> Response[dict[str, Any]
             f"{p['key']}: {p['message']}" for p in problems) if problems else exc.detail,
             problems=problems)
     status = exc.status_code
-    return _error(request, status, _CODES.get(status, "error"), exc.detail)
+    response = _error(request, status, _CODES.get(status, "error"), exc.detail)
+    if exc.headers:                         # e.g. Allow on a 405
+        response.headers.update(exc.headers)
+    return response
 
 
 def _database_error(request: Request, exc: Exception) -> Response[dict[str, Any]]:
@@ -101,8 +104,14 @@ def _internal_error(request: Request, exc: Exception) -> Response[dict[str, Any]
                   "request id")
 
 
-def create_app(cfg: Config) -> Litestar:
-    """The application for ``cfg``; the lifespan opens the database and the scheduler."""
+def create_app(cfg: Config) -> ASGIApp:
+    """The ASGI application for ``cfg``: Litestar inside the request-id layer (which also
+    covers what the router answers itself, such as 404 and 405)."""
+    return request_ids(create_litestar(cfg))
+
+
+def create_litestar(cfg: Config) -> Litestar:
+    """The Litestar app; its lifespan opens the database and the scheduler."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -122,7 +131,7 @@ def create_app(cfg: Config) -> Litestar:
                 await service.stop(SHUTDOWN_GRACE)
                 await app.state.read_pool.close()
 
-    middleware: list[Any] = [request_ids]
+    middleware: list[Any] = []
     if cfg.server.rate_limit_per_minute:
         middleware.append(RateLimitConfig(
             rate_limit=("minute", cfg.server.rate_limit_per_minute),

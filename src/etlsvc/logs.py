@@ -36,6 +36,11 @@ def _json_dumps(obj: Any, **_: Any) -> str:
     return msgspec.json.encode(obj, enc_hook=str).decode()
 
 
+# Structured tracebacks without local variables: locals can hold secrets and rows of data.
+_TRACEBACKS = structlog.processors.ExceptionRenderer(
+    structlog.tracebacks.ExceptionDictTransformer(show_locals=False))
+
+
 def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
     """Send structlog (and stdlib logging) to ``stream`` (stdout) as JSON lines or console text."""
     stream = stream or sys.stdout
@@ -53,7 +58,7 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None
         HUB.processor,          # live subscribers of GET /logs/stream
     ]
     structlog.configure(
-        processors=[*shared, structlog.processors.dict_tracebacks, renderer],
+        processors=[*shared, _TRACEBACKS, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         logger_factory=structlog.WriteLoggerFactory(file=stream),
         cache_logger_on_first_use=False,

@@ -20,7 +20,8 @@ from typing import Annotated, Any
 import msgspec
 from litestar import Request, Response, get, post
 from litestar.exceptions import HTTPException, NotFoundException
-from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
+from litestar.openapi import ResponseSpec
+from litestar.params import FromQuery, JSONBody, PathParameter, QueryParameter
 from litestar.response import ServerSentEvent
 
 from etlsvc import db, load, metrics, tail
@@ -37,6 +38,40 @@ class ApiError(HTTPException):
         super().__init__(status_code=status, detail=message)
         self.code = code
         self.details = details
+
+
+class ErrorInfo(msgspec.Struct):
+    """What went wrong (some errors carry more fields, e.g. ``running_run_id``)."""
+
+    status: int
+    code: str
+    message: str
+
+
+class Metadata(msgspec.Struct):
+    request_id: str | None
+    api_latency_ms: float
+    pagination: dict[str, Any] | None
+
+
+class ErrorEnvelope(msgspec.Struct):
+    """The body of every error response."""
+
+    data: None
+    metadata: Metadata
+    error: ErrorInfo
+
+
+def _errors(*statuses: int) -> dict[int, ResponseSpec]:
+    texts = {400: "Bad parameter or body", 401: "API key missing", 403: "API key refused",
+             404: "Not found", 409: "The source is already running", 413: "Body too large",
+             429: "Rate limit exceeded", 503: "Database unavailable or query too slow"}
+    return {s: ResponseSpec(data_container=ErrorEnvelope, description=texts[s])
+            for s in statuses}
+
+
+READ_ERRORS = _errors(400, 404, 429, 503)
+WRITE_ERRORS = _errors(400, 401, 403, 404, 409, 413, 429, 503)
 
 
 def envelope(request: Request, data: Any, pagination: dict[str, Any] | None = None) -> dict:
@@ -111,7 +146,8 @@ class RunRequest(msgspec.Struct, forbid_unknown_fields=True):
     full_refresh: bool = False
 
 
-@post("/etl/run", status_code=202, summary="Start runs (API key required)")
+@post("/etl/run", status_code=202, summary="Start runs (API key required)",
+      responses=WRITE_ERRORS)
 async def start_runs(request: Request, data: JSONBody[RunRequest | None] = None) -> dict[str, Any]:
     """Start a run of each requested source (all by default); 202 with their ids."""
     require_api_key(request)
@@ -142,7 +178,7 @@ def run_view(row: Any) -> dict[str, Any]:
     return run
 
 
-@get("/etl/runs", summary="Run history, newest first")
+@get("/etl/runs", summary="Run history, newest first", responses=READ_ERRORS)
 async def list_runs(
     request: Request,
     source: FromQuery[str | None] = None,
@@ -162,8 +198,9 @@ async def list_runs(
                     {"limit": limit, "next_cursor": nxt, "has_more": more})
 
 
-@get("/etl/runs/{run_id:int}", summary="One run, with live progress")
-async def get_run(request: Request, run_id: FromPath[int]) -> dict[str, Any]:
+@get("/etl/runs/{run_id:int}", summary="One run, with live progress", responses=READ_ERRORS)
+async def get_run(request: Request,
+                  run_id: Annotated[int, PathParameter(ge=0, le=MAX_ID)]) -> dict[str, Any]:
     row = await service_of(request).database.pool.fetchrow(db.query("runs", "get"), run_id)
     if row is None:
         raise NotFoundException(f"no run {run_id}")
@@ -172,7 +209,7 @@ async def get_run(request: Request, run_id: FromPath[int]) -> dict[str, Any]:
 
 # -- read API ------------------------------------------------------------------------------
 
-@get("/data", summary="Normalized records, keyset-paginated")
+@get("/data", summary="Normalized records, keyset-paginated", responses=READ_ERRORS)
 async def list_data(
     request: Request,
     limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 50,
@@ -201,8 +238,9 @@ async def list_data(
     return Response(content=body, headers={"ETag": etag})
 
 
-@get("/data/{record_id:int}", summary="One record with its lineage")
-async def get_record(request: Request, record_id: FromPath[int]) -> dict[str, Any]:
+@get("/data/{record_id:int}", summary="One record with its lineage", responses=READ_ERRORS)
+async def get_record(request: Request,
+                     record_id: Annotated[int, PathParameter(ge=0, le=MAX_ID)]) -> dict[str, Any]:
     """The record, the raw record it came from, and the run that produced it."""
     pool = read_pool(request)
     row = await pool.fetchrow(db.query("api", "data_one"), record_id)
@@ -222,7 +260,7 @@ async def get_record(request: Request, record_id: FromPath[int]) -> dict[str, An
 
 # -- health --------------------------------------------------------------------------------
 
-@get("/health", summary="Liveness and readiness")
+@get("/health", summary="Liveness and readiness", responses=_errors(429, 503))
 async def health(request: Request) -> Response[dict[str, Any]]:
     """200 when the database answers, the scheduler runs and no source is stale; else 503."""
     service = service_of(request)
@@ -252,7 +290,8 @@ async def health(request: Request) -> Response[dict[str, Any]]:
     return Response(content=body, status_code=200 if healthy else 503)
 
 
-@get("/stats", summary="Per-source statistics, pool use, API latency")
+@get("/stats", summary="Per-source statistics, pool use, API latency",
+     responses=READ_ERRORS)
 async def stats(request: Request) -> dict[str, Any]:
     """Rows, runs, success rate, error rate, throughput and last run per source."""
     service = service_of(request)
@@ -287,12 +326,13 @@ async def prometheus(request: Request) -> Response[bytes]:
     return Response(content=body, media_type=content_type)
 
 
-@get("/logs/stream", summary="Live log events (server-sent events; API key required)")
+@get("/logs/stream", summary="Live log events (server-sent events; API key required)",
+     media_type="text/event-stream", responses=WRITE_ERRORS)
 async def log_stream(
     request: Request,
     level: Annotated[str, QueryParameter(pattern="^(debug|info|warning|error|critical)$")]
     = "info",
-    run_id: FromQuery[int | None] = None,
+    run_id: Annotated[int | None, QueryParameter(ge=0, le=MAX_ID)] = None,
     source: FromQuery[str | None] = None,
 ) -> ServerSentEvent:
     """Each matching log event of this process, from now on, as one SSE ``data:`` line."""
