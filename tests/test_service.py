@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import socket
@@ -304,3 +305,34 @@ async def test_schemathesis_finds_no_5xx_and_no_schema_violation(
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+async def test_scheduled_runs_happen_once_per_tick_across_two_replicas(
+    env: Env, pool: asyncpg.Pool, gen_csv
+) -> None:
+    full, _ = gen_csv(20_000)
+    env.write_config(csv_source("products", full, extra='schedule = "2s"\nbatch_size = 2000'))
+    ports = [free_port(), free_port()]
+    procs = [serve(env, p) for p in ports]
+    try:
+        for p in ports:
+            wait_up(p)
+        time.sleep(7)
+        stats = httpx.get(f"http://127.0.0.1:{ports[0]}/stats").json()["data"]
+        assert stats["event_loop_worst_lag_ms_1min"] >= 0
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        logs = [proc.communicate(timeout=60)[0].decode() for proc in procs]
+    runs = await pool.fetch("SELECT * FROM etl_runs ORDER BY started_at")
+    assert len(runs) >= 2 and all(r["trigger"] == "schedule" for r in runs)
+    assert {r["status"] for r in runs} <= {"succeeded", "failed"}
+    # never two runs of the source at once, though both replicas tick
+    for a, b in itertools.pairwise(runs):
+        assert a["finished_at"] is not None and a["finished_at"] <= b["started_at"]
+    assert runs[0]["rows_inserted"] == runs[0]["rows_valid"] > 19_000
+    # every process logs as JSON on stdout, ours and the libraries' alike
+    for out in logs:
+        lines = [line for line in out.splitlines() if line.strip()]
+        assert lines and all(line.startswith("{") for line in lines), lines[:3]
+    assert any('"scheduler started"' in out for out in logs)

@@ -19,6 +19,8 @@ RUN_SECONDS = Histogram("etlsvc_run_duration_seconds", "Duration of runs", ["sou
 REQUESTS = Counter("etlsvc_http_requests_total", "HTTP requests", ["method", "status"])
 LATENCY = Histogram("etlsvc_http_request_duration_seconds", "HTTP request latency",
                     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5))
+LOOP_LAG = Histogram("etlsvc_event_loop_lag_seconds", "How late the event loop runs a timer",
+                     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1))
 POOL_SIZE = Gauge("etlsvc_db_pool_connections", "Database pool connections", ["pool", "state"])
 
 _recent: collections.deque[float] = collections.deque(maxlen=2000)

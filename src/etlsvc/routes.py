@@ -278,7 +278,7 @@ async def health(request: Request) -> Response[dict[str, Any]]:
     sources = {}
     for src in service.cfg.sources:
         info = last.get(src.name, {})
-        period = schedule_seconds(src.schedule) if src.schedule else None
+        period = schedule_seconds(src.schedule) if src.schedule else None  # cron: next gap
         stale = bool(period and info.get("last_success") and
                      (now - info["last_success"]).total_seconds() > 3 * period)
         sources[src.name] = {"last_run": info.get("id"), "status": info.get("status"),
@@ -316,6 +316,7 @@ async def stats(request: Request) -> dict[str, Any]:
         "pools": {name: {"size": p.get_size(), "idle": p.get_idle_size(),
                          "max": p.get_max_size()} for name, p in pools.items()},
         "api_latency": metrics.latency_percentiles(),
+        "event_loop_worst_lag_ms_1min": service.loop_monitor.worst_ms(),
         "running": list(service.running)})
 
 

@@ -9,6 +9,8 @@ to finish (each batch commits or rolls back as a whole), then they are cancelled
 from __future__ import annotations
 
 import asyncio
+import collections
+import datetime as dt
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +20,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from etlsvc import pipeline
+from etlsvc import metrics, pipeline
 from etlsvc.config import Config, Source
 from etlsvc.db import Database
 from etlsvc.errors import ConfigError, SourceBusy
@@ -41,10 +43,45 @@ def parse_schedule(text: str) -> CronTrigger | IntervalTrigger:
                           f"expression ({exc})") from exc
 
 
-def schedule_seconds(text: str) -> float | None:
-    """The period of an interval schedule (None for cron)."""
-    m = _INTERVAL.match(text.strip())
-    return float(m.group(1)) * _UNIT[m.group(2)] if m else None
+def schedule_seconds(text: str) -> float:
+    """The period of a schedule: an interval's, or the gap between a cron's next two ticks."""
+    trigger = parse_schedule(text)
+    if isinstance(trigger, IntervalTrigger):
+        return trigger.interval.total_seconds()
+    now = dt.datetime.now(dt.UTC)
+    first = trigger.get_next_fire_time(None, now)
+    second = trigger.get_next_fire_time(first, first + dt.timedelta(seconds=1))
+    return (second - first).total_seconds()
+
+
+class LoopMonitor:
+    """How late the event loop runs a timer: its worst stall in the last minute, in ms."""
+
+    def __init__(self, interval: float = 0.1) -> None:
+        self.interval = interval
+        self.samples: collections.deque[tuple[float, float]] = collections.deque(maxlen=600)
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._watch(), name="loop monitor")
+
+    async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(self.interval)
+            lag = max(0.0, loop.time() - before - self.interval)
+            self.samples.append((loop.time(), lag))
+            metrics.LOOP_LAG.observe(lag)
+
+    def worst_ms(self, window: float = 60.0) -> float:
+        now = asyncio.get_running_loop().time()
+        return round(1000 * max((lag for t, lag in self.samples if now - t <= window),
+                                default=0.0), 3)
+
+    def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
 
 
 @dataclass
@@ -56,6 +93,7 @@ class Service:
     scheduler: AsyncIOScheduler | None = None
     running: dict[int, asyncio.Task[Any]] = field(default_factory=dict)
     accepting: bool = True
+    loop_monitor: LoopMonitor = field(default_factory=LoopMonitor)
 
     def start_scheduler(self) -> None:
         """Add a job per scheduled source and start the scheduler on the running loop."""
@@ -67,6 +105,7 @@ class Service:
                     id=src.name, name=f"run {src.name}", coalesce=True, max_instances=1,
                     misfire_grace_time=60, replace_existing=True)
         self.scheduler.start()
+        self.loop_monitor.start()
         log.info("scheduler started", jobs=[j.id for j in self.scheduler.get_jobs()])
 
     @property
@@ -109,6 +148,7 @@ class Service:
     async def stop(self, grace: float) -> None:
         """Stop taking runs; give running ones ``grace`` seconds, then cancel them."""
         self.accepting = False
+        self.loop_monitor.stop()
         if self.scheduler and self.scheduler.running:
             self.scheduler.shutdown(wait=False)
         tasks = list(self.running.values())
