@@ -76,17 +76,13 @@ def test_logs_reads_a_file(captured: str, tmp_path) -> None:
 async def test_log_stream_sends_live_events_to_an_authorised_client(
     env: Env, pool: asyncpg.Pool, gen_csv, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tests.test_service import free_port, serve, wait_up
+    from tests.test_service import servers
 
     monkeypatch.setenv("ETLSVC_API_KEYS", "k")
     full, _ = gen_csv(2_000)
     env.write_config(csv_source("products", full))
-    port = free_port()
-    proc = serve(env, port)
-    try:
-        wait_up(port)
-        base = f"http://127.0.0.1:{port}"
-        async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+    with servers(env) as (server,):
+        async with httpx.AsyncClient(base_url=server.base, timeout=30) as client:
             assert (await client.get("/logs/stream")).status_code == 401
             events = []
 
@@ -109,8 +105,5 @@ async def test_log_stream_sends_live_events_to_an_authorised_client(
             r = await client.post("/etl/run", headers={"Authorization": "Bearer k"})
             assert r.status_code == 202
             await asyncio.wait_for(listener, 30)
-        assert {e["event"] for e in events} >= {"run started", "run finished"}
-        assert all(e["source"] == "products" for e in events)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+    assert {e["event"] for e in events} >= {"run started", "run finished"}
+    assert all(e["source"] == "products" for e in events)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import signal
@@ -10,6 +11,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import asyncpg
 import httpx
@@ -135,52 +138,77 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve(env: Env, port: int) -> subprocess.Popen:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "etlsvc",
-            "serve",
-            "--port",
-            str(port),
-            "--config",
-            str(env.dir / "config.toml"),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "ETLSVC_DATABASE_URL": env.database_url},
-    )
+@dataclass
+class Server:
+    """A real `etlsvc serve` process on a free port."""
 
+    proc: subprocess.Popen
+    port: int
+    output: str = ""
 
-def wait_up(port: int) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code in (200, 503):
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait_up(self) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(f"{self.base}/health", timeout=1)
                 return
-        except httpx.TransportError:
-            time.sleep(0.1)
-    raise AssertionError(f"no server on {port}")
+            except httpx.TransportError:
+                time.sleep(0.1)
+        raise AssertionError(f"no server on {self.port}")
+
+    def stop(self) -> int:
+        """SIGTERM (graceful stop); the exit code; the output is kept in ``output``."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        self.output = self.proc.communicate(timeout=60)[0].decode()
+        return self.proc.returncode
+
+
+@contextlib.contextmanager
+def servers(env: Env, count: int = 1) -> Iterator[list[Server]]:
+    """``count`` servers on ``env``'s config, up and answering; stopped at the end."""
+    started = []
+    for _ in range(count):
+        port = free_port()
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "etlsvc",
+                "serve",
+                "--port",
+                str(port),
+                "--config",
+                str(env.dir / "config.toml"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "ETLSVC_DATABASE_URL": env.database_url},
+        )
+        started.append(Server(proc, port))
+    try:
+        for server in started:
+            server.wait_up()
+        yield started
+    finally:
+        for server in started:
+            server.stop()
 
 
 async def test_two_servers_one_run_the_other_409(env: Env, pool: asyncpg.Pool, gen_csv) -> None:
     full, _ = gen_csv(200_000)
     env.write_config(csv_source("products", full, extra="batch_size = 5000"))
-    ports = [free_port(), free_port()]
-    procs = [serve(env, p) for p in ports]
-    try:
-        for p in ports:
-            wait_up(p)
+    with servers(env, 2) as pair:
         answers = await asyncio.gather(
             *(
                 asyncio.to_thread(
-                    httpx.post,
-                    f"http://127.0.0.1:{p}/etl/run",
-                    json={"sources": ["products"]},
-                    headers=KEY,
+                    httpx.post, f"{s.base}/etl/run", json={"sources": ["products"]}, headers=KEY
                 )
-                for p in ports
+                for s in pair
             )
         )
         codes = sorted(a.status_code for a in answers)
@@ -189,11 +217,6 @@ async def test_two_servers_one_run_the_other_409(env: Env, pool: asyncpg.Pool, g
         conflict = next(a for a in answers if a.status_code == 409).json()["error"]
         assert conflict["running_run_id"] == ok["run_id"]
         assert await pool.fetchval("SELECT count(*) FROM etl_runs") == 1
-    finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            proc.wait(timeout=60)
 
 
 async def test_sigterm_during_a_run_exits_in_time_with_whole_batches(
@@ -201,21 +224,13 @@ async def test_sigterm_during_a_run_exits_in_time_with_whole_batches(
 ) -> None:
     full, _ = gen_csv(200_000)
     env.write_config(csv_source("products", full, extra="batch_size = 5000"))
-    port = free_port()
-    proc = serve(env, port)
-    try:
-        wait_up(port)
-        r = httpx.post(f"http://127.0.0.1:{port}/etl/run", headers=KEY)
-        assert r.status_code == 202
+    with servers(env) as (server,):
+        assert httpx.post(f"{server.base}/etl/run", headers=KEY).status_code == 202
         while not await pool.fetchval("SELECT count(*) FROM etl_checkpoints"):
             time.sleep(0.05)
         started = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=40) == 0
+        assert server.stop() == 0
         assert time.monotonic() - started < 30
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     state = await pool.fetchval("SELECT state FROM etl_checkpoints")
     raw = await pool.fetchval("SELECT count(*) FROM raw_csv_data")
     rejects = await pool.fetchval("SELECT count(*) FROM etl_rejects")
@@ -272,16 +287,13 @@ async def test_schemathesis_finds_no_5xx_and_no_schema_violation(
     out."""
     full, _ = gen_csv(2_000)
     env.write_config(csv_source("products", full))
-    port = free_port()
-    proc = serve(env, port)
-    try:
-        wait_up(port)
-        assert httpx.post(f"http://127.0.0.1:{port}/etl/run", headers=KEY).status_code == 202
+    with servers(env) as (server,):
+        assert httpx.post(f"{server.base}/etl/run", headers=KEY).status_code == 202
         result = subprocess.run(
             [
                 os.path.join(os.path.dirname(sys.executable), "schemathesis"),
                 "run",
-                f"http://127.0.0.1:{port}/schema/openapi.json",
+                f"{server.base}/schema/openapi.json",
                 "--max-examples",
                 "20",
                 "--seed",
@@ -300,11 +312,8 @@ async def test_schemathesis_finds_no_5xx_and_no_schema_violation(
             text=True,
             timeout=300,
         )
-        assert result.returncode == 0, result.stdout[-4000:]
-        assert "No issues found" in result.stdout
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert "No issues found" in result.stdout
 
 
 async def test_scheduled_runs_happen_once_per_tick_across_two_replicas(
@@ -312,18 +321,11 @@ async def test_scheduled_runs_happen_once_per_tick_across_two_replicas(
 ) -> None:
     full, _ = gen_csv(20_000)
     env.write_config(csv_source("products", full, extra='schedule = "2s"\nbatch_size = 2000'))
-    ports = [free_port(), free_port()]
-    procs = [serve(env, p) for p in ports]
-    try:
-        for p in ports:
-            wait_up(p)
+    with servers(env, 2) as pair:
         time.sleep(7)
-        stats = httpx.get(f"http://127.0.0.1:{ports[0]}/stats").json()["data"]
+        stats = httpx.get(f"{pair[0].base}/stats").json()["data"]
         assert stats["event_loop_worst_lag_ms_1min"] >= 0
-    finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        logs = [proc.communicate(timeout=60)[0].decode() for proc in procs]
+    logs = [server.output for server in pair]
     runs = await pool.fetch("SELECT * FROM etl_runs ORDER BY started_at")
     assert len(runs) >= 2 and all(r["trigger"] == "schedule" for r in runs)
     assert {r["status"] for r in runs} <= {"succeeded", "failed"}
