@@ -122,6 +122,19 @@ async def test_run_control_auth_lineage_and_errors(env: Env, pool: asyncpg.Pool,
         listed = (await client.get("/etl/runs", params={"source": "products"})).json()
         assert listed["data"][0]["id"] >= run_id
 
+        rejects = (await client.get("/etl/rejects", params={"run_id": run_id, "limit": 10})).json()
+        assert len(rejects["data"]) == 10 and rejects["metadata"]["pagination"]["has_more"]
+        assert all(r["run_id"] == run_id and r["reason"] for r in rejects["data"])
+        more = await client.get(
+            "/etl/rejects",
+            params={
+                "run_id": run_id,
+                "limit": 10,
+                "cursor": rejects["metadata"]["pagination"]["next_cursor"],
+            },
+        )
+        assert more.json()["data"][0]["id"] > rejects["data"][-1]["id"]
+
         page = (await client.get("/data", params={"limit": 1})).json()["data"][0]
         one = (await client.get(f"/data/{page['id']}")).json()["data"]
         assert one["lineage"]["raw"]["record"]["id"] == one["source_id"]

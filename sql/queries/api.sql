@@ -51,3 +51,10 @@ SELECT s.source,
           ORDER BY r.id DESC LIMIT 1) AS last_rows_per_s
 FROM etl_runs s
 GROUP BY s.source
+
+-- name: rejects_page
+-- params: $1 after id, $2 limit, $3 run id, $4 source
+SELECT id, run_id, source, stream, position, record, reason, created_at FROM etl_rejects
+WHERE id > $1 AND ($3::bigint IS NULL OR run_id = $3) AND ($4::text IS NULL OR source = $4)
+ORDER BY id
+LIMIT $2

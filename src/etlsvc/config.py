@@ -214,9 +214,9 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 8000
-    #: Requests per minute per client address (None: no limit); /health and /metrics are
+    #: Requests per minute per client address (0: no limit); /health and /metrics are
     #: not limited.
-    rate_limit_per_minute: PositiveInt | None = 1200
+    rate_limit_per_minute: Annotated[int, msgspec.Meta(ge=0)] = 1200
     #: Longest a read query may run (ms) before it is cancelled with a 503.
     read_statement_timeout_ms: PositiveInt = 5000
 

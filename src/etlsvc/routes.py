@@ -207,6 +207,27 @@ async def get_run(request: Request,
     return envelope(request, run_view(row))
 
 
+@get("/etl/rejects", summary="Rejected records, with position and reason",
+     responses=READ_ERRORS)
+async def list_rejects(
+    request: Request,
+    run_id: Annotated[int | None, QueryParameter(ge=0, le=MAX_ID)] = None,
+    source: FromQuery[str | None] = None,
+    limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 50,
+    cursor: FromQuery[str | None] = None,
+) -> dict[str, Any]:
+    """Rejects of a run or a source, oldest first, paged by cursor."""
+    filters = ("rejects", run_id, source)
+    after = decode_cursor(cursor, filters) if cursor else 0
+    rows = await read_pool(request).fetch(db.query("api", "rejects_page"), after, limit + 1,
+                                          run_id, source)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    nxt = encode_cursor(rows[-1]["id"], filters) if more else None
+    return envelope(request, [dict(r) for r in rows],
+                    {"limit": limit, "next_cursor": nxt, "has_more": more})
+
+
 # -- read API ------------------------------------------------------------------------------
 
 @get("/data", summary="Normalized records, keyset-paginated", responses=READ_ERRORS)
@@ -350,5 +371,5 @@ async def log_stream(
     return ServerSentEvent(events())
 
 
-HANDLERS = [start_runs, list_runs, get_run, list_data, get_record, health, stats, prometheus,
-            log_stream]
+HANDLERS = [start_runs, list_runs, get_run, list_rejects, list_data, get_record, health,
+            stats, prometheus, log_stream]
