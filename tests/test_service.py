@@ -351,3 +351,45 @@ async def test_scheduled_runs_happen_once_per_tick_across_two_replicas(
         lines = [line for line in out.splitlines() if line.strip()]
         assert lines and all(line.startswith("{") for line in lines), lines[:3]
     assert any('"scheduler started"' in out for out in logs)
+
+
+async def test_data_filters_and_health_degrades_when_a_source_is_stale(
+    env: Env, pool: asyncpg.Pool
+) -> None:
+    await pool.execute(
+        "INSERT INTO normalized_data (kind, source, source_id, category, event_time, raw_table,"
+        " raw_id, run_id, updated_at) SELECT CASE WHEN g % 2 = 0 THEN 'csv' ELSE 'api' END, "
+        "'s' || (g % 3), 'k' || g, 'c', '2024-01-01'::timestamptz + g * interval '1 day', "
+        "'raw_csv_data', g, 0, '2024-06-01'::timestamptz + g * interval '1 hour' "
+        "FROM generate_series(1, 100) g"
+    )
+    cfg = env.config(
+        csv_source("fresh", "x.csv", extra='schedule = "1h"')
+        + csv_source("old", "y.csv", extra='schedule = "1m"')
+    )
+    async with AsyncTestClient(app=create_app(cfg)) as client:
+
+        async def ids(**params: str) -> list[int]:
+            r = await client.get("/data", params={"limit": 1000, **params})
+            assert r.status_code == 200, r.text
+            return [row["id"] for row in r.json()["data"]]
+
+        assert len(await ids(kind="api")) == 50
+        assert len(await ids(source="s1")) == 34  # g % 3 == 1 for g in 1..100
+        window = await ids(event_from="2024-01-11T00:00:00Z", event_to="2024-01-21T00:00:00Z")
+        assert window == list(range(10, 20))
+        assert await ids(updated_since="2024-06-05T00:00:00Z") == list(range(96, 101))
+        assert (await client.get("/data", params={"kind": "ftp"})).status_code == 400
+
+        assert (await client.get("/health")).status_code == 200  # nothing run yet
+        await pool.execute(
+            "INSERT INTO etl_runs (source, kind, trigger, status, started_at, finished_at) "
+            "VALUES ('old', 'csv', 'schedule', 'succeeded', now() - interval '1 hour', "
+            "now() - interval '1 hour'), ('fresh', 'csv', 'schedule', 'succeeded', now(), "
+            "now())"
+        )
+        health = await client.get("/health")
+        assert health.status_code == 503
+        body = health.json()["data"]
+        assert body["status"] == "degraded"
+        assert body["sources"]["old"]["stale"] and not body["sources"]["fresh"]["stale"]
