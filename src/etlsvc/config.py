@@ -261,9 +261,18 @@ ENV_OVERRIDES = {
 }
 
 
+#: Shipped in the package: the CSV sample, for an installation with no config of its own.
+PACKAGED_CONFIG = Path(__file__).resolve().parent / "default_config.toml"
+
+
 def config_path(cli_path: str | None, environ: Mapping[str, str] = os.environ) -> Path:
-    """The config file to use: ``--config``, else ``$ETLSVC_CONFIG``, else ``./config.toml``."""
-    return Path(cli_path or environ.get("ETLSVC_CONFIG") or "config.toml")
+    """The config file: ``--config``, else ``$ETLSVC_CONFIG``, else ``./config.toml``, else
+    (when there is none) the packaged default."""
+    chosen = cli_path or environ.get("ETLSVC_CONFIG")
+    if chosen:
+        return Path(chosen)
+    local = Path("config.toml")
+    return local if local.exists() or not PACKAGED_CONFIG.exists() else PACKAGED_CONFIG
 
 
 def load_config(path: Path, environ: Mapping[str, str] = os.environ) -> Config:

@@ -1,0 +1,80 @@
+"""Deployment: the wheel alone carries everything; replicas share the work; lint of the
+container files lives in .ci/run (hadolint, compose)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import asyncpg
+import httpx
+
+from tests.conftest import REPO, Env, csv_source
+from tests.test_service import servers
+
+
+def test_the_installed_wheel_checks_and_migrates_outside_the_source_tree(
+    tmp_path: Path, database_url: str
+) -> None:
+    dist, venv, work = tmp_path / "dist", tmp_path / "venv", tmp_path / "work"
+    work.mkdir()
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), str(REPO)],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    wheel = next(dist.glob("etlsvc-*.whl"))
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run(
+        [str(venv / "bin" / "pip"), "install", "-q", str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=900,
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ETLSVC_")}
+    env |= {"ETLSVC_DATABASE_URL": database_url, "PYTHONPATH": ""}
+    etlsvc = str(venv / "bin" / "etlsvc")
+    where = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", "import etlsvc.db as d; print(d.sql_dir())"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert str(venv) in where.stdout  # not the source tree's sql/
+    migrate = subprocess.run(
+        [etlsvc, "migrate"], cwd=work, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert migrate.returncode == 0, migrate.stderr
+    check = subprocess.run(
+        [etlsvc, "check"], cwd=work, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert check.returncode == 0, check.stderr
+    assert "ok   source products: 1 file(s), mapped columns present" in check.stderr
+    assert "migrations: 0 pending" in check.stderr
+
+
+async def test_three_replicas_one_run_per_tick_all_serve_data(
+    env: Env, pool: asyncpg.Pool, gen_csv
+) -> None:
+    full, _ = gen_csv(20_000)
+    env.write_config(csv_source("products", full, extra='schedule = "3s"\nbatch_size = 2000'))
+    with servers(env, 3) as trio:
+        time.sleep(10)
+        for server in trio:
+            r = httpx.get(f"{server.base}/data", params={"limit": 5})
+            assert r.status_code == 200 and len(r.json()["data"]) == 5
+        listed = httpx.get(f"{trio[0].base}/etl/runs", params={"limit": 100}).json()["data"]
+    runs = await pool.fetch("SELECT * FROM etl_runs ORDER BY id")
+    assert len(listed) >= 2
+    assert {r["id"] for r in listed} <= {r["id"] for r in runs}  # one history, all replicas
+    ticks = Counter(int(r["started_at"].timestamp()) // 3 for r in runs)
+    assert all(n == 1 for n in ticks.values()), ticks  # one run per tick
+    skipped = sum(s.output.count('"scheduled run skipped') for s in trio)
+    assert skipped >= len(runs)  # the two other replicas skip each tick
