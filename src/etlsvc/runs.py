@@ -6,6 +6,7 @@ run, so it also guards against other processes and replicas) and the run row's l
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import socket
@@ -26,7 +27,14 @@ async def source_lock(conn: asyncpg.Connection, source: str) -> AsyncIterator[No
     """Hold the source's advisory lock; SourceBusy (with the running run's id) if taken."""
     key = f"etlsvc:source:{source}"
     if not await conn.fetchval("SELECT pg_try_advisory_lock(hashtextextended($1, 0))", key):
-        raise SourceBusy(source, await conn.fetchval(db.query("runs", "running"), source))
+        # The holder creates its run row right after taking the lock: give it a moment.
+        running = None
+        for _ in range(40):
+            running = await conn.fetchval(db.query("runs", "running"), source)
+            if running is not None:
+                break
+            await asyncio.sleep(0.05)
+        raise SourceBusy(source, running)
     try:
         yield
     finally:
