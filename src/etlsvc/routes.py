@@ -119,6 +119,15 @@ def decode_cursor(cursor: str, filters: tuple[Any, ...]) -> int:
     return position
 
 
+def keyset_page(rows: list[Any], limit: int,
+                filters: tuple[Any, ...]) -> tuple[list[Any], dict[str, Any]]:
+    """The first ``limit`` of ``limit + 1`` rows fetched, and the pagination metadata."""
+    more = len(rows) > limit
+    rows = rows[:limit]
+    nxt = encode_cursor(rows[-1]["id"], filters) if more else None
+    return rows, {"limit": limit, "next_cursor": nxt, "has_more": more}
+
+
 def _filters_digest(filters: tuple[Any, ...]) -> str:
     return hashlib.sha256(msgspec.json.encode([str(f) for f in filters])).hexdigest()[:12]
 
@@ -189,13 +198,9 @@ async def list_runs(
     """Runs, filtered by source and status, paged by cursor."""
     filters = ("runs", source, status)
     before = decode_cursor(cursor, filters) if cursor else MAX_ID
-    rows = await service_of(request).database.pool.fetch(
-        db.query("api", "runs_page"), before, limit + 1, source, status)
-    more = len(rows) > limit
-    rows = rows[:limit]
-    nxt = encode_cursor(rows[-1]["id"], filters) if more else None
-    return envelope(request, [run_view(r) for r in rows],
-                    {"limit": limit, "next_cursor": nxt, "has_more": more})
+    rows, pagination = keyset_page(await service_of(request).database.pool.fetch(
+        db.query("api", "runs_page"), before, limit + 1, source, status), limit, filters)
+    return envelope(request, [run_view(r) for r in rows], pagination)
 
 
 @get("/etl/runs/{run_id:int}", summary="One run, with live progress", responses=READ_ERRORS)
@@ -219,13 +224,9 @@ async def list_rejects(
     """Rejects of a run or a source, oldest first, paged by cursor."""
     filters = ("rejects", run_id, source)
     after = decode_cursor(cursor, filters) if cursor else 0
-    rows = await read_pool(request).fetch(db.query("api", "rejects_page"), after, limit + 1,
-                                          run_id, source)
-    more = len(rows) > limit
-    rows = rows[:limit]
-    nxt = encode_cursor(rows[-1]["id"], filters) if more else None
-    return envelope(request, [dict(r) for r in rows],
-                    {"limit": limit, "next_cursor": nxt, "has_more": more})
+    rows, pagination = keyset_page(await read_pool(request).fetch(
+        db.query("api", "rejects_page"), after, limit + 1, run_id, source), limit, filters)
+    return envelope(request, [dict(r) for r in rows], pagination)
 
 
 # -- read API ------------------------------------------------------------------------------
@@ -248,14 +249,12 @@ async def list_data(
     rows = await read_pool(request).fetch(
         db.query("api", "data_page"), after, limit + 1, source, kind, category, event_from,
         event_to, updated_since)
-    more = len(rows) > limit
-    rows = rows[:limit]
+    rows, pagination = keyset_page(rows, limit, filters)
     page = [dict(r) for r in rows]
     etag = '"' + hashlib.sha256(msgspec.json.encode(page)).hexdigest()[:32] + '"'
     if request.headers.get("if-none-match") == etag:
         return Response(content=None, status_code=304, headers={"ETag": etag})
-    nxt = encode_cursor(rows[-1]["id"], filters) if more else None
-    body = envelope(request, page, {"limit": limit, "next_cursor": nxt, "has_more": more})
+    body = envelope(request, page, pagination)
     return Response(content=body, headers={"ETag": etag})
 
 
