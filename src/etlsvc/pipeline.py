@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import functools
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -30,6 +32,11 @@ from etlsvc.validate import RowValidator
 
 log = structlog.get_logger()
 T = TypeVar("T")
+
+#: Parse CSV files in a worker process rather than a thread (``etlsvc serve`` sets it, so
+#: that a big load does not compete with the API for the GIL).
+PARSE_IN_PROCESS: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "parse_in_process", default=False)
 
 
 @dataclass
@@ -155,13 +162,15 @@ async def _load_csv(conn: Any, cfg: Config, src: Source, progress: Progress,
     # commit lost in a server crash loses all three and the next run reads them again.
     # (The pool resets the setting when the connection is released.)
     await conn.execute("SET synchronous_commit = off")
-    prepare = _csv_preparer(src, progress.run_id)
+    make_prepare = functools.partial(_csv_preparer, src, progress.run_id)
     for plan in plans:
         if plan.todo <= 0:
             log.info("file unchanged since last run", file=plan.path)
             continue
         log.info("reading file", file=plan.path, start=plan.start, size=plan.size)
-        async for batch in _prefetch(csv_files.read_file(src, plan, prepare)):
+        batches = csv_files.read_file(src, plan, make_prepare,
+                                      in_process=PARSE_IN_PROCESS.get())
+        async for batch in _prefetch(batches):
             await _commit(conn, src, progress, batch)
             if on_progress:
                 on_progress(progress)

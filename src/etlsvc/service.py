@@ -143,6 +143,7 @@ class Service:
         return claimed.id
 
     async def _execute(self, claimed: pipeline.ClaimedRun) -> None:
+        pipeline.PARSE_IN_PROCESS.set(True)      # this task's context only
         try:
             await claimed.execute(self.cfg)
         except asyncio.CancelledError:

@@ -24,10 +24,11 @@ import csv
 import glob
 import hashlib
 import io
+import multiprocessing
 import os
 import re
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import accumulate, compress, count, islice, repeat
 from operator import add, attrgetter, itemgetter, ne
@@ -387,32 +388,67 @@ def _dedupe(header: list[str]) -> list[str]:
 
 
 async def read_file(src: CsvSource, plan: FilePlan,
-                    prepare: Callable[[RawBatch], T]) -> AsyncIterator[T]:
+                    make_prepare: Callable[[], Callable[[RawBatch], T]], *,
+                    in_process: bool = False) -> AsyncIterator[T]:
     """Stream one file from ``plan.start``; yield ``prepare(batch)`` for each batch.
 
-    Parsing and ``prepare`` (validation, encoding) run in a worker thread.
+    Parsing and ``prepare`` (validation, encoding) run in one worker thread, or with
+    ``in_process`` in one worker process: then they do not compete with the event loop for
+    the GIL, which keeps API latency low while a big file loads in ``etlsvc serve``.
+    ``make_prepare`` must then be picklable.
     """
     if plan.todo <= 0:
         return
     loop = asyncio.get_running_loop()
-    # One thread per file: its allocations stay in one malloc arena, which keeps the peak
+    # One worker per file: its allocations stay in one malloc arena, which keeps the peak
     # RSS of a big file down (the default pool spreads them over several).
-    with ThreadPoolExecutor(1, thread_name_prefix="etlsvc-csv") as pool:
-        async with aiofiles.open(plan.path, "rb", executor=pool) as f:
-            head = await f.read(4)
-            codec, bom = _codec(src.encoding, head)
-            parser = CsvParser(src, plan, codec, bom)
+    files = ThreadPoolExecutor(1, thread_name_prefix="etlsvc-csv")
+    try:
+        async with aiofiles.open(plan.path, "rb", executor=files) as f:
+            codec, bom = _codec(src.encoding, await f.read(4))
             await f.seek(plan.start)
-            while True:
-                chunk = await f.read(CHUNK_SIZE)
-                for item in await loop.run_in_executor(pool, _feed, parser, chunk, prepare):
-                    yield item
-                if not chunk:
-                    break
+            if in_process:
+                pool: Executor = ProcessPoolExecutor(
+                    1, mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_start_worker,
+                    initargs=(src, plan.path, plan.size, plan.start, plan.line, plan.header,
+                              codec, bom, make_prepare))
+                feed: Callable[..., list[T]] = _worker_feed
+                args: tuple[Any, ...] = ()
+            else:
+                pool = files
+                feed = _feed
+                args = (CsvParser(src, plan, codec, bom), make_prepare())
+            with pool:
+                while True:
+                    chunk = await f.read(CHUNK_SIZE)
+                    for item in await loop.run_in_executor(pool, feed, *args, chunk):
+                        yield item
+                    if not chunk:
+                        break
+    finally:
+        files.shutdown(wait=False)
 
 
-def _feed(parser: CsvParser, chunk: bytes, prepare: Callable[[RawBatch], T]) -> list[T]:
+def _feed(parser: CsvParser, prepare: Callable[[RawBatch], T], chunk: bytes) -> list[T]:
     return [prepare(b) for b in parser.feed(chunk)]
+
+
+_worker: tuple[CsvParser, Callable[[RawBatch], Any]] | None = None
+
+
+def _start_worker(src: CsvSource, path: str, size: int, start: int, line: int,
+                  header: list[str] | None, codec: str, bom: int,
+                  make_prepare: Callable[[], Callable[[RawBatch], Any]]) -> None:
+    """In the worker process: the parser of one file (its prefix hashed again here)."""
+    global _worker
+    plan = FilePlan(path, size, start, line, header, _hash_prefix(path, start))
+    _worker = (CsvParser(src, plan, codec, bom), make_prepare())
+
+
+def _worker_feed(chunk: bytes) -> list[Any]:
+    assert _worker is not None
+    return _feed(*_worker, chunk)
 
 
 def read_header(src: CsvSource, path: str) -> list[str]:
