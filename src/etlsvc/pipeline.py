@@ -122,6 +122,10 @@ async def _execute(conn: Any, cfg: Config, run: ClaimedRun,
         started = time.monotonic()
         error = None
         try:
+            # Safe for batches: raw rows, normalized rows and checkpoint commit together, so
+            # a commit lost in a server crash loses all three and the next run reads them
+            # again. (The pool resets the setting when the connection is released.)
+            await conn.execute("SET synchronous_commit = off")
             loader = {"csv": _load_csv, "api": _load_api, "rss": _load_rss}[src.kind]
             await loader(conn, cfg, src, progress, run.full_refresh, on_progress)
         except (EtlError, OSError, UnicodeError) as exc:
@@ -158,10 +162,6 @@ async def _load_csv(conn: Any, cfg: Config, src: Source, progress: Progress,
              for p in files]
     progress.bytes_total = sum(p.todo for p in plans)
     await runs.set_total(conn, progress.run_id, progress.bytes_total)
-    # Safe for batches: raw rows, normalized rows and checkpoint commit together, so a
-    # commit lost in a server crash loses all three and the next run reads them again.
-    # (The pool resets the setting when the connection is released.)
-    await conn.execute("SET synchronous_commit = off")
     make_prepare = functools.partial(_csv_preparer, src, progress.run_id)
     for plan in plans:
         if plan.todo <= 0:
@@ -183,10 +183,7 @@ async def _load_api(conn: Any, cfg: Config, src: ApiSource, progress: Progress,
         state = json_api.first_request(src, None if full_refresh else state)
     else:
         log.info("resuming the walk", page=state["page"] + 1)
-    await conn.execute("SET synchronous_commit = off")     # see _load_csv
-    t = src.timeouts
-    timeout = httpx.Timeout(t.total, connect=t.connect, read=t.read)
-    async with httpx.AsyncClient(timeout=timeout, follow_redirects=True) as client:
+    async with json_api.http_client(src) as client:
         fetcher = json_api.Fetcher(src, client)
         async for page in _prefetch(json_api.walk(src, fetcher, state)):
             batch = _prepare_page(src, progress.run_id, page)
@@ -237,11 +234,8 @@ def _prepare_items(src: ApiSource | RssSource, run_id: int, *, checkpoint_stream
 async def _load_rss(conn: Any, cfg: Config, src: RssSource, progress: Progress,
                     full_refresh: bool, on_progress: ProgressCallback | None) -> None:
     states = {} if full_refresh else await checkpoint.read(conn, src.name)
-    await conn.execute("SET synchronous_commit = off")     # see _load_csv
-    t = src.timeouts
-    timeout = httpx.Timeout(t.total, connect=t.connect, read=t.read)
     outcomes: dict[str, dict[str, Any]] = {}
-    async with httpx.AsyncClient(timeout=timeout, follow_redirects=True) as client:
+    async with json_api.http_client(src) as client:
         async for feed in rss_feeds.fetch_all(src, client, states):
             outcomes[feed.url] = {"status": feed.status, "entries": len(feed.entries),
                                   "problem": feed.problem}

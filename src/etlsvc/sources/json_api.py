@@ -88,6 +88,13 @@ def get_path(obj: Any, path: str) -> Any:
     return obj
 
 
+def http_client(src: ApiSource | RssSource) -> httpx.AsyncClient:
+    """The HTTP client of one run of an HTTP source, with the source's timeouts."""
+    t = src.timeouts
+    return httpx.AsyncClient(timeout=httpx.Timeout(t.total, connect=t.connect, read=t.read),
+                             follow_redirects=True)
+
+
 class Fetcher:
     """GET requests of one source, with its timeouts, retries, rate limit and size cap."""
 
