@@ -403,30 +403,32 @@ async def read_file(src: CsvSource, plan: FilePlan,
     # One worker per file: its allocations stay in one malloc arena, which keeps the peak
     # RSS of a big file down (the default pool spreads them over several).
     files = ThreadPoolExecutor(1, thread_name_prefix="etlsvc-csv")
+    workers: ProcessPoolExecutor | None = None
     try:
         async with aiofiles.open(plan.path, "rb", executor=files) as f:
             codec, bom = _codec(src.encoding, await f.read(4))
             await f.seek(plan.start)
             if in_process:
-                pool: Executor = ProcessPoolExecutor(
+                workers = ProcessPoolExecutor(
                     1, mp_context=multiprocessing.get_context("spawn"),
                     initializer=_start_worker,
                     initargs=(src, plan.path, plan.size, plan.start, plan.line, plan.header,
                               codec, bom, make_prepare))
+                pool: Executor = workers
                 feed: Callable[..., list[T]] = _worker_feed
                 args: tuple[Any, ...] = ()
             else:
-                pool = files
-                feed = _feed
+                pool, feed = files, _feed
                 args = (CsvParser(src, plan, codec, bom), make_prepare())
-            with pool:
-                while True:
-                    chunk = await f.read(CHUNK_SIZE)
-                    for item in await loop.run_in_executor(pool, feed, *args, chunk):
-                        yield item
-                    if not chunk:
-                        break
+            while True:
+                chunk = await f.read(CHUNK_SIZE)
+                for item in await loop.run_in_executor(pool, feed, *args, chunk):
+                    yield item
+                if not chunk:
+                    break
     finally:
+        if workers:
+            workers.shutdown()
         files.shutdown(wait=False)
 
 
