@@ -12,6 +12,7 @@ import pytest
 from etlsvc.config import CsvSource
 from etlsvc.sources.csv_files import read_header
 from tests.conftest import CORPUS, Env, csv_source, run_source
+from tests.test_csv_malformed import physical_lines
 
 SPECTRUM = sorted((CORPUS / "csv" / "csv-spectrum" / "csvs").glob("*.csv"))
 OTHERS = sorted(
@@ -71,6 +72,8 @@ async def test_every_other_corpus_file_loads_or_fails_clearly(
     assert all(r["reason"] and r["position"]["line"] >= 1 for r in rejects)
     raw = await pool.fetchval("SELECT count(*) FROM raw_csv_data")
     assert raw == run["rows_valid"]
+    if run["status"] == "succeeded":      # every physical line is accounted for
+        assert run["lines_read"] == len(physical_lines(path, encoding))
 
 
 async def test_nul_bytes_are_rejected_with_a_reason(env: Env, pool: asyncpg.Pool) -> None:

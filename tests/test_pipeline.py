@@ -281,7 +281,7 @@ async def test_a_glob_reads_every_matching_file_with_its_own_checkpoint(
     assert [Path(r["file"]).name for r in files] == ["a.csv", "b.csv", "c.csv"]
 
 
-async def test_an_unterminated_quote_costs_bounded_memory_and_a_reject(
+async def test_an_unterminated_quote_costs_only_its_own_line(
     env: Env, pool: asyncpg.Pool
 ) -> None:
     path = env.dir / "quote.csv"
@@ -295,15 +295,15 @@ async def test_an_unterminated_quote_costs_bounded_memory_and_a_reject(
             "q",
             path,
             fields='source_id = "id"\ntitle = "title"',
-            extra="max_field_bytes = 1000\nmax_error_rate = 1.0",
+            extra="max_record_bytes = 1000\nmax_error_rate = 1.0",
         )
     )
     run = await run_source(cfg, "q")
     assert run["status"] == "succeeded"
-    reasons = [r["reason"] for r in await pool.fetch("SELECT reason FROM etl_rejects")]
-    assert reasons and all(r.startswith("malformed CSV") for r in reasons), reasons
-    # the rows before the bad quote and most of those after it are loaded
+    rejects = await pool.fetch("SELECT position, reason FROM etl_rejects")
+    assert [r["position"]["line"] for r in rejects] == [7]      # the bad line, alone
+    assert "never closes" in rejects[0]["reason"]
     keys = {r["source_id"] for r in await pool.fetch("SELECT source_id FROM normalized_data")}
-    assert {f"k{i}" for i in range(5)} <= keys
-    assert "m29999" in keys
-    assert run["rows_read"] == run["rows_valid"] + run["rows_rejected"]
+    assert keys == {f"k{i}" for i in range(5)} | {f"m{i}" for i in range(30_000)}
+    assert run["rows_read"] == run["rows_valid"] + run["rows_rejected"] == 30_006
+    assert run["lines_read"] == 30_007

@@ -218,14 +218,14 @@ class _ProgressBar:
 
 
 def _print_summary(rows: list[dict[str, Any]], totals: dict[str, int]) -> None:
-    header = ("source", "run", "status", "read", "valid", "rejected", "inserted", "updated",
-              "unchanged", "rows in table")
+    header = ("source", "run", "status", "lines", "read", "valid", "rejected", "inserted",
+              "updated", "unchanged", "rows in table")
     lines = [header]
     for r in rows:
         lines.append((r["source"], str(r.get("id") or "-"), r["status"],
-                      *(f"{r.get(k, 0):,}" for k in ("rows_read", "rows_valid", "rows_rejected",
-                                                     "rows_inserted", "rows_updated",
-                                                     "rows_unchanged")),
+                      *(f"{r.get(k, 0):,}" for k in ("lines_read", "rows_read", "rows_valid",
+                                                     "rows_rejected", "rows_inserted",
+                                                     "rows_updated", "rows_unchanged")),
                       f"{totals[r['source']]:,}" if r["source"] in totals else "-"))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     for line in lines:

@@ -67,9 +67,11 @@ class CsvSource(_Source, tag="csv"):
     encoding: str = "utf-8"
     delimiter: OneChar = ","
     quotechar: OneChar = '"'
-    #: A field longer than this is an error (an unterminated quote would otherwise
-    #: swallow the rest of the file into one field).
-    max_field_bytes: PositiveInt = 1 << 20
+    #: A longer record is one reject (its prefix, length and SHA-256 kept); a longer
+    #: header fails the run.
+    max_record_bytes: PositiveInt = 1 << 20
+    #: A header with more columns fails the run.
+    max_columns: PositiveInt = 10_000
 
     kind = "csv"
 

@@ -53,6 +53,7 @@ class Prepared:
     bytes_read: int
     state: dict[str, Any]
     pages: int = 0
+    lines: int = 0
 
 
 @dataclass
@@ -290,7 +291,7 @@ def _csv_preparer(src: Source, run_id: int) -> Callable[[RawBatch], Prepared]:
         keys = list(map(itemgetter(key_col), kept))
         return Prepared(batch.stream, load.CSV_COLUMNS, payload, valid,
                         len(set(keys)) == len(keys), rejects, batch.rows_read, batch.bytes_read,
-                        batch.state)
+                        batch.state, lines=batch.lines_read)
 
     return prepare
 
@@ -311,7 +312,8 @@ async def _commit(conn: Any, src: Source, progress: Progress, batch: Prepared) -
         counts = {"rows_read": batch.rows_read, "rows_valid": batch.valid,
                   "rows_rejected": len(batch.rejects), "rows_inserted": inserted,
                   "rows_updated": updated, "rows_unchanged": batch.valid - inserted - updated,
-                  "bytes_read": batch.bytes_read, "pages_read": batch.pages}
+                  "bytes_read": batch.bytes_read, "pages_read": batch.pages,
+                  "lines_read": batch.lines}
         await runs.add(conn, progress.run_id, counts)
     for k, v in counts.items():
         progress.counts[k] += v

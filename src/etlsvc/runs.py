@@ -19,7 +19,7 @@ from etlsvc import db
 from etlsvc.errors import SourceBusy
 
 COUNTERS = ("rows_read", "rows_valid", "rows_rejected", "rows_inserted", "rows_updated",
-            "rows_unchanged", "bytes_read", "pages_read")
+            "rows_unchanged", "bytes_read", "pages_read", "lines_read")
 
 
 @contextlib.asynccontextmanager

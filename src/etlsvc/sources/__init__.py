@@ -35,4 +35,6 @@ class RawBatch:
     rejects: list[Reject] = field(default_factory=list)
     rows_read: int = 0
     bytes_read: int = 0
+    #: Physical lines the batch covers, for CSV (header, blank and rejected lines included).
+    lines_read: int = 0
     state: dict[str, Any] = field(default_factory=dict)

@@ -40,6 +40,7 @@ import aiofiles
 from etlsvc.config import CsvSource
 from etlsvc.errors import SourceError
 from etlsvc.sources import RawBatch, Reject
+from etlsvc.sources.csv_scan import REJECT_PREFIX, RecordScanner
 
 T = TypeVar("T")
 
@@ -47,6 +48,8 @@ CHUNK_SIZE = 1 << 20
 #: Rows handed to one C call at most, so the parsing thread lets go of the GIL often.
 GIL_SLICE = 2000
 _HASH_BLOCK = 1 << 20
+#: Past this much data with no record end in sight, the scanner looks at the head record.
+_HEAD_SCAN = 64 << 10
 _ASCII_PROBE = "\n\r\"',;|\t#"
 _SURROGATE = re.compile("[\udc80-\udcff]")
 
@@ -150,15 +153,15 @@ class _ErrorRow(list):
 
 
 class CsvParser:
-    """Turns the chunks of one file into :class:`RawBatch` objects (sync; runs in a thread)."""
+    """Turns the chunks of one file into :class:`RawBatch` objects (sync; runs in a worker)."""
 
     def __init__(self, src: CsvSource, plan: FilePlan, codec: str, bom: int) -> None:
         self.src = src
         self.plan = plan
         self.codec = codec
         self.ascii = _ascii_compatible(codec)
-        self.decoder = None if self.ascii else codecs.getincrementaldecoder(codec)(
-            "surrogateescape")
+        self.decoder: Any = None
+        self._new_decoder()
         self.header: list[str] | None = plan.header
         self.offset = plan.start          # absolute offset of the first byte not yet parsed
         self.line = plan.line
@@ -166,20 +169,32 @@ class CsvParser:
         self._bom_pending = bom if plan.start == 0 else 0
         self._tail: bytes | str = b"" if self.ascii else ""
         self._quote = src.quotechar
-        self._max_pending = src.max_field_bytes + CHUNK_SIZE
+        self._limit = src.max_record_bytes
+        self._scanner: RecordScanner | None = None   # following an oversized record
         # Rows of the batch being built, with positions; batch-level counters.
         self._rows: list[list[str]] = []
         self._pos: list[tuple[int, int]] = []
         self._rejects: list[Reject] = []
         self._read = 0
         self._batch_start = self.offset
+        self._batch_line = self.line
         self._hashed = 0
-        csv.field_size_limit(max(csv.field_size_limit(), src.max_field_bytes))
+        # Record length is enforced here (max_record_bytes), never by the reader.
+        csv.field_size_limit(max(csv.field_size_limit(), 2 * self._limit + 2 * CHUNK_SIZE))
+
+    def _new_decoder(self) -> None:
+        self.decoder = None if self.ascii else codecs.getincrementaldecoder(self.codec)(
+            "surrogateescape")
 
     # -- chunk level -------------------------------------------------------------------
 
-    def feed(self, chunk: bytes) -> list[RawBatch]:
-        """Parse ``chunk`` (``b""`` at end of file); return the batches it completed."""
+    def feed(self, chunk: bytes) -> tuple[list[RawBatch], int | None]:
+        """Parse ``chunk`` (``b""`` at end of file).
+
+        Returns the batches it completed, and the offset to read on from when the file must be
+        read again from an earlier point (a malformed record longer than the buffer: its first
+        line is rejected, parsing resumes at the next line), else None.
+        """
         if self._bom_pending:
             # The byte-order mark: part of the fingerprint and the offsets, not of the text.
             self.hasher.update(chunk[:self._bom_pending])
@@ -187,36 +202,96 @@ class CsvParser:
             chunk = chunk[self._bom_pending:]
             self._bom_pending = 0
         final = not chunk
-        if self.ascii:
-            data = self._tail + chunk
-            cut = len(data) if final else self._boundary(data, b"\n", b"\r",
-                                                          self._quote.encode())
-            part, self._tail = data[:cut], data[cut:]
-            text, dirty = self._decode(part)
-            sizes = list(map(len, part.splitlines(keepends=True)))
-            raw = part
-        else:
-            assert self.decoder is not None
-            data = self._tail + self.decoder.decode(chunk, final)
-            cut = len(data) if final else self._boundary(data, "\n", "\r", self._quote)
-            text, self._tail = data[:cut], data[cut:]
-            dirty = bool(_SURROGATE.search(text)) or "\x00" in text
-            encode = self.codec
-            sizes = [len(s.encode(encode, "surrogateescape"))
-                     for s in io.StringIO(text, newline="")]
-            raw = text.encode(encode, "surrogateescape")
+        data: Any = chunk if self.ascii else self.decoder.decode(chunk, final)
         out: list[RawBatch] = []
-        if text:
-            self._parse(text, raw, sizes, dirty, out)
-        elif not final and len(self._tail) > self._max_pending:
-            raise SourceError(self.src.name, f"{self.plan.path}: no record boundary within "
-                              f"{self._max_pending} bytes after offset {self.offset}")
+        if self._scanner is not None:
+            scanner = self._scanner
+            if not scanner.scan(data, final):
+                return out, None
+            self._scanner = None
+            data = self._settle(scanner, data, out)
+            if data is None:                  # its first line only: read on after it
+                self._tail = data = b"" if self.ascii else ""
+                self._new_decoder()
+                return out, self.offset
+        pending = self._tail + data
+        while pending:
+            cut = len(pending) if final else self._boundary(pending)
+            if cut:
+                used = self._parse(pending[:cut], final and cut == len(pending), out)
+                pending = pending[used:]
+                if used == cut:
+                    break
+                if used:
+                    continue
+            elif len(pending) < min(self._limit, _HEAD_SCAN):
+                break                         # the record goes on: wait for more
+            # The record at the head: no end in sight, or the reader found it malformed.
+            scanner = self._scanner_at_head(pending)
+            if not scanner.scan(pending, final):
+                if scanner.bytes > self._limit:
+                    self._scanner, pending = scanner, pending[:0]
+                break
+            pending = self._settle(scanner, pending, out, head=True)
+        self._tail = pending
         if final and (self._rows or self._rejects or self.offset > self._batch_start):
             out.append(self._flush())
-        return out
+        elif len(self._rows) + len(self._rejects) >= self.src.batch_size:
+            out.append(self._flush())         # a run of rejects makes batches too
+        return out, None
 
-    def _boundary(self, data: Any, nl: Any, cr: Any, quote: Any) -> int:
-        """End of the last whole record in ``data``: after a newline with even quotes before."""
+    def _scanner_at_head(self, pending: Any) -> RecordScanner:
+        if self.header is None and len(pending) > self._limit:
+            raise SourceError(self.src.name, f"{self.plan.path}: the header is longer than "
+                              f"max_record_bytes ({self._limit:,} bytes)")
+        return RecordScanner(pending, self.src.delimiter, self._quote,
+                             len(self.header) if self.header is not None else None,
+                             self.codec, self.hasher)
+
+    def _settle(self, scanner: RecordScanner, data: Any, out: list[RawBatch], *,
+                head: bool = False) -> Any:
+        """Act on a scanner's outcome; the data left after it (None: read again from
+        ``self.offset``)."""
+        where = {"line": self.line + 1, "byte_offset": self.offset}
+        if scanner.problem is None and scanner.bytes <= self._limit:
+            # Well formed after all (a quote in an unquoted field upset the parity cut).
+            used = self._parse(data[:scanner.end], True, out, whole=True)
+            return data[used:]
+        if self.header is None:
+            raise SourceError(self.src.name, f"{self.plan.path}, line {self.line + 1}: the "
+                              f"header is not valid CSV ({scanner.problem or 'too long'})")
+        if scanner.problem is None:
+            record = {"text": scanner.prefix, "truncated": True, "bytes": scanner.bytes,
+                      "sha256": scanner.record_hash.hexdigest()}
+            reason = (f"record of {scanner.bytes:,} bytes over {scanner.lines:,} lines is "
+                      f"longer than max_record_bytes ({self._limit:,}); its first "
+                      f"{REJECT_PREFIX:,} characters, length and SHA-256 are kept")
+            self._consume(scanner.bytes, scanner.lines, scanner.file_hash_record)
+            rest = data[scanner.end:]
+        else:
+            size, chars = scanner.first_line or (scanner.bytes, scanner.chars)
+            record = {"text": scanner.prefix[:chars]}
+            if chars > REJECT_PREFIX:
+                record |= {"truncated": True, "bytes": size,
+                           "sha256": scanner.line_hash.hexdigest()}
+            reason = f"malformed CSV: {scanner.problem}; this line is rejected alone"
+            self._consume(size, 1, scanner.file_hash_line)
+            rest = data[chars:] if head else None
+        self._rejects.append(Reject(self.plan.path, where, record, reason))
+        self._read += 1
+        return rest
+
+    def _consume(self, size: int, lines: int, hasher: Any) -> None:
+        """Account for bytes taken by a reject outside ``_parse``."""
+        self.offset += size
+        self.line += lines
+        self.hasher = hasher
+
+    def _boundary(self, data: Any) -> int:
+        """End of the last whole record in ``data``: after a newline with even quotes before
+        (0: none)."""
+        nl, cr, quote = (b"\n", b"\r", self._quote.encode(self.codec)) if self.ascii else (
+            "\n", "\r", self._quote)
         total = data.count(quote)
         end = len(data)
         pos = data.rfind(nl)
@@ -229,10 +304,6 @@ class CsvParser:
                 return pos + 1
             end = pos + 1
             pos = data.rfind(nl, 0, pos)
-        if len(data) > self._max_pending:
-            # An unterminated quote: give the reader what we have; it reports the bad record.
-            last = data.rfind(nl)
-            return last + 1 if last >= 0 else len(data)
         return 0
 
     def _decode(self, part: bytes) -> tuple[str, bool]:
@@ -244,13 +315,29 @@ class CsvParser:
 
     # -- record level ------------------------------------------------------------------
 
-    def _parse(self, text: str, raw: bytes, sizes: list[int], dirty: bool,
-               out: list[RawBatch]) -> None:
-        """Parse whole records; add them to the batch, flushing batches as they fill up.
+    def _parse(self, part: Any, final: bool, out: list[RawBatch], *,
+               whole: bool = False) -> int:
+        """Parse the records of ``part``; add them to the batch, flushing batches as they
+        fill up; return how much of ``part`` was used.
+
+        Parsing stops before the first record that is malformed over several lines (a stray
+        quote swallows the lines after it) or that may go on after ``part`` (not ``final``):
+        the caller hands it to the scanner. With ``whole`` (the scanner has decided about
+        them already) every record is taken as the reader sees it.
 
         Per-row work is done by C code (csv, zip, map, compress); only rows that a
         whole-chunk check flags (header, blank, malformed, unclean) go through Python.
         """
+        if self.ascii:
+            text, dirty = self._decode(part)
+            raw = part
+            sizes = list(map(len, part.splitlines(keepends=True)))
+        else:
+            text = part
+            dirty = bool(_SURROGATE.search(text)) or "\x00" in text
+            sizes = [len(s.encode(self.codec, "surrogateescape"))
+                     for s in io.StringIO(text, newline="")]
+            raw = text.encode(self.codec, "surrogateescape")
         reader = csv.reader(io.StringIO(text, newline=""), delimiter=self.src.delimiter,
                             quotechar=self._quote, doublequote=True, strict=True)
         pairs = zip(reader, map(attrgetter("line_num"), repeat(reader)))
@@ -272,17 +359,15 @@ class CsvParser:
         starts = [0, *ends[:-1]]
         offsets = list(accumulate(sizes, initial=0))
         base_off, base_line = self.offset, self.line
-        self.offset += len(raw)
-        self.line += len(sizes)
         lines = list(map(add, starts, repeat(base_line + 1)))
-        offs = list(map(add, map(offsets.__getitem__, starts), repeat(base_off)))
         n = len(entries)
         skip = 0
         if self.header is None:                     # the first non-blank record
             skip = n
             for i, row in enumerate(entries):
                 if row or isinstance(row, _ErrorRow):
-                    self.header = self._header(row, lines[i])
+                    self.header = self._header(row, lines[i],
+                                               offsets[ends[i]] - offsets[starts[i]])
                     skip = i + 1
                     break
         odd = set(range(skip))
@@ -290,6 +375,22 @@ class CsvParser:
             odd.difference_update([skip - 1] if skip else [])
             odd.update(compress(count(skip), map(ne, map(len, entries[skip:]),
                                                  repeat(len(self.header)))))
+        if len(raw) > self._limit:
+            odd.update(i for i in range(skip, n)
+                       if offsets[ends[i]] - offsets[starts[i]] > self._limit)
+        used = len(part)
+        stop = None if whole else next(
+            (i for i in sorted(odd) if i >= skip and (ends[i] - starts[i] > 1 or (
+                i == n - 1 and not final and isinstance(entries[i], _ErrorRow)))), None)
+        if stop is not None:
+            keep_lines = starts[stop]
+            used = (offsets[keep_lines] if self.ascii else
+                    sum(map(len, io.StringIO(text, newline="").readlines()[:keep_lines])))
+            n, raw, sizes = stop, raw[:offsets[keep_lines]], sizes[:keep_lines]
+            odd = {i for i in odd if i < stop}
+        self.offset += len(raw)
+        self.line += len(sizes)
+        offs = list(map(add, map(offsets.__getitem__, starts[:n]), repeat(base_off)))
         if dirty:
             odd.update(i for i in range(skip, n) if self._unclean(entries[i]))
         mask = [True] * n
@@ -324,10 +425,17 @@ class CsvParser:
             first = last + 1
         self.hasher.update(raw[self._hashed:])
         self._hashed = 0
+        return used
 
-    def _header(self, row: list[str], line: int) -> list[str]:
+    def _header(self, row: list[str], line: int, size: int) -> list[str]:
         """The header from its row; SourceError if the row is not a usable header."""
         where = f"{self.plan.path}, line {line}: the header"
+        if size > self._limit:
+            raise SourceError(self.src.name, f"{where} is {size:,} bytes long, more than "
+                              f"max_record_bytes ({self._limit:,})")
+        if len(row) > self.src.max_columns:
+            raise SourceError(self.src.name, f"{where} has {len(row):,} columns, more than "
+                              f"max_columns ({self.src.max_columns:,})")
         if isinstance(row, _ErrorRow):
             raise SourceError(self.src.name, f"{where} is not valid CSV ({row.message})")
         if any("\x00" in f for f in row):
@@ -344,6 +452,15 @@ class CsvParser:
         """The reject for a malformed, unclean or wrongly sized row; None for a blank line."""
         if not row and not isinstance(row, _ErrorRow):
             return None
+        record: dict[str, Any]
+        if len(raw) > self._limit:
+            record = {"text": raw[:REJECT_PREFIX].decode(self.codec, "backslashreplace"),
+                      "truncated": True, "bytes": len(raw),
+                      "sha256": hashlib.sha256(raw).hexdigest()}
+            return Reject(self.plan.path, {"line": line, "byte_offset": offset}, record,
+                          f"record of {len(raw):,} bytes is longer than max_record_bytes "
+                          f"({self._limit:,}); its first {REJECT_PREFIX:,} characters, "
+                          "length and SHA-256 are kept")
         if isinstance(row, _ErrorRow):
             reason = row.message
         elif any("\x00" in f for f in row):
@@ -364,11 +481,11 @@ class CsvParser:
         batch = RawBatch(
             stream=self.plan.path, columns=self.header or [], rows=self._rows,
             positions=self._pos, rejects=self._rejects, rows_read=self._read,
-            bytes_read=end - self._batch_start,
+            bytes_read=end - self._batch_start, lines_read=line - self._batch_line,
             state={"offset": end, "line": line, "fingerprint": self.hasher.hexdigest(),
                    "header": self.header, "codec": self.codec})
         self._rows, self._pos, self._rejects, self._read = [], [], [], 0
-        self._batch_start = end
+        self._batch_start, self._batch_line = end, line
         return batch
 
 
@@ -415,16 +532,19 @@ async def read_file(src: CsvSource, plan: FilePlan,
                     initargs=(src, plan.path, plan.size, plan.start, plan.line, plan.header,
                               codec, bom, make_prepare))
                 pool: Executor = workers
-                feed: Callable[..., list[T]] = _worker_feed
+                feed: Callable[..., tuple[list[T], int | None]] = _worker_feed
                 args: tuple[Any, ...] = ()
             else:
                 pool, feed = files, _feed
                 args = (CsvParser(src, plan, codec, bom), make_prepare())
             while True:
                 chunk = await f.read(CHUNK_SIZE)
-                for item in await loop.run_in_executor(pool, feed, *args, chunk):
+                items, seek = await loop.run_in_executor(pool, feed, *args, chunk)
+                for item in items:
                     yield item
-                if not chunk:
+                if seek is not None:          # a malformed record: read on after its line
+                    await f.seek(seek)
+                elif not chunk:
                     break
     finally:
         if workers:
@@ -432,8 +552,10 @@ async def read_file(src: CsvSource, plan: FilePlan,
         files.shutdown(wait=False)
 
 
-def _feed(parser: CsvParser, prepare: Callable[[RawBatch], T], chunk: bytes) -> list[T]:
-    return [prepare(b) for b in parser.feed(chunk)]
+def _feed(parser: CsvParser, prepare: Callable[[RawBatch], T],
+          chunk: bytes) -> tuple[list[T], int | None]:
+    batches, seek = parser.feed(chunk)
+    return [prepare(b) for b in batches], seek
 
 
 _worker: tuple[CsvParser, Callable[[RawBatch], Any]] | None = None
@@ -448,7 +570,7 @@ def _start_worker(src: CsvSource, path: str, size: int, start: int, line: int,
     _worker = (CsvParser(src, plan, codec, bom), make_prepare())
 
 
-def _worker_feed(chunk: bytes) -> list[Any]:
+def _worker_feed(chunk: bytes) -> tuple[list[Any], int | None]:
     assert _worker is not None
     return _feed(*_worker, chunk)
 
@@ -456,7 +578,7 @@ def _worker_feed(chunk: bytes) -> list[Any]:
 def read_header(src: CsvSource, path: str) -> list[str]:
     """The header of a file (its first non-blank record), for ``etlsvc check``."""
     with open(path, "rb") as f:
-        head = f.read(min(src.max_field_bytes, 1 << 20))
+        head = f.read(min(src.max_record_bytes, 1 << 20))
     codec, bom = _codec(src.encoding, head)
     text = head[bom:].decode(codec, "replace")
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=src.delimiter,
