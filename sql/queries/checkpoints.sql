@@ -1,6 +1,6 @@
 -- name: read
 -- params: $1 source
-SELECT stream, state FROM etl_checkpoints WHERE source = $1
+SELECT stream, state, run_id FROM etl_checkpoints WHERE source = $1
 
 -- name: write
 -- params: $1 source, $2 stream, $3 state (jsonb), $4 run id

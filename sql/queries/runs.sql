@@ -8,9 +8,36 @@ RETURNING id
 -- Runs of a source left 'running' by a process that died: only called while holding the
 -- source's advisory lock, so no live run of it exists.
 -- params: $1 source
-UPDATE etl_runs SET status = 'failed', finished_at = now(),
-       error = 'interrupted: the process running it stopped before it finished'
+UPDATE etl_runs SET status = 'interrupted', finished_at = now(),
+       error = format('interrupted: its process (pid %s on %s) stopped before finishing it; '
+                      'last heartbeat at %s', coalesce(pid::text, '?'), coalesce(host, '?'),
+                      heartbeat_at)
 WHERE source = $1 AND status = 'running'
+
+-- name: interrupt
+-- One run whose process is gone (the sweep holds the source's lock while it calls this).
+-- params: $1 run id
+UPDATE etl_runs SET status = 'interrupted', finished_at = now(),
+       error = format('interrupted: its process (pid %s on %s) is gone; last heartbeat at %s',
+                      coalesce(pid::text, '?'), coalesce(host, '?'), heartbeat_at)
+WHERE id = $1 AND status = 'running'
+RETURNING id
+
+-- name: running_all
+-- Every running run, and whether its heartbeat is older than $1 seconds.
+SELECT id, source, host, pid, heartbeat_at < now() - make_interval(secs => $1) AS stale
+FROM etl_runs WHERE status = 'running'
+
+-- name: heartbeat
+-- params: $1 run id
+UPDATE etl_runs SET heartbeat_at = now() WHERE id = $1 AND status = 'running'
+
+-- name: resume
+-- A run that lost its connection and got it back: running again, counters as committed.
+-- params: $1 run id
+UPDATE etl_runs SET status = 'running', finished_at = NULL, error = NULL, heartbeat_at = now()
+WHERE id = $1
+RETURNING *
 
 -- name: running
 -- params: $1 source

@@ -13,10 +13,24 @@ import asyncpg
 from etlsvc import db
 
 
-async def read(conn: asyncpg.Connection | asyncpg.Pool, source: str) -> dict[str, Any]:
-    """{stream: state} of every stream of ``source``."""
+class Checkpoints(dict[str, dict[str, Any]]):
+    """{stream: state} to resume from, and ``mine``: the streams the run itself committed."""
+
+    mine: set[str]
+
+
+async def read(conn: asyncpg.Connection, source: str, *, run_id: int,
+               full_refresh: bool = False) -> Checkpoints:
+    """Where run ``run_id`` of ``source`` resumes, stream by stream.
+
+    With ``full_refresh`` only the streams this run has committed count: a run that lost its
+    database and reconnected goes on where it was, never from the start again.
+    """
     rows = await conn.fetch(db.query("checkpoints", "read"), source)
-    return {r["stream"]: r["state"] for r in rows}
+    found = Checkpoints({r["stream"]: r["state"] for r in rows
+                         if not full_refresh or r["run_id"] == run_id})
+    found.mine = {r["stream"] for r in rows if r["run_id"] == run_id}
+    return found
 
 
 async def write(conn: asyncpg.Connection, source: str, stream: str, state: dict[str, Any],

@@ -195,6 +195,9 @@ class DatabaseConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     min_pool_size: Annotated[int, msgspec.Meta(ge=0)] = 1
     max_pool_size: PositiveInt = 10
     connect_timeout: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    #: Seconds a run waits for a lost database to come back (reconnecting with backoff,
+    #: then resuming from its last committed batch) before it fails.
+    reconnect_timeout: Annotated[float, msgspec.Meta(ge=0)] = 60.0
 
 
 class EmbeddedConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

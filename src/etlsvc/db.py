@@ -30,6 +30,18 @@ _MIGRATION_LOCK = 0x6574_6C73_7663_0001  # "etlsvc" + 1: one key for every etlsv
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
 
+#: Errors that mean the database is away (down, restarting, unreachable, connection lost),
+#: as opposed to an error in what was asked of it.
+UNAVAILABLE = (OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+               asyncpg.AdminShutdownError, asyncpg.CrashShutdownError,
+               asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError)
+
+
+def unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` means the database is away rather than that a statement failed."""
+    return isinstance(exc, UNAVAILABLE)
+
+
 def sql_dir() -> Path:
     """``sql/`` inside the installed package (wheel), else at the root of the source tree."""
     here = Path(__file__).resolve().parent

@@ -8,7 +8,7 @@ at the boundary where they happen, and kept as ``__cause__``.
   x ConfigError          bad or missing configuration (CLI exit code 2)
   x DatabaseError        PostgreSQL unreachable, migration failure, embedded server failure
   x SourceError          a source cannot be read (carries ``source``)
-  x SourceBusy           another process is already running this source (carries ``run_id``)
+  x SourceBusy           sources already running in some process (carries their run ids)
 
 Invalid *records* are not exceptions: they are data, stored in ``etl_rejects``.
 """
@@ -37,10 +37,23 @@ class SourceError(EtlError):
 
 
 class SourceBusy(EtlError):
-    """The source is being run by another worker."""
+    """One or more sources are being run already: ``running`` maps each to its run id."""
 
-    def __init__(self, source: str, run_id: int | None) -> None:
-        where = f" (run {run_id})" if run_id is not None else ""
-        super().__init__(f"source {source!r} is already running{where}")
-        self.source = source
-        self.run_id = run_id
+    def __init__(self, running: dict[str, int | None]) -> None:
+        named = [f"{s!r}" + (f" (run {r})" if r is not None else "")
+                 for s, r in running.items()]
+        if len(running) == 1:
+            [(source, run_id)] = running.items()
+            where = f" (run {run_id})" if run_id is not None else ""
+            super().__init__(f"source {source!r} is already running{where}")
+        else:
+            super().__init__(f"sources {', '.join(named)} are already running")
+        self.running = running
+
+    @property
+    def source(self) -> str:
+        return next(iter(self.running))
+
+    @property
+    def run_id(self) -> int | None:
+        return self.running[self.source]

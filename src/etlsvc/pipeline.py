@@ -19,14 +19,15 @@ from itertools import compress, repeat
 from operator import itemgetter
 from typing import Any, TypeVar
 
+import asyncpg
 import httpx
 import msgspec
 import structlog
 
-from etlsvc import checkpoint, load, metrics, normalize, runs
+from etlsvc import checkpoint, db, load, metrics, normalize, runs
 from etlsvc.config import ApiSource, Config, CsvSource, RssSource, Source
 from etlsvc.db import Database
-from etlsvc.errors import EtlError, SourceError
+from etlsvc.errors import EtlError, SourceBusy, SourceError
 from etlsvc.sources import RawBatch, Reject, csv_files, json_api, rss_feeds
 from etlsvc.validate import RowValidator
 
@@ -73,69 +74,120 @@ async def run_source(database: Database, cfg: Config, src: Source, *, trigger: s
                      full_refresh: bool = False,
                      on_progress: ProgressCallback | None = None) -> dict[str, Any]:
     """Run ``src`` once; return its finished ``etl_runs`` row. SourceBusy if already running."""
-    claimed = await claim(database, src, trigger=trigger, full_refresh=full_refresh)
+    [claimed] = await claim(database, [src], trigger=trigger, full_refresh=full_refresh)
     return await claimed.execute(cfg, on_progress)
 
 
-async def claim(database: Database, src: Source, *, trigger: str,
-                full_refresh: bool) -> ClaimedRun:
-    """Take the source's lock and create its run row (SourceBusy if it is running).
+async def claim(database: Database, sources: list[Source], *, trigger: str,
+                full_refresh: bool) -> list[ClaimedRun]:
+    """Take every source's lock and create their run rows, or none of them.
 
-    The run has an id from here on; ``ClaimedRun.execute`` does the work and lets go.
+    SourceBusy, naming every source that is running, if any is; the runs have ids from here
+    on, and ``ClaimedRun.execute`` does the work and lets go.
     """
-    stack = contextlib.AsyncExitStack()
+    held: list[tuple[Source, Any]] = []
+    busy: dict[str, int | None] = {}
     try:
-        conn = await stack.enter_async_context(database.pool.acquire())
-        await stack.enter_async_context(runs.source_lock(conn, src.name))
-        run_id = await runs.start(conn, src.name, src.kind, trigger, full_refresh)
+        for src in sources:
+            conn = await database.pool.acquire()
+            held.append((src, conn))
+            if not await runs.try_lock(conn, src.name):
+                held.pop()
+                try:
+                    busy[src.name] = await runs.running_id(conn, src.name)
+                finally:
+                    await database.pool.release(conn)
+        if busy:
+            raise SourceBusy(busy)
+        return [ClaimedRun(await runs.start(conn, src.name, src.kind, trigger, full_refresh),
+                           src, trigger, full_refresh, database, conn) for src, conn in held]
     except BaseException:
-        await stack.aclose()
+        for src, conn in held:
+            await _let_go(database, src, conn)
         raise
-    return ClaimedRun(run_id, src, trigger, full_refresh, conn, stack)
+
+
+async def _let_go(database: Database, src: Source, conn: Any) -> None:
+    """Release the source's lock and the connection (a dead one is just dropped)."""
+    with contextlib.suppress(*db.UNAVAILABLE):
+        if not conn.is_closed():
+            await runs.unlock(conn, src.name)
+    with contextlib.suppress(*db.UNAVAILABLE):
+        await database.pool.release(conn)
+
+
+class DatabaseLost(EtlError):
+    """The database stayed away longer than ``database.reconnect_timeout``."""
 
 
 @dataclass
 class ClaimedRun:
-    """A run whose lock is held and whose ``etl_runs`` row exists."""
+    """A run whose lock is held (by ``conn``) and whose ``etl_runs`` row exists."""
 
     id: int
     src: Source
     trigger: str
     full_refresh: bool
-    _conn: Any
-    _stack: contextlib.AsyncExitStack
+    database: Database
+    conn: Any
 
     async def execute(self, cfg: Config,
                       on_progress: ProgressCallback | None = None) -> dict[str, Any]:
         """Load the source, finish the run row, release the lock; return the row."""
         try:
-            return await _execute(self._conn, cfg, self, on_progress)
+            return await _execute(cfg, self, on_progress)
         finally:
-            await self._stack.aclose()
+            await _let_go(self.database, self.src, self.conn)
+
+    async def reconnect(self, deadline: float) -> dict[str, Any]:
+        """A new connection holding the source's lock again, with backoff until ``deadline``
+        (monotonic); return the run's row as committed. DatabaseLost past the deadline."""
+        await _let_go(self.database, self.src, self.conn)
+        delay = 0.2
+        while True:
+            try:
+                conn = await self.database.pool.acquire(timeout=5)
+            except Exception as exc:
+                if not db.unavailable(exc):
+                    raise
+                if time.monotonic() + delay > deadline:
+                    raise DatabaseLost(f"database connection lost: {_describe(exc)}") from exc
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 5.0)
+                continue
+            self.conn = conn
+            if not await runs.try_lock(conn, self.src.name):
+                raise SourceBusy({self.src.name: await runs.running_id(conn, self.src.name)})
+            return await runs.resume(conn, self.id)
 
 
-async def _execute(conn: Any, cfg: Config, run: ClaimedRun,
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+async def _execute(cfg: Config, run: ClaimedRun,
                    on_progress: ProgressCallback | None) -> dict[str, Any]:
     src = run.src
     with structlog.contextvars.bound_contextvars(run_id=run.id, source=src.name):
         log.info("run started", trigger=run.trigger, full_refresh=run.full_refresh)
         progress = Progress(run.id, src.name)
         started = time.monotonic()
+        beating = asyncio.create_task(runs.heartbeat(run.database.pool, run.id))
         error = None
         try:
-            # Safe for batches: raw rows, normalized rows and checkpoint commit together, so
-            # a commit lost in a server crash loses all three and the next run reads them
-            # again. (The pool resets the setting when the connection is released.)
-            await conn.execute("SET synchronous_commit = off")
-            loader = {"csv": _load_csv, "api": _load_api, "rss": _load_rss}[src.kind]
-            await loader(conn, cfg, src, progress, run.full_refresh, on_progress)
+            await _load(cfg, run, progress, on_progress)
         except (EtlError, OSError, UnicodeError) as exc:
             error = str(exc)
+        except asyncpg.PostgresError as exc:      # a statement failed: say which error
+            error = f"database error: {exc.sqlstate}: {exc}"
         except Exception as exc:  # a bug: the run fails, the service does not
             log.exception("run crashed")
             error = f"internal error: {type(exc).__name__}: {exc}"
+        finally:
+            beating.cancel()
         error = error or _error_rate_exceeded(src, progress.counts)
-        row = await runs.finish(conn, run.id, "failed" if error else "succeeded", error)
+        row = await _finish(cfg, run, progress, error)
         seconds = time.monotonic() - started
         metrics.observe_run(row, seconds)
         (log.error if error else log.info)(
@@ -144,6 +196,68 @@ async def _execute(conn: Any, cfg: Config, run: ClaimedRun,
             rows_per_s=round(row["rows_read"] / seconds) if seconds else None,
             **{k: row[k] for k in runs.COUNTERS})
         return row
+
+
+async def _load(cfg: Config, run: ClaimedRun, progress: Progress,
+                on_progress: ProgressCallback | None) -> None:
+    """Run the source's loader; when the connection is lost, reconnect and run it again from
+    the last committed checkpoint (each batch commits whole, so nothing is loaded twice)."""
+    loader = {"csv": _load_csv, "api": _load_api, "rss": _load_rss}[run.src.kind]
+    deadline = committed = None
+    while True:
+        try:
+            # Safe for batches: raw rows, normalized rows and checkpoint commit together, so
+            # a commit lost in a server crash loses all three and the next run reads them
+            # again. (The pool resets the setting when the connection is released.)
+            await run.conn.execute("SET synchronous_commit = off")
+            await loader(run.conn, cfg, run.src, progress, run.full_refresh, on_progress)
+            return
+        except Exception as exc:
+            if not await _connection_lost(run, exc):
+                raise
+            log.warning("database connection lost, reconnecting", error=_describe(exc),
+                        reconnect_timeout_s=cfg.database.reconnect_timeout)
+            if deadline is None or committed != progress.counts:   # a new outage
+                deadline = time.monotonic() + cfg.database.reconnect_timeout
+            row = await run.reconnect(deadline)
+            progress.counts = committed = {k: row[k] for k in runs.COUNTERS}
+            log.info("reconnected; resuming from the last committed batch",
+                     rows_read=row["rows_read"])
+
+
+async def _connection_lost(run: ClaimedRun, exc: Exception) -> bool:
+    """Whether ``exc`` means the run's connection is gone (not a file or upstream error)."""
+    if isinstance(exc, EtlError) or not db.unavailable(exc):
+        return False
+    if isinstance(exc, (asyncpg.PostgresError, asyncpg.InterfaceError)):
+        return True
+    try:                                    # an OSError: from the database, or a file?
+        await run.conn.fetchval("SELECT 1", timeout=5)
+    except Exception:
+        return True
+    return False
+
+
+async def _finish(cfg: Config, run: ClaimedRun, progress: Progress,
+                  error: str | None) -> dict[str, Any]:
+    """Mark the run finished. If the database is away, wait for it as a batch would; if it
+    does not come back, the row is left to the sweep (it marks it interrupted) and the
+    caller gets the run as this process knows it."""
+    status = "failed" if error else "succeeded"
+    try:
+        try:
+            return await runs.finish(run.conn, run.id, status, error)
+        except Exception as exc:
+            if not db.unavailable(exc):
+                raise
+            deadline = time.monotonic() + (0 if isinstance(error, str) and error.startswith(
+                "database connection lost") else cfg.database.reconnect_timeout)
+            await run.reconnect(deadline)
+            return await runs.finish(run.conn, run.id, status, error)
+    except (DatabaseLost, SourceBusy, *db.UNAVAILABLE) as exc:
+        log.error("could not mark the run finished: the database is away", error=str(exc))
+        return {"id": run.id, "source": run.src.name, "kind": run.src.kind, "status": status,
+                "error": error, **progress.counts}
 
 
 def _error_rate_exceeded(src: Source, counts: dict[str, int]) -> str | None:
@@ -157,10 +271,10 @@ def _error_rate_exceeded(src: Source, counts: dict[str, int]) -> str | None:
 
 async def _load_csv(conn: Any, cfg: Config, src: Source, progress: Progress,
                     full_refresh: bool, on_progress: ProgressCallback | None) -> None:
-    states = {} if full_refresh else await checkpoint.read(conn, src.name)
+    states = await checkpoint.read(conn, src.name, run_id=progress.run_id,
+                                   full_refresh=full_refresh)
     files = csv_files.find_files(src, cfg.resolve("."))
-    plans = [await asyncio.to_thread(csv_files.plan_file, p, states.get(p), full_refresh)
-             for p in files]
+    plans = [await asyncio.to_thread(csv_files.plan_file, p, states.get(p)) for p in files]
     progress.bytes_total = sum(p.todo for p in plans)
     await runs.set_total(conn, progress.run_id, progress.bytes_total)
     make_prepare = functools.partial(_csv_preparer, src, progress.run_id)
@@ -179,9 +293,14 @@ async def _load_csv(conn: Any, cfg: Config, src: Source, progress: Progress,
 
 async def _load_api(conn: Any, cfg: Config, src: ApiSource, progress: Progress,
                     full_refresh: bool, on_progress: ProgressCallback | None) -> None:
-    state = (await checkpoint.read(conn, src.name)).get(src.url)
-    if full_refresh or not state or not state.get("request"):
-        state = json_api.first_request(src, None if full_refresh else state)
+    states = await checkpoint.read(conn, src.name, run_id=progress.run_id,
+                                   full_refresh=full_refresh)
+    state = states.get(src.url)
+    if src.url in states.mine and not (state or {}).get("request"):
+        log.info("the walk was finished earlier in this run")
+        return
+    if not state or not state.get("request"):
+        state = json_api.first_request(src, state)
     else:
         log.info("resuming the walk", page=state["page"] + 1)
     async with json_api.http_client(src) as client:
@@ -234,7 +353,8 @@ def _prepare_items(src: ApiSource | RssSource, run_id: int, *, checkpoint_stream
 
 async def _load_rss(conn: Any, cfg: Config, src: RssSource, progress: Progress,
                     full_refresh: bool, on_progress: ProgressCallback | None) -> None:
-    states = {} if full_refresh else await checkpoint.read(conn, src.name)
+    states = await checkpoint.read(conn, src.name, run_id=progress.run_id,
+                                   full_refresh=full_refresh)
     outcomes: dict[str, dict[str, Any]] = {}
     async with json_api.http_client(src) as client:
         async for feed in rss_feeds.fetch_all(src, client, states):

@@ -167,15 +167,14 @@ async def start_runs(request: Request, data: JSONBody[RunRequest | None] = None)
             service.cfg.sources)
     except ConfigError as exc:
         raise ApiError(404, "unknown_source", str(exc)) from None
-    started = []
-    for src in sources:
-        try:
-            run_id = await service.start_run(src, full_refresh=body.full_refresh)
-        except SourceBusy as exc:
-            raise ApiError(409, "source_running", str(exc), source=src.name,
-                           running_run_id=exc.run_id, started=started) from None
-        started.append({"source": src.name, "run_id": run_id})
-    return envelope(request, {"runs": started})
+    try:
+        ids = await service.start_runs(sources, full_refresh=body.full_refresh)
+    except SourceBusy as exc:
+        raise ApiError(409, "source_running", str(exc), source=exc.source,
+                       running_run_id=exc.run_id, running=[
+                           {"source": s, "run_id": r} for s, r in exc.running.items()]) from None
+    return envelope(request, {"runs": [{"source": s.name, "run_id": i}
+                                       for s, i in zip(sources, ids)]})
 
 
 def run_view(row: Any) -> dict[str, Any]:
@@ -191,7 +190,8 @@ def run_view(row: Any) -> dict[str, Any]:
 async def list_runs(
     request: Request,
     source: FromQuery[str | None] = None,
-    status: Annotated[str | None, QueryParameter(pattern="^(running|succeeded|failed)$")] = None,
+    status: Annotated[str | None, QueryParameter(
+        pattern="^(running|succeeded|failed|interrupted)$")] = None,
     limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 50,
     cursor: FromQuery[str | None] = None,
 ) -> dict[str, Any]:

@@ -1,7 +1,10 @@
 """Runs: the ``etl_runs`` row of each run of a source, and the lock that makes it the only one.
 
 Owns the per-source advisory lock (session level, held by the run's connection for the whole
-run, so it also guards against other processes and replicas) and the run row's life cycle.
+run, so it also guards against other processes and replicas), the run row's life cycle, its
+heartbeat, and the sweep that marks runs ``interrupted`` when the process running them is
+gone: a run whose source lock nobody holds, and whose process is known dead or has not
+beaten for ``STALE_AFTER`` seconds.
 """
 
 from __future__ import annotations
@@ -14,39 +17,71 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
+import structlog
 
 from etlsvc import db
 from etlsvc.errors import SourceBusy
 
+log = structlog.get_logger()
+
 COUNTERS = ("rows_read", "rows_valid", "rows_rejected", "rows_inserted", "rows_updated",
             "rows_unchanged", "bytes_read", "pages_read", "lines_read")
+#: Seconds between heartbeats of a running run.
+HEARTBEAT = 5.0
+#: A running run that has not beaten for this long, and whose lock is free, is interrupted.
+STALE_AFTER = 30.0
+HOST = socket.gethostname()
+
+
+def _key(source: str) -> str:
+    return f"etlsvc:source:{source}"
+
+
+async def try_lock(conn: asyncpg.Connection, source: str) -> bool:
+    """Take the source's advisory lock if it is free."""
+    return await conn.fetchval("SELECT pg_try_advisory_lock(hashtextextended($1, 0))",
+                               _key(source))
+
+
+async def unlock(conn: asyncpg.Connection, source: str) -> None:
+    await conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", _key(source))
+
+
+async def running_id(conn: asyncpg.Connection, source: str) -> int | None:
+    """The id of the source's running run, waiting a moment for a holder that just took
+    the lock to create its row."""
+    for _ in range(40):
+        running = await conn.fetchval(db.query("runs", "running"), source)
+        if running is not None:
+            return running
+        await asyncio.sleep(0.05)
+    return None
 
 
 @contextlib.asynccontextmanager
 async def source_lock(conn: asyncpg.Connection, source: str) -> AsyncIterator[None]:
     """Hold the source's advisory lock; SourceBusy (with the running run's id) if taken."""
-    key = f"etlsvc:source:{source}"
-    if not await conn.fetchval("SELECT pg_try_advisory_lock(hashtextextended($1, 0))", key):
-        # The holder creates its run row right after taking the lock: give it a moment.
-        running = None
-        for _ in range(40):
-            running = await conn.fetchval(db.query("runs", "running"), source)
-            if running is not None:
-                break
-            await asyncio.sleep(0.05)
-        raise SourceBusy(source, running)
+    if not await try_lock(conn, source):
+        raise SourceBusy({source: await running_id(conn, source)})
     try:
         yield
     finally:
-        await conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", key)
+        await unlock(conn, source)
 
 
 async def start(conn: asyncpg.Connection, source: str, kind: str, trigger: str,
                 full_refresh: bool) -> int:
-    """Close runs a dead process left open, then create this run's row; return its id."""
+    """Mark runs a dead process left open as interrupted, then create this run's row; return
+    its id. Call while holding the source's lock: no other run of it can be alive."""
     await conn.execute(db.query("runs", "abandon_stale"), source)
     return await conn.fetchval(db.query("runs", "start"), source, kind, trigger, full_refresh,
-                               socket.gethostname(), os.getpid())
+                               HOST, os.getpid())
+
+
+async def resume(conn: asyncpg.Connection, run_id: int) -> dict[str, Any]:
+    """After a reconnect: the run is running again (a sweep may have marked it interrupted
+    while the database was away); return its row, whose counters are what was committed."""
+    return dict(await conn.fetchrow(db.query("runs", "resume"), run_id))
 
 
 async def add(conn: asyncpg.Connection, run_id: int, counts: dict[str, int]) -> None:
@@ -68,3 +103,50 @@ async def finish(conn: asyncpg.Connection, run_id: int, status: str,
                  error: str | None) -> dict[str, Any]:
     """Mark the run finished; return its row."""
     return dict(await conn.fetchrow(db.query("runs", "finish"), run_id, status, error))
+
+
+async def heartbeat(pool: asyncpg.Pool, run_id: int) -> None:
+    """Beat every ``HEARTBEAT`` seconds until cancelled (on the pool: the run's own
+    connection is busy with its batches). Missed beats during an outage are harmless."""
+    while True:
+        await asyncio.sleep(HEARTBEAT)
+        try:
+            await pool.execute(db.query("runs", "heartbeat"), run_id, timeout=HEARTBEAT)
+        except Exception as exc:  # the database is away: the run itself deals with that
+            log.debug("heartbeat missed", run_id=run_id, error=type(exc).__name__)
+
+
+def _process_gone(host: str | None, pid: int | None) -> bool:
+    if host != HOST or not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+async def sweep(pool: asyncpg.Pool, own: set[int] = frozenset()) -> list[int]:
+    """Mark ``interrupted`` every running run whose process is gone; return their ids.
+
+    A run qualifies when nobody holds its source's lock (its connection is gone) and its
+    process is known dead (same host, no such pid) or has not beaten for ``STALE_AFTER``
+    seconds. ``own`` are this process's runs, never swept.
+    """
+    swept = []
+    for r in await pool.fetch(db.query("runs", "running_all"), STALE_AFTER):
+        if r["id"] in own or not (r["stale"] or _process_gone(r["host"], r["pid"])):
+            continue
+        async with pool.acquire() as conn:
+            if not await try_lock(conn, r["source"]):
+                continue
+            try:
+                if await conn.fetchval(db.query("runs", "interrupt"), r["id"]):
+                    swept.append(r["id"])
+            finally:
+                await unlock(conn, r["source"])
+    if swept:
+        log.warning("runs of processes that are gone marked interrupted", runs=swept)
+    return swept

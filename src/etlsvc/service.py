@@ -20,7 +20,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from etlsvc import metrics, pipeline
+from etlsvc import db, metrics, pipeline, runs
 from etlsvc.config import Config, Source
 from etlsvc.db import Database
 from etlsvc.errors import ConfigError, SourceBusy
@@ -98,6 +98,7 @@ class Service:
     running: dict[int, asyncio.Task[Any]] = field(default_factory=dict)
     accepting: bool = True
     loop_monitor: LoopMonitor = field(default_factory=LoopMonitor)
+    _sweeper: asyncio.Task[None] | None = None
 
     def start_scheduler(self) -> None:
         """Add a job per scheduled source and start the scheduler on the running loop."""
@@ -110,6 +111,7 @@ class Service:
                     misfire_grace_time=60, replace_existing=True)
         self.scheduler.start()
         self.loop_monitor.start()
+        self._sweeper = asyncio.create_task(self.sweep_forever(), name="run sweeper")
         log.info("scheduler started", jobs=[j.id for j in self.scheduler.get_jobs()])
 
     @property
@@ -121,26 +123,34 @@ class Service:
         if not self.accepting:
             return
         try:
-            run_id = await self.start_run(self.cfg.source(name), trigger="schedule")
+            [run_id] = await self.start_runs([self.cfg.source(name)], trigger="schedule")
         except SourceBusy as exc:
             log.info("scheduled run skipped: the source is running elsewhere", source=name,
                      running_run_id=exc.run_id)
+            return
+        except Exception as exc:
+            if not db.unavailable(exc):
+                raise
+            log.warning("scheduled run skipped: the database is not available", source=name,
+                        error=type(exc).__name__)
             return
         task = self.running.get(run_id)
         if task:             # the job lasts as long as the run: max_instances=1 then holds
             await asyncio.shield(task)
 
-    async def start_run(self, src: Source, *, trigger: str = "manual",
-                        full_refresh: bool = False) -> int:
-        """Claim a run of ``src`` and execute it in the background; return its id."""
+    async def start_runs(self, sources: list[Source], *, trigger: str = "manual",
+                         full_refresh: bool = False) -> list[int]:
+        """Claim a run of every source (or of none: SourceBusy names each busy one) and
+        execute them in the background; return their ids."""
         if not self.accepting:
-            raise SourceBusy(src.name, None)
-        claimed = await pipeline.claim(self.database, src, trigger=trigger,
+            raise SourceBusy(dict.fromkeys((s.name for s in sources), None))
+        claimed = await pipeline.claim(self.database, sources, trigger=trigger,
                                        full_refresh=full_refresh)
-        task = asyncio.create_task(self._execute(claimed), name=f"run {claimed.id}")
-        self.running[claimed.id] = task
-        task.add_done_callback(lambda _: self.running.pop(claimed.id, None))
-        return claimed.id
+        for run in claimed:
+            task = asyncio.create_task(self._execute(run), name=f"run {run.id}")
+            self.running[run.id] = task
+            task.add_done_callback(lambda _, i=run.id: self.running.pop(i, None))
+        return [run.id for run in claimed]
 
     async def _execute(self, claimed: pipeline.ClaimedRun) -> None:
         pipeline.PARSE_IN_PROCESS.set(True)      # this task's context only
@@ -149,11 +159,25 @@ class Service:
         except asyncio.CancelledError:
             log.warning("run cancelled at shutdown; its last batch rolled back", run_id=claimed.id)
             raise
+        except Exception:    # never "Task exception was never retrieved"
+            log.exception("run failed outside its own error handling", run_id=claimed.id)
+
+    async def sweep_forever(self, every: float = runs.STALE_AFTER) -> None:
+        """Mark runs of processes that are gone ``interrupted``: now, then periodically."""
+        while True:
+            try:
+                await runs.sweep(self.database.pool, own=set(self.running))
+            except Exception as exc:
+                if not db.unavailable(exc):
+                    raise
+            await asyncio.sleep(every)
 
     async def stop(self, grace: float) -> None:
         """Stop taking runs; give running ones ``grace`` seconds, then cancel them."""
         self.accepting = False
         self.loop_monitor.stop()
+        if self._sweeper:
+            self._sweeper.cancel()
         if self.scheduler and self.scheduler.running:
             self.scheduler.shutdown(wait=False)
         tasks = list(self.running.values())

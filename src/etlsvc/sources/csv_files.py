@@ -99,7 +99,7 @@ def _hash_prefix(path: str, length: int) -> Any:
     return h
 
 
-def plan_file(path: str, state: dict[str, Any] | None, full_refresh: bool) -> FilePlan:
+def plan_file(path: str, state: dict[str, Any] | None) -> FilePlan:
     """Decide where to (re)start reading ``path`` given its checkpoint ``state``.
 
     If the file's bytes before the checkpoint's offset are unchanged (same SHA-256), reading
@@ -108,7 +108,7 @@ def plan_file(path: str, state: dict[str, Any] | None, full_refresh: bool) -> Fi
     size and mtime, which can stay the same across a quick edit.
     """
     st = os.stat(path)
-    if state and not full_refresh:
+    if state:
         offset = int(state["offset"])
         if st.st_size >= offset:
             h = _hash_prefix(path, offset)
