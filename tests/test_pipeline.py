@@ -210,8 +210,8 @@ async def test_a_running_source_is_not_run_twice(env: Env, pool: asyncpg.Pool, g
     env.write_config(csv_source("products", full))
     async with pool.acquire() as conn:
         running = await conn.fetchval(
-            "INSERT INTO etl_runs (source, kind, trigger) "
-            "VALUES ('products', 'csv', 'manual') RETURNING id"
+            "INSERT INTO etl_runs (source, kind, trigger, heartbeat_at) "
+            "VALUES ('products', 'csv', 'manual', now() - interval '10 minutes') RETURNING id"
         )
         await conn.execute("SELECT pg_advisory_lock(hashtextextended('etlsvc:source:products', 0))")
         result = env.cli("run", "products")

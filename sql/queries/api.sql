@@ -58,3 +58,8 @@ SELECT id, run_id, source, stream, position, record, reason, created_at FROM etl
 WHERE id > $1 AND ($3::bigint IS NULL OR run_id = $3) AND ($4::text IS NULL OR source = $4)
 ORDER BY id
 LIMIT $2
+
+-- name: running_runs
+-- Runs running now, in any process (the sweep closes those whose process is gone).
+SELECT id AS run_id, source, host, pid, started_at, heartbeat_at FROM etl_runs
+WHERE status = 'running' ORDER BY id

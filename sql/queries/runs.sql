@@ -4,22 +4,19 @@ INSERT INTO etl_runs (source, kind, trigger, full_refresh, host, pid)
 VALUES ($1, $2, $3, $4, $5, $6)
 RETURNING id
 
--- name: abandon_stale
--- Runs of a source left 'running' by a process that died: only called while holding the
--- source's advisory lock, so no live run of it exists.
--- params: $1 source
+-- name: running_of
+-- The running runs of a source, and whether their heartbeat is older than $2 seconds.
+-- params: $1 source, $2 seconds
+SELECT id, host, pid, heartbeat_at < now() - make_interval(secs => $2) AS stale
+FROM etl_runs WHERE source = $1 AND status = 'running'
+
+-- name: interrupt
+-- A run whose process is gone (the caller holds the source's lock).
+-- params: $1 run id
 UPDATE etl_runs SET status = 'interrupted', finished_at = now(),
        error = format('interrupted: its process (pid %s on %s) stopped before finishing it; '
                       'last heartbeat at %s', coalesce(pid::text, '?'), coalesce(host, '?'),
                       heartbeat_at)
-WHERE source = $1 AND status = 'running'
-
--- name: interrupt
--- One run whose process is gone (the sweep holds the source's lock while it calls this).
--- params: $1 run id
-UPDATE etl_runs SET status = 'interrupted', finished_at = now(),
-       error = format('interrupted: its process (pid %s on %s) is gone; last heartbeat at %s',
-                      coalesce(pid::text, '?'), coalesce(host, '?'), heartbeat_at)
 WHERE id = $1 AND status = 'running'
 RETURNING id
 

@@ -32,6 +32,8 @@ log = structlog.get_logger()
 #: Seconds a running run may take to finish its batch at shutdown before it is cancelled.
 SHUTDOWN_GRACE = 20.0
 MAX_BODY = 1 << 20
+#: Seconds a client is told to wait when the database is away (503).
+RETRY_AFTER = "2"
 
 
 def request_ids(app: ASGIApp) -> ASGIApp:
@@ -92,10 +94,14 @@ def _http_error(request: Request, exc: HTTPException) -> Response[dict[str, Any]
 
 def _database_error(request: Request, exc: Exception) -> Response[dict[str, Any]]:
     if isinstance(exc, asyncpg.QueryCanceledError):
-        return _error(request, 503, "query_timeout", "the query took too long; narrow the "
-                      "filters or use a smaller limit")
-    log.warning("database unavailable", error=type(exc).__name__)
-    return _error(request, 503, "unavailable", "the database is not available")
+        response = _error(request, 503, "query_timeout", "the query took too long; narrow "
+                          "the filters or use a smaller limit")
+    else:
+        log.warning("database unavailable", error=type(exc).__name__)
+        response = _error(request, 503, "unavailable", "the database is not available; "
+                          "retry shortly")
+    response.headers["Retry-After"] = RETRY_AFTER
+    return response
 
 
 def _internal_error(request: Request, exc: Exception) -> Response[dict[str, Any]]:
@@ -142,9 +148,7 @@ def create_litestar(cfg: Config) -> Litestar:
         middleware=middleware,
         exception_handlers={HTTPException: _http_error, Exception: _internal_error,
                             asyncpg.QueryCanceledError: _database_error,
-                            asyncpg.PostgresConnectionError: _database_error,
-                            asyncpg.InterfaceError: _database_error,
-                            OSError: _database_error},
+                            **dict.fromkeys(db.UNAVAILABLE, _database_error)},
         request_max_body_size=MAX_BODY,
         openapi_config=OpenAPIConfig(
             title="etlsvc", version=__version__, path="/schema",

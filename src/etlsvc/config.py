@@ -224,6 +224,8 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     rate_limit_per_minute: Annotated[int, msgspec.Meta(ge=0)] = 1200
     #: Longest a read query may run (ms) before it is cancelled with a 503.
     read_statement_timeout_ms: PositiveInt = 5000
+    #: /health answers 503 while a source's last run failed (it always lists them).
+    health_fails_on_failing_sources: bool = False
 
 
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -7,6 +7,7 @@ advisory lock. asyncpg errors at connect time become :class:`DatabaseError` here
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import re
@@ -40,6 +41,35 @@ UNAVAILABLE = (OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.I
 def unavailable(exc: BaseException) -> bool:
     """Whether ``exc`` means the database is away rather than that a statement failed."""
     return isinstance(exc, UNAVAILABLE)
+
+
+@contextlib.asynccontextmanager
+async def failing_fast(conn: asyncpg.Connection) -> AsyncIterator[None]:
+    """Fail at once, with ConnectionDoesNotExistError, if ``conn`` is lost inside the block.
+
+    asyncpg's COPY waits for write flow control without a timeout; when the connection is
+    lost while writing is paused, nothing wakes it and the run would hang forever. The
+    connection's termination listener cancels the waiting task instead.
+    """
+    task = asyncio.current_task()
+    assert task is not None
+    lost = False
+
+    def on_lost(_: object) -> None:
+        nonlocal lost
+        lost = True
+        task.cancel()
+
+    conn.add_termination_listener(on_lost)
+    try:
+        yield
+    except asyncio.CancelledError:
+        if lost and task.uncancel() == 0:
+            raise asyncpg.ConnectionDoesNotExistError(
+                "the connection was lost in the middle of a batch") from None
+        raise
+    finally:
+        conn.remove_termination_listener(on_lost)
 
 
 def sql_dir() -> Path:
@@ -94,6 +124,8 @@ class Database:
     pool: asyncpg.Pool
     dsn: str
     embedded: EmbeddedPostgres | None
+    #: ``database.reconnect_timeout``: how long a run waits for a lost database.
+    reconnect_timeout: float = 60.0
 
 
 @contextlib.asynccontextmanager
@@ -109,7 +141,7 @@ async def open_database(cfg: Config, *, migrate: bool = True) -> AsyncIterator[D
         try:
             if migrate:
                 await apply_migrations(pool)
-            yield Database(pool, dsn, embedded)
+            yield Database(pool, dsn, embedded, cfg.database.reconnect_timeout)
         finally:
             await pool.close()
     finally:

@@ -29,12 +29,12 @@ from pathlib import Path
 
 import structlog
 
+from etlsvc.children import die_with_parent
 from etlsvc.errors import DatabaseError
 
 log = structlog.get_logger()
 
 _CLONE_NEWUSER = 0x10000000
-_PR_SET_PDEATHSIG = 1
 _PORT = 5432
 # sun_path holds 108 bytes; PostgreSQL adds "/.s.PGSQL.5432.lock".
 _MAX_SOCKET_DIR = 85
@@ -61,7 +61,7 @@ def _child_setup() -> None:  # pragma: no cover - runs in the forked child
         os.write(2, f"etlsvc: cannot create a user namespace to run PostgreSQL unprivileged: "
                     f"{os.strerror(err)}\n".encode())
         os._exit(126)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGINT)
+    die_with_parent(signal.SIGINT)
 
 
 class EmbeddedPostgres:

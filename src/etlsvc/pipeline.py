@@ -99,7 +99,8 @@ async def claim(database: Database, sources: list[Source], *, trigger: str,
                     await database.pool.release(conn)
         if busy:
             raise SourceBusy(busy)
-        return [ClaimedRun(await runs.start(conn, src.name, src.kind, trigger, full_refresh),
+        return [ClaimedRun(await runs.start(conn, src.name, src.kind, trigger, full_refresh,
+                                            database.reconnect_timeout),
                            src, trigger, full_refresh, database, conn) for src, conn in held]
     except BaseException:
         for src, conn in held:
@@ -150,15 +151,19 @@ class ClaimedRun:
             except Exception as exc:
                 if not db.unavailable(exc):
                     raise
-                if time.monotonic() + delay > deadline:
-                    raise DatabaseLost(f"database connection lost: {_describe(exc)}") from exc
-                await asyncio.sleep(delay)
-                delay = min(2 * delay, 5.0)
-                continue
-            self.conn = conn
-            if not await runs.try_lock(conn, self.src.name):
-                raise SourceBusy({self.src.name: await runs.running_id(conn, self.src.name)})
-            return await runs.resume(conn, self.id)
+                problem: BaseException = DatabaseLost(
+                    f"database connection lost: {_describe(exc)}")
+            else:
+                if await runs.try_lock(conn, self.src.name):
+                    self.conn = conn
+                    return await runs.resume(conn, self.id)
+                # Another process is claiming the source; it sees this run alive and backs off.
+                problem = SourceBusy({self.src.name: await runs.running_id(conn, self.src.name)})
+                await self.database.pool.release(conn)
+            if time.monotonic() + delay > deadline:
+                raise problem
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 5.0)
 
 
 def _describe(exc: BaseException) -> str:
@@ -216,9 +221,9 @@ async def _load(cfg: Config, run: ClaimedRun, progress: Progress,
             if not await _connection_lost(run, exc):
                 raise
             log.warning("database connection lost, reconnecting", error=_describe(exc),
-                        reconnect_timeout_s=cfg.database.reconnect_timeout)
+                        reconnect_timeout_s=run.database.reconnect_timeout)
             if deadline is None or committed != progress.counts:   # a new outage
-                deadline = time.monotonic() + cfg.database.reconnect_timeout
+                deadline = time.monotonic() + run.database.reconnect_timeout
             row = await run.reconnect(deadline)
             progress.counts = committed = {k: row[k] for k in runs.COUNTERS}
             log.info("reconnected; resuming from the last committed batch",
@@ -251,7 +256,7 @@ async def _finish(cfg: Config, run: ClaimedRun, progress: Progress,
             if not db.unavailable(exc):
                 raise
             deadline = time.monotonic() + (0 if isinstance(error, str) and error.startswith(
-                "database connection lost") else cfg.database.reconnect_timeout)
+                "database connection lost") else run.database.reconnect_timeout)
             await run.reconnect(deadline)
             return await runs.finish(run.conn, run.id, status, error)
     except (DatabaseLost, SourceBusy, *db.UNAVAILABLE) as exc:
@@ -418,7 +423,7 @@ def _csv_preparer(src: Source, run_id: int) -> Callable[[RawBatch], Prepared]:
 
 async def _commit(conn: Any, src: Source, progress: Progress, batch: Prepared) -> None:
     """One transaction: raw rows, normalized rows, rejects, checkpoint, run counters."""
-    async with conn.transaction():
+    async with db.failing_fast(conn), conn.transaction():
         mark = await normalize.next_raw_id(conn, src.kind)
         await load.copy_raw(conn, src.kind, batch.columns, batch.payload)
         inserted, updated = (0, 0)
@@ -507,7 +512,8 @@ async def replay_source(database: Database, cfg: Config, src: Source,
     is rolled back: a wrong mapping never empties the table.
     """
     async with database.pool.acquire() as conn, runs.source_lock(conn, src.name):
-        run_id = await runs.start(conn, src.name, src.kind, "replay", False)
+        run_id = await runs.start(conn, src.name, src.kind, "replay", False,
+                                  database.reconnect_timeout)
         with structlog.contextvars.bound_contextvars(run_id=run_id, source=src.name):
             log.info("replay started")
             counts = dict.fromkeys(runs.COUNTERS, 0)

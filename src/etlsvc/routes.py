@@ -198,7 +198,7 @@ async def list_runs(
     """Runs, filtered by source and status, paged by cursor."""
     filters = ("runs", source, status)
     before = decode_cursor(cursor, filters) if cursor else MAX_ID
-    rows, pagination = keyset_page(await service_of(request).database.pool.fetch(
+    rows, pagination = keyset_page(await read_pool(request).fetch(
         db.query("api", "runs_page"), before, limit + 1, source, status), limit, filters)
     return envelope(request, [run_view(r) for r in rows], pagination)
 
@@ -206,7 +206,7 @@ async def list_runs(
 @get("/etl/runs/{run_id:int}", summary="One run, with live progress", responses=READ_ERRORS)
 async def get_run(request: Request,
                   run_id: Annotated[int, PathParameter(ge=0, le=MAX_ID)]) -> dict[str, Any]:
-    row = await service_of(request).database.pool.fetchrow(db.query("runs", "get"), run_id)
+    row = await read_pool(request).fetchrow(db.query("runs", "get"), run_id)
     if row is None:
         raise NotFoundException(f"no run {run_id}")
     return envelope(request, run_view(row))
@@ -282,14 +282,14 @@ async def get_record(request: Request,
 
 @get("/health", summary="Liveness and readiness", responses=_errors(429, 503))
 async def health(request: Request) -> Response[dict[str, Any]]:
-    """200 when the database answers, the scheduler runs and no source is stale; else 503."""
+    """200 when the database answers, the scheduler runs and no source is stale (nor, with
+    ``server.health_fails_on_failing_sources``, has a failed last run); else 503."""
     service = service_of(request)
     checks: dict[str, Any] = {"scheduler": service.scheduler_running}
     try:
-        await service.database.pool.fetchval("SELECT 1", timeout=5)
-        checks["database"] = True
-        last = {r["source"]: dict(r) for r in await service.database.pool.fetch(
+        last = {r["source"]: dict(r) for r in await read_pool(request).fetch(
             db.query("api", "last_runs"), timeout=5)}
+        checks["database"] = True
     except Exception as exc:  # any failure to reach the database is "not ready"
         checks["database"] = False
         checks["database_error"] = type(exc).__name__
@@ -302,12 +302,22 @@ async def health(request: Request) -> Response[dict[str, Any]]:
         stale = bool(period and info.get("last_success") and
                      (now - info["last_success"]).total_seconds() > 3 * period)
         sources[src.name] = {"last_run": info.get("id"), "status": info.get("status"),
-                             "last_success": info.get("last_success"), "stale": stale}
+                             "last_success": info.get("last_success"), "stale": stale,
+                             "failing": info.get("status") in ("failed", "interrupted"),
+                             "error": info.get("error")}
+    failing = sorted(n for n, s in sources.items() if s["failing"])
     healthy = checks["database"] and checks["scheduler"] and not any(
-        s["stale"] for s in sources.values())
+        s["stale"] for s in sources.values()) and not (
+        failing and service.cfg.server.health_fails_on_failing_sources)
     body = envelope(request, {"status": "ok" if healthy else "degraded", "checks": checks,
+                              "failing_sources": failing,
+                              "running": sorted(n for n, s in sources.items()
+                                                if s["status"] == "running"),
                               "sources": sources})
-    return Response(content=body, status_code=200 if healthy else 503)
+    response = Response(content=body, status_code=200 if healthy else 503)
+    if not checks["database"]:
+        response.headers["Retry-After"] = "2"
+    return response
 
 
 @get("/stats", summary="Per-source statistics, pool use, API latency",
@@ -315,7 +325,7 @@ async def health(request: Request) -> Response[dict[str, Any]]:
 async def stats(request: Request) -> dict[str, Any]:
     """Rows, runs, success rate, error rate, throughput and last run per source."""
     service = service_of(request)
-    rows = {r["source"]: r for r in await service.database.pool.fetch(
+    rows = {r["source"]: r for r in await read_pool(request).fetch(
         db.query("api", "source_stats"))}
     sources = {}
     for src in service.cfg.sources:
@@ -337,7 +347,8 @@ async def stats(request: Request) -> dict[str, Any]:
                          "max": p.get_max_size()} for name, p in pools.items()},
         "api_latency": metrics.latency_percentiles(),
         "event_loop_worst_lag_ms_1min": service.loop_monitor.worst_ms(),
-        "running": list(service.running)})
+        "running": [dict(r) for r in await read_pool(request).fetch(
+            db.query("api", "running_runs"))]})
 
 
 @get("/metrics", summary="Prometheus metrics", media_type="text/plain")

@@ -3,8 +3,8 @@
 Owns the per-source advisory lock (session level, held by the run's connection for the whole
 run, so it also guards against other processes and replicas), the run row's life cycle, its
 heartbeat, and the sweep that marks runs ``interrupted`` when the process running them is
-gone: a run whose source lock nobody holds, and whose process is known dead or has not
-beaten for ``STALE_AFTER`` seconds.
+gone: a run whose source lock nobody holds, and whose process is known dead or has been
+silent for longer than a reconnect can take.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ COUNTERS = ("rows_read", "rows_valid", "rows_rejected", "rows_inserted", "rows_u
             "rows_unchanged", "bytes_read", "pages_read", "lines_read")
 #: Seconds between heartbeats of a running run.
 HEARTBEAT = 5.0
-#: A running run that has not beaten for this long, and whose lock is free, is interrupted.
-STALE_AFTER = 30.0
+#: Seconds between sweeps of ``etlsvc serve``.
+SWEEP_EVERY = 30.0
 HOST = socket.gethostname()
 
 
@@ -69,11 +69,26 @@ async def source_lock(conn: asyncpg.Connection, source: str) -> AsyncIterator[No
         await unlock(conn, source)
 
 
+def stale_after(reconnect_timeout: float) -> float:
+    """Seconds without a heartbeat after which a run whose lock is free is presumed dead: a
+    run waiting for the database to come back holds no lock and cannot beat, for up to
+    ``reconnect_timeout`` seconds."""
+    return reconnect_timeout + 2 * HEARTBEAT
+
+
 async def start(conn: asyncpg.Connection, source: str, kind: str, trigger: str,
-                full_refresh: bool) -> int:
-    """Mark runs a dead process left open as interrupted, then create this run's row; return
-    its id. Call while holding the source's lock: no other run of it can be alive."""
-    await conn.execute(db.query("runs", "abandon_stale"), source)
+                full_refresh: bool, reconnect_timeout: float) -> int:
+    """Create this run's row and return its id. Call while holding the source's lock.
+
+    A row left 'running' is interrupted first if its process is gone (same host, no such
+    pid) or silent for longer than a reconnect can take; otherwise its process is waiting
+    for the database to come back (which cost it the lock): SourceBusy.
+    """
+    for r in await conn.fetch(db.query("runs", "running_of"), source,
+                              stale_after(reconnect_timeout)):
+        if not (r["stale"] or _process_gone(r["host"], r["pid"])):
+            raise SourceBusy({source: r["id"]})
+        await conn.execute(db.query("runs", "interrupt"), r["id"])
     return await conn.fetchval(db.query("runs", "start"), source, kind, trigger, full_refresh,
                                HOST, os.getpid())
 
@@ -128,15 +143,16 @@ def _process_gone(host: str | None, pid: int | None) -> bool:
     return False
 
 
-async def sweep(pool: asyncpg.Pool, own: set[int] = frozenset()) -> list[int]:
+async def sweep(pool: asyncpg.Pool, reconnect_timeout: float,
+                own: set[int] = frozenset()) -> list[int]:
     """Mark ``interrupted`` every running run whose process is gone; return their ids.
 
     A run qualifies when nobody holds its source's lock (its connection is gone) and its
-    process is known dead (same host, no such pid) or has not beaten for ``STALE_AFTER``
-    seconds. ``own`` are this process's runs, never swept.
+    process is known dead (same host, no such pid) or has been silent for longer than a
+    reconnect can take. ``own`` are this process's runs, never swept.
     """
     swept = []
-    for r in await pool.fetch(db.query("runs", "running_all"), STALE_AFTER):
+    for r in await pool.fetch(db.query("runs", "running_all"), stale_after(reconnect_timeout)):
         if r["id"] in own or not (r["stale"] or _process_gone(r["host"], r["pid"])):
             continue
         async with pool.acquire() as conn:

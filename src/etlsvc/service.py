@@ -96,6 +96,7 @@ class Service:
     database: Database
     scheduler: AsyncIOScheduler | None = None
     running: dict[int, asyncio.Task[Any]] = field(default_factory=dict)
+    claimed: dict[int, pipeline.ClaimedRun] = field(default_factory=dict)
     accepting: bool = True
     loop_monitor: LoopMonitor = field(default_factory=LoopMonitor)
     _sweeper: asyncio.Task[None] | None = None
@@ -144,13 +145,26 @@ class Service:
         execute them in the background; return their ids."""
         if not self.accepting:
             raise SourceBusy(dict.fromkeys((s.name for s in sources), None))
+        # This process's own runs, even while one waits for a lost database (its lock is
+        # gone with the connection, so the database cannot tell).
+        mine = {run.src.name: i for i, run in self.claimed.items()}
+        if busy := {s.name: mine[s.name] for s in sources if s.name in mine}:
+            raise SourceBusy(busy)
         claimed = await pipeline.claim(self.database, sources, trigger=trigger,
                                        full_refresh=full_refresh)
         for run in claimed:
             task = asyncio.create_task(self._execute(run), name=f"run {run.id}")
             self.running[run.id] = task
-            task.add_done_callback(lambda _, i=run.id: self.running.pop(i, None))
+            self.claimed[run.id] = run
+            task.add_done_callback(self._forget(run.id))
         return [run.id for run in claimed]
+
+    def _forget(self, run_id: int) -> Any:
+        def forget(_: object) -> None:
+            self.running.pop(run_id, None)
+            self.claimed.pop(run_id, None)
+
+        return forget
 
     async def _execute(self, claimed: pipeline.ClaimedRun) -> None:
         pipeline.PARSE_IN_PROCESS.set(True)      # this task's context only
@@ -162,11 +176,12 @@ class Service:
         except Exception:    # never "Task exception was never retrieved"
             log.exception("run failed outside its own error handling", run_id=claimed.id)
 
-    async def sweep_forever(self, every: float = runs.STALE_AFTER) -> None:
+    async def sweep_forever(self, every: float = runs.SWEEP_EVERY) -> None:
         """Mark runs of processes that are gone ``interrupted``: now, then periodically."""
         while True:
             try:
-                await runs.sweep(self.database.pool, own=set(self.running))
+                await runs.sweep(self.database.pool, self.database.reconnect_timeout,
+                                 own=set(self.running))
             except Exception as exc:
                 if not db.unavailable(exc):
                     raise

@@ -37,6 +37,7 @@ from typing import Any, TypeVar
 
 import aiofiles
 
+from etlsvc.children import die_with_parent
 from etlsvc.config import CsvSource
 from etlsvc.errors import SourceError
 from etlsvc.sources import RawBatch, Reject
@@ -529,8 +530,8 @@ async def read_file(src: CsvSource, plan: FilePlan,
                 workers = ProcessPoolExecutor(
                     1, mp_context=multiprocessing.get_context("spawn"),
                     initializer=_start_worker,
-                    initargs=(src, plan.path, plan.size, plan.start, plan.line, plan.header,
-                              codec, bom, make_prepare))
+                    initargs=(os.getpid(), src, plan.path, plan.size, plan.start, plan.line,
+                              plan.header, codec, bom, make_prepare))
                 pool: Executor = workers
                 feed: Callable[..., tuple[list[T], int | None]] = _worker_feed
                 args: tuple[Any, ...] = ()
@@ -561,11 +562,13 @@ def _feed(parser: CsvParser, prepare: Callable[[RawBatch], T],
 _worker: tuple[CsvParser, Callable[[RawBatch], Any]] | None = None
 
 
-def _start_worker(src: CsvSource, path: str, size: int, start: int, line: int,
+def _start_worker(parent: int, src: CsvSource, path: str, size: int, start: int, line: int,
                   header: list[str] | None, codec: str, bom: int,
                   make_prepare: Callable[[], Callable[[RawBatch], Any]]) -> None:
-    """In the worker process: the parser of one file (its prefix hashed again here)."""
+    """In the worker process: the parser of one file (its prefix hashed again here). It dies
+    with etlsvc, and with it multiprocessing's resource tracker (whose pipe then closes)."""
     global _worker
+    die_with_parent(parent=parent)
     plan = FilePlan(path, size, start, line, header, _hash_prefix(path, start))
     _worker = (CsvParser(src, plan, codec, bom), make_prepare())
 
