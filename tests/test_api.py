@@ -510,11 +510,57 @@ async def test_walks_stop_on_a_loop_and_at_the_page_limit(
             '[sources.pagination]\nstyle = "page"\npage_size = 1\nmax_pages = 7\n',
         )
     )
-    for name, pages in (("loop", 2), ("stuck", 2), ("long", 7)):
+    # loop: the second answer is the first page again (same body): fetched, not loaded
+    for name, pages, requests, warning in (
+        ("loop", 1, 2, "is the same as a page this walk loaded already"),
+        ("stuck", 2, 2, "points to a page this walk requested already"),
+        ("long", 7, 7, "stopped at the page limit (max_pages = 7)"),
+    ):
         upstream.requests.clear()
         run = await run_source(cfg, name)
         assert run["status"] == "succeeded", run["error"]
-        assert run["pages_read"] == pages == len(upstream.requests), name
+        assert run["pages_read"] == pages and len(upstream.requests) == requests, name
+        assert run["rows_read"] == pages
+        [note] = run["notes"]["warnings"]
+        assert warning in note, note
+    assert await pool.fetchval("SELECT count(*) FROM raw_api_data WHERE source = 'loop'") == 1
+
+
+async def test_an_upstream_that_ignores_the_page_parameter_is_walked_once(
+    env: Env, pool: asyncpg.Pool, upstream: Upstream
+) -> None:
+    # Before: 10,000 pages (455 s, 100,000 raw rows) and "succeeded".
+    page_one = {"data": [{"id": f"k{i}"} for i in range(10)]}
+    upstream.route("/same", lambda r: Reply(body=page_one))
+    # A Link walk whose next link leads back to page 1 under another URL.
+    upstream.route("/linked", lambda r: Reply(body=page_one["data"], headers={
+        "Link": f'<{upstream.base}/linked?page=1&again={r.query.get("again", "0")}1>; '
+                'rel="next"'}))
+    cfg = env.config(
+        api_source("same", f"{upstream.base}/same", 'source_id = "id"',
+                   'items_path = "data"\n[sources.pagination]\nstyle = "page"\n')
+        + api_source("linked", f"{upstream.base}/linked", 'source_id = "id"',
+                     '[sources.pagination]\nstyle = "link_header"\n'))
+    for name in ("same", "linked"):
+        upstream.requests.clear()
+        run = await run_source(cfg, name)
+        assert run["status"] == "succeeded", run["error"]
+        assert (run["pages_read"], run["rows_read"], len(upstream.requests)) == (1, 10, 2)
+        assert "the same as a page this walk loaded already" in run["notes"]["warnings"][0]
+        raw = await pool.fetchval("SELECT count(*) FROM raw_api_data WHERE source = $1", name)
+        assert raw == 10
+
+
+async def test_a_redirect_loop_is_a_source_error_naming_the_url(
+    env: Env, pool: asyncpg.Pool, upstream: Upstream
+) -> None:
+    upstream.route("/a", lambda r: Reply(302, headers={"Location": "/b"}))
+    upstream.route("/b", lambda r: Reply(302, headers={"Location": "/a"}))
+    cfg = env.config(api_source("loopy", f"{upstream.base}/a", 'source_id = "id"'))
+    run = await run_source(cfg, "loopy")
+    assert run["status"] == "failed"
+    assert run["error"].startswith(f"source 'loopy': GET {upstream.base}/a: TooManyRedirects")
+    assert "internal error" not in run["error"]
 
 
 async def test_size_cap_read_timeout_and_http_date_retry_after(

@@ -90,3 +90,27 @@ def test_migrate_is_idempotent(env: Env) -> None:
     env.write_config("")
     result = env.cli("migrate")
     assert result.returncode == 0 and "database is up to date" in result.stderr
+
+
+def test_config_is_accepted_before_or_after_the_command(env: Env) -> None:
+    import subprocess
+    import sys
+
+    env.write_config("")
+    for args in (["--config", str(env.dir / "config.toml"), "migrate"],
+                 ["migrate", "--config", str(env.dir / "config.toml")]):
+        done = subprocess.run([sys.executable, "-m", "etlsvc", *args], capture_output=True,
+                              text=True, timeout=60, cwd="/",
+                              env={"PATH": "/usr/bin:/bin",
+                                   "ETLSVC_DATABASE_URL": env.database_url})
+        assert done.returncode == 0, (args, done.stderr)
+
+
+def test_a_file_split_on_another_delimiter_gets_a_hint(env: Env) -> None:
+    path = env.dir / "semi.csv"
+    path.write_text("id;title;amount\n1;a;2\n")
+    env.write_config(csv_source("semi", path, fields='source_id = "id"\ntitle = "title"'))
+    for command in ("run", "check"):
+        result = env.cli(command, "semi") if command == "run" else env.cli(command)
+        assert result.returncode == 1
+        assert "the header splits on ';': set delimiter = ';' for this source" in result.stderr

@@ -94,3 +94,20 @@ def test_duplicate_source_names_and_missing_key_mapping(env: Env) -> None:
         env.config(GOOD + GOOD)
     with pytest.raises(ConfigError, match=r"sources\[0\].fields.source_id"):
         env.config(GOOD.replace('source_id = "id"', ""))
+
+
+@pytest.mark.parametrize(("url", "expected"), [
+    ("notaurl", "not a PostgreSQL URL ('notaurl')"),
+    ("mysql://etl:hunter2@db/x", "not a PostgreSQL URL ('mysql://etl:***@db/x')"),
+    ("postgresql://etl@db:fivefour/x", "Port could not be cast to integer value"),
+    ("postgresql://etl@db:99999/x", "Port out of range"),
+])
+def test_a_malformed_database_url_exits_2_in_one_line_naming_the_key(
+    env: Env, url: str, expected: str
+) -> None:
+    env.write_config(GOOD)
+    result = env.cli("check", ETLSVC_DATABASE_URL=url)
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.splitlines()
+    assert "key 'database.url' (or ETLSVC_DATABASE_URL)" in line and expected in line, line
+    assert "hunter2" not in line

@@ -308,3 +308,20 @@ async def test_an_unterminated_quote_costs_only_its_own_line(
     assert keys == {f"k{i}" for i in range(5)} | {f"m{i}" for i in range(30_000)}
     assert run["rows_read"] == run["rows_valid"] + run["rows_rejected"] == 30_006
     assert run["lines_read"] == 30_007
+
+
+async def test_a_postgresql_error_mid_run_is_reported_as_a_database_error(
+    env: Env, pool: asyncpg.Pool, gen_csv
+) -> None:
+    full, _ = gen_csv(2_000)
+    await pool.execute("""
+        CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS
+        $$ BEGIN RAISE EXCEPTION 'refused by a trigger' USING ERRCODE = 'P0001'; END $$;
+        CREATE TRIGGER refuse BEFORE INSERT ON etl_rejects FOR EACH ROW EXECUTE FUNCTION refuse();
+    """)
+    try:
+        run = await run_source(env.config(csv_source("products", full)), "products")
+    finally:
+        await pool.execute("DROP TRIGGER refuse ON etl_rejects; DROP FUNCTION refuse()")
+    assert run["status"] == "failed"
+    assert run["error"] == "database error: P0001: refused by a trigger"

@@ -274,3 +274,16 @@ async def test_last_modified_gives_a_conditional_request_too(
         second["rows_read"] == 0
         and second["notes"]["feeds"][f"{upstream.base}/lm"]["status"] == "not modified"
     )
+
+
+def test_the_bundled_sample_feeds_parse_without_a_problem() -> None:
+    import feedparser
+
+    from tests.conftest import REPO
+
+    feeds = sorted((REPO / "samples" / "http" / "feeds").glob("*.xml"))
+    assert feeds
+    for path in feeds:
+        parsed = feedparser.parse(path.read_bytes())
+        assert not parsed.bozo, (path.name, parsed.get("bozo_exception"))
+        assert parsed.entries

@@ -393,3 +393,62 @@ async def test_data_filters_and_health_degrades_when_a_source_is_stale(
         body = health.json()["data"]
         assert body["status"] == "degraded"
         assert body["sources"]["old"]["stale"] and not body["sources"]["fresh"]["stale"]
+
+
+@pytest.mark.parametrize("fail_on_failing", [False, True])
+async def test_health_reports_failing_sources_and_fails_only_if_asked(
+    env: Env, pool: asyncpg.Pool, gen_csv, fail_on_failing: bool
+) -> None:
+    full, _ = gen_csv(2_000)
+    cfg = env.config(
+        csv_source("good", full) + csv_source("broken", env.dir / "missing.csv"),
+        extra=f"[server]\nhealth_fails_on_failing_sources = {str(fail_on_failing).lower()}")
+    async with AsyncTestClient(app=create_app(cfg)) as client:
+        r = await client.post("/etl/run", headers=KEY)
+        ids = [x["run_id"] for x in r.json()["data"]["runs"]]
+        for _ in range(200):
+            runs = [(await client.get(f"/etl/runs/{i}")).json()["data"] for i in ids]
+            if all(x["status"] != "running" for x in runs):
+                break
+            await asyncio.sleep(0.05)
+        health = await client.get("/health")
+    body = health.json()["data"]
+    assert body["failing_sources"] == ["broken"]
+    assert body["sources"]["broken"]["failing"] and "missing.csv" in body["sources"][
+        "broken"]["error"]
+    assert not body["sources"]["good"]["failing"]
+    assert health.status_code == (503 if fail_on_failing else 200)
+
+
+async def test_every_read_endpoint_uses_the_read_pool(env: Env, pool: asyncpg.Pool) -> None:
+    import dataclasses
+
+    from etlsvc.app import create_litestar
+
+    class EtlPoolUsed(Exception):
+        pass
+
+    class Sizes:
+        """The ETL pool as a read endpoint may see it: its sizes only (for /stats)."""
+
+        def __init__(self, real: asyncpg.Pool) -> None:
+            self.get_size, self.get_idle_size = real.get_size, real.get_idle_size
+            self.get_max_size = real.get_max_size
+
+        def __getattr__(self, name: str) -> object:
+            raise EtlPoolUsed(name)
+
+    await fill(pool, 10)
+    app = create_litestar(env.config(""))
+    async with AsyncTestClient(app=app) as client:
+        service = app.state.service
+        real = service.database
+        service.database = dataclasses.replace(real, pool=Sizes(real.pool))
+        try:
+            first = (await client.get("/data", params={"limit": 1})).json()["data"][0]["id"]
+            for path in ("/data", f"/data/{first}", "/etl/runs", "/etl/rejects", "/health",
+                         "/stats", "/etl/runs?status=running"):
+                r = await client.get(path)
+                assert r.status_code == 200, (path, r.text)
+        finally:
+            service.database = real

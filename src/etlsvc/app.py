@@ -25,6 +25,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from etlsvc import __version__, db, metrics, routes
 from etlsvc.config import Config
+from etlsvc.errors import EtlError
 from etlsvc.service import Service
 
 log = structlog.get_logger()
@@ -104,38 +105,51 @@ def _database_error(request: Request, exc: Exception) -> Response[dict[str, Any]
     return response
 
 
+def _too_deep(request: Request, exc: Exception) -> Response[dict[str, Any]]:
+    # Only decoding a request body recurses as deep as the client makes it.
+    return _error(request, 400, "bad_request", "the body is nested too deeply")
+
+
 def _internal_error(request: Request, exc: Exception) -> Response[dict[str, Any]]:
     log.exception("request failed", path=request.url.path)
     return _error(request, 500, "internal", "internal error; see the service log with this "
                   "request id")
 
 
-def create_app(cfg: Config) -> ASGIApp:
+def create_app(cfg: Config, startup_errors: list[EtlError] | None = None) -> ASGIApp:
     """The ASGI application for ``cfg``: Litestar inside the request-id layer (which also
-    covers what the router answers itself, such as 404 and 405)."""
-    return request_ids(create_litestar(cfg))
+    covers what the router answers itself, such as 404 and 405). Why it could not start
+    (the database, a migration) is added to ``startup_errors``."""
+    return request_ids(create_litestar(cfg, startup_errors))
 
 
-def create_litestar(cfg: Config) -> Litestar:
+def create_litestar(cfg: Config, startup_errors: list[EtlError] | None = None) -> Litestar:
     """The Litestar app; its lifespan opens the database and the scheduler."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        async with db.open_database(cfg) as database:
-            # The read API has its own pool: on the read-only role where one is configured,
-            # with a statement timeout, and never starved by runs.
-            app.state.read_pool = await db.connect_pool(
-                cfg.database.read_url or database.dsn, cfg, settings={
-                    "statement_timeout": str(cfg.server.read_statement_timeout_ms),
-                    "default_transaction_read_only": "on"})
-            service = Service(cfg, database)
-            app.state.service = service
-            service.start_scheduler()
-            try:
-                yield
-            finally:
-                await service.stop(SHUTDOWN_GRACE)
-                await app.state.read_pool.close()
+        started = False
+        try:
+            async with db.open_database(cfg) as database:
+                # The read API has its own pool: on the read-only role where one is
+                # configured, with a statement timeout, and never starved by runs.
+                app.state.read_pool = await db.connect_pool(
+                    cfg.database.read_url or database.dsn, cfg, settings={
+                        "statement_timeout": str(cfg.server.read_statement_timeout_ms),
+                        "default_transaction_read_only": "on"})
+                service = Service(cfg, database)
+                app.state.service = service
+                service.start_scheduler()
+                started = True
+                try:
+                    yield
+                finally:
+                    await service.stop(SHUTDOWN_GRACE)
+                    await app.state.read_pool.close()
+        except EtlError as exc:
+            if not started and startup_errors is not None:
+                startup_errors.append(exc)
+            raise
 
     middleware: list[Any] = []
     if cfg.server.rate_limit_per_minute:
@@ -144,9 +158,11 @@ def create_litestar(cfg: Config) -> Litestar:
             exclude=["/health", "/metrics"]).middleware)
     return Litestar(
         route_handlers=routes.HANDLERS,
+        guards=[routes.check_query],
         lifespan=[lifespan],
         middleware=middleware,
         exception_handlers={HTTPException: _http_error, Exception: _internal_error,
+                            RecursionError: _too_deep,
                             asyncpg.QueryCanceledError: _database_error,
                             **dict.fromkeys(db.UNAVAILABLE, _database_error)},
         request_max_body_size=MAX_BODY,

@@ -35,9 +35,11 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", metavar="PATH",
+    # Accepted before the command and after it; SUPPRESS keeps one from erasing the other.
+    common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
                         help="config file (default: $ETLSVC_CONFIG, else ./config.toml)")
-    parser = _Parser(prog="etlsvc", description="Self-hosted ETL service.")
+    parser = _Parser(prog="etlsvc", description="Self-hosted ETL service.",
+                     parents=[common])
     parser.add_argument("--version", action="version", version=f"etlsvc {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = sub.add_parser("run", parents=[common], help="run sources once and exit")
@@ -78,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             return EXIT_OK
     try:
-        cfg = load_config(config_path(args.config))
+        cfg = load_config(config_path(getattr(args, "config", None)))
         configure_logging(cfg.log.level, cfg.log.format)
         return asyncio.run(_COMMANDS[args.command](cfg, args))
     except ConfigError as exc:
@@ -171,15 +173,22 @@ async def _check(cfg: Config, args: argparse.Namespace) -> int:
 async def _serve(cfg: Config, args: argparse.Namespace) -> int:
     from etlsvc.app import SHUTDOWN_GRACE, create_app
 
+    startup_errors: list[EtlError] = []
     config = uvicorn.Config(
-        create_app(cfg), host=args.host or cfg.server.host, port=args.port or cfg.server.port,
+        create_app(cfg, startup_errors), host=args.host or cfg.server.host,
+        port=args.port or cfg.server.port,
         log_config=None, access_log=False, lifespan="on", server_header=False,
         timeout_graceful_shutdown=int(SHUTDOWN_GRACE) + 5)
     server = _Server(config)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.stop_gracefully)
-    await server.serve()
+    try:
+        await server.serve()
+    except SystemExit:          # uvicorn's way of saying the lifespan did not start
+        if startup_errors:
+            raise startup_errors[0] from None
+        return EXIT_FAILED
     return EXIT_OK if server.started else EXIT_FAILED
 
 

@@ -13,10 +13,12 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 import msgspec
 
 from etlsvc.errors import ConfigError
+from etlsvc.logs import redact
 
 #: The columns of ``normalized_data`` a source can map its fields to.
 NORMALIZED_FIELDS = (
@@ -332,8 +334,26 @@ def _explain(exc: msgspec.ValidationError, data: dict) -> str:
     return f"key {where!r}: {text}"
 
 
+def _check_database_url(path: Path, key: str, url: str) -> None:
+    """A PostgreSQL URL asyncpg can use (``postgresql://user:pass@host:port/db?…``)."""
+    if not url:
+        return
+    env = next(v for v, k in ENV_OVERRIDES.items() if k == ("database", key))
+    where = f"{path}: key 'database.{key}' (or {env})"
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ConfigError(f"{where}: not a PostgreSQL URL ({redact(url)!r}); expected "
+                          "postgresql://user:password@host:5432/database")
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number in range
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc} in {redact(url)!r}") from None
+
+
 def _check(cfg: Config, path: Path) -> None:
     """Checks msgspec's types cannot express."""
+    _check_database_url(path, "url", cfg.database.url)
+    _check_database_url(path, "read_url", cfg.database.read_url)
     seen: set[str] = set()
     for i, src in enumerate(cfg.sources):
         where = f"{path}: key 'sources[{i}]"

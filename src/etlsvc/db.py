@@ -49,27 +49,26 @@ async def failing_fast(conn: asyncpg.Connection) -> AsyncIterator[None]:
 
     asyncpg's COPY waits for write flow control without a timeout; when the connection is
     lost while writing is paused, nothing wakes it and the run would hang forever. The
-    connection's termination listener cancels the waiting task instead.
+    connection's termination listener makes a timeout around the block expire instead.
     """
-    task = asyncio.current_task()
-    assert task is not None
     lost = False
+    async with asyncio.timeout(None) as limit:
 
-    def on_lost(_: object) -> None:
-        nonlocal lost
-        lost = True
-        task.cancel()
+        def on_lost(_: object) -> None:
+            nonlocal lost
+            lost = True
+            limit.reschedule(asyncio.get_running_loop().time())
 
-    conn.add_termination_listener(on_lost)
-    try:
-        yield
-    except asyncio.CancelledError:
-        if lost and task.uncancel() == 0:
-            raise asyncpg.ConnectionDoesNotExistError(
-                "the connection was lost in the middle of a batch") from None
-        raise
-    finally:
-        conn.remove_termination_listener(on_lost)
+        conn.add_termination_listener(on_lost)
+        try:
+            yield
+        except Exception as exc:    # e.g. the rollback of the interrupted COPY failing
+            if lost:
+                raise asyncpg.ConnectionDoesNotExistError(
+                    "the connection was lost in the middle of a batch") from exc
+            raise
+        finally:
+            conn.remove_termination_listener(on_lost)
 
 
 def sql_dir() -> Path:

@@ -14,20 +14,29 @@ from typing import Any
 import msgspec
 import structlog
 
-_URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://[^:/@\s]+):[^@\s]+@", re.I)
+#: ``scheme://user:password@host``: the password of a URL's userinfo.
+_USERINFO = re.compile(r"(?P<keep>[a-z][a-z0-9+.-]*://[^:/@\s]*):[^@\s]*@", re.I)
+#: ``password=…`` as a URL query parameter or a libpq ``key=value`` word, quoted or not.
+_PASSWORD_PARAM = re.compile(
+    r"(?P<keep>\b(?:password|passwd|pwd|sslpassword|passphrase)\s*=\s*)"
+    r"(?:'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|[^&\s'\"]+)", re.I)
 _SECRET_KEYS = re.compile(r"pass|secret|token|api_?key|authorization", re.I)
 
 
 def redact(text: str) -> str:
-    """Hide the password of any ``scheme://user:password@host`` URL in ``text``."""
-    return _URL_PASSWORD.sub(r"\g<scheme>:***@", text)
+    """``text`` with every password of a URL or DSN in it masked: a URL's userinfo
+    (``postgresql://u:***@h``), a query parameter (``?password=***``) and a libpq
+    ``key=value`` string (``host=h password=***``)."""
+    if "=" in text or "@" in text:
+        text = _PASSWORD_PARAM.sub(r"\g<keep>***", _USERINFO.sub(r"\g<keep>:***@", text))
+    return text
 
 
 def _redact_event(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
     for key, value in event.items():
         if _SECRET_KEYS.search(key) and value:
             event[key] = "***"
-        elif isinstance(value, str) and "://" in value:
+        elif isinstance(value, str):
             event[key] = redact(value)
     return event
 
@@ -55,10 +64,9 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _redact_event,
-        HUB.processor,          # live subscribers of GET /logs/stream
     ]
     structlog.configure(
-        processors=[*shared, _TRACEBACKS, renderer],
+        processors=[*shared, HUB.processor, _TRACEBACKS, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         logger_factory=structlog.WriteLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
@@ -66,7 +74,8 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None
     # Libraries that log through the standard library end up in the same stream and format.
     handler = logging.StreamHandler(stream)
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
-        processor=renderer, foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name]))
+        processor=renderer,
+        foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name, HUB.processor]))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(max(logging.getLevelName(level.upper()), logging.INFO))

@@ -65,6 +65,12 @@ class Progress:
     source: str
     bytes_total: int = 0
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(runs.COUNTERS, 0))
+    #: What the run reports beside an error (stored in the run's notes).
+    warnings: list[str] = field(default_factory=list)
+
+    def warn(self, message: str) -> None:
+        log.warning(message)
+        self.warnings.append(message)
 
 
 ProgressCallback = Callable[[Progress], None]
@@ -192,7 +198,7 @@ async def _execute(cfg: Config, run: ClaimedRun,
         finally:
             beating.cancel()
         error = error or _error_rate_exceeded(src, progress.counts)
-        row = await _finish(cfg, run, progress, error)
+        row = await _finish(run, progress, error)
         seconds = time.monotonic() - started
         metrics.observe_run(row, seconds)
         (log.error if error else log.info)(
@@ -243,22 +249,28 @@ async def _connection_lost(run: ClaimedRun, exc: Exception) -> bool:
     return False
 
 
-async def _finish(cfg: Config, run: ClaimedRun, progress: Progress,
+async def _finish(run: ClaimedRun, progress: Progress,
                   error: str | None) -> dict[str, Any]:
     """Mark the run finished. If the database is away, wait for it as a batch would; if it
     does not come back, the row is left to the sweep (it marks it interrupted) and the
     caller gets the run as this process knows it."""
     status = "failed" if error else "succeeded"
+
+    async def close() -> dict[str, Any]:
+        if progress.warnings:
+            await runs.note(run.conn, run.id, {"warnings": progress.warnings})
+        return await runs.finish(run.conn, run.id, status, error)
+
     try:
         try:
-            return await runs.finish(run.conn, run.id, status, error)
+            return await close()
         except Exception as exc:
             if not db.unavailable(exc):
                 raise
             deadline = time.monotonic() + (0 if isinstance(error, str) and error.startswith(
                 "database connection lost") else run.database.reconnect_timeout)
             await run.reconnect(deadline)
-            return await runs.finish(run.conn, run.id, status, error)
+            return await close()
     except (DatabaseLost, SourceBusy, *db.UNAVAILABLE) as exc:
         log.error("could not mark the run finished: the database is away", error=str(exc))
         return {"id": run.id, "source": run.src.name, "kind": run.src.kind, "status": status,
@@ -310,7 +322,7 @@ async def _load_api(conn: Any, cfg: Config, src: ApiSource, progress: Progress,
         log.info("resuming the walk", page=state["page"] + 1)
     async with json_api.http_client(src) as client:
         fetcher = json_api.Fetcher(src, client)
-        async for page in _prefetch(json_api.walk(src, fetcher, state)):
+        async for page in _prefetch(json_api.walk(src, fetcher, state, progress.warn)):
             batch = _prepare_page(src, progress.run_id, page)
             await _commit(conn, src, progress, batch)
             if on_progress:
@@ -396,9 +408,7 @@ def _csv_preparer(src: Source, run_id: int) -> Callable[[RawBatch], Prepared]:
         if validator is None:
             validator = validators[columns] = RowValidator(batch.columns, src.fields)
         if validator.missing and batch.rows:
-            missing = ", ".join(f"{c!r} (for {f})" for f, c in validator.missing)
-            raise SourceError(src.name, f"{batch.stream}: column {missing} not in the header "
-                              f"(columns: {', '.join(columns) or 'none'})")
+            raise csv_files.missing_columns(src, batch.stream, batch.columns)
         bad = validator.check(batch.rows)
         keep = None
         rejects = batch.rejects
@@ -494,11 +504,8 @@ async def check_source(cfg: Config, src: Source) -> str:
     files = csv_files.find_files(src, cfg.resolve("."))
     for path in files:
         header = csv_files.read_header(src, path)
-        missing = [f"{c!r} (for {f})" for f, c in src.fields.mapped().items()
-                   if c not in header]
-        if missing:
-            raise SourceError(src.name, f"{path}: column {', '.join(missing)} not in the header "
-                              f"(columns: {', '.join(header) or 'none'})")
+        if any(c not in header for c in src.fields.mapped().values()):
+            raise csv_files.missing_columns(src, path, header)
     return f"{len(files)} file(s), mapped columns present"
 
 

@@ -12,14 +12,19 @@ import binascii
 import datetime as dt
 import hashlib
 import hmac
+import inspect
 import os
+import re
 import time
 from collections.abc import AsyncIterator
+from functools import cache
 from typing import Annotated, Any
 
 import msgspec
 from litestar import Request, Response, get, post
+from litestar.connection import ASGIConnection
 from litestar.exceptions import HTTPException, NotFoundException
+from litestar.handlers import BaseRouteHandler
 from litestar.openapi import ResponseSpec
 from litestar.params import FromQuery, JSONBody, PathParameter, QueryParameter
 from litestar.response import ServerSentEvent
@@ -64,14 +69,15 @@ class ErrorEnvelope(msgspec.Struct):
 
 def _errors(*statuses: int) -> dict[int, ResponseSpec]:
     texts = {400: "Bad parameter or body", 401: "API key missing", 403: "API key refused",
-             404: "Not found", 409: "The source is already running", 413: "Body too large",
-             429: "Rate limit exceeded", 503: "Database unavailable or query too slow"}
+             404: "Not found", 409: "A source is already running", 413: "Body too large",
+             415: "Body not JSON", 429: "Rate limit exceeded",
+             503: "Database unavailable or query too slow"}
     return {s: ResponseSpec(data_container=ErrorEnvelope, description=texts[s])
             for s in statuses}
 
 
 READ_ERRORS = _errors(400, 404, 429, 503)
-WRITE_ERRORS = _errors(400, 401, 403, 404, 409, 413, 429, 503)
+WRITE_ERRORS = _errors(400, 401, 403, 404, 409, 413, 415, 429, 503)
 
 
 def envelope(request: Request, data: Any, pagination: dict[str, Any] | None = None) -> dict:
@@ -132,12 +138,12 @@ def _filters_digest(filters: tuple[Any, ...]) -> str:
     return hashlib.sha256(msgspec.json.encode([str(f) for f in filters])).hexdigest()[:12]
 
 
-# -- auth ----------------------------------------------------------------------------------
+# -- guards: run before any parameter or body is read ------------------------------------
 
-def require_api_key(request: Request) -> None:
+def require_api_key(connection: ASGIConnection, _: BaseRouteHandler) -> None:
     """401 without a bearer key, 403 with a wrong one (compared in constant time)."""
     keys = [k.strip() for k in os.environ.get("ETLSVC_API_KEYS", "").split(",") if k.strip()]
-    header = request.headers.get("authorization", "")
+    header = connection.headers.get("authorization", "")
     if not header.lower().startswith("bearer ") or not header[7:].strip():
         raise ApiError(401, "unauthorized", "an API key is required: Authorization: Bearer "
                        "<key>")
@@ -146,20 +152,63 @@ def require_api_key(request: Request) -> None:
         raise ApiError(403, "forbidden", "this API key is not accepted")
 
 
+def require_json_body(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+    """415 for a body that is not ``application/json`` (an empty body needs no type)."""
+    has_body = connection.headers.get("content-length", "0") not in ("", "0") or (
+        "transfer-encoding" in connection.headers)
+    media_type = connection.headers.get("content-type", "").split(";")[0].strip().lower()
+    if has_body and media_type != "application/json":
+        raise ApiError(415, "unsupported_media_type", "the body must be JSON, sent with "
+                       "Content-Type: application/json")
+
+
+@cache
+def _query_names(handler: BaseRouteHandler) -> frozenset[str]:
+    """The query parameters a handler accepts: its arguments, less path and body ones."""
+    in_path = {name for path in handler.paths for name in re.findall(r"{(\w+)", path)}
+    return frozenset(inspect.signature(handler.fn).parameters) - in_path - {"request", "data"}
+
+
+def check_query(connection: ASGIConnection, handler: BaseRouteHandler) -> None:
+    """400 for a query parameter the endpoint does not know (naming those it does), and for
+    a NUL character in any value (PostgreSQL text cannot hold one)."""
+    accepted = _query_names(handler)
+    for name, value in connection.query_params.multi_items():
+        if name not in accepted:
+            raise ApiError(400, "unknown_parameter", f"unknown query parameter {name!r}; "
+                           f"accepted: {', '.join(sorted(accepted)) or 'none'}",
+                           accepted=sorted(accepted))
+        if "\x00" in value:
+            raise ApiError(400, "bad_parameter", f"query parameter {name!r} contains a NUL "
+                           "character")
+
+
+def _utc(name: str, value: dt.datetime | None) -> dt.datetime | None:
+    """A filter's date-time in UTC (naive means UTC); 400 if it has no UTC equivalent."""
+    if value is None:
+        return None
+    try:
+        return (value if value.tzinfo else value.replace(tzinfo=dt.UTC)).astimezone(dt.UTC)
+    except OverflowError:
+        raise ApiError(400, "bad_parameter", f"{name}: {value.isoformat()} is out of range "
+                       "once converted to UTC") from None
+
+
 # -- run control ---------------------------------------------------------------------------
 
 class RunRequest(msgspec.Struct, forbid_unknown_fields=True):
-    """Body of POST /etl/run (optional): which sources, and whether to ignore checkpoints."""
+    """Body of POST /etl/run (optional): which sources (all when absent), and whether to
+    ignore checkpoints."""
 
-    sources: list[str] | None = None
+    sources: Annotated[list[str], msgspec.Meta(min_length=1)] | None = None
     full_refresh: bool = False
 
 
 @post("/etl/run", status_code=202, summary="Start runs (API key required)",
-      responses=WRITE_ERRORS)
+      responses=WRITE_ERRORS, guards=[require_api_key, require_json_body])
 async def start_runs(request: Request, data: JSONBody[RunRequest | None] = None) -> dict[str, Any]:
-    """Start a run of each requested source (all by default); 202 with their ids."""
-    require_api_key(request)
+    """Start a run of each requested source (all by default), or of none if any is running
+    already (409 lists them); 202 with their ids."""
     service = service_of(request)
     body = data or RunRequest()
     try:
@@ -244,6 +293,8 @@ async def list_data(
     updated_since: FromQuery[dt.datetime | None] = None,
 ) -> Response[dict[str, Any]]:
     """A page of records in a stable order (by id); ``next_cursor`` continues after it."""
+    event_from, event_to = _utc("event_from", event_from), _utc("event_to", event_to)
+    updated_since = _utc("updated_since", updated_since)
     filters = ("data", source, kind, category, event_from, event_to, updated_since)
     after = decode_cursor(cursor, filters) if cursor else 0
     rows = await read_pool(request).fetch(
@@ -359,7 +410,7 @@ async def prometheus(request: Request) -> Response[bytes]:
 
 
 @get("/logs/stream", summary="Live log events (server-sent events; API key required)",
-     media_type="text/event-stream", responses=WRITE_ERRORS)
+     media_type="text/event-stream", responses=WRITE_ERRORS, guards=[require_api_key])
 async def log_stream(
     request: Request,
     level: Annotated[str, QueryParameter(pattern="^(debug|info|warning|error|critical)$")]
@@ -368,7 +419,6 @@ async def log_stream(
     source: FromQuery[str | None] = None,
 ) -> ServerSentEvent:
     """Each matching log event of this process, from now on, as one SSE ``data:`` line."""
-    require_api_key(request)
     keep = tail.LogFilter(level, run_id, source)
 
     async def events() -> AsyncIterator[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -80,8 +81,9 @@ class LogHub:
     def processor(self, _logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
         """A structlog processor: hand a copy of each event to the subscribers."""
         if self._subscribers and self._loop:
+            # Keys with a leading underscore are the logging machinery's, not the event's.
             copy = {k: v if isinstance(v, (str, int, float, bool, type(None))) else str(v)
-                    for k, v in event.items()}
+                    for k, v in event.items() if not k.startswith("_")}
             with contextlib.suppress(RuntimeError):       # the loop is closing
                 self._loop.call_soon_threadsafe(self._publish, copy)
         return event
@@ -107,9 +109,17 @@ HUB = LogHub()
 
 
 def run_cli(path: str, follow: bool, keep: LogFilter) -> int:
-    """``etlsvc logs``: 0 when something was printed or followed, 1 if nothing matched."""
-    if path == "-":
-        return 0 if show(sys.stdin, sys.stdout, keep, follow) or follow else 1
-    with open(path, encoding="utf-8", errors="replace") as f:
-        return 0 if show(f, sys.stdout, keep, follow) or follow else 1
+    """``etlsvc logs``: 0 when something was printed or followed, 1 if nothing matched.
+
+    A reader that goes away (``etlsvc logs - | head``) ends it quietly, with 0.
+    """
+    try:
+        if path == "-":
+            return 0 if show(sys.stdin, sys.stdout, keep, follow) or follow else 1
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return 0 if show(f, sys.stdout, keep, follow) or follow else 1
+    except BrokenPipeError:
+        # Python would complain again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 

@@ -578,6 +578,23 @@ def _worker_feed(chunk: bytes) -> tuple[list[Any], int | None]:
     return _feed(*_worker, chunk)
 
 
+def missing_columns(src: CsvSource, path: str, header: list[str]) -> SourceError:
+    """The error for mapped columns the header lacks, with a hint when the header looks
+    split on another delimiter (``;``, ``|``, tab)."""
+    missing = ", ".join(f"{c!r} (for {f})" for f, c in src.fields.mapped().items()
+                        if c not in header)
+    hint = ""
+    if len(header) == 1:
+        other = next((d for d in (";", "|", "\t") if d != src.delimiter and d in header[0]),
+                     None)
+        if other:
+            hint = (f"; the header splits on {other!r}: set delimiter = "
+                    f"{other!r} for this source" if other != "\t" else
+                    "; the header splits on tabs: set delimiter = \"\\t\" for this source")
+    return SourceError(src.name, f"{path}: column {missing} not in the header (columns: "
+                       f"{', '.join(header) or 'none'}){hint}")
+
+
 def read_header(src: CsvSource, path: str) -> list[str]:
     """The header of a file (its first non-blank record), for ``etlsvc check``."""
     with open(path, "rb") as f:

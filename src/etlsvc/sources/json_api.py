@@ -143,8 +143,11 @@ class Fetcher:
             try:
                 async with asyncio.timeout(self.src.timeouts.total):
                     response, body = await self._get_once(url, params, headers)
+            except (httpx.TooManyRedirects, httpx.UnsupportedProtocol, httpx.DecodingError,
+                    httpx.InvalidURL) as exc:             # retrying cannot help
+                raise SourceError(self.src.name, f"GET {url}: {_describe(exc)}") from exc
             except (httpx.TransportError, TimeoutError) as exc:
-                problem = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                problem = _describe(exc)
             else:
                 if response.status_code not in _RETRY_STATUS:
                     if response.is_error:
@@ -184,6 +187,10 @@ class Fetcher:
                                       f"max_response_bytes ({limit})")
                 chunks.append(chunk)
         return response, b"".join(chunks)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -245,22 +252,35 @@ def _fingerprint(request: dict[str, Any]) -> str:
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
-async def walk(src: ApiSource, fetcher: Fetcher, state: dict[str, Any]) -> AsyncIterator[Page]:
-    """Fetch pages from ``state`` on; each Page carries the state to store after it."""
+async def walk(src: ApiSource, fetcher: Fetcher, state: dict[str, Any],
+               warn: Callable[[str], None]) -> AsyncIterator[Page]:
+    """Fetch pages from ``state`` on; each Page carries the state to store after it.
+
+    A walk never loads the same page twice: a page whose body equals one this walk loaded
+    already (an upstream that ignores the page parameter, a next link back to the start)
+    ends it, as does the page limit; ``warn`` reports why, on the run.
+    """
     p = src.pagination
     state = dict(state)
     seen = list(state.get("seen", []))
+    bodies = list(state.get("bodies", []))
     while state.get("request"):
         request = state["request"]
         number = state["page"] + 1
         if number > p.max_pages:
-            log.warning("page limit reached, walk stopped", max_pages=p.max_pages)
+            warn(f"the walk stopped at the page limit (max_pages = {p.max_pages})")
             break
         response, body = await fetcher.get(request["url"], request["params"])
         url = str(response.url)
+        digest = hashlib.sha256(body).hexdigest()[:16]
+        if digest in bodies:
+            warn(f"page {number} ({url}) is the same as a page this walk loaded already; the "
+                 "walk stopped there (does the API ignore the page parameter, or link back?)")
+            break
+        bodies = [*bodies, digest][-_SEEN_LIMIT:]
         try:
             doc = msgspec.json.decode(body)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:   # RecursionError: too deep
             raise SourceError(src.name, f"page {number} ({url}): the response is not valid "
                               f"JSON ({exc}); the next run resumes at this page") from exc
         items = get_path(doc, src.items_path)
@@ -271,11 +291,12 @@ async def walk(src: ApiSource, fetcher: Fetcher, state: dict[str, Any]) -> Async
         if nxt is not None:
             fp = _fingerprint(nxt)
             if fp in seen:
-                log.warning("the API sent a page it sent before, walk stopped", url=url)
+                warn(f"page {number} ({url}) points to a page this walk requested already; "
+                     "the walk stopped there")
                 nxt = None
             else:
                 seen = [*seen, fp][-_SEEN_LIMIT:]
-        state = {**state, "request": nxt, "page": number, "seen": seen}
+        state = {**state, "request": nxt, "page": number, "seen": seen, "bodies": bodies}
         state.update(_advance_hwm(src, state, items))
         yield Page(url, number, items, raw_items(body, src.items_path, items), dict(state),
                    len(body))
