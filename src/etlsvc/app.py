@@ -17,13 +17,14 @@ from typing import Any
 import asyncpg
 import structlog
 from litestar import Litestar, MediaType, Request, Response
+from litestar.datastructures import State
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.middleware.rate_limit import RateLimitConfig
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import RedocRenderPlugin, SwaggerRenderPlugin
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from etlsvc import __version__, db, metrics, routes
+from etlsvc import __version__, auth, db, metrics, routes
 from etlsvc.config import Config
 from etlsvc.errors import EtlError
 from etlsvc.service import Service
@@ -156,7 +157,9 @@ def create_litestar(cfg: Config, startup_errors: list[EtlError] | None = None) -
         middleware.append(RateLimitConfig(
             rate_limit=("minute", cfg.server.rate_limit_per_minute),
             exclude=["/health", "/metrics"]).middleware)
+    auth.configured_keys()          # a malformed ETLSVC_API_KEYS is a config error now
     return Litestar(
+        state=State({"public_read": cfg.server.public_read}),
         route_handlers=routes.HANDLERS,
         guards=[routes.check_query],
         lifespan=[lifespan],

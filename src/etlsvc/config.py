@@ -228,6 +228,8 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     read_statement_timeout_ms: PositiveInt = 5000
     #: /health answers 503 while a source's last run failed (it always lists them).
     health_fails_on_failing_sources: bool = False
+    #: Read endpoints answer without a key; off: they need a key with the ``read`` scope.
+    public_read: bool = True
 
 
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -13,7 +13,6 @@ import datetime as dt
 import hashlib
 import hmac
 import inspect
-import os
 import re
 import time
 from collections.abc import AsyncIterator
@@ -21,6 +20,7 @@ from functools import cache
 from typing import Annotated, Any
 
 import msgspec
+import structlog
 from litestar import Request, Response, get, post
 from litestar.connection import ASGIConnection
 from litestar.exceptions import HTTPException, NotFoundException
@@ -29,7 +29,7 @@ from litestar.openapi import ResponseSpec
 from litestar.params import FromQuery, JSONBody, PathParameter, QueryParameter
 from litestar.response import ServerSentEvent
 
-from etlsvc import db, load, metrics, tail
+from etlsvc import auth, db, load, metrics, tail
 from etlsvc.errors import ConfigError, SourceBusy
 from etlsvc.service import Service, schedule_seconds
 
@@ -76,7 +76,7 @@ def _errors(*statuses: int) -> dict[int, ResponseSpec]:
             for s in statuses}
 
 
-READ_ERRORS = _errors(400, 404, 429, 503)
+READ_ERRORS = _errors(400, 401, 403, 404, 429, 503)
 WRITE_ERRORS = _errors(400, 401, 403, 404, 409, 413, 415, 429, 503)
 
 
@@ -140,16 +140,31 @@ def _filters_digest(filters: tuple[Any, ...]) -> str:
 
 # -- guards: run before any parameter or body is read ------------------------------------
 
-def require_api_key(connection: ASGIConnection, _: BaseRouteHandler) -> None:
-    """401 without a bearer key, 403 with a wrong one (compared in constant time)."""
-    keys = [k.strip() for k in os.environ.get("ETLSVC_API_KEYS", "").split(",") if k.strip()]
-    header = connection.headers.get("authorization", "")
-    if not header.lower().startswith("bearer ") or not header[7:].strip():
-        raise ApiError(401, "unauthorized", "an API key is required: Authorization: Bearer "
-                       "<key>")
-    given = header[7:].strip().encode()
-    if not any(hmac.compare_digest(given, k.encode()) for k in keys):
-        raise ApiError(403, "forbidden", "this API key is not accepted")
+def requires(scope: str) -> Any:
+    """A guard: the request's bearer key must grant ``scope`` (``read`` passes without a key
+    when ``server.public_read`` is on). 401 without a key, 403 with a wrong one or one that
+    lacks the scope."""
+
+    def guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+        if scope == "read" and connection.app.state.public_read:
+            return
+        header = connection.headers.get("authorization", "")
+        if not header.lower().startswith("bearer ") or not header[7:].strip():
+            raise ApiError(401, "unauthorized", f"an API key with the {scope!r} scope is "
+                           "required: Authorization: Bearer <key>")
+        key = auth.find(header[7:].strip())
+        if key is None:
+            raise ApiError(403, "forbidden", "this API key is not accepted")
+        if not key.grants(scope):
+            raise ApiError(403, "forbidden", f"the API key {key.name!r} lacks the {scope!r} "
+                           "scope")
+        structlog.contextvars.bind_contextvars(key_name=key.name)
+
+    return guard
+
+
+#: What every read endpoint declares: its error responses and the ``read`` scope.
+READ: dict[str, Any] = {"responses": READ_ERRORS, "guards": [requires("read")]}
 
 
 def require_json_body(connection: ASGIConnection, _: BaseRouteHandler) -> None:
@@ -205,7 +220,7 @@ class RunRequest(msgspec.Struct, forbid_unknown_fields=True):
 
 
 @post("/etl/run", status_code=202, summary="Start runs (API key required)",
-      responses=WRITE_ERRORS, guards=[require_api_key, require_json_body])
+      responses=WRITE_ERRORS, guards=[requires("run"), require_json_body])
 async def start_runs(request: Request, data: JSONBody[RunRequest | None] = None) -> dict[str, Any]:
     """Start a run of each requested source (all by default), or of none if any is running
     already (409 lists them); 202 with their ids."""
@@ -235,7 +250,7 @@ def run_view(row: Any) -> dict[str, Any]:
     return run
 
 
-@get("/etl/runs", summary="Run history, newest first", responses=READ_ERRORS)
+@get("/etl/runs", summary="Run history, newest first", **READ)
 async def list_runs(
     request: Request,
     source: FromQuery[str | None] = None,
@@ -252,7 +267,7 @@ async def list_runs(
     return envelope(request, [run_view(r) for r in rows], pagination)
 
 
-@get("/etl/runs/{run_id:int}", summary="One run, with live progress", responses=READ_ERRORS)
+@get("/etl/runs/{run_id:int}", summary="One run, with live progress", **READ)
 async def get_run(request: Request,
                   run_id: Annotated[int, PathParameter(ge=0, le=MAX_ID)]) -> dict[str, Any]:
     row = await read_pool(request).fetchrow(db.query("runs", "get"), run_id)
@@ -262,7 +277,7 @@ async def get_run(request: Request,
 
 
 @get("/etl/rejects", summary="Rejected records, with position and reason",
-     responses=READ_ERRORS)
+     **READ)
 async def list_rejects(
     request: Request,
     run_id: Annotated[int | None, QueryParameter(ge=0, le=MAX_ID)] = None,
@@ -280,7 +295,7 @@ async def list_rejects(
 
 # -- read API ------------------------------------------------------------------------------
 
-@get("/data", summary="Normalized records, keyset-paginated", responses=READ_ERRORS)
+@get("/data", summary="Normalized records, keyset-paginated", **READ)
 async def list_data(
     request: Request,
     limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 50,
@@ -309,7 +324,7 @@ async def list_data(
     return Response(content=body, headers={"ETag": etag})
 
 
-@get("/data/{record_id:int}", summary="One record with its lineage", responses=READ_ERRORS)
+@get("/data/{record_id:int}", summary="One record with its lineage", **READ)
 async def get_record(request: Request,
                      record_id: Annotated[int, PathParameter(ge=0, le=MAX_ID)]) -> dict[str, Any]:
     """The record, the raw record it came from, and the run that produced it."""
@@ -372,7 +387,7 @@ async def health(request: Request) -> Response[dict[str, Any]]:
 
 
 @get("/stats", summary="Per-source statistics, pool use, API latency",
-     responses=READ_ERRORS)
+     **READ)
 async def stats(request: Request) -> dict[str, Any]:
     """Rows, runs, success rate, error rate, throughput and last run per source."""
     service = service_of(request)
@@ -410,7 +425,7 @@ async def prometheus(request: Request) -> Response[bytes]:
 
 
 @get("/logs/stream", summary="Live log events (server-sent events; API key required)",
-     media_type="text/event-stream", responses=WRITE_ERRORS, guards=[require_api_key])
+     media_type="text/event-stream", responses=WRITE_ERRORS, guards=[requires("admin")])
 async def log_stream(
     request: Request,
     level: Annotated[str, QueryParameter(pattern="^(debug|info|warning|error|critical)$")]

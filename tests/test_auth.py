@@ -1,0 +1,84 @@
+"""API keys with scopes: read, run, admin; public reads or not; 401 and 403 as before."""
+
+from __future__ import annotations
+
+import pytest
+from litestar.testing import AsyncTestClient
+
+from etlsvc.app import create_app
+from etlsvc.auth import parse_keys
+from etlsvc.errors import ConfigError
+from tests.conftest import Env, csv_source
+
+KEYS = "grafana:read:r-secret, ci:run:w-secret, ops:admin:a-secret, legacy-secret"
+READS = ["/data", "/etl/runs", "/etl/rejects", "/stats", "/etl/runs/1", "/data/1"]
+
+
+def bearer(secret: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {secret}"}
+
+
+@pytest.fixture
+async def client(env: Env, tmp_path, monkeypatch: pytest.MonkeyPatch, request):
+    monkeypatch.setenv("ETLSVC_API_KEYS", KEYS)
+    (tmp_path / "a.csv").write_text("id\n1\n")
+    public = getattr(request, "param", True)
+    cfg = env.config(csv_source("a", tmp_path / "a.csv", fields='source_id = "id"'),
+                     extra=f"[server]\npublic_read = {str(public).lower()}")
+    async with AsyncTestClient(app=create_app(cfg)) as c:
+        yield c
+
+
+@pytest.mark.parametrize("client", [False], indirect=True)
+async def test_with_public_read_off_reads_need_a_read_key(client) -> None:
+    for path in READS:
+        assert (await client.get(path)).status_code == 401, path
+        assert (await client.get(path, headers=bearer("wrong"))).status_code == 403, path
+        for secret in ("r-secret", "w-secret", "a-secret", "legacy-secret"):
+            r = await client.get(path, headers=bearer(secret))
+            assert r.status_code in (200, 404), (path, secret, r.text)
+    # health and metrics stay open: load balancers and Prometheus have no key
+    assert (await client.get("/health")).status_code == 200
+    assert (await client.get("/metrics")).status_code == 200
+
+
+async def test_with_public_read_on_reads_need_no_key(client) -> None:
+    for path in ("/data", "/etl/runs", "/etl/rejects", "/stats"):
+        assert (await client.get(path)).status_code == 200, path
+
+
+async def test_starting_runs_needs_the_run_scope(client) -> None:
+    assert (await client.post("/etl/run")).status_code == 401
+    refused = await client.post("/etl/run", headers=bearer("r-secret"))
+    assert refused.status_code == 403
+    assert refused.json()["error"]["message"] == "the API key 'grafana' lacks the 'run' scope"
+    for secret in ("w-secret", "a-secret", "legacy-secret"):
+        r = await client.post("/etl/run", headers=bearer(secret))
+        assert r.status_code in (202, 409), (secret, r.text)
+
+
+async def test_the_log_stream_needs_the_admin_scope(client) -> None:
+    assert (await client.get("/logs/stream")).status_code == 401
+    for secret in ("r-secret", "w-secret"):
+        r = await client.get("/logs/stream", headers=bearer(secret))
+        assert r.status_code == 403 and "lacks the 'admin' scope" in r.json()["error"]["message"]
+
+
+def test_scopes_nest_and_malformed_entries_are_config_errors() -> None:
+    keys = {k.name: k for k in parse_keys(KEYS)}
+    assert keys["grafana"].grants("read") and not keys["grafana"].grants("run")
+    assert keys["ci"].grants("read") and keys["ci"].grants("run")
+    assert not keys["ci"].grants("admin") and keys["ops"].grants("admin")
+    assert keys["key4"].grants("admin") and keys["key4"].secret == b"legacy-secret"
+    assert parse_keys("x:read:a:b:c")[0].secret == b"a:b:c"      # a secret may hold colons
+    for bad in ("x:write:secret", "x:read:", ":read:secret", "x:read"):
+        with pytest.raises(ConfigError, match="NAME:SCOPES:SECRET"):
+            parse_keys(bad)
+
+
+def test_serve_with_a_malformed_key_list_exits_2_without_echoing_it(env: Env) -> None:
+    env.write_config("")
+    result = env.cli("serve", ETLSVC_API_KEYS="ops:superuser:hunter2", timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert "ETLSVC_API_KEYS entry 1 (ops)" in result.stderr
+    assert "hunter2" not in result.stderr + result.stdout
