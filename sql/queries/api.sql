@@ -1,19 +1,26 @@
 -- name: data_page
--- Keyset page of normalized_data in id order. NULL filters are not applied.
--- params: $1 after id, $2 limit, $3 source, $4 kind, $5 category, $6 event time from,
---         $7 event time to, $8 updated since
+-- Keyset page of normalized_data in id order. The placeholder after "id > $1" becomes the
+-- conditions of the filters a request gives (data_filters), so each combination is its own
+-- statement with its own plan, instead of one catch-all whose cached plan fits some filters
+-- and not others.
+-- params: $1 after id, $2 limit, then one per filter given
 SELECT id, kind, source, source_id, title, description, category, amount::text AS amount, url,
        tags, event_time, created_at, updated_at
 FROM normalized_data
-WHERE id > $1
-  AND ($3::text IS NULL OR source = $3)
-  AND ($4::text IS NULL OR kind = $4)
-  AND ($5::text IS NULL OR category = $5)
-  AND ($6::timestamptz IS NULL OR event_time >= $6)
-  AND ($7::timestamptz IS NULL OR event_time < $7)
-  AND ($8::timestamptz IS NULL OR updated_at >= $8)
+WHERE id > $1{filters}
 ORDER BY id
 LIMIT $2
+
+-- name: data_filters
+-- The filters of GET /data: one per line, its name and then its condition ({n}: the number
+-- of its parameter). Indexes: (source, id), (kind, id), (category, id), (event_time),
+-- (updated_at) (see sql/migrations/0004_read_indexes.sql).
+source          source = ${n}
+kind            kind = ${n}
+category        category = ${n}
+event_from      event_time >= ${n}
+event_to        event_time < ${n}
+updated_since   updated_at >= ${n}
 
 -- name: data_one
 -- params: $1 id

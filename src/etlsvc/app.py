@@ -137,7 +137,10 @@ def create_litestar(cfg: Config, startup_errors: list[EtlError] | None = None) -
                 app.state.read_pool = await db.connect_pool(
                     cfg.database.read_url or database.dsn, cfg, settings={
                         "statement_timeout": str(cfg.server.read_statement_timeout_ms),
-                        "default_transaction_read_only": "on"})
+                        "default_transaction_read_only": "on",
+                        # Plan each page for its own values: a generic plan made for "any
+                        # updated_since" walks the primary key even for the last minute.
+                        "plan_cache_mode": "force_custom_plan"})
                 service = Service(cfg, database)
                 app.state.service = service
                 service.start_scheduler()

@@ -295,6 +295,19 @@ async def list_rejects(
 
 # -- read API ------------------------------------------------------------------------------
 
+#: The filters of GET /data, in the order of its parameters, with their SQL conditions.
+DATA_FILTERS = dict(line.split(None, 1) for line in db.query("api", "data_filters").splitlines()
+                    if line and not line.startswith("--"))
+
+
+@cache
+def data_page_sql(given: tuple[str, ...]) -> str:
+    """The statement of a /data page with the filters ``given`` (one per combination)."""
+    conditions = "".join(f"\n  AND {DATA_FILTERS[name].strip().format(n=i)}"
+                         for i, name in enumerate(given, 3))
+    return db.query("api", "data_page").format(filters=conditions)
+
+
 @get("/data", summary="Normalized records, keyset-paginated", **READ)
 async def list_data(
     request: Request,
@@ -312,9 +325,9 @@ async def list_data(
     updated_since = _utc("updated_since", updated_since)
     filters = ("data", source, kind, category, event_from, event_to, updated_since)
     after = decode_cursor(cursor, filters) if cursor else 0
-    rows = await read_pool(request).fetch(
-        db.query("api", "data_page"), after, limit + 1, source, kind, category, event_from,
-        event_to, updated_since)
+    given = {name: value for name, value in zip(DATA_FILTERS, filters[1:]) if value is not None}
+    rows = await read_pool(request).fetch(data_page_sql(tuple(given)), after, limit + 1,
+                                          *given.values())
     rows, pagination = keyset_page(rows, limit, filters)
     page = [dict(r) for r in rows]
     etag = '"' + hashlib.sha256(msgspec.json.encode(page)).hexdigest()[:32] + '"'

@@ -1,0 +1,79 @@
+"""Every filter of GET /data is an index scan, whatever the connection ran before.
+
+The equality filters page through (column, id) indexes in id order. For the range filters
+the planner chooses per request (the read pool plans each statement for its own values):
+a narrow recent window reads its index; a wide one may walk the primary key.
+"""
+
+from __future__ import annotations
+
+import json
+
+import asyncpg
+import pytest
+
+from etlsvc import routes
+from tests.conftest import Env
+
+#: filter → (value, the index its page must use)
+FILTERS = {
+    "source": ("small", "normalized_data_source_idx"),
+    "kind": ("rss", "normalized_data_kind_idx"),
+    "category": ("c3", "normalized_data_category_idx"),
+    "updated_since": ("recent", "normalized_data_updated_at_idx"),
+    "event_from": ("recent", "normalized_data_event_time_idx"),
+}
+
+
+@pytest.fixture
+async def big_table(pool: asyncpg.Pool) -> None:
+    """200,000 rows of a big CSV source and 2,000 of a small RSS one, analysed."""
+    await pool.execute("""
+        INSERT INTO normalized_data (kind, source, source_id, title, category, event_time,
+                                     updated_at, raw_table, raw_id, run_id)
+        SELECT CASE WHEN g > 200000 THEN 'rss' ELSE 'csv' END,
+               CASE WHEN g > 200000 THEN 'small' ELSE 'big' END,
+               'k' || g, 't' || g, 'c' || (g % 1000),
+               timestamptz '2020-01-01' + g * interval '1 minute',
+               now() - interval '1 year' + (g % 1000) * interval '1 minute',
+               'raw_csv_data', g, 0
+        FROM generate_series(1, 202000) g;
+        UPDATE normalized_data SET updated_at = now() WHERE id % 10000 = 0;
+        ANALYZE normalized_data;
+    """)
+
+
+async def plan(conn: asyncpg.Connection, given: dict[str, object]) -> str:
+    sql = routes.data_page_sql(tuple(given))
+    doc = await conn.fetchval("EXPLAIN (FORMAT JSON) " + sql, 0, 101, *given.values())
+    return json.dumps(json.loads(doc) if isinstance(doc, str) else doc)
+
+
+async def test_each_filter_is_an_index_scan_even_after_many_other_pages(
+    env: Env, database_url: str, big_table: None
+) -> None:
+    import datetime as dt
+
+    recent = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+    values = {"source": "small", "kind": "rss", "category": "c3",
+              "updated_since": recent,
+              # the last ~100 minutes of event times: a narrow window at the highest ids
+              "event_from": dt.datetime(2020, 1, 1, tzinfo=dt.UTC)
+              + dt.timedelta(minutes=202_000 - 100)}
+    # The read pool's session settings (app.py), on a connection that has run each
+    # statement with other values first: enough times for a generic plan to be tempting.
+    conn = await asyncpg.connect(database_url, server_settings={
+        "plan_cache_mode": "force_custom_plan", "timezone": "UTC"})
+    try:
+        for name, (_, index) in FILTERS.items():
+            sql = routes.data_page_sql((name,))
+            broad = {"source": "big", "kind": "csv", "category": "c1",
+                     "updated_since": dt.datetime(2000, 1, 1, tzinfo=dt.UTC),
+                     "event_from": dt.datetime(2000, 1, 1, tzinfo=dt.UTC)}[name]
+            for _ in range(8):
+                await conn.fetch(sql, 0, 101, broad)
+            shown = await plan(conn, {name: values[name]})
+            assert index in shown, (name, shown)
+            assert "Seq Scan" not in shown, (name, shown)
+    finally:
+        await conn.close()
