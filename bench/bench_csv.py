@@ -1,12 +1,17 @@
 """CSV load benchmark: `etlsvc run` against `psql \\copy` of the same file, in one run.
 
 usage: python bench/bench_csv.py [ROWS ...] [--database-url URL] [--batch-size N]
+       python bench/bench_csv.py ROWS --index-cost [--rounds N]
 
 For each size (default 1,000,000): generate the file with bench/gen_csv.py (cached in
 bench/data/), time `psql \\copy` of it into an all-text table, then `etlsvc run` of it into
 an empty database; record both wall times, their ratio, rows/s and etlsvc's peak RSS in
 bench/RESULTS.md. The server is the one at --database-url (default: $ETLSVC_BENCH_DATABASE_URL,
 else postgresql://postgres@127.0.0.1:5432/postgres); fresh databases are created and dropped.
+
+With --index-cost: what the read API's indexes (migration 0004) cost a load. `etlsvc run`
+of the same file, with them and with them dropped, interleaved for --rounds rounds; the
+ratio of the medians is recorded.
 """
 
 from __future__ import annotations
@@ -60,7 +65,13 @@ def time_copy(url: str, path: Path) -> float:
     return time.perf_counter() - start
 
 
-def time_etlsvc(url: str, path: Path, batch_size: int, workdir: Path) -> tuple[float, int, str]:
+#: The indexes of migration 0004 (the read API's filters), for --index-cost.
+READ_INDEXES = ("normalized_data_source_idx", "normalized_data_updated_at_brin",
+                "normalized_data_event_time_brin")
+
+
+def time_etlsvc(url: str, path: Path, batch_size: int, workdir: Path,
+                drop: tuple[str, ...] = ()) -> tuple[float, int, str]:
     db = fresh_db(url, "etlsvc_bench_run")
     config = workdir / "bench.toml"
     config.write_text(textwrap.dedent(f"""\
@@ -84,6 +95,8 @@ def time_etlsvc(url: str, path: Path, batch_size: int, workdir: Path) -> tuple[f
     # migrations first, so that the timed run is the load alone
     sh(sys.executable, "-m", "etlsvc", "migrate", "--config", str(config),
        env={**os.environ, "ETLSVC_DATABASE_URL": db})
+    for index in drop:
+        sh("psql", db, "-qc", f"DROP INDEX {index}")
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "etlsvc", "run", "--config", str(config)],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
@@ -114,7 +127,13 @@ def main() -> None:
     ap.add_argument("--database-url", default=os.environ.get(
         "ETLSVC_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"))
     ap.add_argument("--batch-size", type=int, default=10_000)
+    ap.add_argument("--index-cost", action="store_true",
+                    help="time loads with and without the read API's indexes, interleaved")
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
+    if args.index_cost:
+        index_cost(args)
+        return
     lines = []
     for rows in args.rows:
         path = generate(rows)
@@ -132,6 +151,30 @@ def main() -> None:
                 f"{machine()}\n\n"
                 "| rows | file | psql \\copy | etlsvc run | ratio | etlsvc rows/s | "
                 "etlsvc peak RSS |\n|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
+
+
+def index_cost(args: argparse.Namespace) -> None:
+    import statistics
+
+    rows = args.rows[0]
+    path = generate(rows)
+    times: dict[str, list[float]] = {"with": [], "without": []}
+    for _ in range(args.rounds):
+        for label, drop in (("with", ()), ("without", READ_INDEXES)):
+            seconds, _, _ = time_etlsvc(args.database_url, path, args.batch_size, DATA, drop)
+            times[label].append(seconds)
+            print(f"{label} read indexes: {seconds:.1f} s", flush=True)
+    with_s, without_s = (statistics.median(times[k]) for k in ("with", "without"))
+    line = (f"| {rows:,} | {args.rounds} | {without_s:.1f} s | {with_s:.1f} s | "
+            f"**{with_s / without_s:.3f}×** |")
+    print(line)
+    with open(RESULTS, "a") as f:
+        f.write(f"\n### {dt.date.today()}: `python bench/bench_csv.py {rows} --index-cost "
+                f"--rounds {args.rounds}`\n\n{machine()}\n\n"
+                f"What the read API's indexes ({', '.join(READ_INDEXES)}) cost a load, "
+                "medians of interleaved runs.\n\n"
+                "| rows | rounds | without | with | with / without |\n|---|---|---|---|---|\n"
+                + line + "\n")
 
 
 if __name__ == "__main__":

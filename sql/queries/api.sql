@@ -13,8 +13,8 @@ LIMIT $2
 
 -- name: data_filters
 -- The filters of GET /data: one per line, its name and then its condition ({n}: the number
--- of its parameter). Indexes: (source, id), (kind, id), (category, id), (event_time),
--- (updated_at) (see sql/migrations/0004_read_indexes.sql).
+-- of its parameter). Indexes: (source, id) and (category, id) B-trees, BRIN on event_time
+-- and updated_at (see sql/migrations/0004_read_indexes.sql); kind has none.
 source          source = ${n}
 kind            kind = ${n}
 category        category = ${n}
