@@ -32,10 +32,12 @@ _MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
 
 #: Errors that mean the database is away (down, restarting, unreachable, connection lost),
-#: as opposed to an error in what was asked of it.
+#: as opposed to an error in what was asked of it. InternalClientError is what asyncpg
+#: raises when it resets a pooled connection the server has just dropped.
 UNAVAILABLE = (OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-               asyncpg.AdminShutdownError, asyncpg.CrashShutdownError,
-               asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError)
+               asyncpg.InternalClientError, asyncpg.AdminShutdownError,
+               asyncpg.CrashShutdownError, asyncpg.CannotConnectNowError,
+               asyncpg.TooManyConnectionsError)
 
 
 def unavailable(exc: BaseException) -> bool:
