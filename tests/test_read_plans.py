@@ -42,8 +42,14 @@ async def big_table(pool: asyncpg.Pool) -> None:
     """)
 
 
+def statement(names: tuple[str, ...]) -> str:
+    """What a page with these filters runs (a range filter's first statement)."""
+    query = "data_page" if routes.RANGE_FILTERS.isdisjoint(names) else "data_window"
+    return routes.data_page_sql(names, query)
+
+
 async def plan(conn: asyncpg.Connection, given: dict[str, object]) -> str:
-    sql = routes.data_page_sql(tuple(given))
+    sql = statement(tuple(given))
     doc = await conn.fetchval("EXPLAIN (FORMAT JSON) " + sql, 0, 101, *given.values())
     return json.dumps(json.loads(doc) if isinstance(doc, str) else doc)
 
@@ -65,7 +71,7 @@ async def test_each_filter_is_an_index_scan_even_after_many_other_pages(
         "plan_cache_mode": "force_custom_plan", "timezone": "UTC"})
     try:
         for name, index in FILTERS.items():
-            sql = routes.data_page_sql((name,))
+            sql = statement((name,))
             broad = {"source": "big", "kind": "csv", "category": "c1",
                      "updated_since": dt.datetime(2000, 1, 1, tzinfo=dt.UTC),
                      "event_from": dt.datetime(2000, 1, 1, tzinfo=dt.UTC)}[name]
@@ -74,5 +80,34 @@ async def test_each_filter_is_an_index_scan_even_after_many_other_pages(
             shown = await plan(conn, {name: values[name]})
             assert index in shown, (name, shown)
             assert "Seq Scan" not in shown, (name, shown)
+    finally:
+        await conn.close()
+
+
+async def test_range_filtered_pages_are_the_same_rows_whichever_path_they_take(
+    env: Env, database_url: str, big_table: None
+) -> None:
+    import datetime as dt
+
+    start = dt.datetime(2020, 1, 1, tzinfo=dt.UTC)
+    conn = await asyncpg.connect(database_url, server_settings={"timezone": "UTC"})
+    try:
+        # narrow (the window query), wide (more than WINDOW_CAP: the primary key walk),
+        # and a window closed on both sides, from the start and from a deep cursor
+        for given in ({"event_from": start + dt.timedelta(minutes=201_900)},
+                      {"event_from": start + dt.timedelta(minutes=10)},
+                      {"event_from": start + dt.timedelta(minutes=5_000),
+                       "event_to": start + dt.timedelta(minutes=5_300)},
+                      {"updated_since": dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)}):
+            where = " AND ".join(
+                {"event_from": "event_time >= ${}", "event_to": "event_time < ${}",
+                 "updated_since": "updated_at >= ${}"}[k].format(i)
+                for i, k in enumerate(given, 2))
+            for after in (0, 150_000):
+                got = [r["id"] for r in await routes.data_rows(conn, given, after, 101)]
+                want = [r["id"] for r in await conn.fetch(
+                    f"SELECT id FROM normalized_data WHERE id > $1 AND {where} "
+                    "ORDER BY id LIMIT 101", after, *given.values())]
+                assert got == want, (given, after)
     finally:
         await conn.close()

@@ -6,7 +6,9 @@
 -- the column follows the order rows were written in (updated_at always does); otherwise
 -- the planner walks the primary key.
 CREATE INDEX normalized_data_source_idx ON normalized_data (source, id);
+-- autosummarize: autovacuum summarizes each range as it fills; an unsummarized range (the
+-- newest rows, where a recent window is) is a candidate for every query.
 CREATE INDEX normalized_data_updated_at_brin ON normalized_data USING brin (updated_at)
-    WITH (pages_per_range = 16);
+    WITH (pages_per_range = 16, autosummarize = on);
 CREATE INDEX normalized_data_event_time_brin ON normalized_data USING brin (event_time)
-    WITH (pages_per_range = 16);
+    WITH (pages_per_range = 16, autosummarize = on);

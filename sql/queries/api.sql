@@ -11,6 +11,23 @@ WHERE id > $1{filters}
 ORDER BY id
 LIMIT $2
 
+-- name: data_window
+-- A page with a range filter (event_from, event_to, updated_since). "ORDER BY id LIMIT"
+-- makes the planner walk the primary key hoping to meet matching rows early; a recent window
+-- sits at the end, and the walk reads the whole table. Here the matching ids are found
+-- first, by whichever index suits (BRIN for a narrow window), at most 20,001 of them, then
+-- sorted. When there are more, routes.py runs data_page instead: matches are dense then,
+-- and the walk meets them early.
+-- params: as data_page
+WITH matching AS MATERIALIZED (
+    SELECT id FROM normalized_data WHERE id > $1{filters} LIMIT 20001
+)
+SELECT id, kind, source, source_id, title, description, category, amount::text AS amount, url,
+       tags, event_time, created_at, updated_at, (SELECT count(*) FROM matching) AS matching
+FROM normalized_data
+WHERE id IN (SELECT id FROM matching ORDER BY id LIMIT $2)
+ORDER BY id
+
 -- name: data_filters
 -- The filters of GET /data: one per line, its name and then its condition ({n}: the number
 -- of its parameter). Indexes: (source, id) and (category, id) B-trees, BRIN on event_time

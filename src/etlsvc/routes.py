@@ -300,12 +300,29 @@ DATA_FILTERS = dict(line.split(None, 1) for line in db.query("api", "data_filter
                     if line and not line.startswith("--"))
 
 
+#: Range filters: their pages look for the matching ids first (``data_window``).
+RANGE_FILTERS = frozenset({"event_from", "event_to", "updated_since"})
+#: More matching rows than this, and a range-filtered page walks the primary key instead.
+WINDOW_CAP = 20_000
+
+
 @cache
-def data_page_sql(given: tuple[str, ...]) -> str:
+def data_page_sql(given: tuple[str, ...], query: str = "data_page") -> str:
     """The statement of a /data page with the filters ``given`` (one per combination)."""
     conditions = "".join(f"\n  AND {DATA_FILTERS[name].strip().format(n=i)}"
                          for i, name in enumerate(given, 3))
-    return db.query("api", "data_page").format(filters=conditions)
+    return db.query("api", query).format(filters=conditions)
+
+
+async def data_rows(pool: Any, given: dict[str, Any], after: int, limit: int) -> list[Any]:
+    """Up to ``limit`` rows after ``after`` that match ``given``, in id order."""
+    names = tuple(given)
+    if RANGE_FILTERS.isdisjoint(names):
+        return await pool.fetch(data_page_sql(names), after, limit, *given.values())
+    rows = await pool.fetch(data_page_sql(names, "data_window"), after, limit, *given.values())
+    if rows and rows[0]["matching"] > WINDOW_CAP:
+        return await pool.fetch(data_page_sql(names), after, limit, *given.values())
+    return rows
 
 
 @get("/data", summary="Normalized records, keyset-paginated", **READ)
@@ -326,10 +343,11 @@ async def list_data(
     filters = ("data", source, kind, category, event_from, event_to, updated_since)
     after = decode_cursor(cursor, filters) if cursor else 0
     given = {name: value for name, value in zip(DATA_FILTERS, filters[1:]) if value is not None}
-    rows = await read_pool(request).fetch(data_page_sql(tuple(given)), after, limit + 1,
-                                          *given.values())
+    rows = await data_rows(read_pool(request), given, after, limit + 1)
     rows, pagination = keyset_page(rows, limit, filters)
     page = [dict(r) for r in rows]
+    for record in page:
+        record.pop("matching", None)
     etag = '"' + hashlib.sha256(msgspec.json.encode(page)).hexdigest()[:32] + '"'
     if request.headers.get("if-none-match") == etag:
         return Response(content=None, status_code=304, headers={"ETag": etag})
