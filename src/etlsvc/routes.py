@@ -93,6 +93,27 @@ def envelope(request: Request, data: Any, pagination: dict[str, Any] | None = No
 _encode = msgspec.json.Encoder().encode
 
 
+class DataRow(msgspec.Struct):
+    """A record of GET /data: the columns of ``data_page`` and ``data_window``, in order."""
+
+    id: int
+    kind: str
+    source: str
+    source_id: str
+    title: str | None
+    description: str | None
+    category: str | None
+    amount: str | None
+    url: str | None
+    tags: list[str] | None
+    event_time: dt.datetime | None
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+
+_DATA_COLUMNS = len(DataRow.__struct_fields__)
+
+
 def service_of(request: Request) -> Service:
     return request.app.state.service
 
@@ -349,12 +370,9 @@ async def list_data(
     given = {name: value for name, value in zip(DATA_FILTERS, filters[1:]) if value is not None}
     rows = await data_rows(read_pool(request), given, after, limit + 1)
     rows, pagination = keyset_page(rows, limit, filters)
-    page = [dict(r) for r in rows]
-    if given.keys() & RANGE_FILTERS:
-        for record in page:
-            del record["matching"]
-    # The page is encoded once: its bytes give the ETag and go into the body as they are.
-    data = _encode(page)
+    # The page is encoded once, from structs (a quarter of the cost of dicts): its bytes
+    # give the ETag and go into the body as they are.
+    data = _encode([DataRow(*r[:_DATA_COLUMNS]) for r in rows])
     etag = '"' + hashlib.sha256(data).hexdigest()[:32] + '"'
     if request.headers.get("if-none-match") == etag:
         return Response(content=None, status_code=304, headers={"ETag": etag})
