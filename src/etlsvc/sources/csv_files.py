@@ -31,7 +31,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import accumulate, compress, count, islice, repeat
-from operator import add, attrgetter, itemgetter, ne
+from operator import add, attrgetter, itemgetter, ne, sub
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -376,9 +376,10 @@ class CsvParser:
             odd.difference_update([skip - 1] if skip else [])
             odd.update(compress(count(skip), map(ne, map(len, entries[skip:]),
                                                  repeat(len(self.header)))))
-        if len(raw) > self._limit:
-            odd.update(i for i in range(skip, n)
-                       if offsets[ends[i]] - offsets[starts[i]] > self._limit)
+        if len(raw) > self._limit:          # a record may be too long: sizes in C, per chunk
+            sizes_of = map(sub, map(offsets.__getitem__, ends), map(offsets.__getitem__, starts))
+            big = compress(count(), map(self._limit.__lt__, sizes_of))
+            odd.update(i for i in big if i >= skip)
         used = len(part)
         stop = None if whole else next(
             (i for i in sorted(odd) if i >= skip and (ends[i] - starts[i] > 1 or (
