@@ -16,6 +16,12 @@ Invalid *records* are not exceptions: they are data, stored in ``etl_rejects``.
 from __future__ import annotations
 
 
+def describe(exc: BaseException) -> str:
+    """``Type: message`` of a driver or library exception, for one-line error messages."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 class EtlError(Exception):
     """Base class of every etlsvc error."""
 
@@ -40,14 +46,15 @@ class SourceBusy(EtlError):
     """One or more sources are being run already: ``running`` maps each to its run id."""
 
     def __init__(self, running: dict[str, int | None]) -> None:
-        named = [f"{s!r}" + (f" (run {r})" if r is not None else "")
-                 for s, r in running.items()]
+        def where(run_id: int | None) -> str:
+            return f" (run {run_id})" if run_id is not None else ""
+
         if len(running) == 1:
             [(source, run_id)] = running.items()
-            where = f" (run {run_id})" if run_id is not None else ""
-            super().__init__(f"source {source!r} is already running{where}")
+            super().__init__(f"source {source!r} is already running{where(run_id)}")
         else:
-            super().__init__(f"sources {', '.join(named)} are already running")
+            named = ", ".join(f"{s!r}{where(r)}" for s, r in running.items())
+            super().__init__(f"sources {named} are already running")
         self.running = running
 
     @property

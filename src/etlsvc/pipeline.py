@@ -27,7 +27,7 @@ import structlog
 from etlsvc import checkpoint, db, load, metrics, normalize, runs
 from etlsvc.config import ApiSource, Config, CsvSource, RssSource, Source
 from etlsvc.db import Database
-from etlsvc.errors import EtlError, SourceBusy, SourceError
+from etlsvc.errors import EtlError, SourceBusy, SourceError, describe
 from etlsvc.sources import RawBatch, Reject, csv_files, json_api, rss_feeds
 from etlsvc.validate import RowValidator
 
@@ -158,7 +158,7 @@ class ClaimedRun:
                 if not db.unavailable(exc):
                     raise
                 problem: BaseException = DatabaseLost(
-                    f"database connection lost: {_describe(exc)}")
+                    f"database connection lost: {describe(exc)}")
             else:
                 if await runs.try_lock(conn, self.src.name):
                     self.conn = conn
@@ -170,11 +170,6 @@ class ClaimedRun:
                 raise problem
             await asyncio.sleep(delay)
             delay = min(2 * delay, 5.0)
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 async def _execute(cfg: Config, run: ClaimedRun,
@@ -226,7 +221,7 @@ async def _load(cfg: Config, run: ClaimedRun, progress: Progress,
         except Exception as exc:
             if not await _connection_lost(run, exc):
                 raise
-            log.warning("database connection lost, reconnecting", error=_describe(exc),
+            log.warning("database connection lost, reconnecting", error=describe(exc),
                         reconnect_timeout_s=run.database.reconnect_timeout)
             if deadline is None or committed != progress.counts:   # a new outage
                 deadline = time.monotonic() + run.database.reconnect_timeout

@@ -32,7 +32,7 @@ import msgspec
 import structlog
 
 from etlsvc.config import ApiSource, RssSource
-from etlsvc.errors import SourceError
+from etlsvc.errors import SourceError, describe
 
 log = structlog.get_logger()
 
@@ -145,9 +145,9 @@ class Fetcher:
                     response, body = await self._get_once(url, params, headers)
             except (httpx.TooManyRedirects, httpx.UnsupportedProtocol, httpx.DecodingError,
                     httpx.InvalidURL) as exc:             # retrying cannot help
-                raise SourceError(self.src.name, f"GET {url}: {_describe(exc)}") from exc
+                raise SourceError(self.src.name, f"GET {url}: {describe(exc)}") from exc
             except (httpx.TransportError, TimeoutError) as exc:
-                problem = _describe(exc)
+                problem = describe(exc)
             else:
                 if response.status_code not in _RETRY_STATUS:
                     if response.is_error:
@@ -187,10 +187,6 @@ class Fetcher:
                                       f"max_response_bytes ({limit})")
                 chunks.append(chunk)
         return response, b"".join(chunks)
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _retry_after(value: str | None) -> float | None:
