@@ -38,6 +38,8 @@ TABLES = (
     "normalized_data",
     "etl_checkpoints",
     "etl_rejects",
+    "data_tombstones",
+    "data_feed_state",
 )
 
 

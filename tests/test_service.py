@@ -300,8 +300,8 @@ async def test_stats_and_metrics(env: Env, pool: asyncpg.Pool, gen_csv) -> None:
 async def test_schemathesis_finds_no_5xx_and_no_schema_violation(
     env: Env, pool: asyncpg.Pool, gen_csv
 ) -> None:
-    """Property-based requests from our own OpenAPI; /logs/stream never ends, so it is left
-    out."""
+    """Property-based requests from our own OpenAPI; the event streams never end, so they
+    are left out."""
     full, _ = gen_csv(2_000)
     env.write_config(csv_source("products", full))
     with servers(env) as (server,):
@@ -321,6 +321,8 @@ async def test_schemathesis_finds_no_5xx_and_no_schema_violation(
                 "examples,coverage,fuzzing",
                 "--exclude-path",
                 "/logs/stream",
+                "--exclude-path",
+                "/data/changes/stream",
                 "--checks",
                 "not_a_server_error,status_code_conformance,"
                 "content_type_conformance,response_schema_conformance",
@@ -450,8 +452,8 @@ async def test_every_read_endpoint_uses_the_read_pool(env: Env, pool: asyncpg.Po
         service.database = dataclasses.replace(real, pool=Sizes(real.pool))
         try:
             first = (await client.get("/data", params={"limit": 1})).json()["data"][0]["id"]
-            for path in ("/data", f"/data/{first}", "/etl/runs", "/etl/rejects", "/health",
-                         "/stats", "/etl/runs?status=running"):
+            for path in ("/data", f"/data/{first}", "/data/changes", "/etl/runs",
+                         "/etl/rejects", "/health", "/stats", "/etl/runs?status=running"):
                 r = await client.get(path)
                 assert r.status_code == 200, (path, r.text)
         finally:

@@ -39,6 +39,51 @@ event_from      event_time >= ${n}
 event_to        event_time < ${n}
 updated_since   updated_at >= ${n}
 
+-- name: changes
+-- A page of the change feed: rows written and tombstones left after the position ($1, $2),
+-- in (xid, id) order, only below the horizon: the xmin of this statement's snapshot, under
+-- which every transaction has ended (committed and visible here, or rolled back). One row
+-- even when nothing is new (change columns null), to give the horizon and the retention
+-- limit (the last tombstone pruned). A row's op is "insert" when it was created by the
+-- transaction that last wrote it.
+-- params: $1 after xid, $2 after id, $3 limit
+WITH horizon AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xid)
+SELECT h.xid AS horizon, f.pruned_xid, f.pruned_id, c.*
+FROM horizon h LEFT JOIN LATERAL (
+    SELECT * FROM (
+        (SELECT n.changed_xid AS xid, n.id,
+                CASE WHEN n.created_at = n.updated_at THEN 'insert' ELSE 'update' END AS op,
+                n.updated_at AS at, n.kind, n.source, n.source_id, n.title, n.description,
+                n.category, n.amount::text AS amount, n.url, n.tags, n.event_time,
+                n.created_at, n.updated_at
+         FROM normalized_data n
+         WHERE (n.changed_xid, n.id) > ($1::xid8, $2::bigint) AND n.changed_xid < h.xid
+         ORDER BY n.changed_xid, n.id
+         LIMIT $3)
+        UNION ALL
+        (SELECT t.xid, t.id, 'delete', t.deleted_at, t.kind, t.source, t.source_id,
+                NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
+         FROM data_tombstones t
+         WHERE (t.xid, t.id) > ($1::xid8, $2::bigint) AND t.xid < h.xid
+         ORDER BY t.xid, t.id
+         LIMIT $3)
+    ) u
+    ORDER BY xid, id
+    LIMIT $3
+) c ON true
+LEFT JOIN data_feed_state f ON true
+
+-- name: prune_tombstones
+-- Drop tombstones older than the retention; remember the last one dropped.
+-- params: $1 retention (interval)
+WITH pruned AS (
+    DELETE FROM data_tombstones WHERE deleted_at < now() - $1::interval RETURNING xid, id
+)
+INSERT INTO data_feed_state AS s (pruned_xid, pruned_id)
+SELECT xid, id FROM pruned ORDER BY xid DESC, id DESC LIMIT 1
+ON CONFLICT (one) DO UPDATE SET pruned_xid = EXCLUDED.pruned_xid, pruned_id = EXCLUDED.pruned_id
+    WHERE (EXCLUDED.pruned_xid, EXCLUDED.pruned_id) > (s.pruned_xid, s.pruned_id)
+
 -- name: data_one
 -- params: $1 id
 SELECT id, kind, source, source_id, title, description, category, amount::text AS amount, url,

@@ -3,7 +3,8 @@
 -- Within the rows selected, the later raw row of a natural key wins ({distinct} and {order}
 -- are "DISTINCT ON (key)" and "ORDER BY key, id DESC", or empty when the caller knows the
 -- keys are distinct: the sort is a third of the cost); a row is written only when its
--- content differs from what normalized_data holds.
+-- content differs from what normalized_data holds, and a written row carries this
+-- transaction's id for the change feed (changed_xid: the column default on insert).
 -- params: $1 source, $2 kind, $3 raw ids above, $4 raw ids up to, $5 raw ids to skip (bigint[]),
 --         $6..$13 JSON paths (text[]) of source_id, title, description, category, amount, url,
 --         tags, event_time (NULL: not mapped), $14 separator of tags given as one string
@@ -38,7 +39,7 @@ WITH src AS (
         category = EXCLUDED.category, amount = EXCLUDED.amount, url = EXCLUDED.url,
         tags = EXCLUDED.tags, event_time = EXCLUDED.event_time, kind = EXCLUDED.kind,
         raw_table = EXCLUDED.raw_table, raw_id = EXCLUDED.raw_id, run_id = EXCLUDED.run_id,
-        updated_at = now()
+        updated_at = now(), changed_xid = pg_current_xact_id()
     WHERE (n.title, n.description, n.category, n.amount, n.url, n.tags, n.event_time)
           IS DISTINCT FROM
           (EXCLUDED.title, EXCLUDED.description, EXCLUDED.category, EXCLUDED.amount,

@@ -230,6 +230,9 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     health_fails_on_failing_sources: bool = False
     #: Read endpoints answer without a key; off: they need a key with the ``read`` scope.
     public_read: bool = True
+    #: Days the change feed keeps deletes (tombstones); a consumer that stays away longer
+    #: gets 410 and reads the feed again from the beginning.
+    change_feed_retention_days: Annotated[float, msgspec.Meta(gt=0)] = 7.0
 
 
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

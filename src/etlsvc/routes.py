@@ -7,6 +7,7 @@ Owns request parsing, the response envelope ``{"data", "metadata": {"request_id"
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import datetime as dt
@@ -27,9 +28,9 @@ from litestar.exceptions import HTTPException, NotFoundException
 from litestar.handlers import BaseRouteHandler
 from litestar.openapi import ResponseSpec
 from litestar.params import FromQuery, JSONBody, PathParameter, QueryParameter
-from litestar.response import ServerSentEvent
+from litestar.response import ServerSentEvent, ServerSentEventMessage
 
-from etlsvc import auth, db, load, metrics, tail
+from etlsvc import auth, changes, db, load, metrics, tail
 from etlsvc.errors import ConfigError, SourceBusy
 from etlsvc.service import Service, schedule_seconds
 
@@ -69,7 +70,8 @@ class ErrorEnvelope(msgspec.Struct):
 
 def _errors(*statuses: int) -> dict[int, ResponseSpec]:
     texts = {400: "Bad parameter or body", 401: "API key missing", 403: "API key refused",
-             404: "Not found", 409: "A source is already running", 413: "Body too large",
+             404: "Not found", 409: "A source is already running",
+             410: "Token past the change feed's retention", 413: "Body too large",
              415: "Body not JSON", 429: "Rate limit exceeded",
              503: "Database unavailable or query too slow"}
     return {s: ResponseSpec(data_container=ErrorEnvelope, description=texts[s])
@@ -381,6 +383,102 @@ async def list_data(
                     media_type=MediaType.JSON, headers={"ETag": etag})
 
 
+# -- change feed ---------------------------------------------------------------------------
+
+class Change(msgspec.Struct):
+    """One change of ``normalized_data``: the row as written (``record``; null for a delete),
+    and the token of the position just after it."""
+
+    token: str
+    op: str
+    id: int
+    source: str
+    source_id: str
+    #: When the writing transaction started (a row's updated_at, a tombstone's deleted_at).
+    at: dt.datetime
+    record: DataRow | None
+
+
+def _change(row: Any) -> Change:
+    record = None if row["op"] == "delete" else DataRow(
+        *(row[name] for name in DataRow.__struct_fields__))
+    return Change(changes.Position(row["xid"], row["id"]).token, row["op"], row["id"],
+                  row["source"], row["source_id"], row["at"], record)
+
+
+async def _feed_start(request: Request, after: str) -> changes.Position:
+    # An SSE client that reconnects sends the id of the last event it received.
+    after = request.headers.get("last-event-id") or after
+    if after == "now":
+        return await changes.head(read_pool(request))
+    try:
+        return changes.parse_token(after)
+    except ValueError as exc:
+        raise ApiError(400, "bad_token", str(exc)) from None
+
+
+def _expired(position: changes.Position) -> ApiError:
+    return ApiError(410, "token_expired", f"deletes after {position.token} are past the "
+                    "feed's retention ([server] change_feed_retention_days); read the feed "
+                    "again from after=0", token=position.token)
+
+
+@get("/data/changes", summary="Inserts, updates and deletes, in commit-safe order",
+     **{**READ, "responses": _errors(400, 401, 403, 410, 429, 503)})
+async def list_changes(
+    request: Request,
+    after: FromQuery[str] = "0",
+    limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
+    wait: Annotated[float, QueryParameter(ge=0, le=30)] = 0,
+) -> Response[dict[str, Any]]:
+    """Changes after the position ``after`` (a page's ``next``; ``0``: from the beginning;
+    ``now``: only what commits from now on). With ``wait``, an empty answer waits up to that
+    many seconds for a change. Every change comes once; keep ``next`` and ask again."""
+    start = await _feed_start(request, after)
+    page = await changes.wait(read_pool(request), start, limit, wait)
+    if page.expired:
+        raise _expired(start)
+    data = _encode([_change(r) for r in page.changes])
+    meta = _encode(envelope(request, None, {"limit": limit, "next": page.next.token,
+                                            "has_more": page.has_more})["metadata"])
+    return Response(content=b'{"data":' + data + b',"metadata":' + meta + b"}",
+                    media_type=MediaType.JSON)
+
+
+@get("/data/changes/stream", summary="The change feed as server-sent events",
+     media_type="text/event-stream", **{**READ, "responses": _errors(400, 401, 403, 429)})
+async def stream_changes(request: Request, after: FromQuery[str] = "0") -> ServerSentEvent:
+    """Each change after ``after`` (or the ``Last-Event-ID`` header) as one event whose
+    ``data`` is the change and whose ``id`` is its token, then new ones as they commit.
+    A comment line every 15 s keeps idle connections open."""
+    start = await _feed_start(request, after)
+    pool = read_pool(request)
+
+    async def events() -> AsyncIterator[ServerSentEventMessage]:
+        position, quiet_since = start, time.monotonic()
+        while True:
+            try:
+                page = await changes.read(pool, position, 500)
+            except db.UNAVAILABLE:     # the client keeps its place; we look again
+                page = changes.Page([], position, False)
+            if page.expired:
+                yield ServerSentEventMessage(event="error", data=_expired(position).detail)
+                return
+            for row in page.changes:
+                change = _change(row)
+                yield ServerSentEventMessage(data=_encode(change).decode(), id=change.token)
+            position = page.next
+            if page.changes:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since >= 15:
+                yield ServerSentEventMessage(comment="keep-alive")
+                quiet_since = time.monotonic()
+            if not page.has_more:
+                await asyncio.sleep(changes.POLL_EVERY)
+
+    return ServerSentEvent(events())
+
+
 @get("/data/{record_id:int}", summary="One record with its lineage", **READ)
 async def get_record(request: Request,
                      record_id: Annotated[int, PathParameter(ge=0, le=MAX_ID)]) -> dict[str, Any]:
@@ -503,5 +601,5 @@ async def log_stream(
     return ServerSentEvent(events())
 
 
-HANDLERS = [start_runs, list_runs, get_run, list_rejects, list_data, get_record, health,
-            stats, prometheus, log_stream]
+HANDLERS = [start_runs, list_runs, get_run, list_rejects, list_data, list_changes,
+            stream_changes, get_record, health, stats, prometheus, log_stream]

@@ -20,7 +20,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from etlsvc import db, metrics, pipeline, runs
+from etlsvc import changes, db, metrics, pipeline, runs
 from etlsvc.config import Config, Source
 from etlsvc.db import Database
 from etlsvc.errors import ConfigError, SourceBusy
@@ -177,11 +177,14 @@ class Service:
             log.exception("run failed outside its own error handling", run_id=claimed.id)
 
     async def sweep_forever(self, every: float = runs.SWEEP_EVERY) -> None:
-        """Mark runs of processes that are gone ``interrupted``: now, then periodically."""
+        """Mark runs of processes that are gone ``interrupted`` and prune the change feed's
+        old tombstones: now, then periodically."""
         while True:
             try:
                 await runs.sweep(self.database.pool, self.database.reconnect_timeout,
                                  own=set(self.running))
+                await changes.prune(self.database.pool,
+                                    self.cfg.server.change_feed_retention_days)
             except Exception as exc:
                 if not db.unavailable(exc):
                     raise

@@ -1,0 +1,107 @@
+"""The change feed: the writes of ``normalized_data``, each once, in an order commits agree with.
+
+Owns feed positions (the tokens consumers keep), reading a page of changes, waiting for new
+ones, and pruning old tombstones. The ordering argument lives in
+``sql/migrations/0005_change_feed.sql``: rows carry the id of the transaction that last wrote
+them (deletes leave tombstones with theirs), and the feed only serves ids below the xmin of
+its own snapshot, where no transaction can still commit. A position is therefore final: a
+consumer that has read up to it has read every change before it, whatever order the writers
+committed in, and will never be sent one of them again.
+
+The feed is compacted: each row appears at its latest write. A row written twice between two
+reads of a consumer is sent once, with its latest content; consumers apply ``insert`` and
+``update`` alike as an upsert by ``id``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import re
+import time
+from typing import Any, NamedTuple
+
+import asyncpg
+
+from etlsvc import db
+
+#: Seconds between two looks at the database while a consumer waits for news.
+POLL_EVERY = 0.25
+MAX_XID = 2**64 - 1
+MAX_ID = 2**63 - 1
+
+_TOKEN = re.compile(r"(\d{1,20})-(\d{1,19})")
+
+
+class Position(NamedTuple):
+    """A place in the feed: after the change (xid, id)."""
+
+    xid: int
+    id: int
+
+    @property
+    def token(self) -> str:
+        return f"{self.xid}-{self.id}"
+
+
+BEGINNING = Position(0, 0)
+
+
+def parse_token(token: str) -> Position:
+    """The position a token stands for (``0``: the beginning); ValueError if it is not one."""
+    if token == "0":
+        return BEGINNING
+    m = _TOKEN.fullmatch(token)
+    if not m or int(m.group(1)) > MAX_XID or int(m.group(2)) > MAX_ID:
+        raise ValueError(f"{token!r} is not a change feed token (the 'next' of a page, "
+                         "'0' for the beginning or 'now' for new changes only)")
+    return Position(int(m.group(1)), int(m.group(2)))
+
+
+class Page(NamedTuple):
+    """Changes after a position, where to continue, and whether more are waiting."""
+
+    changes: list[asyncpg.Record]
+    next: Position
+    has_more: bool
+    #: The position is older than the last tombstone pruned: deletes may have been missed.
+    expired: bool = False
+
+
+async def head(pool: Any) -> Position:
+    """The position of the feed's head now: only changes committed later come after it."""
+    horizon = await pool.fetchval("SELECT pg_snapshot_xmin(pg_current_snapshot())")
+    return Position(horizon, 0)
+
+
+async def read(pool: Any, after: Position, limit: int) -> Page:
+    """Up to ``limit`` changes after ``after`` (none, if no transaction has ended since)."""
+    rows = await pool.fetch(db.query("api", "changes"), after.xid, after.id, limit + 1)
+    first = rows[0]
+    if (after != BEGINNING and first["pruned_xid"] is not None
+            and after < (first["pruned_xid"], first["pruned_id"])):
+        return Page([], after, False, expired=True)
+    changes = [r for r in rows if r["xid"] is not None]
+    if len(changes) > limit:
+        last = changes[limit - 1]
+        return Page(changes[:limit], Position(last["xid"], last["id"]), True)
+    # Everything below the horizon has been read: continue from there (unless a replica
+    # further ahead already gave the consumer a later position).
+    return Page(changes, max(after, Position(first["horizon"], 0)), False)
+
+
+async def wait(pool: Any, after: Position, limit: int, seconds: float) -> Page:
+    """Like ``read``, but when nothing is new, look again until ``seconds`` have passed."""
+    deadline = time.monotonic() + seconds
+    while True:
+        page = await read(pool, after, limit)
+        if page.changes or page.expired or time.monotonic() >= deadline:
+            return page
+        after = page.next
+        await asyncio.sleep(min(POLL_EVERY, max(0.0, deadline - time.monotonic())))
+
+
+async def prune(pool: asyncpg.Pool, retention_days: float) -> None:
+    """Drop tombstones older than ``retention_days`` (positions before them expire)."""
+    await pool.execute(db.query("api", "prune_tombstones"),
+                       dt.timedelta(days=retention_days))
