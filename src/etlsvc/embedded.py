@@ -36,7 +36,7 @@ log = structlog.get_logger()
 
 _CLONE_NEWUSER = 0x10000000
 _PORT = 5432
-# sun_path holds 108 bytes; PostgreSQL adds "/.s.PGSQL.5432.lock".
+# sun_path holds 108 bytes; PostgreSQL adds "/.s.PGSQL.5432.lock" (the port: 5 digits at most).
 _MAX_SOCKET_DIR = 85
 
 
@@ -67,9 +67,13 @@ def _child_setup() -> None:  # pragma: no cover - runs in the forked child
 class EmbeddedPostgres:
     """One embedded server in ``data_dir``; ``start()`` returns its DSN, ``stop()`` stops it."""
 
-    def __init__(self, data_dir: Path, version: int = 18) -> None:
+    def __init__(self, data_dir: Path, version: int = 18, *, port: int = _PORT,
+                 listen: str = "") -> None:
+        """``listen``: TCP addresses to listen on as well (default: the socket only)."""
         self.data_dir = data_dir
         self.version = version
+        self.port = port
+        self.listen = listen
         self.proc: subprocess.Popen[bytes] | None = None
         self._tmp_socket_dir: str | None = None
 
@@ -90,8 +94,9 @@ class EmbeddedPostgres:
         logfile = open(self.data_dir / "postgres.log", "ab")  # noqa: SIM115 - child keeps it
         try:
             self.proc = subprocess.Popen(
-                [str(bins / "postgres"), "-D", str(self.pgdata), "-p", str(_PORT),
-                 "-c", "listen_addresses=", "-c", f"unix_socket_directories={socket_dir}",
+                [str(bins / "postgres"), "-D", str(self.pgdata), "-p", str(self.port),
+                 "-c", f"listen_addresses={self.listen}",
+                 "-c", f"unix_socket_directories={socket_dir}",
                  "-c", "unix_socket_permissions=0700", "-c", "fsync=on",
                  "-c", "max_connections=100", "-c", "shared_buffers=128MB"],
                 stdin=subprocess.DEVNULL, stdout=logfile, stderr=logfile,
@@ -157,7 +162,7 @@ class EmbeddedPostgres:
         return None
 
     def _dsn(self, socket_dir: str) -> str:
-        return f"postgresql://postgres@/postgres?host={socket_dir}&port={_PORT}"
+        return f"postgresql://postgres@/postgres?host={socket_dir}&port={self.port}"
 
     def _log_tail(self) -> str:
         try:
