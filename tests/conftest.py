@@ -40,6 +40,7 @@ TABLES = (
     "etl_rejects",
     "data_tombstones",
     "data_feed_state",
+    "data_versions",
 )
 
 

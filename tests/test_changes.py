@@ -127,8 +127,8 @@ async def test_a_transaction_that_commits_late_is_not_skipped(
             tx1 = t1.transaction()
             await tx1.start()
             await write(t1, "s", {"a": "a:v1"})
-            async with t2.transaction():
-                await write(t2, "s", {"b": "b:v1"})
+            async with t2.transaction():   # another source: one source has one writer
+                await write(t2, "t", {"b": "b:v1"})
             # The plain read API shows b, whose id is above a's: "id > last seen" loses a.
             seen = (await client.get("/data")).json()["data"]
             assert [r["source_id"] for r in seen] == ["b"]
@@ -333,3 +333,54 @@ async def test_the_feed_needs_a_read_key_when_reads_are_not_public(
         assert (await client.get("/data/changes")).status_code == 401
         ok = await client.get("/data/changes", headers={"Authorization": "Bearer r-secret"})
         assert ok.status_code == 200
+
+
+async def test_a_page_etag_changes_with_every_committed_write_and_only_then(
+    env: Env, pool: asyncpg.Pool
+) -> None:
+    """/data's ETag carries the data version (at most 0.25 s old): any commit that changes a
+    row, in any source and in any commit order, makes it stale; a rewrite of the same
+    content does not."""
+    async with AsyncTestClient(app=create_app(env.config(""))) as client:
+
+        async def etag() -> str:
+            await asyncio.sleep(changes.POLL_EVERY + 0.05)
+            r = await client.get("/data", params={"limit": 5})
+            assert r.status_code == 200
+            return r.headers["etag"]
+
+        async def still(tag: str) -> bool:
+            await asyncio.sleep(changes.POLL_EVERY + 0.05)
+            r = await client.get("/data", params={"limit": 5}, headers={"If-None-Match": tag})
+            return r.status_code == 304
+
+        async with pool.acquire() as conn, conn.transaction():
+            await write(conn, "s", {"a": "a:v1", "b": "b:v1"})
+        tag = await etag()
+        assert await still(tag)
+        async with pool.acquire() as conn, conn.transaction():
+            await write(conn, "s", {"a": "a:v1", "b": "b:v1"})      # same content
+        assert await still(tag)
+        async with pool.acquire() as conn, conn.transaction():
+            await write(conn, "other", {"x": "x:v1"})               # not on the page
+        assert not await still(tag)
+        tag = await etag()
+        await pool.execute("DELETE FROM normalized_data WHERE source_id = 'x'")
+        assert not await still(tag)
+
+        # A transaction that started first commits last.
+        tag = await etag()
+        t1, t2 = await pool.acquire(), await pool.acquire()
+        try:
+            tx1 = t1.transaction()
+            await tx1.start()
+            await write(t1, "s", {"c": "c:v1"})
+            async with t2.transaction():
+                await write(t2, "other", {"y": "y:v1"})
+            assert not await still(tag)
+            tag = await etag()
+            await tx1.commit()
+        finally:
+            await pool.release(t1)
+            await pool.release(t2)
+        assert not await still(tag)

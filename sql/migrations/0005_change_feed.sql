@@ -26,12 +26,25 @@ CREATE TABLE data_tombstones (
 );
 CREATE INDEX data_tombstones_deleted_at_idx ON data_tombstones (deleted_at);
 
--- Every DELETE (a replay's, or an operator's by hand) leaves tombstones: one statement-level
--- trigger per statement, not one call per row. TRUNCATE leaves none.
+-- One counter per source, raised by every transaction that changes the source's rows (the
+-- upsert, and the delete trigger below). GET /data's ETag carries their sum: a conditional
+-- request is answered without reading the page. One row per source: writers of different
+-- sources never wait for each other's counter, and one source has one writer at a time.
+CREATE TABLE data_versions (
+    source   text   PRIMARY KEY,
+    version  bigint NOT NULL
+);
+
+-- Every DELETE (a replay's, or an operator's by hand) leaves tombstones and raises the
+-- counters: one statement-level trigger per statement, not one call per row. TRUNCATE
+-- does neither.
 CREATE FUNCTION normalized_data_tombstones() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO data_tombstones (id, kind, source, source_id)
     SELECT id, kind, source, source_id FROM gone;
+    INSERT INTO data_versions AS v (source, version)
+    SELECT DISTINCT source, 1 FROM gone
+    ON CONFLICT (source) DO UPDATE SET version = v.version + 1;
     RETURN NULL;
 END
 $$;

@@ -84,6 +84,10 @@ SELECT xid, id FROM pruned ORDER BY xid DESC, id DESC LIMIT 1
 ON CONFLICT (one) DO UPDATE SET pruned_xid = EXCLUDED.pruned_xid, pruned_id = EXCLUDED.pruned_id
     WHERE (EXCLUDED.pruned_xid, EXCLUDED.pruned_id) > (s.pruned_xid, s.pruned_id)
 
+-- name: data_version
+-- Which data /data pages are read from: the sum of the per-source write counters.
+SELECT coalesce(sum(version), 0)::bigint FROM data_versions
+
 -- name: data_one
 -- params: $1 id
 SELECT id, kind, source, source_id, title, description, category, amount::text AS amount, url,

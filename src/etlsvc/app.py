@@ -24,7 +24,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import RedocRenderPlugin, SwaggerRenderPlugin
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from etlsvc import __version__, auth, db, metrics, routes
+from etlsvc import __version__, auth, changes, db, metrics, routes
 from etlsvc.config import Config
 from etlsvc.errors import EtlError
 from etlsvc.service import Service
@@ -183,6 +183,7 @@ def create_litestar(cfg: Config, startup_errors: list[EtlError] | None = None) -
                         # Plan each page for its own values: a generic plan made for "any
                         # updated_since" walks the primary key even for the last minute.
                         "plan_cache_mode": "force_custom_plan"})
+                app.state.data_version = changes.DataVersion()
                 service = Service(cfg, database)
                 app.state.service = service
                 service.start_scheduler()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import math
 import re
 import time
 from typing import Any, NamedTuple
@@ -99,6 +100,29 @@ async def wait(pool: Any, after: Position, limit: int, seconds: float) -> Page:
             return page
         after = page.next
         await asyncio.sleep(min(POLL_EVERY, max(0.0, deadline - time.monotonic())))
+
+
+class DataVersion:
+    """Which data ``GET /data`` reads from, as of at most ``max_age`` seconds ago: the sum of
+    the per-source write counters (``sql/migrations/0005_change_feed.sql``). Pages carry it
+    in their ETag, so ``If-None-Match`` is answered without reading the page; one request
+    per ``max_age`` reads it from the database, the others share that answer."""
+
+    def __init__(self, max_age: float = POLL_EVERY) -> None:
+        self.max_age = max_age
+        self._value = 0
+        self._read_at = -math.inf
+        self._lock = asyncio.Lock()
+
+    async def get(self, pool: Any) -> int:
+        if time.monotonic() - self._read_at < self.max_age:
+            return self._value
+        async with self._lock:
+            if time.monotonic() - self._read_at >= self.max_age:
+                read_at = time.monotonic()
+                self._value = await pool.fetchval(db.query("api", "data_version"))
+                self._read_at = read_at
+        return self._value
 
 
 async def prune(pool: asyncpg.Pool, retention_days: float) -> None:
