@@ -9,9 +9,12 @@ an empty database; record both wall times, their ratio, rows/s and etlsvc's peak
 bench/RESULTS.md. The server is the one at --database-url (default: $ETLSVC_BENCH_DATABASE_URL,
 else postgresql://postgres@127.0.0.1:5432/postgres); fresh databases are created and dropped.
 
-With --index-cost: what the read API's indexes (migration 0004) cost a load. `etlsvc run`
-of the same file, with them and with them dropped, interleaved for --rounds rounds; the
-ratio of the medians is recorded.
+With --index-cost: what the read API's indexes (migrations 0004 and 0005) cost a load.
+`etlsvc run` of the same file, with them and with them dropped, interleaved for --rounds
+rounds; the ratio of the medians is recorded.
+
+With --against REV: the same load by this tree's etlsvc and by the one of git revision REV
+(checked out in a temporary worktree), interleaved: what a change costs a load as a whole.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -65,13 +69,16 @@ def time_copy(url: str, path: Path) -> float:
     return time.perf_counter() - start
 
 
-#: The indexes of migration 0004 (the read API's filters), for --index-cost.
+#: The indexes of migrations 0004 (the read API's filters) and 0005 (the change feed).
 READ_INDEXES = ("normalized_data_source_idx", "normalized_data_updated_at_brin",
-                "normalized_data_event_time_brin")
+                "normalized_data_event_time_brin", "normalized_data_changes_idx")
 
 
 def time_etlsvc(url: str, path: Path, batch_size: int, workdir: Path,
-                drop: tuple[str, ...] = ()) -> tuple[float, int, str]:
+                drop: tuple[str, ...] = (), src: Path | None = None) -> tuple[float, int, str]:
+    """Wall time, peak RSS and summary line of `etlsvc run` of ``path`` into a fresh
+    database (after dropping the indexes ``drop``; with the etlsvc of source tree ``src``)."""
+    env = {**os.environ, **({"PYTHONPATH": str(src)} if src else {})}
     db = fresh_db(url, "etlsvc_bench_run")
     config = workdir / "bench.toml"
     config.write_text(textwrap.dedent(f"""\
@@ -94,13 +101,13 @@ def time_etlsvc(url: str, path: Path, batch_size: int, workdir: Path,
         """))
     # migrations first, so that the timed run is the load alone
     sh(sys.executable, "-m", "etlsvc", "migrate", "--config", str(config),
-       env={**os.environ, "ETLSVC_DATABASE_URL": db})
+       env={**env, "ETLSVC_DATABASE_URL": db})
     for index in drop:
         sh("psql", db, "-qc", f"DROP INDEX {index}")
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "etlsvc", "run", "--config", str(config)],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "ETLSVC_DATABASE_URL": db})
+                            env={**env, "ETLSVC_DATABASE_URL": db})
     out = proc.stdout.read() if proc.stdout else ""
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
@@ -129,10 +136,25 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=10_000)
     ap.add_argument("--index-cost", action="store_true",
                     help="time loads with and without the read API's indexes, interleaved")
+    ap.add_argument("--against", metavar="REV",
+                    help="time loads by this tree and by git revision REV, interleaved")
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     if args.index_cost:
-        index_cost(args)
+        compare(args, [("with", (), None), ("without", READ_INDEXES, None)],
+                f"What the read API's indexes ({', '.join(READ_INDEXES)}) cost a load",
+                "--index-cost")
+        return
+    if args.against:
+        with tempfile.TemporaryDirectory() as tmp:
+            tree = Path(tmp) / "tree"
+            sh("git", "-C", str(HERE), "worktree", "add", "--detach", str(tree), args.against)
+            try:
+                compare(args, [("this tree", (), None), (args.against, (), tree / "src")],
+                        f"This tree (`{sh('git', 'rev-parse', '--short', 'HEAD').stdout.strip()}`"
+                        f") against `{args.against}`", f"--against {args.against}")
+            finally:
+                sh("git", "-C", str(HERE), "worktree", "remove", "--force", str(tree))
         return
     lines = []
     for rows in args.rows:
@@ -153,28 +175,32 @@ def main() -> None:
                 "etlsvc peak RSS |\n|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
 
 
-def index_cost(args: argparse.Namespace) -> None:
+def compare(args: argparse.Namespace, variants: list[tuple[str, tuple[str, ...], Path | None]],
+            title: str, flag: str) -> None:
+    """Loads of the same file by each variant (label, indexes to drop, source tree),
+    interleaved for --rounds rounds; the medians and the first variant's ratio to the
+    second's go to RESULTS.md."""
     import statistics
 
     rows = args.rows[0]
     path = generate(rows)
-    times: dict[str, list[float]] = {"with": [], "without": []}
+    times: dict[str, list[float]] = {label: [] for label, _, _ in variants}
     for _ in range(args.rounds):
-        for label, drop in (("with", ()), ("without", READ_INDEXES)):
-            seconds, _, _ = time_etlsvc(args.database_url, path, args.batch_size, DATA, drop)
+        for label, drop, src in variants:
+            seconds, _, _ = time_etlsvc(args.database_url, path, args.batch_size, DATA, drop,
+                                        src)
             times[label].append(seconds)
-            print(f"{label} read indexes: {seconds:.1f} s", flush=True)
-    with_s, without_s = (statistics.median(times[k]) for k in ("with", "without"))
-    line = (f"| {rows:,} | {args.rounds} | {without_s:.1f} s | {with_s:.1f} s | "
-            f"**{with_s / without_s:.3f}×** |")
+            print(f"{label}: {seconds:.1f} s", flush=True)
+    (first, *_), (second, *_) = variants
+    a, b = (statistics.median(times[k]) for k in (first, second))
+    line = f"| {rows:,} | {args.rounds} | {a:.1f} s | {b:.1f} s | **{a / b:.3f}×** |"
     print(line)
     with open(RESULTS, "a") as f:
-        f.write(f"\n### {dt.date.today()}: `python bench/bench_csv.py {rows} --index-cost "
+        f.write(f"\n### {dt.date.today()}: `python bench/bench_csv.py {rows} {flag} "
                 f"--rounds {args.rounds}`\n\n{machine()}\n\n"
-                f"What the read API's indexes ({', '.join(READ_INDEXES)}) cost a load, "
-                "medians of interleaved runs.\n\n"
-                "| rows | rounds | without | with | with / without |\n|---|---|---|---|---|\n"
-                + line + "\n")
+                f"{title}: medians of interleaved runs.\n\n"
+                f"| rows | rounds | {first} | {second} | {first} / {second} |\n"
+                "|---|---|---|---|---|\n" + line + "\n")
 
 
 if __name__ == "__main__":
