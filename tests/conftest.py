@@ -294,3 +294,21 @@ def json_server(json_server_bin: Path, tmp_path: Path) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait()
+
+
+def descendants(pid: int) -> set[int]:
+    """Every descendant of ``pid`` (from /proc)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)] = int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    found, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        kids = {c for c, pp in parents.items() if pp == p}
+        todo += list(kids - found)
+        found |= kids
+    return found

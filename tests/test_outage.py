@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from tests.clusters import Cluster, scratch_dir, wait_for
-from tests.conftest import Env, csv_source, log_events
+from tests.conftest import Env, csv_source, descendants, log_events
 from tests.test_csv_malformed import physical_lines
 from tests.test_pipeline import read_rows
 from tests.test_service import free_port
@@ -210,24 +210,6 @@ def test_serve_answers_503_never_500_during_a_restart_and_the_run_survives(
     assert_loaded_exactly_once(cluster, full, clean)
 
 
-def _children(pid: int) -> set[int]:
-    """Every descendant of ``pid`` (from /proc)."""
-    parents: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            parents[int(stat.parent.name)] = int(fields[1])
-        except (OSError, IndexError, ValueError):
-            continue
-    found, todo = set(), [pid]
-    while todo:
-        p = todo.pop()
-        kids = {c for c, pp in parents.items() if pp == p}
-        todo += list(kids - found)
-        found |= kids
-    return found
-
-
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -245,7 +227,7 @@ def test_kill_9_of_serve_mid_run_leaves_no_process_and_the_next_start_marks_it_i
     proc = start_serve(env, tmp_path / "serve.log", port)
     run_id = httpx.post(f"{base}/etl/run", headers=KEY).json()["data"]["runs"][0]["run_id"]
     wait_mid_run(cluster)
-    helpers = _children(proc.pid)
+    helpers = descendants(proc.pid)
     assert helpers, "the parsing worker (and its resource tracker) run as children"
     proc.send_signal(signal.SIGKILL)
     proc.wait()

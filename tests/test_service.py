@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import asyncpg
 import httpx
@@ -20,7 +21,7 @@ import pytest
 from litestar.testing import AsyncTestClient
 
 from etlsvc.app import create_app
-from tests.conftest import Env, csv_source
+from tests.conftest import Env, csv_source, descendants
 
 KEY = {"Authorization": "Bearer test-key"}
 
@@ -236,6 +237,10 @@ async def test_two_servers_one_run_the_other_409(env: Env, pool: asyncpg.Pool, g
         assert await pool.fetchval("SELECT count(*) FROM etl_runs") == 1
 
 
+def niceness(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
 async def test_sigterm_during_a_run_exits_in_time_with_whole_batches(
     env: Env, pool: asyncpg.Pool, gen_csv
 ) -> None:
@@ -245,6 +250,10 @@ async def test_sigterm_during_a_run_exits_in_time_with_whole_batches(
         assert httpx.post(f"{server.base}/etl/run", headers=KEY).status_code == 202
         while not await pool.fetchval("SELECT count(*) FROM etl_checkpoints"):
             time.sleep(0.05)
+        # The parsing worker yields the CPU to the API: it runs 10 nice levels lower.
+        workers = [p for p in descendants(server.proc.pid)
+                   if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert [niceness(p) for p in workers] == [niceness(server.proc.pid) + 10]
         started = time.monotonic()
         assert server.stop() == 0
         assert time.monotonic() - started < 30

@@ -156,6 +156,13 @@ def _internal_error(request: Request, exc: Exception) -> Response[dict[str, Any]
                   "request id")
 
 
+async def _keep_session(_: asyncpg.Connection) -> None:
+    """The read pool's reset on release: none. Its connections run single read-only
+    statements and change no session state, and asyncpg's default reset (``RESET ALL``,
+    ``UNLISTEN *``, …) is a round trip to the database on every request. asyncpg still rolls
+    back a transaction left open."""
+
+
 def create_app(cfg: Config, startup_errors: list[EtlError] | None = None) -> ASGIApp:
     """The ASGI application for ``cfg``: Litestar inside the request-id layer (which also
     covers what the router answers itself, such as 404 and 405). Why it could not start
@@ -182,7 +189,7 @@ def create_litestar(cfg: Config, startup_errors: list[EtlError] | None = None) -
                         "default_transaction_read_only": "on",
                         # Plan each page for its own values: a generic plan made for "any
                         # updated_since" walks the primary key even for the last minute.
-                        "plan_cache_mode": "force_custom_plan"})
+                        "plan_cache_mode": "force_custom_plan"}, reset=_keep_session)
                 app.state.data_version = changes.DataVersion()
                 service = Service(cfg, database)
                 app.state.service = service
@@ -202,7 +209,7 @@ def create_litestar(cfg: Config, startup_errors: list[EtlError] | None = None) -
     return Litestar(
         state=State({"public_read": cfg.server.public_read}),
         route_handlers=routes.HANDLERS,
-        guards=[routes.check_query],
+        guards=[routes.check_request],
         lifespan=[lifespan],
         exception_handlers={HTTPException: _http_error, Exception: _internal_error,
                             RecursionError: _too_deep,

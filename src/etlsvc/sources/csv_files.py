@@ -563,13 +563,21 @@ def _feed(parser: CsvParser, prepare: Callable[[RawBatch], T],
 _worker: tuple[CsvParser, Callable[[RawBatch], Any]] | None = None
 
 
+#: How much lower than etlsvc's the parsing worker's CPU priority is (``nice``).
+WORKER_NICENESS = 10
+
+
 def _start_worker(parent: int, src: CsvSource, path: str, size: int, start: int, line: int,
                   header: list[str] | None, codec: str, bom: int,
                   make_prepare: Callable[[], Callable[[RawBatch], Any]]) -> None:
-    """In the worker process: the parser of one file (its prefix hashed again here). It dies
-    with etlsvc, and with it multiprocessing's resource tracker (whose pipe then closes)."""
+    """In the worker process: the parser of one file (its prefix hashed again here), at a
+    lower CPU priority. It dies with etlsvc, and with it multiprocessing's resource tracker
+    (whose pipe then closes)."""
     global _worker
     die_with_parent(parent=parent)
+    # Background work: when the API and this parser both want the CPU, the API goes first
+    # (reads keep their latency during a load; an idle machine loads as fast as before).
+    os.nice(WORKER_NICENESS)
     plan = FilePlan(path, size, start, line, header, _hash_prefix(path, start))
     _worker = (CsvParser(src, plan, codec, bom), make_prepare())
 
