@@ -15,9 +15,10 @@ import pytest
 from etlsvc import routes
 from tests.conftest import Env
 
-#: filter → the index its page must use (kind has none: see 0004_read_indexes.sql)
+#: filter → the index its page must use (kind pages merge its sources' (source, id) ranges)
 FILTERS = {
     "source": "normalized_data_source_idx",
+    "kind": "normalized_data_source_idx",
     "category": "normalized_data_category_idx",
     "updated_since": "normalized_data_updated_at_brin",
     "event_from": "normalized_data_event_time_brin",
@@ -43,14 +44,23 @@ async def big_table(pool: asyncpg.Pool) -> None:
 
 
 def statement(names: tuple[str, ...]) -> str:
-    """What a page with these filters runs (a range filter's first statement)."""
+    """What a page with these filters runs (a range filter's first statement; a kind page
+    of one source)."""
+    if names == ("kind",):
+        return routes.data_by_kind_sql(names, 1)
     query = "data_page" if routes.RANGE_FILTERS.isdisjoint(names) else "data_window"
     return routes.data_page_sql(names, query)
 
 
+def arguments(given: dict[str, object]) -> list[object]:
+    """The statement's arguments after the cursor and the limit."""
+    kind_sources = {"rss": ["small"], "csv": ["big"]}
+    return [*given.values(), *(kind_sources[given["kind"]] if "kind" in given else [])]
+
+
 async def plan(conn: asyncpg.Connection, given: dict[str, object]) -> str:
     sql = statement(tuple(given))
-    doc = await conn.fetchval("EXPLAIN (FORMAT JSON) " + sql, 0, 101, *given.values())
+    doc = await conn.fetchval("EXPLAIN (FORMAT JSON) " + sql, 0, 101, *arguments(given))
     return json.dumps(json.loads(doc) if isinstance(doc, str) else doc)
 
 
@@ -76,7 +86,7 @@ async def test_each_filter_is_an_index_scan_even_after_many_other_pages(
                      "updated_since": dt.datetime(2000, 1, 1, tzinfo=dt.UTC),
                      "event_from": dt.datetime(2000, 1, 1, tzinfo=dt.UTC)}[name]
             for _ in range(8):
-                await conn.fetch(sql, 0, 101, broad)
+                await conn.fetch(sql, 0, 101, *arguments({name: broad}))
             shown = await plan(conn, {name: values[name]})
             assert index in shown, (name, shown)
             assert "Seq Scan" not in shown, (name, shown)
@@ -109,5 +119,25 @@ async def test_range_filtered_pages_are_the_same_rows_whichever_path_they_take(
                     f"SELECT id FROM normalized_data WHERE id > $1 AND {where} "
                     "ORDER BY id LIMIT 101", after, *given.values())]
                 assert got == want, (given, after)
+    finally:
+        await conn.close()
+
+
+async def test_kind_pages_are_the_rows_of_that_kind_in_id_order(
+    env: Env, database_url: str, big_table: None
+) -> None:
+    conn = await asyncpg.connect(database_url, server_settings={"timezone": "UTC"})
+    try:
+        # A source of rows of two kinds (a kind changed in its config) counts for both.
+        await conn.execute("UPDATE normalized_data SET kind = 'api' WHERE id % 50000 = 7")
+        for given in ({"kind": "rss"}, {"kind": "csv"}, {"kind": "api"},
+                      {"kind": "csv", "category": "c7"}, {"kind": "rss", "category": "c7"}):
+            where = " AND ".join(f"{k} = ${i}" for i, k in enumerate(given, 2))
+            for after in (0, 150_000, 201_990):
+                got = [r["id"] for r in await routes.data_rows(conn, given, after, 101)]
+                want = [r["id"] for r in await conn.fetch(
+                    f"SELECT id FROM normalized_data WHERE id > $1 AND {where} "
+                    "ORDER BY id LIMIT 101", after, *given.values())]
+                assert got == want and (got or after == 201_990), (given, after)
     finally:
         await conn.close()

@@ -26,31 +26,44 @@ CREATE TABLE data_tombstones (
 );
 CREATE INDEX data_tombstones_deleted_at_idx ON data_tombstones (deleted_at);
 
--- One counter per source, raised by every transaction that changes the source's rows (the
--- upsert, and the delete trigger below). GET /data's ETag carries their sum: a conditional
+-- One counter per source and kind, raised by every statement that changes rows of theirs
+-- (the triggers below, for any writer). GET /data's ETag carries their sum: a conditional
 -- request is answered without reading the page. One row per source: writers of different
 -- sources never wait for each other's counter, and one source has one writer at a time.
+-- The table also says which sources have rows of a kind: a page filtered by kind is the
+-- merge of those sources' (source, id) index ranges (api.sql, data_by_kind).
 CREATE TABLE data_versions (
-    source   text   PRIMARY KEY,
-    version  bigint NOT NULL
+    source   text   NOT NULL,
+    kind     text   NOT NULL,
+    version  bigint NOT NULL,
+    PRIMARY KEY (source, kind)
 );
+INSERT INTO data_versions (source, kind, version)
+SELECT DISTINCT source, kind, 1 FROM normalized_data;
 
--- Every DELETE (a replay's, or an operator's by hand) leaves tombstones and raises the
--- counters: one statement-level trigger per statement, not one call per row. TRUNCATE
--- does neither.
-CREATE FUNCTION normalized_data_tombstones() RETURNS trigger LANGUAGE plpgsql AS $$
+-- Every DELETE (a replay's, or an operator's by hand) also leaves tombstones. Statement-level
+-- triggers: one call per statement, not per row. TRUNCATE does neither.
+CREATE FUNCTION normalized_data_changed() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO data_tombstones (id, kind, source, source_id)
-    SELECT id, kind, source, source_id FROM gone;
-    INSERT INTO data_versions AS v (source, version)
-    SELECT DISTINCT source, 1 FROM gone
-    ON CONFLICT (source) DO UPDATE SET version = v.version + 1;
+    IF TG_OP = 'DELETE' THEN
+        INSERT INTO data_tombstones (id, kind, source, source_id)
+        SELECT id, kind, source, source_id FROM changed;
+    END IF;
+    INSERT INTO data_versions AS v (source, kind, version)
+    SELECT DISTINCT source, kind, 1 FROM changed
+    ON CONFLICT (source, kind) DO UPDATE SET version = v.version + 1;
     RETURN NULL;
 END
 $$;
-CREATE TRIGGER normalized_data_tombstones AFTER DELETE ON normalized_data
-    REFERENCING OLD TABLE AS gone FOR EACH STATEMENT
-    EXECUTE FUNCTION normalized_data_tombstones();
+CREATE TRIGGER normalized_data_inserted AFTER INSERT ON normalized_data
+    REFERENCING NEW TABLE AS changed FOR EACH STATEMENT
+    EXECUTE FUNCTION normalized_data_changed();
+CREATE TRIGGER normalized_data_updated AFTER UPDATE ON normalized_data
+    REFERENCING NEW TABLE AS changed FOR EACH STATEMENT
+    EXECUTE FUNCTION normalized_data_changed();
+CREATE TRIGGER normalized_data_deleted AFTER DELETE ON normalized_data
+    REFERENCING OLD TABLE AS changed FOR EACH STATEMENT
+    EXECUTE FUNCTION normalized_data_changed();
 
 -- Tombstones are kept for [server] change_feed_retention_days. The last one pruned is
 -- remembered: a position before it may have missed deletes, and the feed answers 410.

@@ -28,10 +28,28 @@ FROM normalized_data
 WHERE id IN (SELECT id FROM matching ORDER BY id LIMIT $2)
 ORDER BY id
 
+-- name: kind_sources
+-- The sources with rows of a kind (data_versions lists each pair once).
+-- params: $1 kind
+SELECT source FROM data_versions WHERE kind = $1 ORDER BY source
+
+-- name: data_by_kind
+-- One source's part of a page filtered by kind, without source. kind has no index of its own
+-- (three values): the page is the union of such parts, one per source with rows of that
+-- kind, each a range of the (source, id) index (routes.data_by_kind_sql).
+-- params: as data_page; {source}: the parameter of the source
+SELECT id, kind, source, source_id, title, description, category, amount::text AS amount, url,
+       tags, event_time, created_at, updated_at
+FROM normalized_data
+WHERE source = {source} AND id > $1{filters}
+ORDER BY id
+LIMIT $2
+
 -- name: data_filters
 -- The filters of GET /data: one per line, its name and then its condition ({n}: the number
 -- of its parameter). Indexes: (source, id) and (category, id) B-trees, BRIN on event_time
--- and updated_at (see sql/migrations/0004_read_indexes.sql); kind has none.
+-- and updated_at (see sql/migrations/0004_read_indexes.sql); kind goes through its sources
+-- (data_by_kind).
 source          source = ${n}
 kind            kind = ${n}
 category        category = ${n}
@@ -85,7 +103,7 @@ ON CONFLICT (one) DO UPDATE SET pruned_xid = EXCLUDED.pruned_xid, pruned_id = EX
     WHERE (EXCLUDED.pruned_xid, EXCLUDED.pruned_id) > (s.pruned_xid, s.pruned_id)
 
 -- name: data_version
--- Which data /data pages are read from: the sum of the per-source write counters.
+-- Which data /data pages are read from: the sum of the write counters.
 SELECT coalesce(sum(version), 0)::bigint FROM data_versions
 
 -- name: data_one

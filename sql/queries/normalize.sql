@@ -45,11 +45,6 @@ WITH src AS (
           (EXCLUDED.title, EXCLUDED.description, EXCLUDED.category, EXCLUDED.amount,
            EXCLUDED.url, EXCLUDED.tags, EXCLUDED.event_time)
     RETURNING (xmax = 0) AS inserted
-), bump AS (
-    -- The source's data version (GET /data's ETag), when a row was written.
-    INSERT INTO data_versions AS v (source, version)
-    SELECT $1, 1 WHERE EXISTS (SELECT FROM up)
-    ON CONFLICT (source) DO UPDATE SET version = v.version + 1
 )
 SELECT count(*) FILTER (WHERE inserted) AS inserted,
        count(*) FILTER (WHERE NOT inserted) AS updated

@@ -343,13 +343,31 @@ def data_page_sql(given: tuple[str, ...], query: str = "data_page") -> str:
     """The statement of a /data page with the filters ``given`` (one per combination)."""
     conditions = "".join(f"\n  AND {DATA_FILTERS[name].strip().format(n=i)}"
                          for i, name in enumerate(given, 3))
-    return db.query("api", query).format(filters=conditions)
+    return db.query("api", query).replace("{filters}", conditions)
+
+
+@cache
+def data_by_kind_sql(given: tuple[str, ...], sources: int) -> str:
+    """A page with the kind filter and not source: the union of the first rows of each of
+    ``sources`` sources (parameters after the filters), merged in id order."""
+    part = data_page_sql(given, "data_by_kind")
+    parts = [part.replace("{source}", f"${n}")
+             for n in range(3 + len(given), 3 + len(given) + sources)]
+    return ("SELECT * FROM (\n(" + ")\nUNION ALL\n(".join(parts) +
+            ")\n) page ORDER BY id LIMIT $2")
 
 
 async def data_rows(pool: Any, given: dict[str, Any], after: int, limit: int) -> list[Any]:
     """Up to ``limit`` rows after ``after`` that match ``given``, in id order."""
     names = tuple(given)
     if RANGE_FILTERS.isdisjoint(names):
+        if names[:1] == ("kind",):           # kind without source (filters keep their order)
+            sources = [r["source"] for r in await pool.fetch(
+                db.query("api", "kind_sources"), given["kind"])]
+            if not sources:
+                return []
+            return await pool.fetch(data_by_kind_sql(names, len(sources)), after, limit,
+                                    *given.values(), *sources)
         return await pool.fetch(data_page_sql(names), after, limit, *given.values())
     rows = await pool.fetch(data_page_sql(names, "data_window"), after, limit, *given.values())
     if rows and rows[0]["matching"] > WINDOW_CAP:
