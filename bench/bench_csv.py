@@ -150,9 +150,12 @@ def main() -> None:
             tree = Path(tmp) / "tree"
             sh("git", "-C", str(HERE), "worktree", "add", "--detach", str(tree), args.against)
             try:
+                head = sh("git", "rev-parse", "--short", "HEAD").stdout.strip()
+                dirty = " with uncommitted changes" if sh(
+                    "git", "status", "--porcelain", "--untracked-files=no").stdout else ""
                 compare(args, [("this tree", (), None), (args.against, (), tree / "src")],
-                        f"This tree (`{sh('git', 'rev-parse', '--short', 'HEAD').stdout.strip()}`"
-                        f") against `{args.against}`", f"--against {args.against}")
+                        f"This tree (`{head}`{dirty}) against `{args.against}`",
+                        f"--against {args.against}")
             finally:
                 sh("git", "-C", str(HERE), "worktree", "remove", "--force", str(tree))
         return

@@ -44,6 +44,14 @@ TABLES = (
 )
 
 
+#: After rows are inserted into normalized_data by hand: what etlsvc's upsert does for the
+#: rows it writes (the data version of each source and kind; see 0005_change_feed.sql).
+RECORD_WRITES = (
+    "INSERT INTO data_versions AS v SELECT DISTINCT source, kind, 1 FROM normalized_data "
+    "ON CONFLICT (source, kind) DO UPDATE SET version = v.version + 1"
+)
+
+
 def _with_db(dsn: str, name: str) -> str:
     base, _, query = dsn.partition("?")
     scheme, _, rest = base.partition("://")

@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 
 from etlsvc import routes
-from tests.conftest import Env
+from tests.conftest import RECORD_WRITES, Env
 
 #: filter → the index its page must use (kind pages merge its sources' (source, id) ranges)
 FILTERS = {
@@ -41,6 +41,7 @@ async def big_table(pool: asyncpg.Pool) -> None:
         UPDATE normalized_data SET updated_at = now() WHERE id % 10000 = 0;
         ANALYZE normalized_data;
     """)
+    await pool.execute(RECORD_WRITES)
 
 
 def statement(names: tuple[str, ...]) -> str:
@@ -130,6 +131,7 @@ async def test_kind_pages_are_the_rows_of_that_kind_in_id_order(
     try:
         # A source of rows of two kinds (a kind changed in its config) counts for both.
         await conn.execute("UPDATE normalized_data SET kind = 'api' WHERE id % 50000 = 7")
+        await conn.execute(RECORD_WRITES)
         for given in ({"kind": "rss"}, {"kind": "csv"}, {"kind": "api"},
                       {"kind": "csv", "category": "c7"}, {"kind": "rss", "category": "c7"}):
             where = " AND ".join(f"{k} = ${i}" for i, k in enumerate(given, 2))

@@ -21,7 +21,7 @@ import pytest
 from litestar.testing import AsyncTestClient
 
 from etlsvc.app import create_app
-from tests.conftest import Env, csv_source, descendants
+from tests.conftest import RECORD_WRITES, Env, csv_source, descendants
 
 KEY = {"Authorization": "Bearer test-key"}
 
@@ -39,6 +39,7 @@ async def fill(pool: asyncpg.Pool, n: int, source: str = "bulk") -> None:
         source,
         n,
     )
+    await pool.execute(RECORD_WRITES)
 
 
 async def test_paging_returns_every_row_once_even_with_inserts_while_paging(
@@ -382,6 +383,7 @@ async def test_data_filters_and_health_degrades_when_a_source_is_stale(
         "'raw_csv_data', g, 0, '2024-06-01'::timestamptz + g * interval '1 hour' "
         "FROM generate_series(1, 100) g"
     )
+    await pool.execute(RECORD_WRITES)
     cfg = env.config(
         csv_source("fresh", "x.csv", extra='schedule = "1h"')
         + csv_source("old", "y.csv", extra='schedule = "1m"')

@@ -45,6 +45,11 @@ WITH src AS (
           (EXCLUDED.title, EXCLUDED.description, EXCLUDED.category, EXCLUDED.amount,
            EXCLUDED.url, EXCLUDED.tags, EXCLUDED.event_time)
     RETURNING (xmax = 0) AS inserted
+), bump AS (
+    -- The data version of this source and kind (sql/migrations/0005_change_feed.sql).
+    INSERT INTO data_versions AS v (source, kind, version)
+    SELECT $1, $2, 1 WHERE EXISTS (SELECT FROM up)
+    ON CONFLICT (source, kind) DO UPDATE SET version = v.version + 1
 )
 SELECT count(*) FILTER (WHERE inserted) AS inserted,
        count(*) FILTER (WHERE NOT inserted) AS updated
