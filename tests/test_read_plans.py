@@ -143,3 +143,20 @@ async def test_kind_pages_are_the_rows_of_that_kind_in_id_order(
                 assert got == want and (got or after == 201_990), (given, after)
     finally:
         await conn.close()
+
+
+async def test_a_kind_with_more_sources_than_parts_walks_the_primary_key_alike(
+    env: Env, pool: asyncpg.Pool
+) -> None:
+    sources = routes.MAX_KIND_PARTS + 8
+    await pool.execute(
+        "INSERT INTO normalized_data (kind, source, source_id, raw_table, raw_id, run_id) "
+        "SELECT CASE WHEN g % 3 = 0 THEN 'csv' ELSE 'api' END, 's' || (g % $1), 'k' || g, "
+        "'raw_api_data', g, 0 FROM generate_series(1, 3000) g", sources)
+    await pool.execute(RECORD_WRITES)
+    for after in (0, 1_500):
+        got = [r["id"] for r in await routes.data_rows(pool, {"kind": "api"}, after, 101)]
+        want = [r["id"] for r in await pool.fetch(
+            "SELECT id FROM normalized_data WHERE id > $1 AND kind = 'api' ORDER BY id "
+            "LIMIT 101", after)]
+        assert got == want and len(got) == 101

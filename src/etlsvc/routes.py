@@ -336,6 +336,8 @@ DATA_FILTERS = dict(line.split(None, 1) for line in db.query("api", "data_filter
 RANGE_FILTERS = frozenset({"event_from", "event_to", "updated_since"})
 #: More matching rows than this, and a range-filtered page walks the primary key instead.
 WINDOW_CAP = 20_000
+#: More sources of a kind than this, and a kind page walks the primary key instead.
+MAX_KIND_PARTS = 32
 
 
 @cache
@@ -366,8 +368,11 @@ async def data_rows(pool: Any, given: dict[str, Any], after: int, limit: int) ->
                 db.query("api", "kind_sources"), given["kind"])]
             if not sources:
                 return []
-            return await pool.fetch(data_by_kind_sql(names, len(sources)), after, limit,
-                                    *given.values(), *sources)
+            # Each part is planned on every request: the number of parts is capped, and
+            # a kind with more sources than that is walked along the primary key.
+            if len(sources) <= MAX_KIND_PARTS:
+                return await pool.fetch(data_by_kind_sql(names, len(sources)), after,
+                                        limit, *given.values(), *sources)
         return await pool.fetch(data_page_sql(names), after, limit, *given.values())
     rows = await pool.fetch(data_page_sql(names, "data_window"), after, limit, *given.values())
     if rows and rows[0]["matching"] > WINDOW_CAP:
@@ -435,8 +440,6 @@ def _change(row: Any) -> Change:
 
 
 async def _feed_start(request: Request, after: str) -> changes.Position:
-    # An SSE client that reconnects sends the id of the last event it received.
-    after = request.headers.get("last-event-id") or after
     if after == "now":
         return await changes.head(read_pool(request))
     try:
@@ -479,7 +482,8 @@ async def stream_changes(request: Request, after: FromQuery[str] = "0") -> Serve
     """Each change after ``after`` (or the ``Last-Event-ID`` header) as one event whose
     ``data`` is the change and whose ``id`` is its token, then new ones as they commit.
     A comment line every 15 s keeps idle connections open."""
-    start = await _feed_start(request, after)
+    # An SSE client that reconnects sends the id of the last event it received.
+    start = await _feed_start(request, request.headers.get("last-event-id") or after)
     pool = read_pool(request)
 
     async def events() -> AsyncIterator[ServerSentEventMessage]:
