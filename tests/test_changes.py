@@ -339,11 +339,11 @@ async def test_the_feed_needs_a_read_key_when_reads_are_not_public(
 async def test_a_page_etag_changes_with_every_committed_write_and_only_then(
     env: Env, pool: asyncpg.Pool
 ) -> None:
-    """/data's ETag carries the data version (at most 0.25 s old): any commit that changes a
+    """/data's ETag carries the data version (at most 0.5 s old): any commit that changes a
     row, in any source and in any commit order, makes it stale; a rewrite of the same
     content does not."""
     async with AsyncTestClient(app=create_app(env.config(""))) as client:
-        settle = changes.POLL_EVERY + 0.05      # past the version's longest staleness
+        settle = 2 * changes.POLL_EVERY + 0.05      # past the version's longest staleness
 
         async def etag() -> str:
             await asyncio.sleep(settle)
@@ -387,3 +387,27 @@ async def test_a_page_etag_changes_with_every_committed_write_and_only_then(
             await pool.release(t2)
         assert not await still(tag)
 
+
+
+async def test_a_request_never_waits_behind_the_version_read(pool: asyncpg.Pool) -> None:
+    """While the data version is being read again (here: held up by a lock), requests get
+    the version they had, at once; the new one once the read is done."""
+    version = changes.DataVersion(max_age=0.05, wait_after=30)
+    before = await version.get(pool)
+    async with pool.acquire() as writer:
+        tx = writer.transaction()
+        await tx.start()
+        await write(writer, "s", {"a": "a:v1"})     # raises the version, holds its row
+        await writer.execute("LOCK TABLE data_versions IN ACCESS EXCLUSIVE MODE")
+        await asyncio.sleep(0.1)
+        for _ in range(3):       # the first starts the read, which waits for the lock
+            began = time.monotonic()
+            assert await version.get(pool) == before
+            assert time.monotonic() - began < 0.05
+            await asyncio.sleep(0.05)
+        await tx.commit()
+    for _ in range(100):
+        if await version.get(pool) != before:
+            break
+        await asyncio.sleep(0.02)
+    assert await version.get(pool) > before

@@ -183,13 +183,13 @@ def create_litestar(cfg: Config, startup_errors: list[EtlError] | None = None) -
             async with db.open_database(cfg) as database:
                 # The read API has its own pool: on the read-only role where one is
                 # configured, with a statement timeout, and never starved by runs.
-                app.state.read_pool = await db.connect_pool(
+                app.state.read_pool = db.InTurn(await db.connect_pool(
                     cfg.database.read_url or database.dsn, cfg, settings={
                         "statement_timeout": str(cfg.server.read_statement_timeout_ms),
                         "default_transaction_read_only": "on",
                         # Plan each page for its own values: a generic plan made for "any
                         # updated_since" walks the primary key even for the last minute.
-                        "plan_cache_mode": "force_custom_plan"}, reset=_keep_session)
+                        "plan_cache_mode": "force_custom_plan"}, reset=_keep_session))
                 app.state.data_version = changes.DataVersion()
                 service = Service(cfg, database)
                 app.state.service = service

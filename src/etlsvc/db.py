@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import msgspec
@@ -116,6 +117,36 @@ async def connect_pool(dsn: str, cfg: Config, settings: dict[str, str] | None = 
                              **(settings or {})}, **kwargs)
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
         raise DatabaseError(f"cannot connect to PostgreSQL at {redact(dsn)}: {exc}") from exc
+
+
+class InTurn:
+    """A pool whose connections go to requests in the order they asked (FIFO).
+
+    asyncpg hands a released connection to whoever asks next, and a request that has just
+    arrived can take it ahead of those already waiting. With the read pool's free release
+    (no reset round trip), at 50 concurrent requests on 10 connections that made latency
+    bimodal: p90 twice p50. A fair semaphore in front keeps the order.
+    ``fetch``/``fetchrow``/``fetchval`` take a turn; anything else goes to the pool.
+    """
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+        self._turns = asyncio.Semaphore(pool.get_max_size())
+
+    async def fetch(self, *args: Any, **kwargs: Any) -> list[asyncpg.Record]:
+        async with self._turns:
+            return await self.pool.fetch(*args, **kwargs)
+
+    async def fetchrow(self, *args: Any, **kwargs: Any) -> asyncpg.Record | None:
+        async with self._turns:
+            return await self.pool.fetchrow(*args, **kwargs)
+
+    async def fetchval(self, *args: Any, **kwargs: Any) -> Any:
+        async with self._turns:
+            return await self.pool.fetchval(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pool, name)
 
 
 @dataclass

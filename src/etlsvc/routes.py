@@ -400,7 +400,7 @@ async def list_data(
     given = {name: value for name, value in zip(DATA_FILTERS, filters[1:]) if value is not None}
     pool = read_pool(request)
     # The ETag names the query and the data version it was read at, so a conditional
-    # request is answered before any query (the version is at most 0.25 s old: a page can
+    # request is answered before any query (the version is at most 0.5 s old: a page can
     # be reported unchanged for that long after a commit).
     version = await request.app.state.data_version.get(pool)
     etag = '"' + hashlib.blake2b(request.scope["query_string"] + version.to_bytes(8),
