@@ -87,15 +87,9 @@ def rate_limited(app: ASGIApp, per_minute: int,
         if seen <= per_minute:
             await app(scope, receive, send)
             return
-        state = scope.get("state", {})
-        body = msgspec.json.encode({
-            "data": None,
-            "metadata": {"request_id": state.get("request_id"), "pagination": None,
-                         "api_latency_ms": round((time.perf_counter() - state.get(
-                             "started", time.perf_counter())) * 1000, 3)},
-            "error": {"status": 429, "code": "too_many_requests",
-                      "message": f"more than {per_minute} requests in a minute from "
-                                 f"{client or 'this client'}; retry in a moment"}})
+        body = msgspec.json.encode(routes.error_body(
+            scope, 429, "too_many_requests", f"more than {per_minute} requests in a minute "
+            f"from {client or 'this client'}; retry in a moment"))
         await send({"type": "http.response.start", "status": 429, "headers": [
             (b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)),
             (b"retry-after", b"%d" % (60 - int(now) % 60))]})
@@ -106,9 +100,8 @@ def rate_limited(app: ASGIApp, per_minute: int,
 
 def _error(request: Request, status: int, code: str, message: str,
            **details: Any) -> Response[dict[str, Any]]:
-    body = routes.envelope(request, None)
-    body["error"] = {"status": status, "code": code, "message": message, **details}
-    return Response(content=body, status_code=status, media_type=MediaType.JSON)
+    return Response(content=routes.error_body(request.scope, status, code, message, **details),
+                    status_code=status, media_type=MediaType.JSON)
 
 
 _CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",

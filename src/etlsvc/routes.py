@@ -84,11 +84,24 @@ WRITE_ERRORS = _errors(400, 401, 403, 404, 409, 413, 415, 429, 503)
 
 def envelope(request: Request, data: Any, pagination: dict[str, Any] | None = None) -> dict:
     """The response body every JSON endpoint answers with."""
-    started = request.scope.get("state", {}).get("started", time.perf_counter())
+    return scope_envelope(request.scope, data, pagination)
+
+
+def scope_envelope(scope: Any, data: Any, pagination: dict[str, Any] | None = None) -> dict:
+    """``envelope`` for an ASGI scope (what a middleware answers before Litestar runs)."""
+    state = scope.get("state", {})
+    started = state.get("started", time.perf_counter())
     return {"data": data, "metadata": {
-        "request_id": request.scope.get("state", {}).get("request_id"),
+        "request_id": state.get("request_id"),
         "api_latency_ms": round((time.perf_counter() - started) * 1000, 3),
         "pagination": pagination}}
+
+
+def error_body(scope: Any, status: int, code: str, message: str, **details: Any) -> dict:
+    """The body of every error response: the envelope with ``data`` null and ``error``."""
+    body = scope_envelope(scope, None)
+    body["error"] = {"status": status, "code": code, "message": message, **details}
+    return body
 
 
 #: The API's JSON encoder (datetimes as RFC 3339, like Litestar's).
