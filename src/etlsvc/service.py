@@ -13,7 +13,7 @@ import collections
 import datetime as dt
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -88,6 +88,13 @@ class LoopMonitor:
             self._task.cancel()
 
 
+class Running(NamedTuple):
+    """A run of this process: the task executing it, and its claim (lock and row)."""
+
+    task: asyncio.Task[None]
+    claimed: pipeline.ClaimedRun
+
+
 @dataclass
 class Service:
     """Runs of this process: scheduled ones and requested ones."""
@@ -95,8 +102,8 @@ class Service:
     cfg: Config
     database: Database
     scheduler: AsyncIOScheduler | None = None
-    running: dict[int, asyncio.Task[Any]] = field(default_factory=dict)
-    claimed: dict[int, pipeline.ClaimedRun] = field(default_factory=dict)
+    #: This process's runs by id: the task executing each, and its claim.
+    running: dict[int, Running] = field(default_factory=dict)
     accepting: bool = True
     loop_monitor: LoopMonitor = field(default_factory=LoopMonitor)
     _sweeper: asyncio.Task[None] | None = None
@@ -135,9 +142,9 @@ class Service:
             log.warning("scheduled run skipped: the database is not available", source=name,
                         error=type(exc).__name__)
             return
-        task = self.running.get(run_id)
-        if task:             # the job lasts as long as the run: max_instances=1 then holds
-            await asyncio.shield(task)
+        mine = self.running.get(run_id)
+        if mine:             # the job lasts as long as the run: max_instances=1 then holds
+            await asyncio.shield(mine.task)
 
     async def start_runs(self, sources: list[Source], *, trigger: str = "manual",
                          full_refresh: bool = False) -> list[int]:
@@ -147,22 +154,20 @@ class Service:
             raise SourceBusy(dict.fromkeys((s.name for s in sources), None))
         # This process's own runs, even while one waits for a lost database (its lock is
         # gone with the connection, so the database cannot tell).
-        mine = {run.src.name: i for i, run in self.claimed.items()}
+        mine = {r.claimed.src.name: i for i, r in self.running.items()}
         if busy := {s.name: mine[s.name] for s in sources if s.name in mine}:
             raise SourceBusy(busy)
         claimed = await pipeline.claim(self.database, sources, trigger=trigger,
                                        full_refresh=full_refresh)
         for run in claimed:
             task = asyncio.create_task(self._execute(run), name=f"run {run.id}")
-            self.running[run.id] = task
-            self.claimed[run.id] = run
+            self.running[run.id] = Running(task, run)
             task.add_done_callback(self._forget(run.id))
         return [run.id for run in claimed]
 
     def _forget(self, run_id: int) -> Any:
         def forget(_: object) -> None:
             self.running.pop(run_id, None)
-            self.claimed.pop(run_id, None)
 
         return forget
 
@@ -198,7 +203,7 @@ class Service:
             self._sweeper.cancel()
         if self.scheduler and self.scheduler.running:
             self.scheduler.shutdown(wait=False)
-        tasks = list(self.running.values())
+        tasks = [r.task for r in self.running.values()]
         if tasks:
             log.info("waiting for running runs", runs=list(self.running), grace_s=grace)
             _, pending = await asyncio.wait(tasks, timeout=grace)
