@@ -91,6 +91,10 @@ FROM horizon h LEFT JOIN LATERAL (
 ) c ON true
 LEFT JOIN data_feed_state f ON true
 
+-- name: feed_head
+-- The feed's head: every transaction below this xid has ended.
+SELECT pg_snapshot_xmin(pg_current_snapshot())
+
 -- name: prune_tombstones
 -- Drop tombstones older than the retention; remember the last one dropped.
 -- params: $1 retention (interval)

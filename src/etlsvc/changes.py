@@ -71,7 +71,7 @@ class Page(NamedTuple):
 
 async def head(pool: Any) -> Position:
     """The position of the feed's head now: only changes committed later come after it."""
-    horizon = await pool.fetchval("SELECT pg_snapshot_xmin(pg_current_snapshot())")
+    horizon = await pool.fetchval(db.query("api", "feed_head"))
     return Position(horizon, 0)
 
 
