@@ -29,7 +29,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_csv import RESULTS, fresh_db, generate, machine, sh
-from etlsvc.routes import encode_cursor
+from etlsvc.api.routes import encode_cursor
 
 HERE = Path(__file__).resolve().parent
 KEY = "bench-key"

@@ -14,8 +14,12 @@ import sys
 import time
 from typing import Any
 
-from etlsvc import checkpoint, cli, load, normalize, pipeline, runs
-from etlsvc.sources import csv_files
+from etlsvc import cli
+from etlsvc.extract import csv_files
+from etlsvc.load import checkpoint
+from etlsvc.load import raw as load
+from etlsvc.runtime import pipeline, runs
+from etlsvc.transform import normalize
 
 TOTALS: collections.Counter[str] = collections.Counter()
 

@@ -218,7 +218,7 @@ def gen_csv(tmp_path_factory: pytest.TempPathFactory):
 
 async def run_source(cfg: Config, name: str, **kwargs: Any) -> dict[str, Any]:
     """Run one source in this process; return its finished etl_runs row."""
-    from etlsvc import pipeline
+    from etlsvc.runtime import pipeline
 
     async with db.open_database(cfg) as database:
         return await pipeline.run_source(database, cfg, cfg.source(name), **kwargs)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from litestar.testing import AsyncTestClient
 
-from etlsvc.app import create_app
-from etlsvc.auth import parse_keys
+from etlsvc.api.app import create_app
+from etlsvc.api.auth import parse_keys
 from etlsvc.errors import ConfigError
 from tests.conftest import Env, csv_source
 

@@ -15,9 +15,12 @@ import httpx
 import pytest
 from litestar.testing import AsyncTestClient
 
-from etlsvc import changes, db, normalize, pipeline
-from etlsvc.app import create_app
+from etlsvc import db
+from etlsvc.api import changes
+from etlsvc.api.app import create_app
 from etlsvc.config import Fields
+from etlsvc.runtime import pipeline
+from etlsvc.transform import normalize
 from tests.conftest import Env, csv_source, run_source
 from tests.test_service import servers
 

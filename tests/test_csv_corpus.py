@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 
 from etlsvc.config import CsvSource
-from etlsvc.sources.csv_files import read_header
+from etlsvc.extract.csv_files import read_header
 from tests.conftest import CORPUS, Env, csv_source, run_source
 from tests.test_csv_malformed import physical_lines
 

@@ -76,7 +76,7 @@ async def test_unreachable_database_is_one_clear_error_without_the_password() ->
 
 
 async def test_every_named_query_prepares_against_the_schema(pool: asyncpg.Pool) -> None:
-    from etlsvc.load import RAW_TABLES
+    from etlsvc.load.raw import RAW_TABLES
 
     async with pool.acquire() as conn:
         for file in ("checkpoints", "runs", "rejects", "normalize", "migrations"):

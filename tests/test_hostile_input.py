@@ -6,7 +6,7 @@ import asyncpg
 import pytest
 from litestar.testing import AsyncTestClient
 
-from etlsvc.app import create_app
+from etlsvc.api.app import create_app
 from tests.conftest import Env, csv_source
 
 KEY = {"Authorization": "Bearer test-key"}

@@ -12,7 +12,7 @@ import json
 import asyncpg
 import pytest
 
-from etlsvc import routes
+from etlsvc.api import routes
 from tests.conftest import RECORD_WRITES, Env
 
 #: filter → the index its page must use (kind pages merge its sources' (source, id) ranges)

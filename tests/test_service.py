@@ -20,7 +20,7 @@ import httpx
 import pytest
 from litestar.testing import AsyncTestClient
 
-from etlsvc.app import create_app
+from etlsvc.api.app import create_app
 from tests.conftest import RECORD_WRITES, Env, csv_source, descendants
 
 KEY = {"Authorization": "Bearer test-key"}
@@ -444,7 +444,7 @@ async def test_health_reports_failing_sources_and_fails_only_if_asked(
 async def test_every_read_endpoint_uses_the_read_pool(env: Env, pool: asyncpg.Pool) -> None:
     import dataclasses
 
-    from etlsvc.app import create_litestar
+    from etlsvc.api.app import create_litestar
 
     class EtlPoolUsed(Exception):
         pass

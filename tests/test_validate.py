@@ -6,7 +6,7 @@ import asyncpg
 import pytest
 
 from etlsvc.config import Fields
-from etlsvc.validate import RowValidator
+from etlsvc.transform.validate import RowValidator
 
 COLUMNS = ["id", "price", "when", "note"]
 FIELDS = Fields(source_id="id", amount="price", event_time="when", title="note")

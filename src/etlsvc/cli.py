@@ -18,10 +18,12 @@ from typing import Any
 import structlog
 import uvicorn
 
-from etlsvc import __version__, db, pipeline, tail
+from etlsvc import __version__, db
+from etlsvc.api import tail
 from etlsvc.config import Config, config_path, load_config
 from etlsvc.errors import ConfigError, EtlError, SourceBusy
 from etlsvc.logs import configure_logging
+from etlsvc.runtime import pipeline
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -171,7 +173,7 @@ async def _check(cfg: Config, args: argparse.Namespace) -> int:
 
 
 async def _serve(cfg: Config, args: argparse.Namespace) -> int:
-    from etlsvc.app import SHUTDOWN_GRACE, create_app
+    from etlsvc.api.app import SHUTDOWN_GRACE, create_app
 
     startup_errors: list[EtlError] = []
     config = uvicorn.Config(

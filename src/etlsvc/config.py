@@ -366,7 +366,7 @@ def _check(cfg: Config, path: Path) -> None:
             raise ConfigError(f"{where}.name': duplicate source name {src.name!r}")
         seen.add(src.name)
         if src.schedule:
-            from etlsvc.service import parse_schedule  # apscheduler only when scheduling
+            from etlsvc.runtime.service import parse_schedule  # apscheduler only when scheduling
 
             try:
                 parse_schedule(src.schedule)

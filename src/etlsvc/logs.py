@@ -57,7 +57,7 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None
         fmt = "console" if stream.isatty() else "json"
     renderer: Any = (structlog.dev.ConsoleRenderer(colors=stream.isatty()) if fmt == "console"
                      else structlog.processors.JSONRenderer(serializer=_json_dumps))
-    from etlsvc.tail import HUB
+    from etlsvc.api.tail import HUB
 
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,

@@ -20,10 +20,12 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from etlsvc import changes, db, metrics, pipeline, runs
+from etlsvc import db
+from etlsvc.api import changes
 from etlsvc.config import Config, Source
 from etlsvc.db import Database
 from etlsvc.errors import ConfigError, SourceBusy
+from etlsvc.runtime import metrics, pipeline, runs
 
 log = structlog.get_logger()
 

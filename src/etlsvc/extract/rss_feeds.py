@@ -30,7 +30,7 @@ import structlog
 
 from etlsvc.config import RssSource
 from etlsvc.errors import SourceError
-from etlsvc.sources.json_api import Fetcher
+from etlsvc.extract.json_api import Fetcher
 
 log = structlog.get_logger()
 

@@ -40,8 +40,8 @@ import aiofiles
 from etlsvc.children import die_with_parent
 from etlsvc.config import CsvSource
 from etlsvc.errors import SourceError
-from etlsvc.sources import RawBatch, Reject
-from etlsvc.sources.csv_scan import REJECT_PREFIX, RecordScanner
+from etlsvc.extract.contract import RawBatch, Reject
+from etlsvc.extract.csv_scan import REJECT_PREFIX, RecordScanner
 
 T = TypeVar("T")
 

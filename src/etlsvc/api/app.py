@@ -24,10 +24,12 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import RedocRenderPlugin, SwaggerRenderPlugin
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from etlsvc import __version__, auth, changes, db, metrics, routes
+from etlsvc import __version__, db
+from etlsvc.api import auth, changes, routes
 from etlsvc.config import Config
 from etlsvc.errors import EtlError
-from etlsvc.service import Service
+from etlsvc.runtime import metrics
+from etlsvc.runtime.service import Service
 
 log = structlog.get_logger()
 

@@ -24,12 +24,17 @@ import httpx
 import msgspec
 import structlog
 
-from etlsvc import checkpoint, db, load, metrics, normalize, runs
+from etlsvc import db
 from etlsvc.config import ApiSource, Config, CsvSource, RssSource, Source
 from etlsvc.db import Database
 from etlsvc.errors import EtlError, SourceBusy, SourceError, describe
-from etlsvc.sources import RawBatch, Reject, csv_files, json_api, rss_feeds
-from etlsvc.validate import RowValidator
+from etlsvc.extract import csv_files, json_api, rss_feeds
+from etlsvc.extract.contract import RawBatch, Reject
+from etlsvc.load import checkpoint
+from etlsvc.load import raw as load
+from etlsvc.runtime import metrics, runs
+from etlsvc.transform import normalize
+from etlsvc.transform.validate import RowValidator
 
 log = structlog.get_logger()
 T = TypeVar("T")

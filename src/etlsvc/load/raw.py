@@ -19,8 +19,8 @@ import asyncpg
 import msgspec
 
 from etlsvc import db
-from etlsvc.sources import RawBatch, Reject
-from etlsvc.sources.csv_files import GIL_SLICE
+from etlsvc.extract.contract import RawBatch, Reject
+from etlsvc.extract.csv_files import GIL_SLICE
 
 RAW_TABLES = {"csv": "raw_csv_data", "api": "raw_api_data", "rss": "raw_rss_data"}
 CSV_COLUMNS = ("run_id", "source", "file", "line", "byte_offset", "source_key", "record")

@@ -30,9 +30,12 @@ from litestar.openapi import ResponseSpec
 from litestar.params import FromQuery, JSONBody, PathParameter, QueryParameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
-from etlsvc import auth, changes, db, load, metrics, tail
+from etlsvc import db
+from etlsvc.api import auth, changes, tail
 from etlsvc.errors import ConfigError, SourceBusy
-from etlsvc.service import Service, schedule_seconds
+from etlsvc.load import raw as load
+from etlsvc.runtime import metrics
+from etlsvc.runtime.service import Service, schedule_seconds
 
 MAX_ID = 2**63 - 1
 

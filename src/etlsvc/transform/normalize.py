@@ -13,7 +13,7 @@ import asyncpg
 
 from etlsvc import db
 from etlsvc.config import NORMALIZED_FIELDS, Fields
-from etlsvc.load import RAW_TABLES
+from etlsvc.load.raw import RAW_TABLES
 
 MAX_ID = 2**63 - 1
 

@@ -1,0 +1,1 @@
+"""Extract: where records come from. One module per kind of source (see ``contract.py``)."""

@@ -1,0 +1,1 @@
+"""Runtime: runs (claim, execute, finish), the scheduler and service, metrics."""

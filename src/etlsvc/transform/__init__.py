@@ -1,0 +1,1 @@
+"""Transform: validation of records (Python) and their normalization (SQL)."""
