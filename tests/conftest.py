@@ -216,12 +216,34 @@ def gen_csv(tmp_path_factory: pytest.TempPathFactory):
     return make
 
 
+_WORKERS: list[Any] = []
+
+
+def shared_workers() -> Any:
+    """The worker processes of this test session, made as ``etlsvc run`` makes its own (the
+    default ``[pipeline]``), once: every in-process run parses in them."""
+    from etlsvc.config import PipelineConfig
+    from etlsvc.runtime.workers import from_config
+
+    if not _WORKERS:
+        _WORKERS.append(from_config(PipelineConfig()))
+    return _WORKERS[0]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_workers() -> Iterator[None]:
+    yield
+    for workers in _WORKERS:
+        workers.shutdown()
+
+
 async def run_source(cfg: Config, name: str, **kwargs: Any) -> dict[str, Any]:
     """Run one source in this process; return its finished etl_runs row."""
     from etlsvc.runtime import pipeline
 
     async with db.open_database(cfg) as database:
-        return await pipeline.run_source(database, cfg, cfg.source(name), **kwargs)
+        return await pipeline.run_source(database, cfg, cfg.source(name), shared_workers(),
+                                         **kwargs)
 
 
 @pytest.fixture

@@ -587,7 +587,7 @@ async def test_size_cap_read_timeout_and_http_date_retry_after(
     import datetime as dt
     from email.utils import format_datetime
 
-    from etlsvc.extract.json_api import _retry_after
+    from etlsvc.extract.http import _retry_after
 
     soon = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=30)
     assert 28 <= _retry_after(format_datetime(soon, usegmt=True)) <= 30
@@ -601,8 +601,9 @@ def test_auth_header_kinds() -> None:
 
     import httpx
 
-    from etlsvc.config import ApiSource, Auth, Fields
-    from etlsvc.extract.json_api import Fetcher
+    from etlsvc.extract.contract import Fields
+    from etlsvc.extract.http import Auth, Fetcher
+    from etlsvc.extract.json_api import ApiSource
 
     seen = []
 

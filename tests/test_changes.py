@@ -18,7 +18,9 @@ from litestar.testing import AsyncTestClient
 from etlsvc import db
 from etlsvc.api import changes
 from etlsvc.api.app import create_app
-from etlsvc.config import Fields
+from etlsvc.extract import KINDS
+from etlsvc.extract.contract import Fields
+from etlsvc.extract.json_api import ApiSource
 from etlsvc.runtime import pipeline
 from etlsvc.transform import normalize
 from tests.conftest import Env, csv_source, run_source
@@ -52,8 +54,9 @@ async def write(conn: asyncpg.Connection, source: str, items: dict[str, str]) ->
         "INSERT INTO raw_api_data (run_id, source, url, page, item_index, source_key, record) "
         "VALUES (0, $1, 'test', 0, $2, $3, $4) RETURNING id", source, i, key,
         {"id": key, "title": title}) for i, (key, title) in enumerate(items.items())]
-    await normalize.upsert(conn, source=source, kind="api", fields=FIELDS, tags_separator=",",
-                           above=min(ids) - 1, upto=max(ids), distinct_keys=True)
+    src = ApiSource(name=source, url="http://127.0.0.1/", fields=FIELDS, tags_separator=",")
+    await normalize.upsert(conn, src, KINDS["api"], above=min(ids) - 1, upto=max(ids),
+                           distinct_keys=True)
 
 
 async def test_inserts_updates_and_deletes_come_once_each_in_order(

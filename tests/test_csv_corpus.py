@@ -9,8 +9,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from etlsvc.config import CsvSource
-from etlsvc.extract.csv_files import read_header
+from etlsvc.extract.csv_files import CsvSource, read_header
 from tests.conftest import CORPUS, Env, csv_source, run_source
 from tests.test_csv_malformed import physical_lines
 

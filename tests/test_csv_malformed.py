@@ -9,6 +9,7 @@ physical line of the file was loaded, rejected, or part of a record that was.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import subprocess
@@ -37,8 +38,11 @@ CASES = {
 
 
 def physical_lines(path: Path, encoding: str = "utf-8") -> list[str]:
-    """The file's lines as a reader of physical lines sees them (\\n, \\r\\n or \\r)."""
-    text = path.read_bytes().decode(encoding, "surrogateescape")
+    """The file's lines as a reader of physical lines sees them (\\n, \\r\\n or \\r),
+    decompressed if it is gzip-compressed."""
+    data = path.read_bytes()
+    text = (gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data).decode(
+        encoding, "surrogateescape")
     return io.StringIO(text, newline="").readlines()
 
 

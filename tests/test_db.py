@@ -76,12 +76,12 @@ async def test_unreachable_database_is_one_clear_error_without_the_password() ->
 
 
 async def test_every_named_query_prepares_against_the_schema(pool: asyncpg.Pool) -> None:
-    from etlsvc.load.raw import RAW_TABLES
+    from etlsvc.extract import KINDS
 
     async with pool.acquire() as conn:
         for file in ("checkpoints", "runs", "rejects", "normalize", "migrations"):
             for sql in db.queries(file).values():
-                for table in RAW_TABLES.values():
+                for table in {k.raw_table for k in KINDS.values()}:
                     text = (
                         sql.replace("{raw_table}", table)
                         .replace("{distinct}", "")

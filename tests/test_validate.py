@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
-from etlsvc.config import Fields
+from etlsvc.extract.contract import Fields
 from etlsvc.transform.validate import RowValidator
 
 COLUMNS = ["id", "price", "when", "note"]

@@ -24,6 +24,7 @@ from etlsvc.config import Config, config_path, load_config
 from etlsvc.errors import ConfigError, EtlError, SourceBusy
 from etlsvc.logs import configure_logging
 from etlsvc.runtime import pipeline
+from etlsvc.runtime.workers import from_config
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -102,13 +103,14 @@ async def _run(cfg: Config, args: argparse.Namespace) -> int:
         raise ConfigError("no sources configured")
     show_bar = not args.no_progress and sys.stderr.isatty()
     results: list[dict[str, Any]] = []
-    async with db.open_database(cfg) as database:
+    workers = from_config(cfg.pipeline)
+    async with db.open_database(cfg) as database, contextlib.aclosing(workers):
         for src in selected:
             bar = _ProgressBar(src.name) if show_bar else None
             try:
                 row = await pipeline.run_source(
-                    database, cfg, src, trigger="manual", full_refresh=args.full_refresh,
-                    on_progress=bar.update if bar else None)
+                    database, cfg, src, workers, trigger="manual",
+                    full_refresh=args.full_refresh, on_progress=bar.update if bar else None)
             except SourceBusy as exc:
                 structlog.get_logger().error("source busy", source=src.name, run_id=exc.run_id)
                 row = {"id": exc.run_id, "source": src.name, "status": "busy",

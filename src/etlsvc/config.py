@@ -7,185 +7,24 @@ names the file and the key. It does no I/O beyond reading that file.
 
 from __future__ import annotations
 
-import codecs
 import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Union
 from urllib.parse import urlsplit
 
 import msgspec
 
 from etlsvc.errors import ConfigError
+from etlsvc.extract import KINDS, kind_of
+from etlsvc.extract.contract import NORMALIZED_FIELDS
 from etlsvc.logs import redact
 
-#: The columns of ``normalized_data`` a source can map its fields to.
-NORMALIZED_FIELDS = (
-    "source_id", "title", "description", "category", "amount", "url", "tags", "event_time",
-)
+#: One config struct per kind of source, tagged by ``kind`` (``extract/__init__.py``).
+Source = Union[tuple(k.config for k in KINDS.values())]  # noqa: UP007 - built at run time
 
-SourceName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
-Rate = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
-OneChar = Annotated[str, msgspec.Meta(min_length=1, max_length=1)]
-
-
-class Fields(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Which source field feeds each normalized column (None: the column stays null)."""
-
-    source_id: str | None = None
-    title: str | None = None
-    description: str | None = None
-    category: str | None = None
-    amount: str | None = None
-    url: str | None = None
-    tags: str | None = None
-    event_time: str | None = None
-
-    def mapped(self) -> dict[str, str]:
-        """The normalized fields that are mapped, with their source field."""
-        return {f: v for f in NORMALIZED_FIELDS if (v := getattr(self, f)) is not None}
-
-
-class _Source(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True,
-              tag_field="kind"):
-    """What every source has."""
-
-    name: SourceName
-    schedule: str | None = None
-    #: Share of rejected records above which a run fails.
-    max_error_rate: Rate = 0.05
-    #: Separator of the tags field when it is one string.
-    tags_separator: str = ";"
-
-
-class CsvSource(_Source, tag="csv"):
-    """A CSV file, or every file matching a glob, read as a stream of records."""
-
-    path: str
-    fields: Fields
-    batch_size: PositiveInt = 10_000
-    encoding: str = "utf-8"
-    delimiter: OneChar = ","
-    quotechar: OneChar = '"'
-    #: A longer record is one reject (its prefix, length and SHA-256 kept); a longer
-    #: header fails the run.
-    max_record_bytes: PositiveInt = 1 << 20
-    #: A header with more columns fails the run.
-    max_columns: PositiveInt = 10_000
-
-    kind = "csv"
-
-
-class Pagination(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """How an API is paged.
-
-    ``style``: ``none`` (one request); ``page`` (``page_param`` = 1, 2, …); ``offset``
-    (``offset_param`` = 0, n, 2n, …); ``cursor`` (the next cursor is read from the body at
-    ``cursor_path`` and sent as ``cursor_param``; the end is an empty cursor, or
-    ``has_more_path`` false); ``next_url`` (the next page's URL is read from the body at
-    ``next_url_path``); ``link_header`` (RFC 8288 ``Link: <…>; rel="next"``; with a
-    ``page_size``, the first request also asks for page ``first_page``).
-    """
-
-    style: Literal["none", "page", "offset", "cursor", "next_url", "link_header"] = "none"
-    page_size: PositiveInt | None = None
-    size_param: str = "per_page"      # page style: page size parameter (limit_param for offset)
-    page_param: str = "page"
-    first_page: Annotated[int, msgspec.Meta(ge=0)] = 1
-    offset_param: str = "offset"
-    limit_param: str = "limit"
-    cursor_param: str = "cursor"
-    cursor_path: str = "next_cursor"
-    has_more_path: str | None = None
-    next_url_path: str = "next"
-    #: A walk stops after this many pages (a guard against an API that never ends).
-    max_pages: PositiveInt = 10_000
-
-
-class Auth(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """A secret header; the secret itself comes from the environment variable ``env``."""
-
-    type: Literal["bearer", "header", "basic"]
-    env: str
-    header: str = "Authorization"     # for type "header", e.g. "X-API-Key"
-    username: str | None = None       # for type "basic"; the password comes from ``env``
-
-
-class Incremental(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Ask only for items changed since the last run (inclusive high-water mark)."""
-
-    param: str                        # query parameter, e.g. "updated_since"
-    field: str                        # dotted path of the item's change time, e.g. "updated_at"
-    lag_seconds: Annotated[float, msgspec.Meta(ge=0)] = 0.0
-    #: Keys seen exactly at the high-water mark, remembered so that the inclusive bound
-    #: does not load them twice (at most this many).
-    max_boundary_keys: PositiveInt = 10_000
-
-
-class Retry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Retries of a request on connection errors, timeouts, 5xx and 429."""
-
-    attempts: PositiveInt = 5
-    backoff: Annotated[float, msgspec.Meta(ge=0)] = 0.5      # first delay, doubled each time
-    max_backoff: Annotated[float, msgspec.Meta(ge=0)] = 30.0
-    #: A Retry-After longer than this fails the request instead of sleeping.
-    max_retry_after: Annotated[float, msgspec.Meta(ge=0)] = 300.0
-
-
-class Timeouts(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Seconds: to connect, between bytes read, and for a whole request with its body."""
-
-    connect: Annotated[float, msgspec.Meta(gt=0)] = 10.0
-    read: Annotated[float, msgspec.Meta(gt=0)] = 30.0
-    total: Annotated[float, msgspec.Meta(gt=0)] = 120.0
-
-
-class _HttpSource(_Source, kw_only=True):
-    """What sources fetched over HTTP have."""
-
-    headers: dict[str, str] = {}
-    auth: Auth | None = None
-    retry: Retry = Retry()
-    timeouts: Timeouts = Timeouts()
-    #: Requests per second at most (None: no limit).
-    rate_limit: Annotated[float, msgspec.Meta(gt=0)] | None = None
-    max_response_bytes: PositiveInt = 64 << 20
-
-
-class ApiSource(_HttpSource, tag="api"):
-    """A paginated JSON HTTP API."""
-
-    url: str
-    fields: Fields
-    #: Dotted path of the items' list in the body; "" when the body is the list.
-    items_path: str = ""
-    params: dict[str, str] = {}
-    pagination: Pagination = Pagination()
-    incremental: Incremental | None = None
-
-    kind = "api"
-
-
-#: What an RSS source maps by default: the entry's id (else link, else a hash), title,
-#: summary, link, tag terms, and published (else updated) date.
-RSS_FIELDS = Fields(source_id="etlsvc_key", title="title", description="summary", url="link",
-                    tags="etlsvc_tags", event_time="etlsvc_time")
-
-
-class RssSource(_HttpSource, tag="rss"):
-    """One or more RSS/Atom feeds."""
-
-    urls: Annotated[list[str], msgspec.Meta(min_length=1)]
-    fields: Fields = RSS_FIELDS
-    #: Feeds fetched at the same time at most.
-    max_concurrency: PositiveInt = 8
-
-    kind = "rss"
-
-
-Source = CsvSource | ApiSource | RssSource
 
 
 class DatabaseConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -235,10 +74,21 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     change_feed_retention_days: Annotated[float, msgspec.Meta(gt=0)] = 7.0
 
 
+class PipelineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How runs use the machine."""
+
+    #: Worker processes for parsing, validation and COPY encoding (0: one per core, up to 4).
+    workers: Annotated[int, msgspec.Meta(ge=0, le=64)] = 0
+    #: How much lower than etlsvc's the workers' CPU priority is (``nice``): when the API
+    #: and a load both want the CPU, the API goes first.
+    worker_niceness: Annotated[int, msgspec.Meta(ge=0, le=19)] = 10
+
+
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The whole configuration of one etlsvc process."""
 
     sources: list[Source] = []
+    pipeline: PipelineConfig = PipelineConfig()
     server: ServerConfig = ServerConfig()
     database: DatabaseConfig = DatabaseConfig()
     embedded: EmbeddedConfig = EmbeddedConfig()
@@ -335,7 +185,7 @@ def _explain(exc: msgspec.ValidationError, data: dict) -> str:
         key = f"{where}.{missing.group(1)}" if where else missing.group(1)
         return f"missing required key {key!r}"
     if "Invalid value" in text and where.endswith(".kind"):
-        return f"key {where!r}: {text} (supported kinds: csv, api, rss)"
+        return f"key {where!r}: {text} (supported kinds: " + ", ".join(KINDS) + ")"
     return f"key {where!r}: {text}"
 
 
@@ -375,31 +225,9 @@ def _check(cfg: Config, path: Path) -> None:
         if src.fields.source_id is None:
             raise ConfigError(f"{where}.fields.source_id': every source needs its natural key "
                               "mapped")
-        if isinstance(src, CsvSource):
-            _check_csv(src, where)
-        elif isinstance(src, ApiSource):
-            _check_api(src, where, src.url, "url")
-        else:
-            for j, url in enumerate(src.urls):
-                _check_api(src, where, url, f"urls[{j}]")
+        kind_of(src).check_config(src, where)
         typed = [v for f, v in src.fields.mapped().items()
                  if f in ("source_id", "amount", "event_time")]
         if len(typed) != len(set(typed)):
             raise ConfigError(f"{where}.fields': one column cannot feed two of source_id, "
                               "amount and event_time")
-
-
-def _check_csv(src: CsvSource, where: str) -> None:
-    try:
-        codecs.lookup(src.encoding)
-    except LookupError:
-        raise ConfigError(f"{where}.encoding': unknown encoding {src.encoding!r}") from None
-    if src.delimiter == src.quotechar:
-        raise ConfigError(f"{where}.delimiter': delimiter and quotechar are the same")
-
-
-def _check_api(src: ApiSource | RssSource, where: str, url: str, key: str) -> None:
-    if not re.match(r"^https?://[^/\s]+", url):
-        raise ConfigError(f"{where}.{key}': expected an http(s) URL, got {url!r}")
-    if src.auth and src.auth.type == "basic" and not src.auth.username:
-        raise ConfigError(f"{where}.auth.username': basic auth needs a username")

@@ -40,6 +40,11 @@ class SourceError(EtlError):
     def __init__(self, source: str, message: str) -> None:
         super().__init__(f"source {source!r}: {message}")
         self.source = source
+        self.message = message
+
+    def __reduce__(self) -> tuple[type[SourceError], tuple[str, str]]:
+        # Raised in worker processes: it must come back through pickle whole.
+        return SourceError, (self.source, self.message)
 
 
 class SourceBusy(EtlError):

@@ -28,7 +28,7 @@ from etlsvc import __version__, db
 from etlsvc.api import auth, changes, routes
 from etlsvc.config import Config
 from etlsvc.errors import EtlError
-from etlsvc.runtime import metrics
+from etlsvc.runtime import metrics, workers
 from etlsvc.runtime.service import Service
 
 log = structlog.get_logger()
@@ -186,7 +186,7 @@ def create_litestar(cfg: Config, startup_errors: list[EtlError] | None = None) -
                         # updated_since" walks the primary key even for the last minute.
                         "plan_cache_mode": "force_custom_plan"}, reset=_keep_session))
                 app.state.data_version = changes.DataVersion()
-                service = Service(cfg, database)
+                service = Service(cfg, database, workers.from_config(cfg.pipeline))
                 app.state.service = service
                 service.start_scheduler()
                 started = True

@@ -33,7 +33,7 @@ from litestar.response import ServerSentEvent, ServerSentEventMessage
 from etlsvc import db
 from etlsvc.api import auth, changes, tail
 from etlsvc.errors import ConfigError, SourceBusy
-from etlsvc.load import raw as load
+from etlsvc.extract import KINDS
 from etlsvc.runtime import metrics
 from etlsvc.runtime.service import Service, schedule_seconds
 
@@ -402,7 +402,7 @@ async def list_data(
     limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 50,
     cursor: FromQuery[str | None] = None,
     source: FromQuery[str | None] = None,
-    kind: Annotated[str | None, QueryParameter(pattern="^(csv|api|rss)$")] = None,
+    kind: Annotated[str | None, QueryParameter(pattern="^(" + "|".join(KINDS) + ")$")] = None,
     category: FromQuery[str | None] = None,
     event_from: FromQuery[dt.datetime | None] = None,
     event_to: FromQuery[dt.datetime | None] = None,
@@ -537,7 +537,7 @@ async def get_record(request: Request,
         raise NotFoundException(f"no record {record_id}")
     record = dict(row)
     table = record.pop("raw_table")
-    if table not in load.RAW_TABLES.values():
+    if table not in {k.raw_table for k in KINDS.values()}:
         raise ApiError(500, "internal", "unknown raw table")
     raw = await pool.fetchrow(f"SELECT * FROM {table} WHERE id = $1",
                               record.pop("raw_id"))

@@ -1,1 +1,21 @@
-"""Extract: where records come from. One module per kind of source (see ``contract.py``)."""
+"""Extract: where records come from. One module per kind of source (see ``contract.py``).
+
+This is the one place kinds are registered: a new kind is added to ``KINDS`` below.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from etlsvc.extract import csv_files, json_api, rss_feeds
+from etlsvc.extract.contract import SourceKind
+
+#: Every kind of source, by name.
+KINDS: dict[str, SourceKind] = {k.name: k for k in (
+    csv_files.KIND, json_api.KIND, rss_feeds.KIND,
+)}
+
+
+def kind_of(src: Any) -> SourceKind:
+    """The kind of a source config."""
+    return KINDS[src.kind]

@@ -1,19 +1,16 @@
-"""CSV source: files (or a glob of files) streamed in constant memory, resumable by byte offset.
+"""Kind ``csv``: CSV files (or a glob of files, plain or gzip-compressed) streamed in
+constant memory, resumable by byte offset.
 
-Owns turning bytes into rows and knowing exactly where each row came from:
+Owns turning bytes into rows and knowing exactly where each row came from (finding files,
+checkpoints and the worker process that parses them are ``files.py``'s):
 
-* files are read in chunks with aiofiles; parsing happens in a worker thread, so the event
-  loop stays free while a big file is read;
 * a chunk is cut after the last newline that is outside quotes (even count of quote
   characters before it), so every chunk holds whole records and quoted newlines are safe;
 * each record's position is its physical line number and the byte offset of its first byte;
-* the checkpoint stores the byte offset after the last committed record and a SHA-256 of the
-  file's bytes before it (the fingerprint): the next run continues there if the file was only
-  appended to, and reads the file again from the start if it changed;
 * rows the CSV reader cannot parse, with a wrong number of fields, with NUL characters or with
   bytes that are not valid in the configured encoding become rejects, never rows.
 
-It does no validation of values (see ``validate.py``) and no database work.
+It does no validation of values (see ``transform/validate.py``) and no database work.
 """
 
 from __future__ import annotations
@@ -21,102 +18,63 @@ from __future__ import annotations
 import asyncio
 import codecs
 import csv
-import glob
+import functools
+import gzip
 import hashlib
 import io
-import multiprocessing
-import os
 import re
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from itertools import accumulate, compress, count, islice, repeat
 from operator import add, attrgetter, itemgetter, ne, sub
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
-import aiofiles
+import structlog
 
-from etlsvc.children import die_with_parent
-from etlsvc.config import CsvSource
-from etlsvc.errors import SourceError
-from etlsvc.extract.contract import RawBatch, Reject
+from etlsvc.errors import ConfigError, SourceError
+from etlsvc.extract import files
+from etlsvc.extract.contract import (
+    Batch,
+    Extraction,
+    Fields,
+    OneChar,
+    PositiveInt,
+    Reject,
+    SourceConfig,
+    SourceKind,
+)
 from etlsvc.extract.csv_scan import REJECT_PREFIX, RecordScanner
+from etlsvc.extract.files import CHUNK_SIZE, FilePlan
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from etlsvc.load.batches import Prepared
 
-CHUNK_SIZE = 1 << 20
-#: Rows handed to one C call at most, so the parsing thread lets go of the GIL often.
+log = structlog.get_logger()
+
+#: Rows handed to one C call at most, so the parsing worker lets go of the GIL often.
 GIL_SLICE = 2000
-_HASH_BLOCK = 1 << 20
 #: Past this much data with no record end in sight, the scanner looks at the head record.
 _HEAD_SCAN = 64 << 10
 _ASCII_PROBE = "\n\r\"',;|\t#"
 _SURROGATE = re.compile("[\udc80-\udcff]")
 
 
-@dataclass
-class FilePlan:
-    """One file of a source and where to read it from."""
+class CsvSource(SourceConfig, tag="csv", kw_only=True):
+    """A CSV file, or every file matching a glob, read as a stream of records."""
 
     path: str
-    size: int
-    start: int                     # byte offset to start at
-    line: int                      # lines before ``start`` (the next record's line - 1)
-    header: list[str] | None       # known when resuming
-    hasher: Any                    # sha256 of bytes [0, start)
+    fields: Fields
+    batch_size: PositiveInt = 10_000
+    encoding: str = "utf-8"
+    delimiter: OneChar = ","
+    quotechar: OneChar = '"'
+    #: A longer record is one reject (its prefix, length and SHA-256 kept); a longer
+    #: header fails the run.
+    max_record_bytes: PositiveInt = 1 << 20
+    #: A header with more columns fails the run.
+    max_columns: PositiveInt = 10_000
 
-    @property
-    def todo(self) -> int:
-        """Bytes left to read."""
-        return self.size - self.start
-
-
-def find_files(src: CsvSource, base: Path) -> list[str]:
-    """The files a source's ``path`` names (a file or a glob), sorted; SourceError if none."""
-    pattern = str(base / src.path)
-    paths = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-    files = [p for p in paths if os.path.isfile(p)]
-    if not files:
-        what = "no file matches" if glob.has_magic(pattern) else "file not found:"
-        raise SourceError(src.name, f"{what} {pattern}")
-    for p in files:
-        if any(c in p for c in "\t\r\n\x00"):
-            raise SourceError(src.name, f"file name contains a control character: {p!r}")
-    return files
-
-
-def _hash_prefix(path: str, length: int) -> Any:
-    """SHA-256 object fed with the first ``length`` bytes of the file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        left = length
-        while left > 0:
-            block = f.read(min(_HASH_BLOCK, left))
-            if not block:
-                break
-            h.update(block)
-            left -= len(block)
-    return h
-
-
-def plan_file(path: str, state: dict[str, Any] | None) -> FilePlan:
-    """Decide where to (re)start reading ``path`` given its checkpoint ``state``.
-
-    If the file's bytes before the checkpoint's offset are unchanged (same SHA-256), reading
-    continues at the offset (nothing to read if the file did not grow); otherwise the file
-    is read again from the start. The prefix is hashed every time rather than trusting
-    size and mtime, which can stay the same across a quick edit.
-    """
-    st = os.stat(path)
-    if state:
-        offset = int(state["offset"])
-        if st.st_size >= offset:
-            h = _hash_prefix(path, offset)
-            if h.hexdigest() == state.get("fingerprint"):
-                return FilePlan(path, st.st_size, offset, int(state["line"]),
-                                state.get("header"), h)
-    return FilePlan(path, st.st_size, 0, 0, None, hashlib.sha256())
+    kind = "csv"
 
 
 def _codec(encoding: str, head: bytes) -> tuple[str, int]:
@@ -154,7 +112,7 @@ class _ErrorRow(list):
 
 
 class CsvParser:
-    """Turns the chunks of one file into :class:`RawBatch` objects (sync; runs in a worker)."""
+    """Turns the chunks of one file into :class:`Batch` objects (sync; runs in a worker)."""
 
     def __init__(self, src: CsvSource, plan: FilePlan, codec: str, bom: int) -> None:
         self.src = src
@@ -189,7 +147,7 @@ class CsvParser:
 
     # -- chunk level -------------------------------------------------------------------
 
-    def feed(self, chunk: bytes) -> tuple[list[RawBatch], int | None]:
+    def feed(self, chunk: bytes) -> tuple[list[Batch], int | None]:
         """Parse ``chunk`` (``b""`` at end of file).
 
         Returns the batches it completed, and the offset to read on from when the file must be
@@ -204,7 +162,7 @@ class CsvParser:
             self._bom_pending = 0
         final = not chunk
         data: Any = chunk if self.ascii else self.decoder.decode(chunk, final)
-        out: list[RawBatch] = []
+        out: list[Batch] = []
         if self._scanner is not None:
             scanner = self._scanner
             if not scanner.scan(data, final):
@@ -249,7 +207,7 @@ class CsvParser:
                              len(self.header) if self.header is not None else None,
                              self.codec, self.hasher)
 
-    def _settle(self, scanner: RecordScanner, data: Any, out: list[RawBatch], *,
+    def _settle(self, scanner: RecordScanner, data: Any, out: list[Batch], *,
                 head: bool = False) -> Any:
         """Act on a scanner's outcome; the data left after it (None: read again from
         ``self.offset``)."""
@@ -316,7 +274,7 @@ class CsvParser:
 
     # -- record level ------------------------------------------------------------------
 
-    def _parse(self, part: Any, final: bool, out: list[RawBatch], *,
+    def _parse(self, part: Any, final: bool, out: list[Batch], *,
                whole: bool = False) -> int:
         """Parse the records of ``part``; add them to the batch, flushing batches as they
         fill up; return how much of ``part`` was used.
@@ -477,10 +435,10 @@ class CsvParser:
         return Reject(self.plan.path, {"line": line, "byte_offset": offset},
                       {"text": original}, reason)
 
-    def _flush(self, end: int | None = None, line: int | None = None) -> RawBatch:
+    def _flush(self, end: int | None = None, line: int | None = None) -> Batch:
         end = self.offset if end is None else end
         line = self.line if line is None else line
-        batch = RawBatch(
+        batch = Batch(
             stream=self.plan.path, columns=self.header or [], rows=self._rows,
             positions=self._pos, rejects=self._rejects, rows_read=self._read,
             bytes_read=end - self._batch_start, lines_read=line - self._batch_line,
@@ -506,110 +464,84 @@ def _dedupe(header: list[str]) -> list[str]:
     return out
 
 
-async def read_file(src: CsvSource, plan: FilePlan,
-                    make_prepare: Callable[[], Callable[[RawBatch], T]], *,
-                    in_process: bool = False) -> AsyncIterator[T]:
-    """Stream one file from ``plan.start``; yield ``prepare(batch)`` for each batch.
-
-    Parsing and ``prepare`` (validation, encoding) run in one worker thread, or with
-    ``in_process`` in one worker process: then they do not compete with the event loop for
-    the GIL, which keeps API latency low while a big file loads in ``etlsvc serve``.
-    ``make_prepare`` must then be picklable.
-    """
-    if plan.todo <= 0:
-        return
-    loop = asyncio.get_running_loop()
-    # One worker per file: its allocations stay in one malloc arena, which keeps the peak
-    # RSS of a big file down (the default pool spreads them over several).
-    files = ThreadPoolExecutor(1, thread_name_prefix="etlsvc-csv")
-    workers: ProcessPoolExecutor | None = None
-    try:
-        async with aiofiles.open(plan.path, "rb", executor=files) as f:
-            codec, bom = _codec(src.encoding, await f.read(4))
-            await f.seek(plan.start)
-            if in_process:
-                workers = ProcessPoolExecutor(
-                    1, mp_context=multiprocessing.get_context("spawn"),
-                    initializer=_start_worker,
-                    initargs=(os.getpid(), src, plan.path, plan.size, plan.start, plan.line,
-                              plan.header, codec, bom, make_prepare))
-                pool: Executor = workers
-                feed: Callable[..., tuple[list[T], int | None]] = _worker_feed
-                args: tuple[Any, ...] = ()
-            else:
-                pool, feed = files, _feed
-                args = (CsvParser(src, plan, codec, bom), make_prepare())
-            while True:
-                chunk = await f.read(CHUNK_SIZE)
-                items, seek = await loop.run_in_executor(pool, feed, *args, chunk)
-                for item in items:
-                    yield item
-                if seek is not None:          # a malformed record: read on after its line
-                    await f.seek(seek)
-                elif not chunk:
-                    break
-    finally:
-        if workers:
-            workers.shutdown()
-        files.shutdown(wait=False)
-
-
-def _feed(parser: CsvParser, prepare: Callable[[RawBatch], T],
-          chunk: bytes) -> tuple[list[T], int | None]:
-    batches, seek = parser.feed(chunk)
-    return [prepare(b) for b in batches], seek
-
-
-_worker: tuple[CsvParser, Callable[[RawBatch], Any]] | None = None
-
-
-#: How much lower than etlsvc's the parsing worker's CPU priority is (``nice``).
-WORKER_NICENESS = 10
-
-
-def _start_worker(parent: int, src: CsvSource, path: str, size: int, start: int, line: int,
-                  header: list[str] | None, codec: str, bom: int,
-                  make_prepare: Callable[[], Callable[[RawBatch], Any]]) -> None:
-    """In the worker process: the parser of one file (its prefix hashed again here), at a
-    lower CPU priority. It dies with etlsvc, and with it multiprocessing's resource tracker
-    (whose pipe then closes)."""
-    global _worker
-    die_with_parent(parent=parent)
-    # Background work: when the API and this parser both want the CPU, the API goes first
-    # (reads keep their latency during a load; an idle machine loads as fast as before).
-    os.nice(WORKER_NICENESS)
-    plan = FilePlan(path, size, start, line, header, _hash_prefix(path, start))
-    _worker = (CsvParser(src, plan, codec, bom), make_prepare())
-
-
-def _worker_feed(chunk: bytes) -> tuple[list[Any], int | None]:
-    assert _worker is not None
-    return _feed(*_worker, chunk)
-
-
-def missing_columns(src: CsvSource, path: str, header: list[str]) -> SourceError:
-    """The error for mapped columns the header lacks, with a hint when the header looks
-    split on another delimiter (``;``, ``|``, tab)."""
-    missing = ", ".join(f"{c!r} (for {f})" for f, c in src.fields.mapped().items()
-                        if c not in header)
-    hint = ""
-    if len(header) == 1:
-        other = next((d for d in (";", "|", "\t") if d != src.delimiter and d in header[0]),
-                     None)
-        if other:
-            hint = (f"; the header splits on {other!r}: set delimiter = "
-                    f"{other!r} for this source" if other != "\t" else
-                    "; the header splits on tabs: set delimiter = \"\\t\" for this source")
-    return SourceError(src.name, f"{path}: column {missing} not in the header (columns: "
-                       f"{', '.join(header) or 'none'}){hint}")
-
-
 def read_header(src: CsvSource, path: str) -> list[str]:
     """The header of a file (its first non-blank record), for ``etlsvc check``."""
-    with open(path, "rb") as f:
+    with _open_header(path) as f:
         head = f.read(min(src.max_record_bytes, 1 << 20))
     codec, bom = _codec(src.encoding, head)
     text = head[bom:].decode(codec, "replace")
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=src.delimiter,
                         quotechar=src.quotechar)
     return _dedupe(next((row for row in reader if row), []))
+
+
+def _open_header(path: str) -> Any:
+    return (gzip.open if files.is_gzip(path) else open)(path, "rb")
+
+
+def make_parser(src: CsvSource, plan: FilePlan, head: bytes) -> CsvParser:
+    """The parser of one file, given its first bytes (for the byte-order mark)."""
+    codec, bom = _codec(src.encoding, head)
+    return CsvParser(src, plan, codec, bom)
+
+
+class CsvKind(SourceKind):
+    """CSV files; see the module docstring."""
+
+    name = "csv"
+    config = CsvSource
+    raw_table = "raw_csv_data"
+    stream_column = "file"
+    position_columns = ("line", "byte_offset")
+    position_keys = ("line", "byte_offset")
+    record = "columns"
+
+    def check_config(self, src: CsvSource, where: str) -> None:
+        try:
+            codecs.lookup(src.encoding)
+        except LookupError:
+            raise ConfigError(f"{where}.encoding': unknown encoding {src.encoding!r}") from None
+        if src.delimiter == src.quotechar:
+            raise ConfigError(f"{where}.delimiter': delimiter and quotechar are the same")
+
+    async def batches(self, ex: Extraction) -> AsyncIterator[Prepared]:
+        src: CsvSource = ex.src
+        paths = files.find_files(src.name, src.path, ex.base_dir)
+        plans = [await asyncio.to_thread(files.plan_file, p, ex.checkpoints.get(p))
+                 for p in paths]
+        await ex.set_total(sum(p.todo for p in plans))
+        parser = functools.partial(make_parser, src)
+        for plan in plans:
+            if plan.todo <= 0:
+                log.info("file unchanged since last run", file=plan.path)
+                continue
+            log.info("reading file", file=plan.path, start=plan.start, size=plan.size)
+            async for batch in files.read_file(plan, ex.workers, parser, ex.preparer):
+                yield batch
+
+    async def check(self, src: CsvSource, base_dir: Path) -> str:
+        paths = files.find_files(src.name, src.path, base_dir)
+        for path in paths:
+            header = read_header(src, path)
+            if any(c not in header for c in src.fields.mapped().values()):
+                raise SourceError(src.name, self.missing(src, path, header))
+        return f"{len(paths)} file(s), mapped columns present"
+
+    def missing(self, src: CsvSource, stream: str, columns: list[str]) -> str:
+        """Mapped columns the header lacks, with a hint when the header looks split on
+        another delimiter (``;``, ``|``, tab)."""
+        absent = ", ".join(f"{c!r} (for {f})" for f, c in src.fields.mapped().items()
+                           if c not in columns)
+        hint = ""
+        if len(columns) == 1:
+            other = next((d for d in (";", "|", "\t") if d != src.delimiter and d in columns[0]),
+                         None)
+            if other:
+                hint = (f"; the header splits on {other!r}: set delimiter = "
+                        f"{other!r} for this source" if other != "\t" else
+                        "; the header splits on tabs: set delimiter = \"\\t\" for this source")
+        return (f"{stream}: column {absent} not in the header (columns: "
+                f"{', '.join(columns) or 'none'}){hint}")
+
+
+KIND = CsvKind()

@@ -13,31 +13,81 @@ killed resumes at the first page it had not committed.
 
 from __future__ import annotations
 
-import asyncio
-import base64
 import datetime as dt
-import email.utils
 import hashlib
-import os
-import random
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import urljoin
 
 import httpx
 import msgspec
 import structlog
 
-from etlsvc.config import ApiSource, RssSource
-from etlsvc.errors import SourceError, describe
+from etlsvc.errors import SourceError
+from etlsvc.extract.contract import Extraction, Fields, PositiveInt, SourceKind
+from etlsvc.extract.http import Fetcher, HttpSource, check_url, check_urls, http_client
+from etlsvc.extract.records import get_path, json_batch, text
+
+if TYPE_CHECKING:
+    from etlsvc.load.batches import Prepared
 
 log = structlog.get_logger()
 
-_RETRY_STATUS = {429, 500, 502, 503, 504}
 _SEEN_LIMIT = 1000
+
+
+class Pagination(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How an API is paged.
+
+    ``style``: ``none`` (one request); ``page`` (``page_param`` = 1, 2, …); ``offset``
+    (``offset_param`` = 0, n, 2n, …); ``cursor`` (the next cursor is read from the body at
+    ``cursor_path`` and sent as ``cursor_param``; the end is an empty cursor, or
+    ``has_more_path`` false); ``next_url`` (the next page's URL is read from the body at
+    ``next_url_path``); ``link_header`` (RFC 8288 ``Link: <…>; rel="next"``; with a
+    ``page_size``, the first request also asks for page ``first_page``).
+    """
+
+    style: Literal["none", "page", "offset", "cursor", "next_url", "link_header"] = "none"
+    page_size: PositiveInt | None = None
+    size_param: str = "per_page"      # page style: page size parameter (limit_param for offset)
+    page_param: str = "page"
+    first_page: Annotated[int, msgspec.Meta(ge=0)] = 1
+    offset_param: str = "offset"
+    limit_param: str = "limit"
+    cursor_param: str = "cursor"
+    cursor_path: str = "next_cursor"
+    has_more_path: str | None = None
+    next_url_path: str = "next"
+    #: A walk stops after this many pages (a guard against an API that never ends).
+    max_pages: PositiveInt = 10_000
+
+
+class Incremental(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Ask only for items changed since the last run (inclusive high-water mark)."""
+
+    param: str                        # query parameter, e.g. "updated_since"
+    field: str                        # dotted path of the item's change time, e.g. "updated_at"
+    lag_seconds: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    #: Keys seen exactly at the high-water mark, remembered so that the inclusive bound
+    #: does not load them twice (at most this many).
+    max_boundary_keys: PositiveInt = 10_000
+
+
+class ApiSource(HttpSource, tag="api", kw_only=True):
+    """A paginated JSON HTTP API."""
+
+    url: str
+    fields: Fields
+    #: Dotted path of the items' list in the body; "" when the body is the list.
+    items_path: str = ""
+    params: dict[str, str] = {}       # noqa: RUF012 - msgspec copies mutable defaults
+    pagination: Pagination = Pagination()
+    incremental: Incremental | None = None
+
+    kind = "api"
 
 
 @dataclass
@@ -71,143 +121,6 @@ def raw_items(body: bytes, items_path: str, items: list[Any]) -> list[bytes]:
         if isinstance(doc, list) and len(doc) == len(items):
             return [bytes(r) for r in doc]
     return [msgspec.json.encode(i) for i in items]
-
-
-def get_path(obj: Any, path: str) -> Any:
-    """The value at a dotted path (``a.b.0.c``) in decoded JSON; None where it is absent."""
-    if not path:
-        return obj
-    for part in path.split("."):
-        if isinstance(obj, dict):
-            obj = obj.get(part)
-        elif isinstance(obj, list) and part.lstrip("-").isdigit():
-            index = int(part)
-            obj = obj[index] if -len(obj) <= index < len(obj) else None
-        else:
-            return None
-    return obj
-
-
-def http_client(src: ApiSource | RssSource) -> httpx.AsyncClient:
-    """The HTTP client of one run of an HTTP source, with the source's timeouts."""
-    t = src.timeouts
-    return httpx.AsyncClient(timeout=httpx.Timeout(t.total, connect=t.connect, read=t.read),
-                             follow_redirects=True)
-
-
-class Fetcher:
-    """GET requests of one source, with its timeouts, retries, rate limit and size cap."""
-
-    def __init__(self, src: ApiSource | RssSource, client: httpx.AsyncClient,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
-        self.src = src
-        self.client = client
-        self.sleep = sleep
-        self._next_slot = 0.0
-
-    def _headers(self) -> dict[str, str]:
-        headers = {"Accept": "application/json", **self.src.headers}
-        auth = self.src.auth
-        if auth:
-            secret = os.environ.get(auth.env)
-            if not secret:
-                raise SourceError(self.src.name, f"environment variable {auth.env} (the "
-                                  "secret of this source's auth) is not set")
-            if auth.type == "bearer":
-                headers["Authorization"] = f"Bearer {secret}"
-            elif auth.type == "basic":
-                token = base64.b64encode(f"{auth.username}:{secret}".encode()).decode()
-                headers["Authorization"] = f"Basic {token}"
-            else:
-                headers[auth.header] = secret
-        return headers
-
-    async def _wait_for_slot(self) -> None:
-        if self.src.rate_limit is None:
-            return
-        now = time.monotonic()
-        start = max(now, self._next_slot)
-        self._next_slot = start + 1.0 / self.src.rate_limit
-        if start > now:
-            await self.sleep(start - now)
-
-    async def get(self, url: str, params: dict[str, str],
-                  headers: dict[str, str] | None = None) -> tuple[httpx.Response, bytes]:
-        """GET ``url``; retry what is worth retrying; SourceError when it cannot succeed."""
-        retry = self.src.retry
-        headers = {**self._headers(), **(headers or {})}
-        problem = ""
-        for attempt in range(1, retry.attempts + 1):
-            await self._wait_for_slot()
-            delay = None
-            try:
-                async with asyncio.timeout(self.src.timeouts.total):
-                    response, body = await self._get_once(url, params, headers)
-            except (httpx.TooManyRedirects, httpx.UnsupportedProtocol, httpx.DecodingError,
-                    httpx.InvalidURL) as exc:             # retrying cannot help
-                raise SourceError(self.src.name, f"GET {url}: {describe(exc)}") from exc
-            except (httpx.TransportError, TimeoutError) as exc:
-                problem = describe(exc)
-            else:
-                if response.status_code not in _RETRY_STATUS:
-                    if response.is_error:
-                        raise SourceError(self.src.name, f"GET {response.url}: HTTP "
-                                          f"{response.status_code}{_snippet(body)}")
-                    return response, body
-                problem = f"HTTP {response.status_code}"
-                delay = _retry_after(response.headers.get("retry-after"))
-                if delay is not None and delay > retry.max_retry_after:
-                    raise SourceError(self.src.name, f"GET {url}: {problem} with Retry-After "
-                                      f"{delay:.0f} s, more than max_retry_after")
-            if attempt == retry.attempts:
-                break
-            if delay is None:
-                backoff = min(retry.max_backoff, retry.backoff * 2 ** (attempt - 1))
-                delay = backoff * (0.5 + random.random() / 2)       # jitter: 50-100 %
-            log.warning("request failed, retrying", url=url, problem=problem, attempt=attempt,
-                        delay_s=round(delay, 3))
-            await self.sleep(delay)
-        raise SourceError(self.src.name, f"GET {url}: {problem} after {retry.attempts} attempts")
-
-    async def _get_once(self, url: str, params: dict[str, str],
-                        headers: dict[str, str]) -> tuple[httpx.Response, bytes]:
-        limit = self.src.max_response_bytes
-        # Merged, not replaced: httpx drops a URL's own query when given params.
-        target = httpx.URL(url).copy_merge_params(params) if params else httpx.URL(url)
-        async with self.client.stream("GET", target, headers=headers) as response:
-            declared = response.headers.get("content-length")
-            if declared and declared.isdigit() and int(declared) > limit:
-                raise SourceError(self.src.name, f"GET {url}: response of {declared} bytes is "
-                                  f"larger than max_response_bytes ({limit})")
-            chunks, size = [], 0
-            async for chunk in response.aiter_bytes():
-                size += len(chunk)
-                if size > limit:
-                    raise SourceError(self.src.name, f"GET {url}: response larger than "
-                                      f"max_response_bytes ({limit})")
-                chunks.append(chunk)
-        return response, b"".join(chunks)
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date)."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.UTC)
-    return max(0.0, (when - dt.datetime.now(dt.UTC)).total_seconds())
-
-
-def _snippet(body: bytes) -> str:
-    text = body[:200].decode("utf-8", "replace").strip()
-    return f": {text}" if text else ""
 
 
 def first_request(src: ApiSource, state: dict[str, Any] | None) -> dict[str, Any]:
@@ -345,7 +258,7 @@ def _advance_hwm(src: ApiSource, state: dict[str, Any], items: list[Any]) -> dic
         when = _as_time(value)
         if when is None:
             continue
-        key = _text(get_path(item, key_path))
+        key = text(get_path(item, key_path))
         if best is None or when > best:
             best, hwm, boundary = when, value, [key]
         elif when == best and key not in boundary and len(boundary) < inc.max_boundary_keys:
@@ -368,18 +281,6 @@ def _as_time(value: Any) -> dt.datetime | None:
     return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
 
 
-def _text(value: Any) -> str | None:
-    """A JSON value as PostgreSQL's ``#>>`` shows it (strings bare, the rest as JSON)."""
-    if value is None or isinstance(value, str):
-        return value
-    return msgspec.json.encode(value).decode()
-
-
-def project(items: list[Any], columns: list[str]) -> list[list[str | None]]:
-    """Rows for validation: the mapped paths of each item, as text (as the SQL sees them)."""
-    return [[_text(get_path(item, c)) for c in columns] for item in items]
-
-
 def skip_boundary(src: ApiSource, state: dict[str, Any], items: list[Any]) -> list[bool]:
     """Which items to keep: not those exactly at the previous mark that were loaded already."""
     inc = src.incremental
@@ -387,5 +288,47 @@ def skip_boundary(src: ApiSource, state: dict[str, Any], items: list[Any]) -> li
     if inc is None or since is None or not keys:
         return [True] * len(items)
     key_path = src.fields.source_id or ""
-    return [not (get_path(i, inc.field) == since and _text(get_path(i, key_path)) in keys)
+    return [not (get_path(i, inc.field) == since and text(get_path(i, key_path)) in keys)
             for i in items]
+
+
+class ApiKind(SourceKind):
+    """A paginated JSON API; see the module docstring."""
+
+    name = "api"
+    config = ApiSource
+    raw_table = "raw_api_data"
+    stream_column = "url"
+    position_columns = ("page", "item_index")
+    position_keys = ("page", "index")
+
+    def check_config(self, src: ApiSource, where: str) -> None:
+        check_url(src, where, src.url, "url")
+
+    async def batches(self, ex: Extraction) -> AsyncIterator[Prepared]:
+        src: ApiSource = ex.src
+        state = ex.checkpoints.get(src.url)
+        if src.url in ex.checkpoints.mine and not (state or {}).get("request"):
+            log.info("the walk was finished earlier in this run")
+            return
+        if not state or not state.get("request"):
+            state = first_request(src, state)
+        else:
+            log.info("resuming the walk", page=state["page"] + 1)
+        async with http_client(src) as client:
+            async for page in walk(src, Fetcher(src, client), state, ex.warn):
+                keep = skip_boundary(src, page.state, page.items)
+                if skipped := keep.count(False):
+                    log.info("items at the previous high-water mark skipped", count=skipped)
+                yield await ex.prepare(json_batch(
+                    src, page.url, page.items, page.raw,
+                    [(page.number, i) for i in range(len(page.items))], self.position_keys,
+                    keep=keep, state=page.state, bytes_read=page.size, pages=1,
+                    checkpoint=src.url))
+
+    async def check(self, src: ApiSource, base_dir: Path) -> str:
+        request = first_request(src, None)["request"]
+        return await check_urls(src, [(request["url"], request["params"])])
+
+
+KIND = ApiKind()

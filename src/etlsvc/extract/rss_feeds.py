@@ -21,18 +21,41 @@ import hashlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
 
 import feedparser
 import httpx
 import msgspec
 import structlog
 
-from etlsvc.config import RssSource
 from etlsvc.errors import SourceError
-from etlsvc.extract.json_api import Fetcher
+from etlsvc.extract.contract import Extraction, Fields, PositiveInt, SourceKind
+from etlsvc.extract.http import Fetcher, HttpSource, check_url, check_urls, http_client
+from etlsvc.extract.records import json_batch
+
+if TYPE_CHECKING:
+    from etlsvc.load.batches import Prepared
+    from etlsvc.runtime.workers import Workers
 
 log = structlog.get_logger()
+
+
+#: What an RSS source maps by default: the entry's id (else link, else a hash), title,
+#: summary, link, tag terms, and published (else updated) date.
+RSS_FIELDS = Fields(source_id="etlsvc_key", title="title", description="summary", url="link",
+                    tags="etlsvc_tags", event_time="etlsvc_time")
+
+
+class RssSource(HttpSource, tag="rss", kw_only=True):
+    """One or more RSS/Atom feeds."""
+
+    urls: Annotated[list[str], msgspec.Meta(min_length=1)]
+    fields: Fields = RSS_FIELDS
+    #: Feeds fetched at the same time at most.
+    max_concurrency: PositiveInt = 8
+
+    kind = "rss"
 
 
 @dataclass
@@ -48,15 +71,16 @@ class Feed:
 
 
 async def fetch_all(src: RssSource, client: httpx.AsyncClient,
-                    states: dict[str, dict[str, Any]]) -> AsyncIterator[Feed]:
-    """Fetch every feed of ``src`` (at most ``max_concurrency`` at once), as they complete."""
+                    states: dict[str, dict[str, Any]], workers: Workers) -> AsyncIterator[Feed]:
+    """Fetch every feed of ``src`` (at most ``max_concurrency`` at once), as they complete;
+    feeds are parsed in the worker processes."""
     fetcher = Fetcher(src, client)
     limit = asyncio.Semaphore(src.max_concurrency)
 
     async def one(url: str) -> Feed:
         async with limit:
             try:
-                return await _fetch(src, fetcher, url, states.get(url) or {})
+                return await _fetch(src, fetcher, url, states.get(url) or {}, workers)
             except SourceError as exc:
                 return Feed(url, "failed", state=states.get(url) or {}, problem=str(exc))
 
@@ -69,7 +93,8 @@ async def fetch_all(src: RssSource, client: httpx.AsyncClient,
             task.cancel()
 
 
-async def _fetch(src: RssSource, fetcher: Fetcher, url: str, state: dict[str, Any]) -> Feed:
+async def _fetch(src: RssSource, fetcher: Fetcher, url: str, state: dict[str, Any],
+                 workers: Workers) -> Feed:
     headers = {"Accept": "application/rss+xml, application/atom+xml, application/xml;q=0.9, "
                          "text/xml;q=0.8, */*;q=0.5"}
     if state.get("etag"):
@@ -79,17 +104,9 @@ async def _fetch(src: RssSource, fetcher: Fetcher, url: str, state: dict[str, An
     response, body = await fetcher.get(url, {}, headers=headers)
     if response.status_code == 304:
         return Feed(url, "not modified", state=state)
-    items = json_feed_items(body)
-    problem = None
-    if items is None:
-        parsed = await asyncio.to_thread(_parse, body, response.headers)
-        if parsed.bozo:
-            problem = f"{type(parsed.bozo_exception).__name__}: {parsed.bozo_exception}"
-            if not parsed.entries:
-                raise SourceError(src.name, f"{url}: not a feed, nothing could be parsed "
-                                  f"({problem})")
-        items = parsed.entries
-    entries = [to_record(e) for e in items]
+    entries, problem = await workers.run(parse, body, dict(response.headers))
+    if problem and not entries:
+        raise SourceError(src.name, f"{url}: not a feed, nothing could be parsed ({problem})")
     newest = max((e["etlsvc_time"] for e in entries if e["etlsvc_time"]), default=None)
     new_state = {"etag": response.headers.get("etag"),
                  "last_modified": response.headers.get("last-modified"),
@@ -97,10 +114,18 @@ async def _fetch(src: RssSource, fetcher: Fetcher, url: str, state: dict[str, An
     return Feed(url, "loaded", entries, new_state, problem, len(body))
 
 
-def _parse(body: bytes, headers: httpx.Headers) -> Any:
-    # feedparser is given the bytes and the response headers (for the charset); a URL would
-    # make it fetch, which we never want.
-    return feedparser.parse(body, response_headers=dict(headers))
+def parse(body: bytes, headers: dict[str, str]) -> tuple[list[dict[str, Any]], str | None]:
+    """A feed document's entries as records, and the problem feedparser found (if any)."""
+    items = json_feed_items(body)
+    problem = None
+    if items is None:
+        # feedparser is given the bytes and the response headers (for the charset); a URL
+        # would make it fetch, which we never want.
+        parsed = feedparser.parse(body, response_headers=headers)
+        if parsed.bozo:
+            problem = f"{type(parsed.bozo_exception).__name__}: {parsed.bozo_exception}"
+        items = parsed.entries
+    return [to_record(e) for e in items], problem
 
 
 def to_record(entry: Any) -> dict[str, Any]:
@@ -165,3 +190,45 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return str(value)
+
+
+class RssKind(SourceKind):
+    """RSS/Atom (and JSON Feed) feeds; see the module docstring."""
+
+    name = "rss"
+    config = RssSource
+    raw_table = "raw_rss_data"
+    stream_column = "feed_url"
+    position_columns = ("entry_index",)
+    position_keys = ("entry",)
+
+    def check_config(self, src: RssSource, where: str) -> None:
+        for j, url in enumerate(src.urls):
+            check_url(src, where, url, f"urls[{j}]")
+
+    async def batches(self, ex: Extraction) -> AsyncIterator[Prepared]:
+        src: RssSource = ex.src
+        outcomes: dict[str, dict[str, Any]] = ex.notes.setdefault("feeds", {})
+        async with http_client(src) as client:
+            async for feed in fetch_all(src, client, ex.checkpoints, ex.workers):
+                outcomes[feed.url] = {"status": feed.status, "entries": len(feed.entries),
+                                      "problem": feed.problem}
+                (log.warning if feed.problem else log.info)(
+                    "feed " + feed.status, feed=feed.url, entries=len(feed.entries),
+                    problem=feed.problem)
+                if feed.status != "loaded":
+                    continue
+                raws = [msgspec.json.encode(e) for e in feed.entries]
+                yield await ex.prepare(json_batch(
+                    src, feed.url, feed.entries, raws, [(i,) for i in range(len(raws))],
+                    self.position_keys, state=feed.state, bytes_read=feed.size, pages=1))
+        failed = {u: o["problem"] for u, o in outcomes.items() if o["status"] == "failed"}
+        if failed:
+            raise SourceError(src.name, f"{len(failed)} of {len(outcomes)} feeds failed: " +
+                              "; ".join(failed.values()))
+
+    async def check(self, src: RssSource, base_dir: Path) -> str:
+        return await check_urls(src, [(u, {}) for u in src.urls])
+
+
+KIND = RssKind()

@@ -1,6 +1,6 @@
 """Raw load: the records of a batch, untouched, into the kind's raw table with COPY.
 
-Owns the raw tables' COPY columns and the encoding of a batch for COPY: each record becomes
+Owns the encoding of a batch for COPY: each record becomes
 a JSON object written by msgspec, and the whole batch one text-format COPY payload built
 by C code, so no value is escaped or re-encoded one by one in Python. Also owns writing
 rejects.
@@ -11,27 +11,17 @@ from __future__ import annotations
 import io
 from collections.abc import Iterable
 from functools import lru_cache
-from itertools import compress, islice, repeat, starmap
-from operator import itemgetter
+from itertools import islice, repeat, starmap
 from typing import Any
 
 import asyncpg
 import msgspec
 
 from etlsvc import db
-from etlsvc.extract.contract import RawBatch, Reject
-from etlsvc.extract.csv_files import GIL_SLICE
+from etlsvc.extract.contract import Reject
 
-RAW_TABLES = {"csv": "raw_csv_data", "api": "raw_api_data", "rss": "raw_rss_data"}
-CSV_COLUMNS = ("run_id", "source", "file", "line", "byte_offset", "source_key", "record")
-API_COLUMNS = ("run_id", "source", "url", "page", "item_index", "source_key", "record")
-RSS_COLUMNS = ("run_id", "source", "feed_url", "entry_index", "source_key", "record")
-#: Per kind: the raw table's stream column and its position as a jsonb expression (SQL).
-RAW_POSITIONS = {
-    "csv": ("file", "jsonb_build_object('line', line, 'byte_offset', byte_offset)"),
-    "api": ("url", "jsonb_build_object('page', page, 'index', item_index)"),
-    "rss": ("feed_url", "jsonb_build_object('entry', entry_index)"),
-}
+#: Rows encoded by one C call at most (a worker thread must let go of the GIL often).
+GIL_SLICE = 2000
 
 _encode = msgspec.json.encode
 
@@ -65,62 +55,53 @@ def _copy_text(value: str) -> str:
             .replace("\r", "\\r"))
 
 
-def csv_payload(batch: RawBatch, run_id: int, source: str, key_col: int,
-                keep: list[bool] | None) -> tuple[bytes, int]:
-    """COPY (text format) payload of the kept rows of a CSV batch, and how many rows it holds.
+def payload(run_id: int, source: str, stream: str, positions: list[tuple[int, ...]],
+            keys: list[str], records: Iterable[bytes], *, received: bool = False) -> bytes:
+    """COPY (text format) payload of a batch's kept rows: run, source, stream, positions,
+    key and record per row.
 
-    Every value is encoded by C code (msgspec, bytes formatting). Usually the only escaping
-    COPY's text format needs is doubling backslashes, done once on the whole payload: JSON
-    has no raw tabs or line breaks and ``find_files`` keeps them out of file names. Only a
-    batch with a tab or line break in a key has its values escaped one by one.
+    Every value is encoded by C code (bytes formatting of tuples zipped in C). Usually the
+    only escaping COPY's text format needs is doubling backslashes, done once on the whole
+    payload: JSON written by msgspec has no raw tabs or line breaks, and ``find_files`` keeps
+    them out of file names. Records as ``received`` (JSON text from upstream, which may be
+    pretty-printed), and keys or streams with a tab or line break, are escaped one by one.
     """
-    rows = batch.rows if keep is None else list(compress(batch.rows, keep))
-    if not rows:
-        return b"", 0
-    positions = batch.positions if keep is None else list(compress(batch.positions, keep))
-    records = encode_records(batch.columns, rows)
-    keys: Iterable[str] = map(itemgetter(key_col), rows)
-    stream = batch.stream
-    keys = list(keys)
-    one_by_one = _has_breaks(keys)
+    if not keys:
+        return b""
+    records = list(records)
+    one_by_one = (_has_breaks([stream, *keys]) or
+                  (received and _has_breaks_bytes(records)))
     if one_by_one:
         stream, keys = _copy_text(stream), list(map(_copy_text, keys))
-        records = (r.replace(b"\\", b"\\\\") for r in records)
-    prefix = f"{run_id}\t{source}\t{stream}\t"
-    fmt = (prefix.encode().replace(b"%", b"%%") + b"%d\t%d\t%b\t%b\n").__mod__
-    lines = map(fmt, zip(map(itemgetter(0), positions), map(itemgetter(1), positions),
-                         map(str.encode, keys), records))
-    # In slices, so that this thread lets go of the GIL now and then (see csv_files).
+        records = [r.replace(b"\\", b"\\\\").replace(b"\t", b"\\t")
+                   .replace(b"\n", b"\\n").replace(b"\r", b"\\r") for r in records]
+    width = len(positions[0])
+    prefix = f"{run_id}\t{source}\t{stream}\t".encode().replace(b"%", b"%%")
+    fmt = (prefix + b"%d\t" * width + b"%b\t%b\n").__mod__
+    lines = map(fmt, zip(*zip(*positions), map(str.encode, keys), records))
+    # In slices, so that a thread doing this lets go of the GIL now and then.
     parts = []
     while part := b"".join(islice(lines, GIL_SLICE)):
         parts.append(part)
-    payload = b"".join(parts)
-    return (payload if one_by_one else payload.replace(b"\\", b"\\\\")), len(rows)
+    out = b"".join(parts)
+    return out if one_by_one else out.replace(b"\\", b"\\\\")
 
 
-def _has_breaks(keys: list[str]) -> bool:
-    joined = "".join(keys)
+def _has_breaks(texts: list[str]) -> bool:
+    joined = "".join(texts)
     return "\t" in joined or "\n" in joined or "\r" in joined
 
 
-def items_payload(run_id: int, source: str, stream: str, positions: list[tuple[int, ...]],
-                  keys: list[str], records: list[bytes]) -> bytes:
-    """COPY (text format) payload of JSON items (API page items, feed entries).
-
-    ``positions`` are the values of the position columns of the kind's raw table.
-    """
-    head = f"{run_id}\t{source}\t{_copy_text(stream)}\t"
-    return "".join(
-        head + "".join(f"{p}\t" for p in pos) + f"{_copy_text(key)}\t"
-        f"{_copy_text(raw.decode())}\n"
-        for pos, key, raw in zip(positions, keys, records)).encode()
+def _has_breaks_bytes(records: list[bytes]) -> bool:
+    joined = b"".join(records)
+    return b"\t" in joined or b"\n" in joined or b"\r" in joined
 
 
-async def copy_raw(conn: asyncpg.Connection, kind: str, columns: tuple[str, ...],
-                   payload: bytes) -> None:
-    """COPY a prepared payload into the raw table of ``kind``."""
+async def copy(conn: asyncpg.Connection, table: str, columns: tuple[str, ...],
+               payload: bytes) -> None:
+    """COPY a prepared payload into a raw table."""
     if payload:
-        await conn.copy_to_table(RAW_TABLES[kind], source=io.BytesIO(payload),
+        await conn.copy_to_table(table, source=io.BytesIO(payload),
                                  columns=list(columns), format="text")
 
 

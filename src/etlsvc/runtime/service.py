@@ -26,6 +26,7 @@ from etlsvc.config import Config, Source
 from etlsvc.db import Database
 from etlsvc.errors import ConfigError, SourceBusy
 from etlsvc.runtime import metrics, pipeline, runs
+from etlsvc.runtime.workers import Workers
 
 log = structlog.get_logger()
 
@@ -103,6 +104,8 @@ class Service:
 
     cfg: Config
     database: Database
+    #: The worker processes every run of this service parses in.
+    workers: Workers
     scheduler: AsyncIOScheduler | None = None
     #: This process's runs by id: the task executing each, and its claim.
     running: dict[int, Running] = field(default_factory=dict)
@@ -174,9 +177,8 @@ class Service:
         return forget
 
     async def _execute(self, claimed: pipeline.ClaimedRun) -> None:
-        pipeline.PARSE_IN_PROCESS.set(True)      # this task's context only
         try:
-            await claimed.execute(self.cfg)
+            await claimed.execute(self.cfg, self.workers)
         except asyncio.CancelledError:
             log.warning("run cancelled at shutdown; its last batch rolled back", run_id=claimed.id)
             raise
@@ -212,3 +214,4 @@ class Service:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        await self.workers.aclose()

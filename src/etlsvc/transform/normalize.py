@@ -12,35 +12,34 @@ from functools import cache
 import asyncpg
 
 from etlsvc import db
-from etlsvc.config import NORMALIZED_FIELDS, Fields
-from etlsvc.load.raw import RAW_TABLES
+from etlsvc.extract.contract import NORMALIZED_FIELDS, SourceConfig, SourceKind
 
 MAX_ID = 2**63 - 1
 
 
-def paths(fields: Fields, kind: str) -> list[list[str] | None]:
+def paths(src: SourceConfig, kind: SourceKind) -> list[list[str] | None]:
     """JSON path of each normalized field in the raw record (dotted for JSON kinds)."""
-    mapped = fields.mapped()
+    mapped = src.fields.mapped()
     out: list[list[str] | None] = []
     for field in NORMALIZED_FIELDS:
         name = mapped.get(field)
         if name is None:
             out.append(None)
         else:
-            out.append([name] if kind == "csv" else name.split("."))
+            out.append([name] if kind.record == "columns" else name.split("."))
     return out
 
 
-async def upsert(conn: asyncpg.Connection, *, source: str, kind: str, fields: Fields,
-                 tags_separator: str, above: int, upto: int = MAX_ID,
-                 skip: list[int] | None = None, distinct_keys: bool = False) -> tuple[int, int]:
-    """Normalize raw rows ``above < id <= upto`` of ``source``; return (inserted, updated).
+async def upsert(conn: asyncpg.Connection, src: SourceConfig, kind: SourceKind, *,
+                 above: int, upto: int = MAX_ID, skip: list[int] | None = None,
+                 distinct_keys: bool = False) -> tuple[int, int]:
+    """Normalize raw rows ``above < id <= upto`` of ``src``; return (inserted, updated).
 
     ``distinct_keys``: the caller knows no two of these rows share a natural key.
     """
-    sql = _upsert_sql(RAW_TABLES[kind], distinct_keys)
-    row = await conn.fetchrow(sql, source, kind, above, upto, skip or [],
-                              *paths(fields, kind), tags_separator)
+    sql = _upsert_sql(kind.raw_table, distinct_keys)
+    row = await conn.fetchrow(sql, src.name, kind.name, above, upto, skip or [],
+                              *paths(src, kind), src.tags_separator)
     return row["inserted"], row["updated"]
 
 
@@ -51,7 +50,6 @@ def _upsert_sql(table: str, distinct_keys: bool) -> str:
             .replace("{distinct}", dedupe[0]).replace("{order}", dedupe[1]))
 
 
-async def next_raw_id(conn: asyncpg.Connection, kind: str) -> int:
+async def next_raw_id(conn: asyncpg.Connection, raw_table: str) -> int:
     """A fresh value of the raw table's id sequence: rows copied after this call are above it."""
-    return await conn.fetchval(db.query("normalize", "next_raw_id"),
-                               f"{RAW_TABLES[kind]}_id_seq")
+    return await conn.fetchval(db.query("normalize", "next_raw_id"), f"{raw_table}_id_seq")

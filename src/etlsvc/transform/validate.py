@@ -24,7 +24,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from etlsvc.config import Fields
+from etlsvc.extract.contract import Fields
 
 _PATH = re.compile(r" - at `\$\[(\d+)\]\[(\d+)\]`$")
 # Offsets PostgreSQL refuses ("time zone displacement out of range") though RFC 3339 allows.

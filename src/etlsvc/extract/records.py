@@ -1,0 +1,69 @@
+"""JSON records: the dotted paths fields map, their text as the SQL sees it, and batches.
+
+Every kind whose records are JSON (``api``, ``rss``, ``jsonl``, ``sql``, ``stream``) makes
+its batches with ``json_batch``: the record's JSON text goes to the raw table as received,
+and the mapped paths, as text, are what validation checks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from etlsvc.extract.contract import Batch, Reject, SourceConfig
+
+
+def get_path(obj: Any, path: str) -> Any:
+    """The value at a dotted path (``a.b.0.c``) in decoded JSON; None where it is absent."""
+    if not path:
+        return obj
+    for part in path.split("."):
+        if isinstance(obj, dict):
+            obj = obj.get(part)
+        elif isinstance(obj, list) and part.lstrip("-").isdigit():
+            index = int(part)
+            obj = obj[index] if -len(obj) <= index < len(obj) else None
+        else:
+            return None
+    return obj
+
+
+def text(value: Any) -> str | None:
+    """A JSON value as PostgreSQL's ``#>>`` shows it (strings bare, the rest as JSON)."""
+    if value is None or isinstance(value, str):
+        return value
+    return msgspec.json.encode(value).decode()
+
+
+def project(items: list[Any], columns: list[str]) -> list[list[str | None]]:
+    """Rows for validation: the mapped paths of each item, as text (as the SQL sees them)."""
+    return [[text(get_path(item, c)) for c in columns] for item in items]
+
+
+def json_batch(src: SourceConfig, stream: str, items: list[Any], raws: list[bytes],
+               positions: list[tuple[int, ...]], position_keys: tuple[str, ...], *,
+               keep: list[bool] | None = None, rejects: list[Reject] | None = None,
+               state: dict[str, Any], bytes_read: int, pages: int = 0, lines: int = 0,
+               checkpoint: str | None = None) -> Batch:
+    """A batch of decoded JSON records (``items``) and their text as received (``raws``).
+
+    ``keep`` drops records before they are even read (already loaded); a record that is not
+    a JSON object becomes a reject.
+    """
+    columns = list(dict.fromkeys(src.fields.mapped().values()))
+    rejects = list(rejects or [])
+    kept = []
+    for i, item in enumerate(items):
+        if keep is not None and not keep[i]:
+            continue
+        if isinstance(item, dict):
+            kept.append(i)
+        else:
+            rejects.append(Reject(stream, dict(zip(position_keys, positions[i])), item,
+                                  "the record is not a JSON object"))
+    return Batch(stream, columns, project([items[i] for i in kept], columns),
+                 [positions[i] for i in kept], [raws[i] for i in kept], rejects,
+                 rows_read=len(kept) + len(rejects),
+                 bytes_read=bytes_read, lines_read=lines, pages=pages, state=state,
+                 checkpoint=checkpoint)

@@ -1,0 +1,152 @@
+"""The executor of CPU-bound work: parsing, validation and COPY encoding of batches.
+
+The runtime creates one :class:`Workers` (``etlsvc run``, ``etlsvc serve`` and the tests
+alike), sized by ``[pipeline] workers``, and hands it to every run. Each worker is a
+process of its own (spawned, so it shares no locks with the event loop's process), which
+keeps parsing from competing with the event loop for the GIL: a big load does not slow the
+read API, and two files parse on two cores. Workers run at a lower CPU priority (``nice``)
+and die with etlsvc, even on ``kill -9``.
+
+Two ways to use them: ``run(fn, *args)`` for a stateless task (a page of API items to
+prepare), and ``open(factory, *args)`` for an object that lives in one worker across calls
+(the parser of one file, which carries its position, header and fingerprint from chunk to
+chunk).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import multiprocessing
+import os
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, TypeVar
+
+from etlsvc.children import die_with_parent
+from etlsvc.config import PipelineConfig
+from etlsvc.errors import EtlError
+
+T = TypeVar("T")
+
+#: Objects opened in this worker process, by handle.
+_OBJECTS: dict[int, Any] = {}
+
+
+class WorkerDied(EtlError):
+    """A worker process died under a task (killed, or out of memory)."""
+
+
+def _start(parent: int, niceness: int) -> None:
+    """In a new worker: die with etlsvc, and yield the CPU to it (the API goes first)."""
+    die_with_parent(parent=parent)
+    if niceness:
+        os.nice(niceness)
+
+
+def _open(handle: int, factory: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    _OBJECTS[handle] = factory(*args)
+
+
+def _call(handle: int, method: str, args: tuple[Any, ...]) -> Any:
+    return getattr(_OBJECTS[handle], method)(*args)
+
+
+def _close(handle: int) -> None:
+    obj = _OBJECTS.pop(handle, None)
+    if obj is not None and hasattr(obj, "close"):
+        obj.close()
+
+
+class Handle:
+    """An object living in one worker process; ``call`` runs one of its methods there."""
+
+    def __init__(self, workers: Workers, lane: int, handle: int) -> None:
+        self._workers = workers
+        self._lane = lane
+        self._handle = handle
+
+    async def call(self, method: str, *args: Any) -> Any:
+        """``obj.method(*args)`` in the worker, awaited."""
+        return await self._workers._submit(self._lane, _call, self._handle, method, args)
+
+
+class Workers:
+    """A fixed set of worker processes, each with its own queue of tasks."""
+
+    def __init__(self, size: int, niceness: int = 0) -> None:
+        self.size = max(1, size)
+        self.niceness = niceness
+        self._lanes: list[ProcessPoolExecutor | None] = [None] * self.size
+        self._load = [0] * self.size
+        self._handles = itertools.count(1)
+
+    def _lane(self, i: int) -> ProcessPoolExecutor:
+        lane = self._lanes[i]
+        if lane is None:          # started on first use: a run of an API costs no spawn
+            lane = self._lanes[i] = ProcessPoolExecutor(
+                1, mp_context=multiprocessing.get_context("spawn"), initializer=_start,
+                initargs=(os.getpid(), self.niceness))
+        return lane
+
+    def _least_loaded(self) -> int:
+        return min(range(self.size), key=self._load.__getitem__)
+
+    async def _submit(self, i: int, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        self._load[i] += 1
+        try:
+            return await loop.run_in_executor(self._lane(i), fn, *args)
+        except BrokenProcessPool as exc:
+            broken, self._lanes[i] = self._lanes[i], None     # the next task gets a new one
+            if broken is not None:
+                broken.shutdown(wait=False, cancel_futures=True)
+            raise WorkerDied(f"a worker process died while parsing ({exc}); "
+                             "the run resumes from its last committed batch next time") from exc
+        finally:
+            self._load[i] -= 1
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in the least busy worker (``fn`` and the arguments must pickle)."""
+        return await self._submit(self._least_loaded(), fn, *args)
+
+    @contextlib.asynccontextmanager
+    async def open(self, factory: Callable[..., Any], *args: Any) -> AsyncIterator[Handle]:
+        """``factory(*args)`` made in the least busy worker, for the block's duration."""
+        i = self._least_loaded()
+        handle = next(self._handles)
+        self._load[i] += 1              # an open object keeps its worker busy
+        try:
+            await self._submit(i, _open, handle, factory, args)
+            try:
+                yield Handle(self, i, handle)
+            finally:
+                if self._lanes[i] is not None:
+                    with contextlib.suppress(WorkerDied):
+                        await asyncio.shield(self._submit(i, _close, handle))
+        finally:
+            self._load[i] -= 1
+
+    def pids(self) -> list[int]:
+        """The worker processes started so far."""
+        return [p.pid for lane in self._lanes if lane is not None
+                for p in (lane._processes or {}).values()]
+
+    async def aclose(self) -> None:
+        """``shutdown`` without blocking the event loop."""
+        await asyncio.to_thread(self.shutdown)
+
+    def shutdown(self) -> None:
+        """Stop the worker processes (tasks still queued are cancelled)."""
+        for i, lane in enumerate(self._lanes):
+            if lane is not None:
+                lane.shutdown(wait=True, cancel_futures=True)
+                self._lanes[i] = None
+
+
+def from_config(cfg: PipelineConfig) -> Workers:
+    """The workers ``[pipeline]`` asks for (``workers = 0``: one per core, at most 4)."""
+    size = cfg.workers or max(1, min(4, len(os.sched_getaffinity(0))))
+    return Workers(size, cfg.worker_niceness)
