@@ -25,6 +25,7 @@ import pytest
 from etlsvc import db
 from etlsvc.config import Config, load_config
 from etlsvc.embedded import EmbeddedPostgres
+from etlsvc.extract import KINDS
 
 REPO = Path(__file__).resolve().parents[1]
 # Third-party corpus (see tests/corpus/README.md and */SOURCES.md for origins and licenses).
@@ -32,9 +33,7 @@ CORPUS = REPO / "tests" / "corpus"
 GEN_CSV = REPO / "bench" / "gen_csv.py"
 TABLES = (
     "etl_runs",
-    "raw_csv_data",
-    "raw_api_data",
-    "raw_rss_data",
+    *(k.raw_table for k in KINDS.values()),
     "normalized_data",
     "etl_checkpoints",
     "etl_rejects",

@@ -15,7 +15,6 @@ It does no validation of values (see ``transform/validate.py``) and no database 
 
 from __future__ import annotations
 
-import asyncio
 import codecs
 import csv
 import functools
@@ -504,20 +503,9 @@ class CsvKind(SourceKind):
         if src.delimiter == src.quotechar:
             raise ConfigError(f"{where}.delimiter': delimiter and quotechar are the same")
 
-    async def batches(self, ex: Extraction) -> AsyncIterator[Prepared]:
+    def batches(self, ex: Extraction) -> AsyncIterator[Prepared]:
         src: CsvSource = ex.src
-        paths = files.find_files(src.name, src.path, ex.base_dir)
-        plans = [await asyncio.to_thread(files.plan_file, p, ex.checkpoints.get(p))
-                 for p in paths]
-        await ex.set_total(sum(p.todo for p in plans))
-        parser = functools.partial(make_parser, src)
-        for plan in plans:
-            if plan.todo <= 0:
-                log.info("file unchanged since last run", file=plan.path)
-                continue
-            log.info("reading file", file=plan.path, start=plan.start, size=plan.size)
-            async for batch in files.read_file(plan, ex.workers, parser, ex.preparer):
-                yield batch
+        return files.batches(ex, src.path, functools.partial(make_parser, src))
 
     async def check(self, src: CsvSource, base_dir: Path) -> str:
         paths = files.find_files(src.name, src.path, base_dir)

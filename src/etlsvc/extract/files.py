@@ -9,7 +9,9 @@ parser in a worker process. Shared by the file kinds (``csv``, ``jsonl``).
 * A gzip-compressed file (``.gz``) has the same checkpoint, counted in decompressed bytes.
   It cannot be entered in the middle: a resumed run decompresses it from the start and
   skips, without parsing or loading them, the bytes already committed (their fingerprint
-  still decides between resuming and reading it again from the start).
+  still decides between resuming and reading it again from the start). It is read on every
+  run (members appended with ``gzip >> file`` are found), and its size for progress comes
+  from its gzip trailer, so progress is an estimate.
 * The event loop's process reads the file in chunks (aiofiles); a worker process
   decompresses, parses and prepares them (``FileStream``), so a big file never holds the
   GIL of the loop.
@@ -17,6 +19,7 @@ parser in a worker process. Shared by the file kinds (``csv``, ``jsonl``).
 
 from __future__ import annotations
 
+import asyncio
 import glob
 import gzip
 import hashlib
@@ -29,13 +32,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import aiofiles
+import structlog
 
 from etlsvc.errors import SourceError
-from etlsvc.extract.contract import Batch
+from etlsvc.extract.contract import Batch, Extraction
 
 if TYPE_CHECKING:
     from etlsvc.load.batches import Prepared, Preparer
     from etlsvc.runtime.workers import Workers
+
+log = structlog.get_logger()
 
 CHUNK_SIZE = 1 << 20
 _HASH_BLOCK = 1 << 20
@@ -119,8 +125,10 @@ def plan_file(path: str, state: dict[str, Any] | None) -> FilePlan:
             except (OSError, EOFError, zlib.error):
                 h = None
             if h is not None and h.hexdigest() == state.get("fingerprint"):
-                return FilePlan(path, max(size, offset), offset, int(state["line"]),
-                                state.get("header"), compressed)
+                # A compressed file may have grown by a member the trailer does not count:
+                # it is always read on (an unchanged one costs a decompression, no load).
+                return FilePlan(path, max(size, offset + 1) if compressed else size, offset,
+                                int(state["line"]), state.get("header"), compressed)
     return FilePlan(path, size, 0, 0, None, compressed)
 
 
@@ -223,3 +231,18 @@ async def read_file(plan: FilePlan, workers: Workers,
                 await f.seek(seek)
             elif not chunk:
                 break
+
+
+async def batches(ex: Extraction, pattern: str,
+                  make_parser: Callable[[FilePlan, bytes], Parser]) -> AsyncIterator[Prepared]:
+    """A file kind's batches: every file ``pattern`` names, each from its checkpoint on."""
+    paths = find_files(ex.src.name, pattern, ex.base_dir)
+    plans = [await asyncio.to_thread(plan_file, p, ex.checkpoints.get(p)) for p in paths]
+    await ex.set_total(sum(p.todo for p in plans))
+    for plan in plans:
+        if plan.todo <= 0:
+            log.info("file unchanged since last run", file=plan.path)
+            continue
+        log.info("reading file", file=plan.path, start=plan.start, size=plan.size)
+        async for batch in read_file(plan, ex.workers, make_parser, ex.preparer):
+            yield batch

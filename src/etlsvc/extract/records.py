@@ -57,13 +57,33 @@ def json_batch(src: SourceConfig, stream: str, items: list[Any], raws: list[byte
     for i, item in enumerate(items):
         if keep is not None and not keep[i]:
             continue
-        if isinstance(item, dict):
+        reason = ("the record is not a JSON object" if not isinstance(item, dict) else
+                  unstorable(item) if b"\\u" in raws[i] else None)
+        if reason is None:
             kept.append(i)
         else:
             rejects.append(Reject(stream, dict(zip(position_keys, positions[i])), item,
-                                  "the record is not a JSON object"))
+                                  reason))
     return Batch(stream, columns, project([items[i] for i in kept], columns),
                  [positions[i] for i in kept], [raws[i] for i in kept], rejects,
                  rows_read=len(kept) + len(rejects),
                  bytes_read=bytes_read, lines_read=lines, pages=pages, state=state,
                  checkpoint=checkpoint)
+
+
+def unstorable(value: Any) -> str | None:
+    """Why PostgreSQL's jsonb cannot hold ``value`` (a NUL character or a lone surrogate in
+    a string, which JSON can escape), else None."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            return "the record holds a NUL character (\\u0000), which jsonb cannot store"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "the record holds a lone UTF-16 surrogate, which jsonb cannot store"
+        return None
+    if isinstance(value, dict):
+        return next(filter(None, map(unstorable, [*value.keys(), *value.values()])), None)
+    if isinstance(value, list):
+        return next(filter(None, map(unstorable, value)), None)
+    return None
