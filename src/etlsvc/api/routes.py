@@ -275,10 +275,14 @@ async def start_runs(request: Request, data: JSONBody[RunRequest | None] = None)
     service = service_of(request)
     body = data or RunRequest()
     try:
-        sources = [service.cfg.source(n) for n in body.sources] if body.sources else list(
-            service.cfg.sources)
+        sources = [service.cfg.source(n) for n in body.sources] if body.sources else [
+            s for s in service.cfg.sources if not KINDS[s.kind].continuous]
     except ConfigError as exc:
         raise ApiError(404, "unknown_source", str(exc)) from None
+    if streams := [s.name for s in sources if KINDS[s.kind].continuous]:
+        raise ApiError(409, "continuous_source", f"source {streams[0]!r} is a stream: "
+                       "`etlsvc serve` consumes it continuously, so it cannot be started "
+                       "by a request (its run is in GET /etl/runs)", source=streams[0])
     try:
         ids = await service.start_runs(sources, full_refresh=body.full_refresh)
     except SourceBusy as exc:
@@ -574,6 +578,8 @@ async def health(request: Request) -> Response[dict[str, Any]]:
                              "last_success": info.get("last_success"), "stale": stale,
                              "failing": info.get("status") in ("failed", "interrupted"),
                              "error": info.get("error")}
+        if KINDS[src.kind].continuous:
+            sources[src.name]["lag"] = metrics.stream_lag.get(src.name)
     failing = sorted(n for n, s in sources.items() if s["failing"])
     healthy = checks["database"] and checks["scheduler"] and not any(
         s["stale"] for s in sources.values()) and not (

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from etlsvc.extract import csv_files, json_api, jsonl_files, rss_feeds, sql_tables
+from etlsvc.extract import csv_files, json_api, jsonl_files, nats_stream, rss_feeds, sql_tables
 from etlsvc.extract.contract import SourceKind
 
 #: Every kind of source, by name.
 KINDS: dict[str, SourceKind] = {k.name: k for k in (
     csv_files.KIND, json_api.KIND, rss_feeds.KIND, jsonl_files.KIND, sql_tables.KIND,
+    nats_stream.KIND,
 )}
 
 

@@ -18,6 +18,7 @@ checkpoint, the run's counters — is the same code for every kind.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,6 +133,9 @@ class Extraction:
     set_total: Callable[[int], Awaitable[None]]
     #: Add to the run's notes (a JSON object, merged).
     notes: dict[str, Any] = field(default_factory=dict)
+    #: For a continuous kind under ``serve``: set when the service stops (the kind then
+    #: ends its batches). None: consume what is there and end (``etlsvc run``).
+    stopping: asyncio.Event | None = None
 
     async def prepare(self, batch: Batch) -> Prepared:
         """``preparer(batch)`` in a worker process."""

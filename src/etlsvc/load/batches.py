@@ -10,7 +10,7 @@ so a checkpoint is never ahead of the data.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from itertools import compress
 from operator import itemgetter
@@ -44,6 +44,8 @@ class Prepared:
     state: dict[str, Any]
     pages: int = 0
     lines: int = 0
+    #: Called once the batch is committed (a stream acknowledges its messages then).
+    after_commit: Callable[[], Awaitable[Any]] | None = None
 
     def counts(self, inserted: int, updated: int) -> dict[str, int]:
         """The run's counters for this batch once committed."""

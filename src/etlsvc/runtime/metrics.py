@@ -22,6 +22,10 @@ LATENCY = Histogram("etlsvc_http_request_duration_seconds", "HTTP request latenc
 LOOP_LAG = Histogram("etlsvc_event_loop_lag_seconds", "How late the event loop runs a timer",
                      buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1))
 POOL_SIZE = Gauge("etlsvc_db_pool_connections", "Database pool connections", ["pool", "state"])
+STREAM_LAG = Gauge("etlsvc_stream_lag_messages", "Messages of a stream source not yet "
+                   "committed (not delivered, or delivered and not yet committed)", ["source"])
+#: The last lag reading of each stream source (for /health).
+stream_lag: dict[str, int] = {}
 
 _recent: collections.deque[float] = collections.deque(maxlen=2000)
 
@@ -32,6 +36,12 @@ def observe_run(row: dict[str, Any], seconds: float) -> None:
     for outcome in ("read", "valid", "rejected", "inserted", "updated", "unchanged"):
         ROWS.labels(row["source"], outcome).inc(row[f"rows_{outcome}"])
     RUN_SECONDS.labels(row["source"]).observe(seconds)
+
+
+def set_stream_lag(source: str, lag: int) -> None:
+    """Record a stream source's consumer lag."""
+    stream_lag[source] = lag
+    STREAM_LAG.labels(source).set(lag)
 
 
 def observe_request(method: str, status: int, seconds: float) -> None:

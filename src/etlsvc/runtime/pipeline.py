@@ -117,6 +117,8 @@ class ClaimedRun:
     full_refresh: bool
     database: Database
     conn: Any
+    #: Set when the service stops: a continuous source's run then ends its batches.
+    stopping: asyncio.Event | None = None
 
     async def execute(self, cfg: Config, workers: Workers,
                       on_progress: ProgressCallback | None = None) -> dict[str, Any]:
@@ -225,11 +227,16 @@ async def _commit_batches(cfg: Config, run: ClaimedRun, workers: Workers, progre
         await checkpoint.read(conn, src.name, run_id=progress.run_id,
                               full_refresh=run.full_refresh),
         cfg.resolve("."), workers, batches.Preparer(src, progress.run_id), progress.warn,
-        set_total, progress.notes)
+        set_total, progress.notes, run.stopping)
     async for batch in batches.prefetch(kind.batches(ex)):
         counts = await batches.commit(conn, src, kind, progress.run_id, batch)
         for k, v in counts.items():
             progress.counts[k] += v
+        if batch.after_commit:
+            try:
+                await batch.after_commit()
+            except Exception as exc:      # redelivered later, and recognised then
+                log.warning("could not acknowledge a committed batch", error=describe(exc))
         if on_progress:
             on_progress(progress)
 

@@ -25,11 +25,14 @@ from etlsvc.api import changes
 from etlsvc.config import Config, Source
 from etlsvc.db import Database
 from etlsvc.errors import ConfigError, SourceBusy
+from etlsvc.extract import kind_of
 from etlsvc.runtime import metrics, pipeline, runs
 from etlsvc.runtime.workers import Workers
 
 log = structlog.get_logger()
 
+#: Seconds between attempts to take a continuous source another replica holds.
+FOLLOW_RETRY = 5.0
 _INTERVAL = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d)$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _ORIGIN = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
@@ -112,6 +115,9 @@ class Service:
     accepting: bool = True
     loop_monitor: LoopMonitor = field(default_factory=LoopMonitor)
     _sweeper: asyncio.Task[None] | None = None
+    #: Set at stop: the runs of continuous sources end their batches.
+    _stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    _followers: list[asyncio.Task[None]] = field(default_factory=list)
 
     def start_scheduler(self) -> None:
         """Add a job per scheduled source and start the scheduler on the running loop."""
@@ -123,6 +129,10 @@ class Service:
                     id=src.name, name=f"run {src.name}", coalesce=True, max_instances=1,
                     misfire_grace_time=60, replace_existing=True)
         self.scheduler.start()
+        for src in self.cfg.sources:
+            if kind_of(src).continuous:
+                self._followers.append(asyncio.create_task(self.follow(src),
+                                                           name=f"follow {src.name}"))
         self.loop_monitor.start()
         self._sweeper = asyncio.create_task(self.sweep_forever(), name="run sweeper")
         log.info("scheduler started", jobs=[j.id for j in self.scheduler.get_jobs()])
@@ -150,6 +160,39 @@ class Service:
         mine = self.running.get(run_id)
         if mine:             # the job lasts as long as the run: max_instances=1 then holds
             await asyncio.shield(mine.task)
+
+    async def follow(self, src: Source) -> None:
+        """Keep a run of a continuous source going until the service stops: claim it
+        (waiting while another replica holds it), execute it, and after a failure start
+        again with backoff."""
+        delay = 1.0
+        while self.accepting:
+            try:
+                [claimed] = await pipeline.claim(self.database, [src], trigger="stream",
+                                                 full_refresh=False)
+            except SourceBusy:                # another replica consumes it: stand by
+                await asyncio.sleep(FOLLOW_RETRY)
+                continue
+            except Exception as exc:
+                if not db.unavailable(exc):
+                    raise
+                await asyncio.sleep(FOLLOW_RETRY)
+                continue
+            claimed.stopping = self._stopping
+            me = asyncio.current_task()
+            assert me is not None
+            self.running[claimed.id] = Running(me, claimed)
+            try:
+                row = await claimed.execute(self.cfg, self.workers)
+            finally:
+                self.running.pop(claimed.id, None)
+            if row["status"] != "failed":
+                delay = 1.0
+            elif self.accepting:
+                log.warning("stream run failed; starting again", source=src.name,
+                            delay_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 60.0)
 
     async def start_runs(self, sources: list[Source], *, trigger: str = "manual",
                          full_refresh: bool = False) -> list[int]:
@@ -202,6 +245,7 @@ class Service:
     async def stop(self, grace: float) -> None:
         """Stop taking runs; give running ones ``grace`` seconds, then cancel them."""
         self.accepting = False
+        self._stopping.set()
         self.loop_monitor.stop()
         if self._sweeper:
             self._sweeper.cancel()
@@ -214,4 +258,7 @@ class Service:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        for follower in self._followers:          # those standing by for a lock
+            follower.cancel()
+        await asyncio.gather(*self._followers, return_exceptions=True)
         await self.workers.aclose()

@@ -1,0 +1,225 @@
+"""Kind ``stream``: continuous ingestion from a NATS JetStream stream, exactly once.
+
+* ``etlsvc serve`` runs a stream source as a long-lived run, not on a schedule (one replica
+  at a time: the others wait for the source's lock). ``etlsvc run`` consumes what is pending
+  and stops, which suits a backfill.
+* Messages are pulled through a durable consumer (``etlsvc-<source>`` unless ``durable``
+  is set) and gathered into batches of ``batch_size`` messages or ``max_batch_wait``
+  seconds, whichever comes first. A batch commits in one transaction with the last stream
+  sequence as the checkpoint; the messages are acknowledged only after that commit.
+* PostgreSQL's checkpoint is the truth: when a run starts, the durable consumer is set to
+  deliver from the sequence after it. A message at or below the checkpoint (redelivered
+  after a crash, or delivered twice) is recognised by its stream sequence, acknowledged and
+  not loaded: every message is in PostgreSQL exactly once.
+* Each message's payload must be a JSON object; anything else is one reject with its
+  sequence. ``raw_stream_data`` keeps the payload, the stream name and the sequence.
+* The consumer's lag (messages not yet delivered plus delivered but not yet committed) is
+  in ``/health`` and ``/metrics`` (``etlsvc_stream_lag_messages``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import msgspec
+import structlog
+
+from etlsvc.errors import ConfigError, SourceError, describe
+from etlsvc.extract.contract import (
+    Extraction,
+    Fields,
+    PositiveInt,
+    Reject,
+    SourceConfig,
+    SourceKind,
+)
+from etlsvc.extract.records import json_batch
+from etlsvc.runtime import metrics
+
+if TYPE_CHECKING:
+    from etlsvc.load.batches import Prepared, Preparer
+
+log = structlog.get_logger()
+
+#: Seconds between lag readings while the stream is idle.
+LAG_EVERY = 2.0
+
+
+class StreamSource(SourceConfig, tag="stream", kw_only=True):
+    """A NATS JetStream stream, consumed continuously."""
+
+    servers: Annotated[list[str], msgspec.Meta(min_length=1)] = msgspec.field(
+        default_factory=lambda: ["nats://127.0.0.1:4222"])
+    #: The JetStream stream's name, and optionally a subject filter within it.
+    stream: str
+    subject: str | None = None
+    #: The durable consumer's name (default ``etlsvc-<source name>``).
+    durable: str | None = None
+    #: Environment variables with the credentials: a token, or a user's password.
+    token_env: str | None = None
+    user: str | None = None
+    password_env: str | None = None
+    batch_size: PositiveInt = 1000
+    #: Seconds a batch waits to fill up before it is committed as it is.
+    max_batch_wait: Annotated[float, msgspec.Meta(gt=0, le=60)] = 0.5
+    fields: Fields
+
+    kind = "stream"
+
+    @property
+    def consumer(self) -> str:
+        return self.durable or f"etlsvc-{self.name}"
+
+
+def _credentials(src: StreamSource) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, var in (("token", src.token_env), ("password", src.password_env)):
+        if var:
+            value = os.environ.get(var)
+            if value is None:
+                raise SourceError(src.name, f"environment variable {var} (the {key} of this "
+                                  "source's NATS server) is not set")
+            out[key] = value
+    if src.user:
+        out["user"] = src.user
+    return out
+
+
+def prepare_messages(preparer: Preparer, stream: str, payloads: list[bytes], seqs: list[int],
+                     state: dict[str, Any]) -> Prepared:
+    """In a worker: message payloads → records → a prepared batch."""
+    items: list[Any] = []
+    rejects: list[Reject] = []
+    kept_raws, kept_seqs = [], []
+    for payload, seq in zip(payloads, seqs):
+        try:
+            items.append(msgspec.json.decode(payload))
+        except (msgspec.DecodeError, RecursionError) as exc:
+            rejects.append(Reject(stream, {"seq": seq}, {"text": payload[:1000].decode(
+                "utf-8", "backslashreplace")}, f"the message is not valid JSON: {exc}"))
+            continue
+        kept_raws.append(payload)
+        kept_seqs.append(seq)
+    batch = json_batch(preparer.src, stream, items, kept_raws, [(s,) for s in kept_seqs],
+                       StreamKind.position_keys, rejects=rejects, state=state,
+                       bytes_read=sum(map(len, payloads)))
+    return preparer(batch)
+
+
+class StreamKind(SourceKind):
+    """A NATS JetStream stream; see the module docstring."""
+
+    name = "stream"
+    config = StreamSource
+    raw_table = "raw_stream_data"
+    stream_column = "stream"
+    position_columns = ("stream_seq",)
+    position_keys = ("seq",)
+    continuous = True
+
+    def check_config(self, src: StreamSource, where: str) -> None:
+        if src.schedule:
+            raise ConfigError(f"{where}.schedule': a stream source runs continuously in "
+                              "`etlsvc serve`; it takes no schedule")
+        if src.password_env and not src.user:
+            raise ConfigError(f"{where}.user': password_env needs a user")
+
+    async def batches(self, ex: Extraction) -> AsyncIterator[Prepared]:
+        import nats
+        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+        from nats.js.errors import NotFoundError
+
+        src: StreamSource = ex.src
+        last = int((ex.checkpoints.get(src.stream) or {}).get("seq", 0))
+        try:
+            nc = await nats.connect(servers=src.servers, connect_timeout=5,
+                                    max_reconnect_attempts=-1, allow_reconnect=True,
+                                    **_credentials(src))
+        except Exception as exc:
+            raise SourceError(src.name, f"cannot connect to NATS at "
+                              f"{', '.join(src.servers)}: {describe(exc)}") from exc
+        try:
+            js = nc.jetstream()
+            # The checkpoint is the truth: the consumer delivers from the message after it.
+            with contextlib.suppress(NotFoundError):
+                await js.delete_consumer(src.stream, src.consumer)
+            try:
+                await js.add_consumer(src.stream, ConsumerConfig(
+                    durable_name=src.consumer, filter_subject=src.subject,
+                    deliver_policy=DeliverPolicy.BY_START_SEQUENCE if last else
+                    DeliverPolicy.ALL, opt_start_seq=last + 1 if last else None,
+                    ack_policy=AckPolicy.ALL, ack_wait=600, max_ack_pending=-1))
+            except NotFoundError:
+                raise SourceError(src.name, f"no JetStream stream {src.stream!r} on "
+                                  f"{', '.join(src.servers)}") from None
+            sub = await js.pull_subscribe_bind(src.consumer, stream=src.stream)
+            log.info("consuming", stream=src.stream, consumer=src.consumer, after_seq=last)
+            async for prepared in self._consume(ex, src, sub, last):
+                yield prepared
+        finally:
+            with contextlib.suppress(Exception):
+                await nc.close()
+
+    async def _consume(self, ex: Extraction, src: StreamSource, sub: Any,
+                       last: int) -> AsyncIterator[Prepared]:
+        lag_read = 0.0
+        while ex.stopping is None or not ex.stopping.is_set():
+            msgs = await _gather(sub, src.batch_size, src.max_batch_wait, ex.stopping)
+            if not msgs or time.monotonic() - lag_read > LAG_EVERY:
+                info = await sub.consumer_info()
+                lag = info.num_pending + info.num_ack_pending - len(msgs)
+                metrics.set_stream_lag(src.name, max(0, lag))
+                lag_read = time.monotonic()
+                if not msgs and ex.stopping is None and not info.num_pending:
+                    return                    # `etlsvc run`: caught up
+            if not msgs:
+                continue
+            fresh = [m for m in msgs if m.metadata.sequence.stream > last]
+            if len(fresh) < len(msgs):
+                log.info("messages at or below the checkpoint skipped",
+                         count=len(msgs) - len(fresh), checkpoint_seq=last)
+            if not fresh:
+                await msgs[-1].ack()
+                continue
+            last = fresh[-1].metadata.sequence.stream
+            prepared = await ex.workers.run(
+                prepare_messages, ex.preparer, src.stream, [m.data for m in fresh],
+                [m.metadata.sequence.stream for m in fresh], {"seq": last})
+            prepared.after_commit = msgs[-1].ack    # acknowledges every message up to it
+            yield prepared
+
+    async def check(self, src: StreamSource, base_dir: Path) -> str:
+        import nats
+
+        nc = await nats.connect(servers=src.servers, connect_timeout=5,
+                                max_reconnect_attempts=0, **_credentials(src))
+        try:
+            info = await nc.jetstream().stream_info(src.stream)
+        finally:
+            await nc.close()
+        return f"stream {src.stream}: {info.state.messages} messages"
+
+
+async def _gather(sub: Any, size: int, wait: float,
+                  stopping: asyncio.Event | None) -> list[Any]:
+    """Up to ``size`` messages, or what came within ``wait`` seconds."""
+    msgs: list[Any] = []
+    deadline = time.monotonic() + wait
+    while len(msgs) < size:
+        left = deadline - time.monotonic()
+        if left <= 0 or (stopping is not None and stopping.is_set()):
+            break
+        try:
+            msgs += await sub.fetch(size - len(msgs), timeout=max(left, 0.01))
+        except TimeoutError:
+            break
+    return msgs
+
+
+KIND = StreamKind()

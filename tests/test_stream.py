@@ -1,0 +1,207 @@
+"""Kind stream: NATS JetStream, batched, acknowledged after commit, exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from tests.conftest import Env, run_source
+from tests.test_service import KEY, servers
+
+NATS = os.environ.get("ETLSVC_TEST_NATS_URL", "nats://127.0.0.1:4222")
+
+
+def stream_source(name: str, stream: str, extra: str = "") -> str:
+    return f"""
+[[sources]]
+name = "{name}"
+kind = "stream"
+servers = ["{NATS}"]
+stream = "{stream}"
+{extra}
+[sources.fields]
+source_id = "id"
+title = "title"
+amount = "amount"
+"""
+
+
+class Upstream:
+    """A JetStream stream of this test; messages published to its subject."""
+
+    def __init__(self, nc: Any, name: str) -> None:
+        self.nc = nc
+        self.name = name
+        self.subject = f"etlsvc.test.{name}"
+
+    async def publish(self, payloads: list[bytes]) -> None:
+        """Core NATS publishes (the stream captures them), flushed: fast enough for 100k."""
+        for i, payload in enumerate(payloads):
+            await self.nc.publish(self.subject, payload)
+            if i % 5000 == 4999:
+                await self.nc.flush()
+        await self.nc.flush()
+        js = self.nc.jetstream()
+        deadline = time.monotonic() + 30     # until the stream has stored them all
+        while (await js.stream_info(self.name)).state.last_seq < self.published + len(
+                payloads) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self.published += len(payloads)
+
+    published = 0
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    nats = pytest.importorskip("nats")
+    try:
+        nc = await nats.connect(NATS, connect_timeout=2, max_reconnect_attempts=0)
+        js = nc.jetstream()
+        await js.account_info()
+    except Exception as exc:
+        pytest.skip(f"no NATS with JetStream at {NATS} ({type(exc).__name__})")
+    name = f"ETLSVC_{uuid.uuid4().hex[:10].upper()}"
+    up = Upstream(nc, name)
+    await js.add_stream(name=name, subjects=[up.subject])
+    try:
+        yield up
+    finally:
+        await js.delete_stream(name)
+        await nc.close()
+
+
+def message(i: int) -> bytes:
+    return json.dumps({"id": f"m{i}", "title": f"message {i}", "amount": i % 100}).encode()
+
+
+async def test_a_run_consumes_what_is_pending_once_and_rejects_bad_messages(
+    env: Env, pool: asyncpg.Pool, upstream: Upstream
+) -> None:
+    payloads = [message(i) for i in range(2500)]
+    payloads[10] = b"not json"
+    payloads[20] = b'["an", "array"]'
+    await upstream.publish(payloads)
+    cfg = env.config(stream_source("s", upstream.name, "batch_size = 1000"))
+    run = await run_source(cfg, "s")
+    assert run["status"] == "succeeded", run["error"]
+    assert (run["rows_read"], run["rows_valid"], run["rows_rejected"]) == (2500, 2498, 2)
+    rejects = await pool.fetch("SELECT stream, position, reason FROM etl_rejects ORDER BY id")
+    assert [(r["stream"], r["position"]) for r in rejects] == [
+        (upstream.name, {"seq": 11}), (upstream.name, {"seq": 21})]
+    assert rejects[0]["reason"].startswith("the message is not valid JSON")
+    assert rejects[1]["reason"] == "the record is not a JSON object"
+    raw = await pool.fetchrow("SELECT stream, stream_seq, record FROM raw_stream_data "
+                              "WHERE source_key = 'm5'")
+    assert (raw["stream"], raw["stream_seq"], raw["record"]) == (
+        upstream.name, 6, {"id": "m5", "title": "message 5", "amount": 5})
+    assert (await pool.fetchval("SELECT state FROM etl_checkpoints")) == {"seq": 2500}
+    assert (await run_source(cfg, "s"))["rows_read"] == 0
+    await upstream.publish([message(i) for i in range(2500, 2510)])
+    again = await run_source(cfg, "s")
+    assert (again["rows_read"], again["rows_inserted"]) == (10, 10)
+    assert await pool.fetchval("SELECT count(*) FROM raw_stream_data") == 2508
+
+
+async def test_redelivered_messages_are_recognised_by_their_sequence(
+    env: Env, pool: asyncpg.Pool, upstream: Upstream
+) -> None:
+    """A consumer set back before the checkpoint (as after a crash before the ack) delivers
+    messages again: they are acknowledged, not loaded."""
+    import nats
+    from nats.js.api import AckPolicy, ConsumerConfig
+
+    await upstream.publish([message(i) for i in range(300)])
+    cfg = env.config(stream_source("s", upstream.name, "batch_size = 100"))
+    assert (await run_source(cfg, "s"))["rows_read"] == 300
+    nc = await nats.connect(NATS)
+    js = nc.jetstream()
+    await js.delete_consumer(upstream.name, "etlsvc-s")
+    await js.add_consumer(upstream.name, ConsumerConfig(durable_name="etlsvc-s",
+                                                        ack_policy=AckPolicy.ALL))
+    await nc.close()
+    from etlsvc.extract import nats_stream
+
+    fetched: list[int] = []
+    real = nats_stream._gather
+
+    async def replay_from_start(sub: Any, *args: Any) -> list[Any]:
+        if not fetched:        # the first fetch of the run: everything, as redelivered
+            await sub._js.delete_consumer(upstream.name, "etlsvc-s")
+            await sub._js.add_consumer(upstream.name, ConsumerConfig(
+                durable_name="etlsvc-s", ack_policy=AckPolicy.ALL))
+        msgs = await real(sub, *args)
+        fetched.extend(m.metadata.sequence.stream for m in msgs)
+        return msgs
+
+    nats_stream._gather = replay_from_start
+    try:
+        await upstream.publish([message(i) for i in range(300, 310)])
+        run = await run_source(cfg, "s")
+    finally:
+        nats_stream._gather = real
+    assert fetched[:3] == [1, 2, 3]           # old messages did come again
+    assert (run["rows_read"], run["rows_inserted"]) == (10, 10)
+    assert await pool.fetchval("SELECT count(*) FROM raw_stream_data") == 310
+
+
+async def test_serve_consumes_continuously_exactly_once_across_two_kill_9(
+    env: Env, pool: asyncpg.Pool, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ETLSVC_API_KEYS", "test-key")
+    total = 100_000
+    env.write_config(stream_source("s", upstream.name, "batch_size = 2000"))
+    publisher = asyncio.create_task(upstream.publish([message(i) for i in range(total)]))
+    for kill in range(3):
+        with servers(env) as [server]:
+            loaded = await pool.fetchval("SELECT count(*) FROM raw_stream_data")
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:        # some progress in this life
+                now = await pool.fetchval("SELECT count(*) FROM raw_stream_data")
+                if (kill < 2 and now > loaded + 5000) or now == total:
+                    break
+                await asyncio.sleep(0.05)
+            if kill < 2:
+                server.proc.send_signal(signal.SIGKILL)
+                server.proc.wait(timeout=30)
+            else:      # caught up: the lag it reports comes down to 0 (read every 2 s)
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline:
+                    health = httpx.get(f"{server.base}/health", timeout=5).json()["data"]
+                    if health["sources"]["s"]["lag"] == 0:
+                        break
+                    await asyncio.sleep(0.2)
+                refused = httpx.post(f"{server.base}/etl/run", json={"sources": ["s"]},
+                                     headers=KEY, timeout=5)
+    await publisher
+    assert await pool.fetchval("SELECT count(*) FROM raw_stream_data") == total
+    assert await pool.fetchval("SELECT count(DISTINCT stream_seq) FROM raw_stream_data") == total
+    assert await pool.fetchval("SELECT count(*) FROM normalized_data") == total
+    assert await pool.fetchval("SELECT count(*) FROM etl_runs") == 3
+    # SIGTERM ended the last life's run: its batches committed, the run finished.
+    last = await pool.fetchrow("SELECT status, trigger, rows_read FROM etl_runs "
+                               "ORDER BY id DESC LIMIT 1")
+    assert (last["status"], last["trigger"]) == ("succeeded", "stream")
+    assert server.stop() == 0
+    assert health["sources"]["s"]["status"] == "running"
+    assert health["sources"]["s"]["lag"] == 0
+    assert refused.status_code == 409
+    assert refused.json()["error"]["code"] == "continuous_source"
+    assert "is a stream" in refused.json()["error"]["message"]
+
+
+def test_a_stream_source_takes_no_schedule(env: Env) -> None:
+    env.write_config(stream_source("s", "X", 'schedule = "1m"'))
+    result = env.cli("check")
+    assert result.returncode == 2
+    assert "a stream source runs continuously in `etlsvc serve`; it takes no schedule" in \
+        result.stderr
