@@ -149,48 +149,55 @@ class StreamKind(SourceKind):
             # The checkpoint is the truth: the consumer delivers from the message after it.
             with contextlib.suppress(NotFoundError):
                 await js.delete_consumer(src.stream, src.consumer)
+            inbox = _Inbox(src.batch_size)
             try:
-                await js.add_consumer(src.stream, ConsumerConfig(
+                config = ConsumerConfig(
                     durable_name=src.consumer, filter_subject=src.subject,
+                    deliver_subject=nc.new_inbox(),
                     deliver_policy=DeliverPolicy.BY_START_SEQUENCE if last else
                     DeliverPolicy.ALL, opt_start_seq=last + 1 if last else None,
-                    ack_policy=AckPolicy.ALL, ack_wait=600, max_ack_pending=-1))
+                    # Unacknowledged messages bound what is pushed: two batches in flight
+                    # (one committing, one prepared) and two arriving.
+                    ack_policy=AckPolicy.ALL, ack_wait=600, max_ack_pending=4 * src.batch_size)
+                await js.add_consumer(src.stream, config)
             except NotFoundError:
                 raise SourceError(src.name, f"no JetStream stream {src.stream!r} on "
                                   f"{', '.join(src.servers)}") from None
-            sub = await js.pull_subscribe_bind(src.consumer, stream=src.stream)
+            sub = await js.subscribe_bind(src.stream, config, src.consumer, cb=inbox.put,
+                                          manual_ack=True)
             log.info("consuming", stream=src.stream, consumer=src.consumer, after_seq=last)
-            async for prepared in self._consume(ex, src, sub, last):
+            async for prepared in self._consume(ex, src, sub, inbox, last):
                 yield prepared
         finally:
             with contextlib.suppress(Exception):
                 await nc.close()
 
-    async def _consume(self, ex: Extraction, src: StreamSource, sub: Any,
+    async def _consume(self, ex: Extraction, src: StreamSource, sub: Any, inbox: _Inbox,
                        last: int) -> AsyncIterator[Prepared]:
         lag_read = 0.0
         while ex.stopping is None or not ex.stopping.is_set():
-            msgs = await _gather(sub, src.batch_size, src.max_batch_wait, ex.stopping)
+            msgs = await inbox.take(src.max_batch_wait)
             if not msgs or time.monotonic() - lag_read > LAG_EVERY:
                 info = await sub.consumer_info()
-                lag = info.num_pending + info.num_ack_pending - len(msgs)
+                lag = info.num_pending + info.num_ack_pending
                 metrics.set_stream_lag(src.name, max(0, lag))
                 lag_read = time.monotonic()
-                if not msgs and ex.stopping is None and not info.num_pending:
+                if not msgs and ex.stopping is None and not info.num_pending and not inbox.msgs:
                     return                    # `etlsvc run`: caught up
             if not msgs:
                 continue
-            fresh = [m for m in msgs if m.metadata.sequence.stream > last]
+            seqs = list(map(_sequence, msgs))
+            fresh = [i for i, seq in enumerate(seqs) if seq > last]
             if len(fresh) < len(msgs):
                 log.info("messages at or below the checkpoint skipped",
                          count=len(msgs) - len(fresh), checkpoint_seq=last)
             if not fresh:
                 await msgs[-1].ack()
                 continue
-            last = fresh[-1].metadata.sequence.stream
+            last = seqs[fresh[-1]]
             prepared = await ex.workers.run(
-                prepare_messages, ex.preparer, src.stream, [m.data for m in fresh],
-                [m.metadata.sequence.stream for m in fresh], {"seq": last})
+                prepare_messages, ex.preparer, src.stream, [msgs[i].data for i in fresh],
+                [seqs[i] for i in fresh], {"seq": last})
             prepared.after_commit = msgs[-1].ack    # acknowledges every message up to it
             yield prepared
 
@@ -206,20 +213,35 @@ class StreamKind(SourceKind):
         return f"stream {src.stream}: {info.state.messages} messages"
 
 
-async def _gather(sub: Any, size: int, wait: float,
-                  stopping: asyncio.Event | None) -> list[Any]:
-    """Up to ``size`` messages, or what came within ``wait`` seconds."""
-    msgs: list[Any] = []
-    deadline = time.monotonic() + wait
-    while len(msgs) < size:
-        left = deadline - time.monotonic()
-        if left <= 0 or (stopping is not None and stopping.is_set()):
-            break
-        try:
-            msgs += await sub.fetch(size - len(msgs), timeout=max(left, 0.01))
-        except TimeoutError:
-            break
-    return msgs
+class _Inbox:
+    """Messages the consumer pushed, waiting to be taken in batches."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.msgs: list[Any] = []
+        self._full = asyncio.Event()
+
+    async def put(self, msg: Any) -> None:
+        self.msgs.append(msg)
+        if len(self.msgs) >= self.size:
+            self._full.set()
+
+    async def take(self, wait: float) -> list[Any]:
+        """Up to ``size`` messages: once that many are there, or after ``wait`` seconds."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._full.wait(), wait)
+        out, self.msgs = self.msgs[:self.size], self.msgs[self.size:]
+        if len(self.msgs) < self.size:
+            self._full.clear()
+        return out
+
+
+def _sequence(msg: Any) -> int:
+    """The message's stream sequence, from its reply subject (``$JS.ACK.<stream>.<consumer>.
+    <delivered>.<stream seq>…``, with a domain and account hash after ``ACK`` in the newer
+    form); as ``msg.metadata`` reads it, without building the metadata object."""
+    tokens = msg.reply.split(".")
+    return int(tokens[5] if len(tokens) == 9 else tokens[7])
 
 
 KIND = StreamKind()
