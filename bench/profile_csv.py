@@ -44,6 +44,9 @@ def main() -> int:
     code = cli.main(sys.argv[1:])
     for label, seconds in sorted(TOTALS.items()):
         print(f"{label:40} {seconds:7.2f} s", file=sys.stderr)
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    print(f"{'main process: CPU (user + system)':40} {me.ru_utime + me.ru_stime:7.2f} s",
+          file=sys.stderr)
     workers = resource.getrusage(resource.RUSAGE_CHILDREN)
     print(f"{'workers: CPU (user + system)':40} {workers.ru_utime + workers.ru_stime:7.2f} s",
           file=sys.stderr)

@@ -55,8 +55,10 @@ async def write(conn: asyncpg.Connection, source: str, items: dict[str, str]) ->
         "VALUES (0, $1, 'test', 0, $2, $3, $4) RETURNING id", source, i, key,
         {"id": key, "title": title}) for i, (key, title) in enumerate(items.items())]
     src = ApiSource(name=source, url="http://127.0.0.1/", fields=FIELDS, tags_separator=",")
-    await normalize.upsert(conn, src, KINDS["api"], above=min(ids) - 1, upto=max(ids),
-                           distinct_keys=True)
+    written = await normalize.upsert(conn, src, KINDS["api"], above=min(ids) - 1,
+                                     upto=max(ids), distinct_keys=True)
+    if any(written):
+        await normalize.bump_version(conn, src, KINDS["api"])
 
 
 async def test_inserts_updates_and_deletes_come_once_each_in_order(

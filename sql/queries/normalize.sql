@@ -5,6 +5,9 @@
 -- keys are distinct: the sort is a third of the cost); a row is written only when its
 -- content differs from what normalized_data holds, and a written row carries this
 -- transaction's id for the change feed (changed_xid: the column default on insert).
+-- {mine} is "AND r.xmin = pg_current_xact_id()::xid" for a load: only the raw rows this
+-- transaction copied (batches of one source commit concurrently, and the raw id range may
+-- hold another batch's rows once it has committed); empty for a replay.
 -- params: $1 source, $2 kind, $3 raw ids above, $4 raw ids up to, $5 raw ids to skip (bigint[]),
 --         $6..$13 JSON paths (text[]) of source_id, title, description, category, amount, url,
 --         tags, event_time (NULL: not mapped), $14 separator of tags given as one string
@@ -13,7 +16,7 @@ WITH src AS (
     FROM (
         SELECT r.id, r.run_id, r.record #>> $6::text[] AS key, r.record
         FROM {raw_table} r
-        WHERE r.source = $1 AND r.id > $3 AND r.id <= $4 AND r.id <> ALL ($5::bigint[])
+        WHERE r.source = $1 AND r.id > $3 AND r.id <= $4 AND r.id <> ALL ($5::bigint[]) {mine}
     ) s
     WHERE key <> ''
     {order}
@@ -45,15 +48,19 @@ WITH src AS (
           (EXCLUDED.title, EXCLUDED.description, EXCLUDED.category, EXCLUDED.amount,
            EXCLUDED.url, EXCLUDED.tags, EXCLUDED.event_time)
     RETURNING (xmax = 0) AS inserted
-), bump AS (
-    -- The data version of this source and kind (sql/migrations/0005_change_feed.sql).
-    INSERT INTO data_versions AS v (source, kind, version)
-    SELECT $1, $2, 1 WHERE EXISTS (SELECT FROM up)
-    ON CONFLICT (source, kind) DO UPDATE SET version = v.version + 1
 )
 SELECT count(*) FILTER (WHERE inserted) AS inserted,
        count(*) FILTER (WHERE NOT inserted) AS updated
 FROM up
+
+-- name: bump_version
+-- Raise the data version of a source and kind (sql/migrations/0005_change_feed.sql), after
+-- an upsert that wrote rows. Separate from the upsert, and last in a batch's transaction:
+-- the row lock it takes is what concurrent batches of a source queue on, so it is held
+-- only until the commit.
+-- params: $1 source, $2 kind
+INSERT INTO data_versions AS v (source, kind, version) VALUES ($1, $2, 1)
+ON CONFLICT (source, kind) DO UPDATE SET version = v.version + 1
 
 -- name: next_raw_id
 -- The raw rows a COPY adds next all have ids above this one.

@@ -20,7 +20,7 @@ import uvicorn
 
 from etlsvc import __version__, db
 from etlsvc.api import tail
-from etlsvc.config import Config, config_path, load_config
+from etlsvc.config import Config, Source, config_path, load_config
 from etlsvc.errors import ConfigError, EtlError, SourceBusy
 from etlsvc.logs import configure_logging
 from etlsvc.runtime import pipeline
@@ -102,23 +102,27 @@ async def _run(cfg: Config, args: argparse.Namespace) -> int:
     if not selected:
         raise ConfigError("no sources configured")
     show_bar = not args.no_progress and sys.stderr.isatty()
-    results: list[dict[str, Any]] = []
     workers = from_config(cfg.pipeline)
-    async with db.open_database(cfg) as database, contextlib.aclosing(workers):
-        for src in selected:
-            bar = _ProgressBar(src.name) if show_bar else None
+    room = asyncio.Semaphore(cfg.pipeline.parallel_runs)
+
+    async def run_one(position: int, src: Source) -> dict[str, Any]:
+        async with room:
+            bar = _ProgressBar(src.name, position) if show_bar else None
             try:
-                row = await pipeline.run_source(
+                return await pipeline.run_source(
                     database, cfg, src, workers, trigger="manual",
                     full_refresh=args.full_refresh, on_progress=bar.update if bar else None)
             except SourceBusy as exc:
                 structlog.get_logger().error("source busy", source=src.name, run_id=exc.run_id)
-                row = {"id": exc.run_id, "source": src.name, "status": "busy",
-                       "error": str(exc)}
+                return {"id": exc.run_id, "source": src.name, "status": "busy",
+                        "error": str(exc)}
             finally:
                 if bar:
                     bar.close()
-            results.append(row)
+
+    async with db.open_database(cfg) as database, contextlib.aclosing(workers):
+        # Sources at once, up to [pipeline] parallel_runs, each on its own connections.
+        results = await asyncio.gather(*(run_one(i, s) for i, s in enumerate(selected)))
         try:
             totals = await database.pool.fetch(
                 "SELECT source, count(*) AS n FROM normalized_data WHERE source = ANY($1::text[])"
@@ -214,11 +218,11 @@ class _Server(uvicorn.Server):
 class _ProgressBar:
     """tqdm bar over the bytes of a run, with rows and rows/s."""
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, position: int = 0) -> None:
         from tqdm import tqdm
 
         self._bar = tqdm(desc=source, unit="B", unit_scale=True, unit_divisor=1024,
-                         file=sys.stderr, dynamic_ncols=True, leave=True)
+                         file=sys.stderr, dynamic_ncols=True, leave=True, position=position)
 
     def update(self, progress: pipeline.Progress) -> None:
         bar = self._bar

@@ -82,6 +82,13 @@ class PipelineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: How much lower than etlsvc's the workers' CPU priority is (``nice``): when the API
     #: and a load both want the CPU, the API goes first.
     worker_niceness: Annotated[int, msgspec.Meta(ge=0, le=19)] = 10
+    #: Batches of one run committing at once, each on its own database connection (a big
+    #: file keeps its next batch in flight; commits stay in file order).
+    connections_per_run: Annotated[int, msgspec.Meta(ge=1, le=16)] = 2
+    #: Streams of one source read at once (the files of a glob).
+    parallel_streams: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
+    #: Sources `etlsvc run` runs at once (`serve` runs each source as its schedule says).
+    parallel_runs: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
 
 
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

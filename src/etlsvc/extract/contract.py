@@ -136,6 +136,8 @@ class Extraction:
     #: For a continuous kind under ``serve``: set when the service stops (the kind then
     #: ends its batches). None: consume what is there and end (``etlsvc run``).
     stopping: asyncio.Event | None = None
+    #: Streams of the source read at once at most (the files of a glob).
+    parallel_streams: int = 1
 
     async def prepare(self, batch: Batch) -> Prepared:
         """``preparer(batch)`` in a worker process."""

@@ -36,6 +36,7 @@ import structlog
 
 from etlsvc.errors import SourceError
 from etlsvc.extract.contract import Batch, Extraction
+from etlsvc.runtime import flow
 
 if TYPE_CHECKING:
     from etlsvc.load.batches import Prepared, Preparer
@@ -215,6 +216,7 @@ async def read_file(plan: FilePlan, workers: Workers,
     """
     if plan.todo <= 0:
         return
+    log.info("reading file", file=plan.path, start=plan.start, size=plan.size)
     async with workers.open(FileStream, plan, make_parser, prepare) as stream, \
             aiofiles.open(plan.path, "rb") as f:
         await f.seek(0 if plan.compressed else plan.start)
@@ -235,14 +237,15 @@ async def read_file(plan: FilePlan, workers: Workers,
 
 async def batches(ex: Extraction, pattern: str,
                   make_parser: Callable[[FilePlan, bytes], Parser]) -> AsyncIterator[Prepared]:
-    """A file kind's batches: every file ``pattern`` names, each from its checkpoint on."""
+    """A file kind's batches: every file ``pattern`` names, each from its checkpoint on,
+    ``ex.parallel_streams`` files at a time (each in its own worker process)."""
     paths = find_files(ex.src.name, pattern, ex.base_dir)
     plans = [await asyncio.to_thread(plan_file, p, ex.checkpoints.get(p)) for p in paths]
     await ex.set_total(sum(p.todo for p in plans))
     for plan in plans:
         if plan.todo <= 0:
             log.info("file unchanged since last run", file=plan.path)
-            continue
-        log.info("reading file", file=plan.path, start=plan.start, size=plan.size)
-        async for batch in read_file(plan, ex.workers, make_parser, ex.preparer):
-            yield batch
+    todo = [p for p in plans if p.todo > 0]
+    async for batch in flow.merge((read_file(p, ex.workers, make_parser, ex.preparer)
+                                   for p in todo), ex.parallel_streams):
+        yield batch

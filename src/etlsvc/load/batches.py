@@ -10,7 +10,9 @@ so a checkpoint is never ahead of the data.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+import zlib
+from array import array
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from itertools import compress
 from operator import itemgetter
@@ -46,6 +48,9 @@ class Prepared:
     lines: int = 0
     #: Called once the batch is committed (a stream acknowledges its messages then).
     after_commit: Callable[[], Awaitable[Any]] | None = None
+    #: CRC-32s of the valid rows' keys (array of uint32): batches that share a key never
+    #: commit at the same time.
+    key_hashes: bytes = b""
 
     def counts(self, inserted: int, updated: int) -> dict[str, int]:
         """The run's counters for this batch once committed."""
@@ -112,10 +117,12 @@ class Preparer:
             records = batch.records if keep is None else list(compress(batch.records, keep))
         payload = raw.payload(self.run_id, self.src.name, batch.stream, positions, keys,
                               records, received=batch.records is not None)
+        hashes = set(map(zlib.crc32, map(str.encode, keys)))
         return Prepared(batch.checkpoint or batch.stream, payload, len(rows),
                         len(set(keys)) == len(keys),
                         rejects, batch.rows_read, batch.bytes_read, batch.state,
-                        pages=batch.pages, lines=batch.lines_read)
+                        pages=batch.pages, lines=batch.lines_read,
+                        key_hashes=array("I", hashes).tobytes())
 
     @staticmethod
     def _original(batch: Batch, i: int) -> Any:
@@ -124,11 +131,96 @@ class Preparer:
         return dict(zip(batch.columns, batch.rows[i]))
 
 
+class Committer:
+    """Commits the prepared batches of one run: up to ``width`` at once, each on its own
+    connection (the run's, then more from the pool), each stream's in order.
+
+    A batch does its heavy work (COPY, normalization, rejects) at once; before its checkpoint
+    and counters it waits for the commit of the stream's previous batch, and rolls back if
+    that one failed: a checkpoint is never ahead of the data. Batches that share a natural
+    key never run at the same time (one would wait for the other's row locks while that
+    one waits for it). ``on_commit`` gets each batch and its counters once committed.
+    """
+
+    def __init__(self, database: Any, conn: asyncpg.Connection, src: SourceConfig,
+                 kind: SourceKind, run_id: int, width: int,
+                 on_commit: Callable[[Prepared, dict[str, int]], Awaitable[None]]) -> None:
+        self.database = database
+        self.src = src
+        self.kind = kind
+        self.run_id = run_id
+        self.width = max(1, width)
+        self.on_commit = on_commit
+        self._idle: list[asyncpg.Connection] = [conn]
+        self._borrowed: list[asyncpg.Connection] = []
+        self._free = asyncio.Condition()
+        self._last: dict[str, asyncio.Task[None]] = {}
+        self._flying: dict[asyncio.Task[None], set[int]] = {}
+
+    async def submit(self, batch: Prepared) -> None:
+        """Start committing ``batch`` (waiting for room); the first failure so far is
+        raised here."""
+        self._raise_failure()
+        while len(self._flying) >= self.width:
+            await asyncio.wait(self._flying, return_when=asyncio.FIRST_COMPLETED)
+            self._raise_failure()
+        keys = set(memoryview(batch.key_hashes).cast("I"))
+        for task, other in list(self._flying.items()):
+            if not keys.isdisjoint(other):
+                await asyncio.wait([task])
+        self._raise_failure()
+        previous = self._last.get(batch.stream)
+        task = asyncio.create_task(self._commit(batch, previous))
+        self._last[batch.stream] = task
+        self._flying[task] = keys
+        task.add_done_callback(self._landed)
+
+    def _landed(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is None:
+            self._flying.pop(task, None)
+
+    def _raise_failure(self) -> None:
+        for task in self._flying:
+            if task.done() and (task.cancelled() or task.exception()):
+                raise task.exception() or asyncio.CancelledError()
+
+    async def close(self) -> None:
+        """Wait for every batch in flight; give back the borrowed connections; raise the
+        first failure."""
+        try:
+            if self._flying:
+                await asyncio.wait(self._flying)
+            self._raise_failure()
+        finally:
+            for conn in self._borrowed:
+                await self.database.pool.release(conn)
+            self._borrowed.clear()
+
+    async def _connection(self) -> asyncpg.Connection:
+        if self._idle:
+            return self._idle.pop()
+        conn = await self.database.pool.acquire()
+        self._borrowed.append(conn)
+        # As on the run's connection (pipeline._load): batches commit whole, so a commit
+        # lost in a crash loses data, checkpoint and counters together.
+        await conn.execute("SET synchronous_commit = off")
+        return conn
+
+    async def _commit(self, batch: Prepared, previous: asyncio.Task[None] | None) -> None:
+        conn = await self._connection()
+        try:
+            counts = await commit(conn, self.src, self.kind, self.run_id, batch, previous)
+        finally:
+            self._idle.append(conn)
+        await self.on_commit(batch, counts)
+
+
 async def commit(conn: asyncpg.Connection, src: SourceConfig, kind: SourceKind, run_id: int,
-                 batch: Prepared) -> dict[str, int]:
+                 batch: Prepared, previous: asyncio.Task[None] | None = None) -> dict[str, int]:
     """One transaction: raw rows, normalized rows, rejects, checkpoint, run counters.
 
-    Returns the batch's counters as committed.
+    With ``previous`` (the commit of the stream's batch before), the checkpoint and counters
+    wait for it; if it failed, this one rolls back too. Returns the batch's counters.
     """
     async with db.failing_fast(conn), conn.transaction():
         mark = await normalize.next_raw_id(conn, kind.raw_table)
@@ -136,43 +228,14 @@ async def commit(conn: asyncpg.Connection, src: SourceConfig, kind: SourceKind, 
         inserted, updated = (0, 0)
         if batch.valid:
             inserted, updated = await normalize.upsert(
-                conn, src, kind, above=mark, distinct_keys=batch.distinct_keys)
+                conn, src, kind, above=mark, distinct_keys=batch.distinct_keys, mine=True)
         await raw.insert_rejects(conn, run_id, src.name, batch.rejects)
+        if previous is not None:
+            await asyncio.shield(previous)    # raises if it failed: this one rolls back
+        # Last, and in this order, so that concurrent batches queue here in one order.
+        if inserted or updated:
+            await normalize.bump_version(conn, src, kind)
         await checkpoint.write(conn, src.name, batch.stream, batch.state, run_id)
         counts = batch.counts(inserted, updated)
         await runs.add(conn, run_id, counts)
     return counts
-
-
-_END = object()
-
-
-@dataclass
-class _Failed:
-    exc: Exception
-
-
-async def prefetch(items: AsyncIterator[Any], depth: int = 1) -> AsyncIterator[Any]:
-    """Iterate ``items`` with up to ``depth`` items produced ahead (overlaps CPU and I/O)."""
-    queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=depth)
-
-    async def produce() -> None:
-        try:
-            async for item in items:
-                await queue.put(item)
-            await queue.put(_END)
-        except Exception as exc:
-            await queue.put(_Failed(exc))
-
-    task = asyncio.create_task(produce())
-    try:
-        while True:
-            item = await queue.get()
-            if item is _END:
-                return
-            if isinstance(item, _Failed):
-                raise item.exc
-            yield item
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)

@@ -27,7 +27,7 @@ from etlsvc.extract import kind_of
 from etlsvc.extract.contract import Extraction, Reject
 from etlsvc.extract.records import project
 from etlsvc.load import batches, checkpoint, raw
-from etlsvc.runtime import metrics, runs
+from etlsvc.runtime import flow, metrics, runs
 from etlsvc.runtime.workers import Workers
 from etlsvc.transform import normalize
 from etlsvc.transform.validate import RowValidator
@@ -227,9 +227,9 @@ async def _commit_batches(cfg: Config, run: ClaimedRun, workers: Workers, progre
         await checkpoint.read(conn, src.name, run_id=progress.run_id,
                               full_refresh=run.full_refresh),
         cfg.resolve("."), workers, batches.Preparer(src, progress.run_id), progress.warn,
-        set_total, progress.notes, run.stopping)
-    async for batch in batches.prefetch(kind.batches(ex)):
-        counts = await batches.commit(conn, src, kind, progress.run_id, batch)
+        set_total, progress.notes, run.stopping, cfg.pipeline.parallel_streams)
+
+    async def committed(batch: batches.Prepared, counts: dict[str, int]) -> None:
         for k, v in counts.items():
             progress.counts[k] += v
         if batch.after_commit:
@@ -239,6 +239,14 @@ async def _commit_batches(cfg: Config, run: ClaimedRun, workers: Workers, progre
                 log.warning("could not acknowledge a committed batch", error=describe(exc))
         if on_progress:
             on_progress(progress)
+
+    committer = batches.Committer(run.database, conn, src, kind, progress.run_id,
+                                  cfg.pipeline.connections_per_run, committed)
+    try:
+        async for batch in flow.prefetch(kind.batches(ex)):
+            await committer.submit(batch)
+    finally:
+        await committer.close()
 
 
 async def _connection_lost(run: ClaimedRun, exc: Exception) -> bool:
@@ -364,6 +372,8 @@ async def _replay(conn: Any, src: Source, run_id: int, chunk: int,
                 rejects.append(Reject(r["stream"], r["position"], r["record"], reason))
         inserted, updated = await normalize.upsert(conn, src, kind, above=last,
                                                    upto=found[-1]["id"], skip=skip)
+        if inserted or updated:
+            await normalize.bump_version(conn, src, kind)
         await conn.execute(
             f"INSERT INTO replay_keys SELECT DISTINCT record #>> $4::text[] FROM {table} "
             "WHERE source = $1 AND id > $2 AND id <= $3 AND id <> ALL ($5::bigint[]) "

@@ -1,0 +1,175 @@
+"""Concurrency benchmark: does a load use both cores? Targets of issue 10, point 3.
+
+usage: python bench/bench_concurrency.py [--rounds N] [--database-url URL]
+
+Interleaved, round after round, each into a fresh database:
+
+* ``floor``: what PostgreSQL alone needs for etlsvc's data model on one connection, as
+  ../shared/bench/datamodel_floor.sh measures it (its ``sqlfloor``): ``\\copy`` of the clean
+  1,000,000-row file into a temp table, ``INSERT … SELECT`` into raw_csv_data building the
+  JSON record, then the normalization upsert from the raw rows, in one transaction.
+* ``file``: ``etlsvc run`` of the same 1,000,000 rows with 1 % bad rows (default config).
+* ``file, 1 connection``: the same with ``connections_per_run = 1`` (one batch in flight).
+* ``glob``: ``etlsvc run`` of a glob of 8 files × 125,000 rows (default config).
+* ``glob, one after another``: the same with ``parallel_streams = 1`` and
+  ``connections_per_run = 1``.
+
+Targets: glob ≤ 0.7 × one after another; file ≤ 0.9 × floor; peak RSS ≤ 150 MiB per process
+(the largest of etlsvc and its workers). Medians over the rounds go to bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench_csv import DATA, FIELDS, RESULTS, fresh_db, machine, sh  # noqa: E402
+
+FLOOR = """create temp table t (id text, title text, description text, category text,
+  amount text, url text, created_at text, tags text);
+\\copy t from '{clean}' csv header
+insert into raw_csv_data (run_id, source, file, line, byte_offset, source_key, record)
+  select 1, 's', 'f', row_number() over (), 0, id, jsonb_build_object('id', id, 'title',
+  title, 'description', description, 'category', category, 'amount', amount, 'url', url,
+  'created_at', created_at, 'tags', tags) from t;
+insert into normalized_data as n (kind, source, source_id, title, description, category,
+  amount, url, tags, event_time, raw_table, raw_id, run_id)
+  select 'csv', 's', record->>'id', record->>'title', record->>'description',
+  record->>'category', nullif(btrim(record->>'amount'), '')::numeric, record->>'url',
+  array_remove(string_to_array(record->>'tags', ';'), ''),
+  nullif(record->>'created_at', '')::timestamptz, 'raw_csv_data', id, run_id
+  from raw_csv_data
+  on conflict (source, source_id) do update set title = excluded.title,
+  description = excluded.description, category = excluded.category, amount = excluded.amount,
+  url = excluded.url, tags = excluded.tags, event_time = excluded.event_time,
+  raw_id = excluded.raw_id, run_id = excluded.run_id, updated_at = now()
+  where (n.title, n.description, n.category, n.amount, n.url, n.tags, n.event_time)
+  is distinct from (excluded.title, excluded.description, excluded.category, excluded.amount,
+  excluded.url, excluded.tags, excluded.event_time);
+"""
+
+
+def files() -> tuple[Path, Path, list[Path]]:
+    """The 1M-row file (1 % bad), its clean twin, and 8 files of 125k rows, distinct keys."""
+    DATA.mkdir(exist_ok=True)
+    big, clean = DATA / "conc_1000000.csv", DATA / "conc_1000000_clean.csv"
+    if not clean.exists():
+        sh(sys.executable, str(HERE / "gen_csv.py"), "1000000", str(big), "--clean",
+           str(clean))
+    glob_dir = DATA / "glob8"
+    parts = [glob_dir / f"part_{k}.csv" for k in range(8)]
+    if not all(p.exists() for p in parts):
+        glob_dir.mkdir(exist_ok=True)
+        one = DATA / "conc_125000.csv"
+        sh(sys.executable, str(HERE / "gen_csv.py"), "125000", str(one))
+        data = one.read_bytes()
+        for k, part in enumerate(parts):   # the same rows under other keys in each file
+            part.write_bytes(re.sub(rb"(?m)^SKU-", f"F{k}-".encode(), data))
+    return big, clean, parts
+
+
+def config(path: str, pipeline: str) -> str:
+    return textwrap.dedent(f"""\
+        [log]
+        format = "json"
+        [pipeline]
+        {pipeline}
+        [[sources]]
+        name = "s"
+        kind = "csv"
+        path = "{path}"
+        """) + FIELDS
+
+
+def run_etlsvc(url: str, work: Path, path: str, pipeline: str = "") -> tuple[float, int]:
+    """Wall time and peak RSS (the largest process) of `etlsvc run` into a fresh database."""
+    db = fresh_db(url, "etlsvc_bench_conc")
+    cfg = work / "conc.toml"
+    cfg.write_text(config(path, pipeline))
+    env = {**os.environ, "ETLSVC_DATABASE_URL": db}
+    sh(sys.executable, "-m", "etlsvc", "migrate", "--config", str(cfg), env=env)
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "etlsvc", "run", "--no-progress",
+                             "--config", str(cfg)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    if status != 0:
+        raise SystemExit(f"etlsvc run failed ({status})")
+    return seconds, usage.ru_maxrss * 1024
+
+
+def run_floor(url: str, work: Path, clean: Path) -> float:
+    db = fresh_db(url, "etlsvc_bench_conc")
+    cfg = work / "conc.toml"
+    cfg.write_text(config(str(clean), ""))
+    sh(sys.executable, "-m", "etlsvc", "migrate", "--config", str(cfg),
+       env={**os.environ, "ETLSVC_DATABASE_URL": db})
+    script = work / "floor.sql"
+    script.write_text(FLOOR.format(clean=clean))
+    start = time.perf_counter()
+    sh("psql", db, "-q", "-1", "-v", "ON_ERROR_STOP=1", "-f", str(script))
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--database-url", default=os.environ.get(
+        "ETLSVC_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"))
+    args = ap.parse_args()
+    big, clean, parts = files()
+    pattern = str(parts[0].parent / "part_*.csv")
+    one_at_a_time = "parallel_streams = 1\nconnections_per_run = 1"
+    times: dict[str, list[float]] = {}
+    rss: dict[str, int] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        variants = {
+            "floor": lambda: (run_floor(args.database_url, work, clean), 0),
+            "file": lambda: run_etlsvc(args.database_url, work, str(big)),
+            "file, 1 connection": lambda: run_etlsvc(args.database_url, work, str(big),
+                                                     "connections_per_run = 1"),
+            "glob": lambda: run_etlsvc(args.database_url, work, pattern),
+            "glob, one after another": lambda: run_etlsvc(args.database_url, work, pattern,
+                                                          one_at_a_time),
+        }
+        for round_ in range(args.rounds):
+            for name, run in variants.items():
+                seconds, peak = run()
+                times.setdefault(name, []).append(seconds)
+                rss[name] = max(rss.get(name, 0), peak)
+                print(f"round {round_ + 1} {name}: {seconds:.2f} s"
+                      + (f", peak RSS {peak / 2**20:.0f} MiB" if peak else ""), flush=True)
+    med = {name: statistics.median(t) for name, t in times.items()}
+    glob_ratio = med["glob"] / med["glob, one after another"]
+    file_ratio = med["file"] / med["floor"]
+    lines = [f"| {name} | {med[name]:.2f} s | {', '.join(f'{t:.2f}' for t in times[name])} | "
+             + (f"{rss[name] / 2**20:.0f} MiB |" if rss.get(name) else "— |")
+             for name in variants]
+    text = (f"\n### {dt.date.today()}: concurrency (issue 10, point 3): "
+            f"`python bench/bench_concurrency.py --rounds {args.rounds}`\n\n{machine()}\n\n"
+            "| variant | median | rounds | peak RSS (largest process) |\n|---|---|---|---|\n"
+            + "\n".join(lines) +
+            f"\n\n* glob / one after another: **{glob_ratio:.2f}×** (target ≤ 0.7)\n"
+            f"* 1M-row file / floor: **{file_ratio:.2f}×** (target ≤ 0.9); with one "
+            f"connection: {med['file, 1 connection'] / med['floor']:.2f}×\n"
+            f"* peak RSS: {max(rss.values()) / 2**20:.0f} MiB (target ≤ 150 MiB)\n")
+    print(text)
+    with open(RESULTS, "a") as f:
+        f.write(text)
+
+
+if __name__ == "__main__":
+    main()
