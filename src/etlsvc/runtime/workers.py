@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import itertools
 import multiprocessing
 import os
@@ -31,6 +32,8 @@ from etlsvc.errors import EtlError
 
 T = TypeVar("T")
 
+_M_MMAP_THRESHOLD = -3                  # glibc's mallopt parameter
+
 #: Objects opened in this worker process, by handle.
 _OBJECTS: dict[int, Any] = {}
 
@@ -39,9 +42,22 @@ class WorkerDied(EtlError):
     """A worker process died under a task (killed, or out of memory)."""
 
 
+def map_big_buffers() -> None:
+    """Have glibc give every allocation of 1 MiB or more its own mapping.
+
+    Batches cross between processes as buffers of a few MiB. By default glibc raises its
+    mmap threshold after the first such buffer is freed, and the next ones come from the
+    heap, where freeing them leaves the process at its high-water mark: peak RSS grows with
+    the batches in flight. A fixed threshold returns each buffer to the system when freed.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+
+
 def _start(parent: int, niceness: int) -> None:
     """In a new worker: die with etlsvc, and yield the CPU to it (the API goes first)."""
     die_with_parent(parent=parent)
+    map_big_buffers()
     if niceness:
         os.nice(niceness)
 
@@ -77,6 +93,7 @@ class Workers:
     """A fixed set of worker processes, each with its own queue of tasks."""
 
     def __init__(self, size: int, niceness: int = 0) -> None:
+        map_big_buffers()               # this side receives the batches
         self.size = max(1, size)
         self.niceness = niceness
         self._lanes: list[ProcessPoolExecutor | None] = [None] * self.size
