@@ -265,24 +265,43 @@ async def test_long_poll_returns_as_soon_as_a_change_commits(
             assert r.status_code == 400
 
 
+async def fresh_start_while_held(client: Any, pool: asyncpg.Pool, start: str) -> str:
+    """Write a and b, delete a, prune its tombstone; check the 410 of ``start`` and a fresh
+    start's empty page; return where the fresh start is."""
+    async with pool.acquire() as conn:
+        async with conn.transaction():
+            await write(conn, "s", {"a": "a:v1", "b": "b:v1"})
+        await conn.execute("DELETE FROM normalized_data WHERE source_id = 'a'")
+    # The tombstone is a day old: a retention of half a day prunes it.
+    await pool.execute("UPDATE data_tombstones SET deleted_at = now() - interval '1 day'")
+    await changes.prune(pool, 0.5)
+    assert await pool.fetchval("SELECT count(*) FROM data_tombstones") == 0
+    r = await client.get("/data/changes", params={"after": start})
+    assert r.status_code == 410
+    assert r.json()["error"]["code"] == "token_expired"
+    assert "after=0" in r.json()["error"]["message"]
+    # A fresh start sees nothing while the horizon is held, and stays at the beginning
+    # (the horizon is below the pruned tombstone: moving there would be a 410).
+    waiting, at = await feed(client, "0", wait=0.6)
+    assert waiting == [] and changes.parse_token(at) == changes.BEGINNING
+    return at
+
+
 async def test_a_token_older_than_the_retention_gets_410_and_a_fresh_start_works(
     env: Env, pool: asyncpg.Pool
 ) -> None:
     async with AsyncTestClient(app=create_app(env.config(""))) as client:
-        _, start = await feed(client)
-        async with pool.acquire() as conn:
-            async with conn.transaction():
-                await write(conn, "s", {"a": "a:v1", "b": "b:v1"})
-            await conn.execute("DELETE FROM normalized_data WHERE source_id = 'a'")
-        # The tombstone is a day old: a retention of half a day prunes it.
-        await pool.execute("UPDATE data_tombstones SET deleted_at = now() - interval '1 day'")
-        await changes.prune(pool, 0.5)
-        assert await pool.fetchval("SELECT count(*) FROM data_tombstones") == 0
-        r = await client.get("/data/changes", params={"after": start})
-        assert r.status_code == 410
-        assert r.json()["error"]["code"] == "token_expired"
-        assert "after=0" in r.json()["error"]["message"]
-        fresh, token = await drain(client)
+        _, start = await feed(client, "now")
+        # A transaction of someone else, older than every write below, holds the horizon.
+        blocker = await asyncpg.connect(env.database_url)
+        holding = blocker.transaction()
+        await holding.start()
+        await blocker.fetchval("SELECT pg_current_xact_id()")
+        try:
+            at = await fresh_start_while_held(client, pool, start)
+        finally:
+            await blocker.close()
+        fresh, token = await drain(client, at)
         assert [(c["op"], c["source_id"]) for c in fresh] == [("insert", "b")]
         assert (await client.get("/data/changes", params={"after": token})).status_code == 200
 

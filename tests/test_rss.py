@@ -244,11 +244,9 @@ async def test_feeds_are_fetched_concurrently_within_the_bound(
     upstream.route("/slow", slow)
     urls = [f"{upstream.base}/slow?n={n}" for n in range(12)]
     cfg = env.config(rss_source("bounded", urls, "max_concurrency = 4"))
-    started = time.monotonic()
     run = await run_source(cfg, "bounded")
     assert run["status"] == "succeeded", run["error"]
-    assert state["max"] == 4
-    assert time.monotonic() - started < 12 * 0.2  # not one after the other
+    assert state["max"] == 4                    # four at once, never five
 
 
 async def test_last_modified_gives_a_conditional_request_too(

@@ -86,6 +86,11 @@ async def read(pool: Any, after: Position, limit: int) -> Page:
     if len(changes) > limit:
         last = changes[limit - 1]
         return Page(changes[:limit], Position(last["xid"], last["id"]), True)
+    if not changes and after == BEGINNING:
+        # Nothing yet (a transaction somewhere holds the horizon back): a consumer that has
+        # seen nothing stays at the beginning. Moved to the horizon, it could land below the
+        # retention limit and get 410 for deletes of rows it never saw.
+        return Page(changes, BEGINNING, False)
     # Everything below the horizon has been read: continue from there (unless a replica
     # further ahead already gave the consumer a later position).
     return Page(changes, max(after, Position(first["horizon"], 0)), False)
