@@ -193,3 +193,13 @@ def test_a_stream_source_takes_no_schedule(env: Env) -> None:
     assert result.returncode == 2
     assert "a stream source runs continuously in `etlsvc serve`; it takes no schedule" in \
         result.stderr
+
+
+def test_check_names_a_stream_that_does_not_exist(env: Env, upstream: Upstream) -> None:
+    env.write_config(stream_source("s", upstream.name) +
+                     stream_source("gone", "NO_SUCH_STREAM").replace('name = "s"', ""))
+    result = env.cli("check")
+    assert result.returncode == 1
+    assert f"ok   source s: stream {upstream.name}: 0 messages" in result.stderr
+    assert "FAIL source 'gone': NotFoundError" in result.stderr
+    assert "stream not found" in result.stderr and "Traceback" not in result.stderr

@@ -302,8 +302,14 @@ def _error_rate_exceeded(src: Source, counts: dict[str, int]) -> str | None:
 
 
 async def check_source(cfg: Config, src: Source) -> str:
-    """What ``etlsvc check`` says of a source; SourceError if it cannot be read or mapped."""
-    return await kind_of(src).check(src, cfg.resolve("."))
+    """What ``etlsvc check`` says of a source; SourceError if it cannot be read or mapped
+    (whatever a driver raised, in one line)."""
+    try:
+        return await kind_of(src).check(src, cfg.resolve("."))
+    except EtlError:
+        raise
+    except Exception as exc:
+        raise SourceError(src.name, describe(exc)) from exc
 
 
 async def replay_source(database: Database, cfg: Config, src: Source,
