@@ -11,6 +11,8 @@ from typing import Any
 import asyncpg
 import pytest
 
+from etlsvc import db
+from etlsvc.runtime import pipeline
 from tests.conftest import Env, run_source
 
 MARIADB = "mysql://root@127.0.0.1:3306"
@@ -83,6 +85,12 @@ async def test_a_postgresql_table_loads_incrementally_by_its_cursor_column(
     third = await run_source(cfg, "pg")
     assert third["rows_read"] == 0
     assert await pool.fetchval("SELECT count(*) FROM normalized_data") == 2502
+    # Replay from the raw rows (typed JSON values) validates and normalizes them again.
+    async with db.open_database(cfg) as database:
+        replay = await pipeline.replay_source(database, cfg, cfg.source("pg"))
+    assert (replay["status"], replay["rows_rejected"], replay["rows_updated"]) == (
+        "succeeded", 0, 0), replay["error"]
+    assert replay["rows_valid"] == 2503          # every raw row (order 5 twice)
 
 
 async def test_a_query_source_and_a_mapped_column_it_lacks(
@@ -148,7 +156,7 @@ async def upstream_mariadb() -> AsyncIterator[str]:
     async with conn.cursor() as cur:
         await cur.execute(f"CREATE DATABASE {name}")
         await cur.execute(f"CREATE TABLE {name}.items (id INT PRIMARY KEY, name VARCHAR(50), "
-                          "amount DECIMAL(10,2), updated_at DATETIME(6), raw BLOB)")
+                          "amount DECIMAL(10,2), updated_at DATETIME(6), raw BLOB, `item.note` TEXT)")
     try:
         yield name
     finally:
@@ -163,7 +171,7 @@ async def add_mariadb(db: str, rows: list[tuple[Any, ...]]) -> None:
     conn = await asyncmy.connect(host="127.0.0.1", port=3306, user="root", password="",
                                  database=db, autocommit=True)
     async with conn.cursor() as cur:
-        await cur.executemany("REPLACE INTO items VALUES (%s, %s, %s, %s, %s)", rows)
+        await cur.executemany("REPLACE INTO items VALUES (%s, %s, %s, %s, %s, %s)", rows)
     conn.close()
 
 
@@ -171,13 +179,14 @@ async def test_a_mariadb_table_streams_and_loads_incrementally_by_an_id(
     env: Env, pool: asyncpg.Pool, upstream_mariadb: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     naive = T0.replace(tzinfo=None)
-    await add_mariadb(upstream_mariadb, [(i, f"item {i}", Decimal(i) / 2, naive, b"\x00\xff")
-                                         for i in range(1, 12_001)])
+    await add_mariadb(upstream_mariadb, [(i, f"item {i}", Decimal(i) / 2, naive, b"\x00\xff",
+                                          f"note {i}") for i in range(1, 12_001)])
     monkeypatch.setenv("MARIADB_PASSWORD", "")
     cfg = env.config(sql_source(
         "maria", f'url = "{MARIADB}/{upstream_mariadb}"\npassword_env = "MARIADB_PASSWORD"\n'
                  'table = "items"\ncursor = "id"\nbatch_size = 5000',
-        fields='source_id = "id"\ntitle = "name"\namount = "amount"'))
+        fields='source_id = "id"\ntitle = "name"\namount = "amount"\n'
+               'description = "item.note"'))
     first = await run_source(cfg, "maria")
     assert first["status"] == "succeeded", first["error"]
     assert (first["rows_read"], first["rows_inserted"]) == (12_000, 12_000)
@@ -185,10 +194,12 @@ async def test_a_mariadb_table_streams_and_loads_incrementally_by_an_id(
                                first["id"]) == 12_000
     raw = await pool.fetchval("SELECT record FROM raw_sql_data WHERE source_key = '3'")
     assert raw == {"id": 3, "name": "item 3", "amount": 1.5,
-                   "updated_at": "2024-05-01T12:00:00", "raw": "AP8="}
-    assert await pool.fetchval("SELECT amount FROM normalized_data WHERE source_id = '3'") == \
-        Decimal("1.5")
-    await add_mariadb(upstream_mariadb, [(12_001, "new", 1, naive, None)])
+                   "updated_at": "2024-05-01T12:00:00", "raw": "AP8=", "item.note": "note 3"}
+    # A column whose name holds a dot is that column, not a path.
+    assert tuple(await pool.fetchrow(
+        "SELECT amount, description FROM normalized_data WHERE source_id = '3'")) == (
+        Decimal("1.5"), "note 3")
+    await add_mariadb(upstream_mariadb, [(12_001, "new", 1, naive, None, None)])
     second = await run_source(cfg, "maria")
     assert (second["rows_read"], second["rows_inserted"]) == (1, 1)
     state = await pool.fetchval("SELECT state FROM etl_checkpoints")

@@ -36,8 +36,11 @@ def text(value: Any) -> str | None:
     return msgspec.json.encode(value).decode()
 
 
-def project(items: list[Any], columns: list[str]) -> list[list[str | None]]:
-    """Rows for validation: the mapped paths of each item, as text (as the SQL sees them)."""
+def project(items: list[Any], columns: list[str], flat: bool = False) -> list[list[str | None]]:
+    """Rows for validation: the mapped paths of each item (with ``flat``, its keys: a column
+    name may hold a dot), as text (as the SQL sees them)."""
+    if flat:
+        return [[text(item.get(c)) for c in columns] for item in items]
     return [[text(get_path(item, c)) for c in columns] for item in items]
 
 
@@ -45,11 +48,11 @@ def json_batch(src: SourceConfig, stream: str, items: list[Any], raws: list[byte
                positions: list[tuple[int, ...]], position_keys: tuple[str, ...], *,
                keep: list[bool] | None = None, rejects: list[Reject] | None = None,
                state: dict[str, Any], bytes_read: int, pages: int = 0, lines: int = 0,
-               checkpoint: str | None = None) -> Batch:
+               checkpoint: str | None = None, flat: bool = False) -> Batch:
     """A batch of decoded JSON records (``items``) and their text as received (``raws``).
 
     ``keep`` drops records before they are even read (already loaded); a record that is not
-    a JSON object becomes a reject.
+    a JSON object becomes a reject. ``flat``: fields name the records' keys, not paths.
     """
     columns = list(dict.fromkeys(src.fields.mapped().values()))
     rejects = list(rejects or [])
@@ -64,7 +67,7 @@ def json_batch(src: SourceConfig, stream: str, items: list[Any], raws: list[byte
         else:
             rejects.append(Reject(stream, dict(zip(position_keys, positions[i])), item,
                                   reason))
-    return Batch(stream, columns, project([items[i] for i in kept], columns),
+    return Batch(stream, columns, project([items[i] for i in kept], columns, flat),
                  [positions[i] for i in kept], [raws[i] for i in kept], rejects,
                  rows_read=len(kept) + len(rejects),
                  bytes_read=bytes_read, lines_read=lines, pages=pages, state=state,

@@ -189,7 +189,7 @@ def prepare_rows(preparer: Preparer, relation: str, columns: list[str],
     items = list(map(msgspec.json.decode, raws))     # as the SQL will see them: JSON values
     batch = json_batch(preparer.src, relation, items, raws,
                        [(first + i,) for i in range(len(rows))], SqlKind.position_keys,
-                       keep=keep, state=state, bytes_read=sum(map(len, raws)))
+                       keep=keep, state=state, bytes_read=sum(map(len, raws)), flat=True)
     return preparer(batch)
 
 

@@ -364,10 +364,8 @@ async def _replay(conn: Any, src: Source, run_id: int, chunk: int,
         for columns, group in _by_columns(src, found).items():
             validator = validators.get(columns) or validators.setdefault(
                 columns, RowValidator(list(columns), src.fields))
-            if kind.record == "columns":
-                rows = [list(r["record"].values()) for r in group]
-            else:
-                rows = project([r["record"] for r in group], list(columns))
+            rows = project([r["record"] for r in group], list(columns),
+                           flat=kind.record == "columns")
             bad = validator.check(rows)
             if validator.missing:
                 bad = dict.fromkeys(range(len(rows)), "mapped column not in the record: " +
