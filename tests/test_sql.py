@@ -156,7 +156,8 @@ async def upstream_mariadb() -> AsyncIterator[str]:
     async with conn.cursor() as cur:
         await cur.execute(f"CREATE DATABASE {name}")
         await cur.execute(f"CREATE TABLE {name}.items (id INT PRIMARY KEY, name VARCHAR(50), "
-                          "amount DECIMAL(10,2), updated_at DATETIME(6), raw BLOB, `item.note` TEXT)")
+                          "amount DECIMAL(10,2), updated_at DATETIME(6), raw BLOB, "
+                          "`item.note` TEXT)")
     try:
         yield name
     finally:

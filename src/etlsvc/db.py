@@ -28,6 +28,8 @@ from etlsvc.logs import redact
 
 log = structlog.get_logger()
 
+#: The largest bigint: the top of every id range (row ids, run ids, positions).
+MAX_ID = 2**63 - 1
 _MIGRATION_LOCK = 0x6574_6C73_7663_0001  # "etlsvc" + 1: one key for every etlsvc process
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 

@@ -29,7 +29,6 @@ from etlsvc import db
 #: Seconds between two looks at the database while a consumer waits for news.
 POLL_EVERY = 0.25
 MAX_XID = 2**64 - 1
-MAX_ID = 2**63 - 1
 
 _TOKEN = re.compile(r"(\d{1,20})-(\d{1,19})")
 
@@ -53,7 +52,7 @@ def parse_token(token: str) -> Position:
     if token == "0":
         return BEGINNING
     m = _TOKEN.fullmatch(token)
-    if not m or int(m.group(1)) > MAX_XID or int(m.group(2)) > MAX_ID:
+    if not m or int(m.group(1)) > MAX_XID or int(m.group(2)) > db.MAX_ID:
         raise ValueError(f"{token!r} is not a change feed token (the 'next' of a page, "
                          "'0' for the beginning or 'now' for new changes only)")
     return Position(int(m.group(1)), int(m.group(2)))

@@ -37,8 +37,6 @@ from etlsvc.extract import KINDS
 from etlsvc.runtime import metrics
 from etlsvc.runtime.service import Service, schedule_seconds
 
-MAX_ID = 2**63 - 1
-
 
 class ApiError(HTTPException):
     """An error answered with the envelope: status, code and message (and extra details)."""
@@ -159,7 +157,7 @@ def decode_cursor(cursor: str, filters: tuple[Any, ...]) -> int:
             raise ValueError("checksum")
         doc = msgspec.json.decode(body, type=dict[str, Any])
         position = doc["after"]
-        if not isinstance(position, int) or not 0 <= position <= MAX_ID:
+        if not isinstance(position, int) or not 0 <= position <= db.MAX_ID:
             raise ValueError("position")
     except (ValueError, KeyError, binascii.Error, msgspec.DecodeError):
         raise ApiError(400, "bad_cursor", "the cursor is not one this API gave out") from None
@@ -313,7 +311,7 @@ async def list_runs(
 ) -> dict[str, Any]:
     """Runs, filtered by source and status, paged by cursor."""
     filters = ("runs", source, status)
-    before = decode_cursor(cursor, filters) if cursor else MAX_ID
+    before = decode_cursor(cursor, filters) if cursor else db.MAX_ID
     rows, pagination = keyset_page(await read_pool(request).fetch(
         db.query("api", "runs_page"), before, limit + 1, source, status), limit, filters)
     return envelope(request, [run_view(r) for r in rows], pagination)
@@ -321,7 +319,7 @@ async def list_runs(
 
 @get("/etl/runs/{run_id:int}", summary="One run, with live progress", **READ)
 async def get_run(request: Request,
-                  run_id: Annotated[int, PathParameter(ge=0, le=MAX_ID)]) -> dict[str, Any]:
+                  run_id: Annotated[int, PathParameter(ge=0, le=db.MAX_ID)]) -> dict[str, Any]:
     row = await read_pool(request).fetchrow(db.query("runs", "get"), run_id)
     if row is None:
         raise NotFoundException(f"no run {run_id}")
@@ -332,7 +330,7 @@ async def get_run(request: Request,
      **READ)
 async def list_rejects(
     request: Request,
-    run_id: Annotated[int | None, QueryParameter(ge=0, le=MAX_ID)] = None,
+    run_id: Annotated[int | None, QueryParameter(ge=0, le=db.MAX_ID)] = None,
     source: FromQuery[str | None] = None,
     limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 50,
     cursor: FromQuery[str | None] = None,
@@ -532,8 +530,9 @@ async def stream_changes(request: Request, after: FromQuery[str] = "0") -> Serve
 
 
 @get("/data/{record_id:int}", summary="One record with its lineage", **READ)
-async def get_record(request: Request,
-                     record_id: Annotated[int, PathParameter(ge=0, le=MAX_ID)]) -> dict[str, Any]:
+async def get_record(
+        request: Request,
+        record_id: Annotated[int, PathParameter(ge=0, le=db.MAX_ID)]) -> dict[str, Any]:
     """The record, the raw record it came from, and the run that produced it."""
     pool = read_pool(request)
     row = await pool.fetchrow(db.query("api", "data_one"), record_id)
@@ -639,7 +638,7 @@ async def log_stream(
     request: Request,
     level: Annotated[str, QueryParameter(pattern="^(debug|info|warning|error|critical)$")]
     = "info",
-    run_id: Annotated[int | None, QueryParameter(ge=0, le=MAX_ID)] = None,
+    run_id: Annotated[int | None, QueryParameter(ge=0, le=db.MAX_ID)] = None,
     source: FromQuery[str | None] = None,
 ) -> ServerSentEvent:
     """Each matching log event of this process, from now on, as one SSE ``data:`` line."""

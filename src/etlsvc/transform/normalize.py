@@ -14,8 +14,6 @@ import asyncpg
 from etlsvc import db
 from etlsvc.extract.contract import NORMALIZED_FIELDS, SourceConfig, SourceKind
 
-MAX_ID = 2**63 - 1
-
 
 def paths(src: SourceConfig, kind: SourceKind) -> list[list[str] | None]:
     """JSON path of each normalized field in the raw record (dotted for JSON kinds)."""
@@ -31,7 +29,7 @@ def paths(src: SourceConfig, kind: SourceKind) -> list[list[str] | None]:
 
 
 async def upsert(conn: asyncpg.Connection, src: SourceConfig, kind: SourceKind, *,
-                 above: int, upto: int = MAX_ID, skip: list[int] | None = None,
+                 above: int, upto: int = db.MAX_ID, skip: list[int] | None = None,
                  distinct_keys: bool = False, mine: bool = False) -> tuple[int, int]:
     """Normalize raw rows ``above < id <= upto`` of ``src``; return (inserted, updated).
 
