@@ -23,11 +23,11 @@ import msgspec
 
 from etlsvc import db
 from etlsvc.errors import SourceError
-from etlsvc.extract.contract import Batch, Fields, Reject, SourceConfig, SourceKind
+from etlsvc.extract.contract import Batch, Reject, SourceConfig, SourceKind
 from etlsvc.load import checkpoint, raw
 from etlsvc.runtime import runs
 from etlsvc.transform import normalize
-from etlsvc.transform.validate import RowValidator
+from etlsvc.transform.validate import validator_for
 
 
 @dataclass
@@ -61,8 +61,6 @@ class Prepared:
                 "lines_read": self.lines}
 
 
-#: Validators by (field mapping, columns), per process: a file's header changes rarely.
-_VALIDATORS: dict[tuple[Fields, tuple[str, ...]], RowValidator] = {}
 
 
 class Preparer:
@@ -81,18 +79,9 @@ class Preparer:
 
         return kind_of(self.src)
 
-    def _validator(self, columns: list[str]) -> RowValidator:
-        key = (self.src.fields, tuple(columns))
-        found = _VALIDATORS.get(key)
-        if found is None:
-            if len(_VALIDATORS) > 256:
-                _VALIDATORS.clear()
-            found = _VALIDATORS[key] = RowValidator(columns, self.src.fields)
-        return found
-
     def __call__(self, batch: Batch) -> Prepared:
         kind = self.kind
-        validator = self._validator(batch.columns)
+        validator = validator_for(self.src.fields, batch.columns)
         if validator.missing and batch.rows:
             raise SourceError(self.src.name, kind.missing(self.src, batch.stream,
                                                           batch.columns))

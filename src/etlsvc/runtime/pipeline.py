@@ -30,7 +30,7 @@ from etlsvc.load import batches, checkpoint, raw
 from etlsvc.runtime import flow, metrics, runs
 from etlsvc.runtime.workers import Workers
 from etlsvc.transform import normalize
-from etlsvc.transform.validate import RowValidator
+from etlsvc.transform.validate import validator_for
 
 log = structlog.get_logger()
 
@@ -349,7 +349,6 @@ async def _replay(conn: Any, src: Source, run_id: int, chunk: int,
     position = "jsonb_build_object(" + ", ".join(
         f"'{k}', {c}" for k, c in zip(kind.position_keys, kind.position_columns)) + ")"
     await conn.execute("CREATE TEMP TABLE replay_keys (key text PRIMARY KEY) ON COMMIT DROP")
-    validators: dict[tuple[str, ...], RowValidator] = {}
     last = 0
     first_reason = None
     while True:
@@ -362,8 +361,7 @@ async def _replay(conn: Any, src: Source, run_id: int, chunk: int,
         skip: list[int] = []
         rejects: list[Reject] = []
         for columns, group in _by_columns(src, found).items():
-            validator = validators.get(columns) or validators.setdefault(
-                columns, RowValidator(list(columns), src.fields))
+            validator = validator_for(src.fields, list(columns))
             rows = project([r["record"] for r in group], list(columns),
                            flat=kind.record == "columns")
             bad = validator.check(rows)

@@ -117,3 +117,18 @@ class RowValidator:
             if i not in bad and v and _BIG_OFFSET.search(v):
                 bad[i] = (f"event_time (column {self.columns[col]!r}) has a UTC offset "
                           f"beyond ±15:59: {v!r}")
+
+
+#: Validators by (field mapping, columns), per process: a file's header changes rarely.
+_VALIDATORS: dict[tuple[Fields, tuple[str, ...]], RowValidator] = {}
+
+
+def validator_for(fields: Fields, columns: list[str]) -> RowValidator:
+    """The validator of rows with ``columns`` under ``fields``, made once per process."""
+    key = (fields, tuple(columns))
+    found = _VALIDATORS.get(key)
+    if found is None:
+        if len(_VALIDATORS) > 256:
+            _VALIDATORS.clear()
+        found = _VALIDATORS[key] = RowValidator(columns, fields)
+    return found
