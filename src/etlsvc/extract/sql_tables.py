@@ -231,9 +231,11 @@ class SqlKind(SourceKind):
         since = src.cursor is not None and state.get("hwm") is not None
         sql = select(src, engine, since)
         log.info("reading", relation=src.relation, since=state.get("hwm") if since else None)
+        # The mark this read starts from, and the keys loaded exactly at it already.
+        mark = _mark_value(state) if since else None
         boundary = set(state.get("boundary", [])) if since else set()
         try:
-            async with _rows(src, engine, url, sql, [_mark_value(state)] if since else []) as (
+            async with _rows(src, engine, url, sql, [mark] if since else []) as (
                     columns, fetch):
                 self._check_columns(src, columns)
                 cursor_col = columns.index(src.cursor) if src.cursor else None
@@ -241,11 +243,8 @@ class SqlKind(SourceKind):
                 first = 1
                 while rows := await fetch(src.batch_size):
                     rows = list(map(tuple, rows))
-                    keep = [True] * len(rows)
-                    if boundary:                  # rows at the mark loaded already
-                        mark = _mark_value(state)
-                        keep = [not (r[cursor_col] == mark and text(r[key_col]) in boundary)
-                                for r in rows]
+                    keep = [not (r[cursor_col] == mark and text(r[key_col]) in boundary)
+                            for r in rows] if boundary else [True] * len(rows)
                     state = self._advance(src, state, rows, cursor_col, key_col)
                     yield await ex.workers.run(prepare_rows, ex.preparer, src.relation,
                                                columns, rows, first, state, keep)
