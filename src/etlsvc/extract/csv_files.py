@@ -18,12 +18,11 @@ from __future__ import annotations
 import codecs
 import csv
 import functools
-import gzip
 import hashlib
 import io
 import re
 from collections.abc import AsyncIterator
-from itertools import accumulate, compress, count, islice, repeat
+from itertools import accumulate, compress, count, repeat
 from operator import add, attrgetter, itemgetter, ne, sub
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,8 +49,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger()
 
-#: Rows handed to one C call at most, so the parsing worker lets go of the GIL often.
-GIL_SLICE = 2000
 #: Past this much data with no record end in sight, the scanner looks at the head record.
 _HEAD_SCAN = 64 << 10
 _ASCII_PROBE = "\n\r\"',;|\t#"
@@ -302,13 +299,7 @@ class CsvParser:
         parsed: list[tuple[list[str], int]] = []
         while True:
             try:
-                # In slices: a C call holds the GIL until it returns, and the event loop
-                # needs the GIL to keep the database busy.
-                while True:
-                    before = len(parsed)
-                    parsed.extend(islice(pairs, GIL_SLICE))
-                    if len(parsed) - before < GIL_SLICE:
-                        break
+                parsed.extend(pairs)          # keeps what it read before an error
                 break
             except csv.Error as exc:          # the reader resumes at the next line
                 parsed.append((_ErrorRow(f"malformed CSV: {exc}"), reader.line_num))
@@ -465,17 +456,13 @@ def _dedupe(header: list[str]) -> list[str]:
 
 def read_header(src: CsvSource, path: str) -> list[str]:
     """The header of a file (its first non-blank record), for ``etlsvc check``."""
-    with _open_header(path) as f:
+    with files.open_bytes(path) as f:
         head = f.read(min(src.max_record_bytes, 1 << 20))
     codec, bom = _codec(src.encoding, head)
     text = head[bom:].decode(codec, "replace")
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=src.delimiter,
                         quotechar=src.quotechar)
     return _dedupe(next((row for row in reader if row), []))
-
-
-def _open_header(path: str) -> Any:
-    return (gzip.open if files.is_gzip(path) else open)(path, "rb")
 
 
 def make_parser(src: CsvSource, plan: FilePlan, head: bytes) -> CsvParser:

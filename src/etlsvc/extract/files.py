@@ -89,6 +89,14 @@ def is_gzip(path: str) -> bool:
         return f.read(2) == _GZIP_MAGIC
 
 
+def open_bytes(path: str, compressed: bool | None = None) -> Any:
+    """The file opened for reading its (decompressed) bytes; gzip by its magic bytes unless
+    ``compressed`` says."""
+    if compressed is None:
+        compressed = is_gzip(path)
+    return (gzip.open if compressed else open)(path, "rb")
+
+
 def _gzip_size(path: str) -> int:
     """The decompressed size a gzip file declares (its last member's, modulo 4 GiB)."""
     with open(path, "rb") as f:
@@ -99,7 +107,7 @@ def _gzip_size(path: str) -> int:
 def hash_prefix(path: str, length: int, compressed: bool = False) -> Any:
     """SHA-256 object fed with the first ``length`` (decompressed) bytes of the file."""
     h = hashlib.sha256()
-    with (gzip.open if compressed else open)(path, "rb") as f:
+    with open_bytes(path, compressed) as f:
         left = length
         while left > 0:
             block = f.read(min(_HASH_BLOCK, left))
@@ -155,12 +163,10 @@ class FileStream:
             # Entered from the start: the committed prefix is skipped, and hashed on the way.
             plan.hasher = hashlib.sha256()
             self._restart(plan.start, hash_skipped=True)
-            with gzip.open(plan.path, "rb") as f:
-                head = f.read(4)
         else:
             plan.hasher = hash_prefix(plan.path, plan.start)
-            with open(plan.path, "rb") as f:
-                head = f.read(4)
+        with open_bytes(plan.path, plan.compressed) as f:
+            head = f.read(4)
         self.parser = make_parser(plan, head)
 
     def _restart(self, skip: int, *, hash_skipped: bool = False) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import codecs
 import functools
-import gzip
 import hashlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -222,7 +221,7 @@ class JsonlKind(SourceKind):
 
 
 def _first_line_parses(path: str) -> bool:
-    with (gzip.open if files.is_gzip(path) else open)(path, "rb") as f:
+    with files.open_bytes(path) as f:
         for line in f:
             if line.strip():
                 try:

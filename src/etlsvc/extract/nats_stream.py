@@ -179,8 +179,7 @@ class StreamKind(SourceKind):
             msgs = await inbox.take(src.max_batch_wait)
             if not msgs or time.monotonic() - lag_read > LAG_EVERY:
                 info = await sub.consumer_info()
-                lag = info.num_pending + info.num_ack_pending
-                metrics.set_stream_lag(src.name, max(0, lag))
+                metrics.set_stream_lag(src.name, info.num_pending + info.num_ack_pending)
                 lag_read = time.monotonic()
                 if not msgs and ex.stopping is None and not info.num_pending and not inbox.msgs:
                     return                    # `etlsvc run`: caught up

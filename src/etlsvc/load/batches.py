@@ -61,8 +61,6 @@ class Prepared:
                 "lines_read": self.lines}
 
 
-
-
 class Preparer:
     """Validation and COPY encoding of the batches of one run of one source.
 
@@ -142,7 +140,6 @@ class Committer:
         self.on_commit = on_commit
         self._idle: list[asyncpg.Connection] = [conn]
         self._borrowed: list[asyncpg.Connection] = []
-        self._free = asyncio.Condition()
         self._last: dict[str, asyncio.Task[None]] = {}
         self._flying: dict[asyncio.Task[None], set[int]] = {}
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 from collections.abc import Iterable
 from functools import lru_cache
-from itertools import islice, repeat, starmap
+from itertools import repeat, starmap
 from typing import Any
 
 import asyncpg
@@ -19,9 +19,6 @@ import msgspec
 
 from etlsvc import db
 from etlsvc.extract.contract import Reject
-
-#: Rows encoded by one C call at most (a worker thread must let go of the GIL often).
-GIL_SLICE = 2000
 
 _encode = msgspec.json.encode
 
@@ -79,11 +76,7 @@ def payload(run_id: int, source: str, stream: str, positions: list[tuple[int, ..
     prefix = f"{run_id}\t{source}\t{stream}\t".encode().replace(b"%", b"%%")
     fmt = (prefix + b"%d\t" * width + b"%b\t%b\n").__mod__
     lines = map(fmt, zip(*zip(*positions), map(str.encode, keys), records))
-    # In slices, so that a thread doing this lets go of the GIL now and then.
-    parts = []
-    while part := b"".join(islice(lines, GIL_SLICE)):
-        parts.append(part)
-    out = b"".join(parts)
+    out = b"".join(lines)
     return out if one_by_one else out.replace(b"\\", b"\\\\")
 
 

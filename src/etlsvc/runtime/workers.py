@@ -146,11 +146,6 @@ class Workers:
         finally:
             self._load[i] -= 1
 
-    def pids(self) -> list[int]:
-        """The worker processes started so far."""
-        return [p.pid for lane in self._lanes if lane is not None
-                for p in (lane._processes or {}).values()]
-
     async def aclose(self) -> None:
         """``shutdown`` without blocking the event loop."""
         await asyncio.to_thread(self.shutdown)
