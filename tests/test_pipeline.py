@@ -43,7 +43,7 @@ async def test_exactly_the_bad_rows_are_rejected_with_the_field_named(
     for r in rejects:
         rec, reason = r["record"], r["reason"]
         if rec["id"] == "":
-            assert reason.startswith("source_id (column 'id') is empty")
+            assert reason.startswith("source_id (column 'id') is required but empty")
         elif reason.startswith("amount"):
             assert f"is not a number: {rec['amount']!r}" in reason
         else:

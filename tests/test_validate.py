@@ -6,14 +6,20 @@ import asyncpg
 import pytest
 
 from etlsvc.extract.contract import Fields
+from etlsvc.transform.rules import compile_rules
 from etlsvc.transform.validate import RowValidator
 
 COLUMNS = ["id", "price", "when", "note"]
 FIELDS = Fields(source_id="id", amount="price", event_time="when", title="note")
+CHECKS = compile_rules(FIELDS.mapped(), {}, ";")
+
+
+def validator(columns: list[str] = COLUMNS) -> RowValidator:
+    return RowValidator(columns, FIELDS, CHECKS)
 
 
 def check(*rows: list[str]) -> dict[int, str]:
-    return RowValidator(COLUMNS, FIELDS).check([list(r) for r in rows])
+    return {i: p.reason for i, p in validator().check([list(r) for r in rows]).items()}
 
 
 def test_valid_rows_and_blank_cells_pass_and_rows_are_left_untouched() -> None:
@@ -24,14 +30,14 @@ def test_valid_rows_and_blank_cells_pass_and_rows_are_left_untouched() -> None:
         ["d", "7", "2024-05-01T12:00:00", ""],
     ]
     copy = [list(r) for r in rows]
-    assert RowValidator(COLUMNS, FIELDS).check(rows) == {}
+    assert validator().check(rows) == {}
     assert rows == copy  # blank cells are hidden from msgspec only while checking
 
 
 @pytest.mark.parametrize(
     ("row", "reason"),
     [
-        (["", "1", "", ""], "source_id (column 'id') is empty: ''"),
+        (["", "1", "", ""], "source_id (column 'id') is required but empty: ''"),
         (["a", "N/A", "", ""], "amount (column 'price') is not a number: 'N/A'"),
         (["a", "12,50", "", ""], "amount (column 'price') is not a number: '12,50'"),
         (["a", "$19.99", "", ""], "amount (column 'price') is not a number: '$19.99'"),
@@ -59,12 +65,12 @@ def test_several_bad_rows_in_one_batch_are_all_found() -> None:
     for i in (0, 17, 500, 999):
         rows[i][1] = "x"
     rows[250][0] = ""
-    bad = RowValidator(COLUMNS, FIELDS).check(rows)
+    bad = validator().check(rows)
     assert sorted(bad) == [0, 17, 250, 500, 999]
 
 
 def test_a_mapped_column_missing_from_the_header_is_reported() -> None:
-    v = RowValidator(["id", "note"], FIELDS)
+    v = validator(["id", "note"])
     assert v.missing == [("amount", "price"), ("event_time", "when")]
 
 
@@ -100,9 +106,9 @@ async def test_everything_validation_accepts_postgresql_casts(pool: asyncpg.Pool
         "2024-05-01T12:00:60Z",
         "+002024-05-01T12:00:00Z",
     ]
-    validator = RowValidator(COLUMNS, FIELDS)
-    ok_amounts = [a for a in amounts if not validator.check([["k", a, "", ""]])]
-    ok_times = [t for t in times if not validator.check([["k", "", t, ""]])]
+    v = validator()
+    ok_amounts = [a for a in amounts if not v.check([["k", a, "", ""]])]
+    ok_times = [t for t in times if not v.check([["k", "", t, ""]])]
     assert len(ok_amounts) >= 6 and len(ok_times) >= 6
     for a in ok_amounts:
         assert await pool.fetchval("SELECT $1::text::numeric IS NOT NULL", a), a

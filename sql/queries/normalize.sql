@@ -11,6 +11,8 @@
 -- params: $1 source, $2 kind, $3 raw ids above, $4 raw ids up to, $5 raw ids to skip (bigint[]),
 --         $6..$13 JSON paths (text[]) of source_id, title, description, category, amount, url,
 --         tags, event_time (NULL: not mapped), $14 separator of tags given as one string
+-- The values placeholder: the casts of title … event_time from the raw record, made by the fields' compiled
+-- rules (transform/rules.FieldCheck.sql): what validation checked is what is cast.
 WITH src AS (
     SELECT {distinct} id, run_id, key, record
     FROM (
@@ -25,16 +27,7 @@ WITH src AS (
         (kind, source, source_id, title, description, category, amount, url, tags, event_time,
          raw_table, raw_id, run_id)
     SELECT $2, $1, key,
-           record #>> $7::text[],
-           record #>> $8::text[],
-           record #>> $9::text[],
-           nullif(btrim(record #>> $10::text[]), '')::numeric,
-           record #>> $11::text[],
-           CASE jsonb_typeof(record #> $12::text[])
-               WHEN 'array' THEN ARRAY(SELECT jsonb_array_elements_text(record #> $12::text[]))
-               WHEN 'string' THEN array_remove(string_to_array(record #>> $12::text[], $14), '')
-           END,
-           nullif(record #>> $13::text[], '')::timestamptz,
+           {values},
            '{raw_table}', id, run_id
     FROM src
     ON CONFLICT (source, source_id) DO UPDATE SET
@@ -67,3 +60,32 @@ ON CONFLICT (source, kind) DO UPDATE SET version = v.version + 1
 -- params: $1 sequence of the raw table's id
 SELECT nextval($1::regclass)
 
+
+-- name: unique_conflicts
+-- The raw rows this load copied (as in upsert: {raw_table}, {mine}) whose value of a unique
+-- field ({column}, at path $6) another natural key of the source already holds, in
+-- normalized_data or in an earlier raw row of the range: the first key to hold a value
+-- keeps it. The md5 condition is what the index of ensure_unique_index serves.
+-- params: $1 source, $2 raw ids above, $3 raw ids up to, $4 raw ids to skip (bigint[]),
+--         $5 path of source_id, $6 path of the unique field
+WITH batch AS (
+    SELECT r.id, r.record #>> $5::text[] AS key, r.record #>> $6::text[] AS value
+    FROM {raw_table} r
+    WHERE r.source = $1 AND r.id > $2 AND r.id <= $3 AND r.id <> ALL ($4::bigint[]) {mine}
+), firsts AS (
+    SELECT DISTINCT ON (value) value, key FROM batch WHERE value <> '' ORDER BY value, id
+)
+SELECT b.id, b.value FROM batch b
+WHERE b.value <> '' AND (
+    EXISTS (SELECT 1 FROM firsts f WHERE f.value = b.value AND f.key <> b.key)
+    OR EXISTS (SELECT 1 FROM normalized_data n
+               WHERE n.source = $1 AND md5(n.{column}) = md5(b.value)
+                 AND n.{column} = b.value AND n.source_id <> b.key))
+ORDER BY b.id
+
+-- name: take_raw
+-- Raw rows that became rejects after they were copied (a unique value already held): they
+-- leave the raw table with their position and record, for the reject.
+-- params: $1 raw ids (bigint[])
+DELETE FROM {raw_table} WHERE id = ANY ($1::bigint[])
+RETURNING id, {stream_column} AS stream, {position} AS position, record

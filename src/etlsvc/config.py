@@ -20,6 +20,7 @@ from etlsvc.errors import ConfigError
 from etlsvc.extract import KINDS, kind_of
 from etlsvc.extract.contract import NORMALIZED_FIELDS
 from etlsvc.logs import redact
+from etlsvc.transform.rules import compile_rules
 
 #: One config struct per kind of source, tagged by ``kind`` (``extract/__init__.py``).
 Source = Union[tuple(k.config for k in KINDS.values())]  # noqa: UP007 - built at run time
@@ -181,6 +182,8 @@ def _explain(exc: msgspec.ValidationError, data: dict) -> str:
         return msg
     text, where = m.groups()
     unknown = re.match(r"Object contains unknown field `(.*)`", text)
+    if unknown and "[...]" in where:
+        where = _name_dict_keys(data, where, unknown.group(1))
     if unknown:
         key = f"{where}.{unknown.group(1)}" if where else unknown.group(1)
         hint = ""
@@ -194,6 +197,25 @@ def _explain(exc: msgspec.ValidationError, data: dict) -> str:
     if "Invalid value" in text and where.endswith(".kind"):
         return f"key {where!r}: {text} (supported kinds: " + ", ".join(KINDS) + ")"
     return f"key {where!r}: {text}"
+
+
+def _name_dict_keys(data: dict, where: str, field: str) -> str:
+    """msgspec writes a dict's key as ``[...]``: name the one whose table holds ``field``."""
+    node: object = data
+    out = []
+    for part in re.findall(r"[^.\[]+|\[[^\]]*\]", where):
+        if part == "[...]" and isinstance(node, dict):
+            key = next((k for k, v in node.items() if isinstance(v, dict) and field in v), None)
+            if key is None:
+                return where
+            part, node = f".{key}", node[key]
+        elif part.startswith("["):
+            node = node[int(part[1:-1])] if isinstance(node, list) else None
+        else:
+            node = node.get(part) if isinstance(node, dict) else None
+            part = f".{part}" if out else part
+        out.append(part)
+    return "".join(out)
 
 
 def _check_database_url(path: Path, key: str, url: str) -> None:
@@ -233,8 +255,10 @@ def _check(cfg: Config, path: Path) -> None:
             raise ConfigError(f"{where}.fields.source_id': every source needs its natural key "
                               "mapped")
         kind_of(src).check_config(src, where)
-        typed = [v for f, v in src.fields.mapped().items()
-                 if f in ("source_id", "amount", "event_time")]
-        if len(typed) != len(set(typed)):
-            raise ConfigError(f"{where}.fields': one column cannot feed two of source_id, "
-                              "amount and event_time")
+        checks = compile_rules(src.fields.mapped(), src.rules, src.tags_separator,
+                               f"{where}.rules")
+        checked = [v for f, v in src.fields.mapped().items() if not checks[f].trivial]
+        if len(checked) != len(set(checked)):
+            raise ConfigError(f"{where}.fields': one column cannot feed two fields that are "
+                              "checked (source_id, amount, event_time, tags and fields with "
+                              "rules)")

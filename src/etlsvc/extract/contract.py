@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import msgspec
 
+from etlsvc.transform.rules import Rule
+
 if TYPE_CHECKING:
     from etlsvc.load.batches import Prepared, Preparer
     from etlsvc.load.checkpoint import Checkpoints
@@ -70,6 +72,8 @@ class SourceConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     #: Separator of the tags field when it is one string.
     tags_separator: str = ";"
     fields: Fields = Fields()
+    #: Data-quality rules per normalized field (``transform/rules.py``).
+    rules: dict[str, Rule] = {}
 
     kind: ClassVar[str]
 
@@ -82,6 +86,12 @@ class Reject:
     position: dict[str, Any]
     record: Any
     reason: str
+    #: For a value that broke a rule: the rule, the normalized field, the source's column
+    #: (or path) and the value.
+    rule: str | None = None
+    field: str | None = None
+    column: str | None = None
+    value: Any = None
 
 
 @dataclass
@@ -177,6 +187,12 @@ class SourceKind:
         absent = ", ".join(f"{c!r} (for {f})" for f, c in src.fields.mapped().items()
                            if c not in columns)
         return f"{stream}: column {absent} not in the record (columns: {', '.join(columns)})"
+
+    @property
+    def position_sql(self) -> str:
+        """SQL building a raw row's position as a reject holds it (a JSON object)."""
+        return "jsonb_build_object(" + ", ".join(
+            f"'{k}', {c}" for k, c in zip(self.position_keys, self.position_columns)) + ")"
 
     @property
     def copy_columns(self) -> tuple[str, ...]:

@@ -13,7 +13,7 @@ import asyncio
 import zlib
 from array import array
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import compress
 from operator import itemgetter
 from typing import Any
@@ -27,7 +27,7 @@ from etlsvc.extract.contract import Batch, Reject, SourceConfig, SourceKind
 from etlsvc.load import checkpoint, raw
 from etlsvc.runtime import runs
 from etlsvc.transform import normalize
-from etlsvc.transform.validate import validator_for
+from etlsvc.transform.validate import checks_of, validator_for
 
 
 @dataclass
@@ -51,6 +51,8 @@ class Prepared:
     #: CRC-32s of the valid rows' keys (array of uint32): batches that share a key never
     #: commit at the same time.
     key_hashes: bytes = b""
+    #: The source has ``unique`` fields: the commit checks their values.
+    unique_checks: bool = False
 
     def counts(self, inserted: int, updated: int) -> dict[str, int]:
         """The run's counters for this batch once committed."""
@@ -79,7 +81,7 @@ class Preparer:
 
     def __call__(self, batch: Batch) -> Prepared:
         kind = self.kind
-        validator = validator_for(self.src.fields, batch.columns)
+        validator = validator_for(self.src, batch.columns)
         if validator.missing and batch.rows:
             raise SourceError(self.src.name, kind.missing(self.src, batch.stream,
                                                           batch.columns))
@@ -88,11 +90,13 @@ class Preparer:
         keep = None
         if bad:
             keep = [True] * len(batch.rows)
-            for i, reason in bad.items():
+            for i, problem in bad.items():
                 keep[i] = False
                 rejects.append(Reject(batch.stream,
                                       dict(zip(kind.position_keys, batch.positions[i])),
-                                      self._original(batch, i), reason))
+                                      self._original(batch, i), problem.reason,
+                                      problem.rule, problem.field, problem.column,
+                                      problem.value))
             rejects.sort(key=lambda r: tuple(r.position.values()))
         rows = batch.rows if keep is None else list(compress(batch.rows, keep))
         key_col = batch.columns.index(self.src.fields.source_id) if batch.rows else 0
@@ -105,11 +109,16 @@ class Preparer:
         payload = raw.payload(self.run_id, self.src.name, batch.stream, positions, keys,
                               records, received=batch.records is not None)
         hashes = set(map(zlib.crc32, map(str.encode, keys)))
+        unique = [c.field for c in checks_of(self.src).values() if c.rule.unique]
+        for field in unique:
+            # Batches sharing a unique value commit one after the other, as for a key.
+            col = batch.columns.index(self.src.fields.mapped()[field])
+            hashes.update(zlib.crc32(f"{field}\0{v}".encode()) for v in map(itemgetter(col), rows))
         return Prepared(batch.checkpoint or batch.stream, payload, len(rows),
                         len(set(keys)) == len(keys),
                         rejects, batch.rows_read, batch.bytes_read, batch.state,
                         pages=batch.pages, lines=batch.lines_read,
-                        key_hashes=array("I", hashes).tobytes())
+                        key_hashes=array("I", hashes).tobytes(), unique_checks=bool(unique))
 
     @staticmethod
     def _original(batch: Batch, i: int) -> Any:
@@ -212,6 +221,12 @@ async def commit(conn: asyncpg.Connection, src: SourceConfig, kind: SourceKind, 
         mark = await normalize.next_raw_id(conn, kind.raw_table)
         await raw.copy(conn, kind.raw_table, kind.copy_columns, batch.payload)
         inserted, updated = (0, 0)
+        if batch.valid and batch.unique_checks:
+            conflicts = await normalize.unique_conflicts(conn, src, kind, above=mark, mine=True)
+            if conflicts:
+                taken = await normalize.take_raw(conn, kind, conflicts)
+                batch = replace(batch, valid=batch.valid - len(taken),
+                                rejects=[*batch.rejects, *taken])
         if batch.valid:
             inserted, updated = await normalize.upsert(
                 conn, src, kind, above=mark, distinct_keys=batch.distinct_keys, mine=True)

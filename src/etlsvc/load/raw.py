@@ -103,7 +103,8 @@ async def insert_rejects(conn: asyncpg.Connection, run_id: int, source: str,
     """Store rejects with their position, original record and reason."""
     if rejects:
         await conn.executemany(db.query("rejects", "insert"), [
-            (run_id, source, r.stream, r.position, _jsonable(r.record), r.reason)
+            (run_id, source, r.stream, r.position, _jsonable(r.record), r.reason, r.rule,
+             r.field, r.column, None if r.value is None else _jsonable(str(r.value)))
             for r in rejects])
 
 

@@ -217,6 +217,7 @@ async def _commit_batches(cfg: Config, run: ClaimedRun, workers: Workers, progre
     """The kind's batches from the checkpoints on, each committed as it comes (the next one
     is prepared meanwhile)."""
     src, kind, conn = run.src, kind_of(run.src), run.conn
+    await normalize.ensure_unique_indexes(conn, src)
 
     async def set_total(total: int) -> None:
         progress.bytes_total = total
@@ -346,14 +347,13 @@ async def _replay(conn: Any, src: Source, run_id: int, chunk: int,
     kind = kind_of(src)
     table = kind.raw_table
     key_path = normalize.paths(src, kind)[0]
-    position = "jsonb_build_object(" + ", ".join(
-        f"'{k}', {c}" for k, c in zip(kind.position_keys, kind.position_columns)) + ")"
+    await normalize.ensure_unique_indexes(conn, src)
     await conn.execute("CREATE TEMP TABLE replay_keys (key text PRIMARY KEY) ON COMMIT DROP")
     last = 0
     first_reason = None
     while True:
         found = await conn.fetch(
-            f"SELECT id, {kind.stream_column} AS stream, {position} AS position, record "
+            f"SELECT id, {kind.stream_column} AS stream, {kind.position_sql} AS position, record "
             f"FROM {table} WHERE source = $1 AND id > $2 ORDER BY id LIMIT $3",
             src.name, last, chunk)
         if not found:
@@ -361,17 +361,28 @@ async def _replay(conn: Any, src: Source, run_id: int, chunk: int,
         skip: list[int] = []
         rejects: list[Reject] = []
         for columns, group in _by_columns(src, found).items():
-            validator = validator_for(src.fields, list(columns))
+            validator = validator_for(src, list(columns))
             rows = project([r["record"] for r in group], list(columns),
                            flat=kind.record == "columns")
-            bad = validator.check(rows)
             if validator.missing:
-                bad = dict.fromkeys(range(len(rows)), "mapped column not in the record: " +
-                                    ", ".join(c for _, c in validator.missing))
-            for i, reason in bad.items():
-                r = group[i]
-                skip.append(r["id"])
-                rejects.append(Reject(r["stream"], r["position"], r["record"], reason))
+                reason = ("mapped column not in the record: " +
+                          ", ".join(c for _, c in validator.missing))
+                bad = {i: Reject(r["stream"], r["position"], r["record"], reason)
+                       for i, r in enumerate(group)}
+            else:
+                bad = {i: Reject(group[i]["stream"], group[i]["position"], group[i]["record"],
+                                 p.reason, p.rule, p.field, p.column, p.value)
+                       for i, p in validator.check(rows).items()}
+            for i, reject in bad.items():
+                skip.append(group[i]["id"])
+                rejects.append(reject)
+        by_id = {r["id"]: r for r in found}
+        for raw_id, p in (await normalize.unique_conflicts(
+                conn, src, kind, above=last, upto=found[-1]["id"], skip=skip)).items():
+            r = by_id[raw_id]
+            skip.append(raw_id)
+            rejects.append(Reject(r["stream"], r["position"], r["record"], p.reason, p.rule,
+                                  p.field, p.column, p.value))
         inserted, updated = await normalize.upsert(conn, src, kind, above=last,
                                                    upto=found[-1]["id"], skip=skip)
         if inserted or updated:

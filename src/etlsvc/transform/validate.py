@@ -1,86 +1,78 @@
 """Validation of records with msgspec, before anything reaches PostgreSQL.
 
-Owns the rules a record must pass to be loaded, and the human-readable reason when it does
-not. The rules concern the normalized fields a source maps:
-
-* ``source_id``: present and not empty;
-* ``amount``: empty, or a number (``12``, ``-3.50``, ``1e3``; no thousands separators or
-  currency signs);
-* ``event_time``: empty, or an RFC 3339 date-time (``2024-05-01T12:00:00Z``; without an
-  offset it is taken as UTC) with a UTC offset within ±15:59 (PostgreSQL's range).
+Owns checking a batch's rows against the compiled rules of a source's fields
+(``transform/rules.py``): by default ``source_id`` present and not empty, ``amount`` empty
+or a number, ``event_time`` empty or an RFC 3339 date-time with an offset PostgreSQL takes,
+and whatever ``[sources.rules]`` adds.
 
 Everything the SQL normalization casts has passed these checks, so a batch never fails in
 the database because of one bad value. A whole batch is checked with one
 ``msgspec.convert`` call; when it fails, the error's path gives the failing row and column,
-that row becomes a reject, and checking goes on after it.
+the field's rules say which one the value broke, that row becomes a reject, and checking
+goes on after it. Rules msgspec cannot express (timestamp bounds, array items) are checked
+after it, only for the fields that have them.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import re
+from functools import lru_cache
 from operator import itemgetter
-from typing import Annotated, Any
+from typing import Any
 
 import msgspec
 
-from etlsvc.extract.contract import Fields
+from etlsvc.extract.contract import Fields, SourceConfig
+from etlsvc.transform.rules import FieldCheck, Problem, Rule, compile_rules
 
 _PATH = re.compile(r" - at `\$\[(\d+)\]\[(\d+)\]`$")
-# Offsets PostgreSQL refuses ("time zone displacement out of range") though RFC 3339 allows.
+# Offsets PostgreSQL refuses, searched in a whole column at once (see rules._BIG_OFFSET).
 _BIG_OFFSET = re.compile(r"[+-](?:1[6-9]|[2-9]\d):?\d\d(?=\x1f|$)", re.M)
 
-#: Rows checked by one msgspec call at most (the parsing thread must let go of the GIL often).
+#: Rows checked by one msgspec call at most (an error restarts the call after the bad row).
 SLICE = 2000
-
-NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
-
-_RULES: dict[str, tuple[Any, str]] = {
-    "source_id": (NonEmpty, "is empty"),
-    "amount": (float | None, "is not a number"),
-    "event_time": (dt.datetime | None, "is not an RFC 3339 date-time (like 2024-05-01T12:00:00Z)"),
-}
 
 
 class RowValidator:
-    """Checks rows (lists of strings, one per column) against a source's field mapping."""
+    """Checks rows (lists of strings, one per column) against a source's field checks."""
 
-    def __init__(self, columns: list[str], fields: Fields) -> None:
+    def __init__(self, columns: list[str], fields: Fields,
+                 checks: dict[str, FieldCheck]) -> None:
         self.columns = columns
+        self.checks = checks
         index = {name: i for i, name in enumerate(columns)}
-        self.checked: dict[int, str] = {}          # column index -> normalized field
+        self.checked: dict[int, FieldCheck] = {}          # column index -> field's check
         for field, column in fields.mapped().items():
-            if field in _RULES and column in index:
-                self.checked[index[column]] = field
+            if column in index and not checks[field].trivial:
+                self.checked[index[column]] = checks[field]
         self.missing = [(f, c) for f, c in fields.mapped().items() if c not in index]
-        types = [(f"c{i}", _RULES[self.checked[i]][0] if i in self.checked else Any)
+        types = [(f"c{i}", self.checked[i].msgspec_type() if i in self.checked else Any)
                  for i in range(len(columns))]
         self._type = list[msgspec.defstruct("Row", types, array_like=True)]  # type: ignore[misc]
-        # Empty amount / event_time cells are valid (null): hidden from msgspec as None.
-        self._blankable = [i for i, f in self.checked.items() if f != "source_id"]
-        self._time_col = next((i for i, f in self.checked.items() if f == "event_time"), None)
+        # Empty cells of optional fields are valid (null): hidden from msgspec as None.
+        self._blankable = [i for i, c in self.checked.items() if not c.required]
+        self._post = [i for i, c in self.checked.items() if c.needs_post_check]
 
-    def check(self, rows: list[list[Any]]) -> dict[int, str]:
-        """Validate ``rows``; return {row index: reason} for the rows that fail."""
-        bad: dict[int, str] = {}
+    def check(self, rows: list[list[Any]]) -> dict[int, Problem]:
+        """Validate ``rows``; return {row index: problem} for the rows that fail."""
+        bad: dict[int, Problem] = {}
         blanks = self._hide_blanks(rows)
         try:
             start = 0
             while start < len(rows):
-                # Windows of SLICE rows: one C call holds the GIL until it returns.
                 end = min(start + SLICE, len(rows))
                 try:
                     msgspec.convert(rows[start:end], self._type, strict=False)
                     start = end
                 except msgspec.ValidationError as exc:
-                    i, reason = self._explain(exc, rows, start)
-                    bad[i] = reason
+                    i, problem = self._explain(exc, rows, start)
+                    bad[i] = problem
                     start = i + 1
         finally:
             for i, col in blanks:
                 rows[i][col] = ""
-        if self._time_col is not None:
-            self._check_offsets(rows, bad)
+        for col in self._post:
+            self._post_check(col, rows, bad)
         return bad
 
     def _hide_blanks(self, rows: list[list[Any]]) -> list[tuple[int, int]]:
@@ -95,40 +87,60 @@ class RowValidator:
         return blanks
 
     def _explain(self, exc: msgspec.ValidationError, rows: list[list[Any]],
-                 start: int) -> tuple[int, str]:
+                 start: int) -> tuple[int, Problem]:
         m = _PATH.search(str(exc))
         if not m:                                  # not per-cell: should not happen
-            return start, str(exc)
+            return start, Problem("type", "?", "?", None, str(exc))
         i, col = start + int(m.group(1)), int(m.group(2))
-        field = self.checked.get(col)
+        check = self.checked.get(col)
         value = rows[i][col]
-        if field is None:
-            return i, f"column {self.columns[col]!r}: {str(exc)[:m.start()]}"
-        shown = repr(value) if len(str(value)) <= 60 else repr(str(value)[:60]) + "…"
-        return i, f"{field} (column {self.columns[col]!r}) {_RULES[field][1]}: {shown}"
+        column = self.columns[col]
+        problem = check.explain(value, column) if check is not None else None
+        # msgspec is the judge; a value it refused that no rule names is of the wrong type.
+        return i, problem or Problem("type", check.field if check else column, column, value,
+                                     str(exc)[:m.start()])
 
-    def _check_offsets(self, rows: list[list[Any]], bad: dict[int, str]) -> None:
-        assert self._time_col is not None
-        col = self._time_col
+    def _post_check(self, col: int, rows: list[list[Any]], bad: dict[int, Problem]) -> None:
+        check = self.checked[col]
         values = list(map(itemgetter(col), rows))
-        if not _BIG_OFFSET.search("\x1f".join(filter(None, values))):
+        rule = check.rule
+        # With no bounds only the offset is left to check: search the whole column first.
+        if (check.type == "timestamp" and rule.min is None and rule.max is None
+                and not _BIG_OFFSET.search("\x1f".join(filter(None, values)))):
             return
+        column = self.columns[col]
         for i, v in enumerate(values):
-            if i not in bad and v and _BIG_OFFSET.search(v):
-                bad[i] = (f"event_time (column {self.columns[col]!r}) has a UTC offset "
-                          f"beyond ±15:59: {v!r}")
+            if i not in bad and v:
+                problem = check.explain(v, column)
+                if problem is not None:
+                    bad[i] = problem
 
 
 #: Validators by (field mapping, columns), per process: a file's header changes rarely.
-_VALIDATORS: dict[tuple[Fields, tuple[str, ...]], RowValidator] = {}
+_VALIDATORS: dict[tuple[Any, ...], RowValidator] = {}
 
 
-def validator_for(fields: Fields, columns: list[str]) -> RowValidator:
-    """The validator of rows with ``columns`` under ``fields``, made once per process."""
-    key = (fields, tuple(columns))
+def validator_for(src: SourceConfig, columns: list[str]) -> RowValidator:
+    """The validator of rows with ``columns`` under ``src``'s fields and rules, made once per
+    process."""
+    checks = checks_of(src)
+    key = (id(checks), tuple(columns))
     found = _VALIDATORS.get(key)
-    if found is None:
+    if found is None or found.checks is not checks:
         if len(_VALIDATORS) > 256:
             _VALIDATORS.clear()
-        found = _VALIDATORS[key] = RowValidator(columns, fields)
+        found = _VALIDATORS[key] = RowValidator(columns, src.fields, checks)
     return found
+
+
+def checks_of(src: SourceConfig) -> dict[str, FieldCheck]:
+    """The compiled checks of ``src``'s mapped fields (its rules were checked with the
+    config), made once per process."""
+    return _checks(src.fields, tuple(sorted(src.rules.items())), src.tags_separator)
+
+
+@lru_cache(maxsize=256)
+def _checks(fields: Fields, rules: tuple[tuple[str, Rule], ...],
+            separator: str) -> dict[str, FieldCheck]:
+    return compile_rules(fields.mapped(), dict(rules), separator)
+
