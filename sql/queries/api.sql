@@ -148,9 +148,12 @@ FROM etl_runs s
 GROUP BY s.source
 
 -- name: rejects_page
--- params: $1 after id, $2 limit, $3 run id, $4 source
-SELECT id, run_id, source, stream, position, record, reason, created_at FROM etl_rejects
+-- params: $1 after id, $2 limit, $3 run id, $4 source, $5 status
+SELECT id, run_id, source, stream, position, record, reason, rule, field, source_field, value,
+       status, status_changed_at, resolved_run_id, created_at
+FROM etl_rejects
 WHERE id > $1 AND ($3::bigint IS NULL OR run_id = $3) AND ($4::text IS NULL OR source = $4)
+  AND ($5::text IS NULL OR status = $5)
 ORDER BY id
 LIMIT $2
 

@@ -1,4 +1,4 @@
-"""The ``etlsvc`` command: run, replay, migrate, check.
+"""The ``etlsvc`` command: run, replay, rejects, serve, migrate, check, logs.
 
 Owns argument parsing, exit codes (0 success, 1 a run or check failed, 2 bad usage or
 config) and what a person at a terminal sees: a progress bar and a summary table on stderr,
@@ -23,7 +23,7 @@ from etlsvc.api import tail
 from etlsvc.config import Config, Source, config_path, load_config
 from etlsvc.errors import ConfigError, EtlError, SourceBusy
 from etlsvc.logs import configure_logging
-from etlsvc.runtime import pipeline
+from etlsvc.runtime import pipeline, retry
 from etlsvc.runtime.workers import from_config
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -54,6 +54,18 @@ def build_parser() -> argparse.ArgumentParser:
     replay = sub.add_parser("replay", parents=[common],
                             help="normalize a source again from its raw rows")
     replay.add_argument("source", metavar="SOURCE")
+    rejects = sub.add_parser("rejects", parents=[common],
+                             help="retry rejected records under the current rules, or "
+                                  "ignore them")
+    rejects_sub = rejects.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    for action, text in (("retry", "validate open rejects again and load the valid ones"),
+                         ("ignore", "mark open rejects as ignored")):
+        cmd = rejects_sub.add_parser(action, parents=[common], help=text)
+        cmd.add_argument("source", metavar="SOURCE")
+        cmd.add_argument("--run", type=int, default=None, metavar="N",
+                         help="only the rejects of run N")
+        cmd.add_argument("--id", type=int, action="append", default=None, dest="ids",
+                         metavar="ID", help="only this reject (repeatable)")
     serve = sub.add_parser("serve", parents=[common],
                            help="run the HTTP API and the scheduler")
     serve.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
@@ -141,6 +153,22 @@ async def _replay(cfg: Config, args: argparse.Namespace) -> int:
     return EXIT_OK if row["status"] == "succeeded" else EXIT_FAILED
 
 
+async def _rejects(cfg: Config, args: argparse.Namespace) -> int:
+    src = cfg.source(args.source)
+    async with db.open_database(cfg) as database:
+        if args.action == "ignore":
+            count = await retry.ignore(database, src, run_id=args.run, ids=args.ids)
+            print(f"{src.name}: {count:,} open reject(s) marked ignored", file=sys.stderr)
+            return EXIT_OK
+        row = await retry.retry(database, src, run_id=args.run, ids=args.ids)
+    print(f"{src.name}: retry run {row['id']}: {row['rows_read']:,} open reject(s) retried, "
+          f"{row['rows_valid']:,} loaded (resolved), {row['rows_rejected']:,} still open",
+          file=sys.stderr)
+    if row.get("error"):
+        print(f"{src.name}: {row['error']}", file=sys.stderr)
+    return EXIT_OK if row["status"] == "succeeded" else EXIT_FAILED
+
+
 async def _migrate(cfg: Config, args: argparse.Namespace) -> int:
     async with db.open_database(cfg, migrate=False) as database:
         applied = await db.apply_migrations(database.pool)
@@ -200,7 +228,8 @@ async def _serve(cfg: Config, args: argparse.Namespace) -> int:
     return EXIT_OK if server.started else EXIT_FAILED
 
 
-_COMMANDS = {"serve": _serve, "run": _run, "replay": _replay, "migrate": _migrate, "check": _check}
+_COMMANDS = {"serve": _serve, "run": _run, "replay": _replay, "rejects": _rejects,
+             "migrate": _migrate, "check": _check}
 
 
 class _Server(uvicorn.Server):

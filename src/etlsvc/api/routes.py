@@ -34,7 +34,7 @@ from etlsvc import db
 from etlsvc.api import auth, changes, tail
 from etlsvc.errors import ConfigError, SourceBusy
 from etlsvc.extract import KINDS
-from etlsvc.runtime import metrics
+from etlsvc.runtime import metrics, retry
 from etlsvc.runtime.service import Service, schedule_seconds
 
 
@@ -332,15 +332,63 @@ async def list_rejects(
     request: Request,
     run_id: Annotated[int | None, QueryParameter(ge=0, le=db.MAX_ID)] = None,
     source: FromQuery[str | None] = None,
+    status: Annotated[str | None, QueryParameter(pattern="^(open|resolved|ignored)$")] = None,
     limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 50,
     cursor: FromQuery[str | None] = None,
 ) -> dict[str, Any]:
-    """Rejects of a run or a source, oldest first, paged by cursor."""
-    filters = ("rejects", run_id, source)
+    """Rejects of a run or a source, oldest first, paged by cursor: each with the rule it
+    broke (field, column, value) and its status (open, resolved, ignored)."""
+    filters = ("rejects", run_id, source, status)
     after = decode_cursor(cursor, filters) if cursor else 0
     rows, pagination = keyset_page(await read_pool(request).fetch(
-        db.query("api", "rejects_page"), after, limit + 1, run_id, source), limit, filters)
+        db.query("api", "rejects_page"), after, limit + 1, run_id, source, status), limit,
+        filters)
     return envelope(request, [dict(r) for r in rows], pagination)
+
+
+class RejectsRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """Which open rejects: of a source, optionally of one run or by id."""
+
+    source: str
+    run_id: Annotated[int, msgspec.Meta(ge=1, le=db.MAX_ID)] | None = None
+    ids: Annotated[list[Annotated[int, msgspec.Meta(ge=1, le=db.MAX_ID)]],
+                   msgspec.Meta(min_length=1, max_length=10_000)] | None = None
+
+
+def _rejects_source(request: Request, body: RejectsRequest) -> Any:
+    try:
+        return service_of(request).cfg.source(body.source)
+    except ConfigError as exc:
+        raise ApiError(404, "unknown_source", str(exc)) from None
+
+
+@post("/etl/rejects/retry", status_code=200,
+      summary="Validate open rejects again and load the valid ones (API key required)",
+      responses=WRITE_ERRORS, opt={"scope": "run"}, guards=[require_json_body])
+async def retry_rejects(request: Request, data: JSONBody[RejectsRequest]) -> dict[str, Any]:
+    """Re-validate the source's open rejects under the current rules and mapping; load the
+    ones now valid (raw row, normalized row and the reject's status in one transaction,
+    each once even if retries race). Answers with the retry run: ``rows_valid`` loaded,
+    ``rows_rejected`` still open."""
+    src = _rejects_source(request, data)
+    try:
+        row = await retry.retry(service_of(request).database, src, run_id=data.run_id,
+                                ids=data.ids)
+    except SourceBusy as exc:
+        raise ApiError(409, "source_running", str(exc), source=exc.source,
+                       running_run_id=exc.run_id) from None
+    return envelope(request, run_view(row))
+
+
+@post("/etl/rejects/ignore", status_code=200,
+      summary="Mark open rejects as ignored (API key required)",
+      responses=WRITE_ERRORS, opt={"scope": "run"}, guards=[require_json_body])
+async def ignore_rejects(request: Request, data: JSONBody[RejectsRequest]) -> dict[str, Any]:
+    """Mark the source's open rejects (of a run, or by id) ignored: nobody will fix them."""
+    src = _rejects_source(request, data)
+    count = await retry.ignore(service_of(request).database, src, run_id=data.run_id,
+                               ids=data.ids)
+    return envelope(request, {"source": src.name, "ignored": count})
 
 
 # -- read API ------------------------------------------------------------------------------
@@ -654,5 +702,6 @@ async def log_stream(
     return ServerSentEvent(events())
 
 
-HANDLERS = [start_runs, list_runs, get_run, list_rejects, list_data, list_changes,
-            stream_changes, get_record, health, stats, prometheus, log_stream]
+HANDLERS = [start_runs, list_runs, get_run, list_rejects, retry_rejects, ignore_rejects,
+            list_data, list_changes, stream_changes, get_record, health, stats, prometheus,
+            log_stream]

@@ -27,6 +27,7 @@ from etlsvc.extract.contract import Batch, Reject, SourceConfig, SourceKind
 from etlsvc.load import checkpoint, raw
 from etlsvc.runtime import runs
 from etlsvc.transform import normalize
+from etlsvc.transform.rules import Problem
 from etlsvc.transform.validate import checks_of, validator_for
 
 
@@ -80,12 +81,20 @@ class Preparer:
         return kind_of(self.src)
 
     def __call__(self, batch: Batch) -> Prepared:
-        kind = self.kind
+        return self.prepare(batch, self.check(batch))
+
+    def check(self, batch: Batch) -> dict[int, Problem]:
+        """The rows of ``batch`` that break a rule, by index; SourceError when a mapped
+        column is not in the batch at all."""
         validator = validator_for(self.src, batch.columns)
         if validator.missing and batch.rows:
-            raise SourceError(self.src.name, kind.missing(self.src, batch.stream,
-                                                          batch.columns))
-        bad = validator.check(batch.rows)
+            raise SourceError(self.src.name, self.kind.missing(self.src, batch.stream,
+                                                               batch.columns))
+        return validator.check(batch.rows)
+
+    def prepare(self, batch: Batch, bad: dict[int, Problem]) -> Prepared:
+        """``batch`` without its ``bad`` rows (which become rejects), encoded for COPY."""
+        kind = self.kind
         rejects = batch.rejects
         keep = None
         if bad:
@@ -110,7 +119,7 @@ class Preparer:
                               records, received=batch.records is not None)
         hashes = set(map(zlib.crc32, map(str.encode, keys)))
         unique = [c.field for c in checks_of(self.src).values() if c.rule.unique]
-        for field in unique:
+        for field in unique if rows else ():
             # Batches sharing a unique value commit one after the other, as for a key.
             col = batch.columns.index(self.src.fields.mapped()[field])
             hashes.update(zlib.crc32(f"{field}\0{v}".encode()) for v in map(itemgetter(col), rows))

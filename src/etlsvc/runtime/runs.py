@@ -59,10 +59,15 @@ async def running_id(conn: asyncpg.Connection, source: str) -> int | None:
 
 
 @contextlib.asynccontextmanager
-async def source_lock(conn: asyncpg.Connection, source: str) -> AsyncIterator[None]:
-    """Hold the source's advisory lock; SourceBusy (with the running run's id) if taken."""
-    if not await try_lock(conn, source):
-        raise SourceBusy({source: await running_id(conn, source)})
+async def source_lock(conn: asyncpg.Connection, source: str,
+                      wait: float = 0.0) -> AsyncIterator[None]:
+    """Hold the source's advisory lock, waiting up to ``wait`` seconds for it; SourceBusy
+    (with the running run's id) if it stays taken."""
+    deadline = asyncio.get_running_loop().time() + wait
+    while not await try_lock(conn, source):
+        if asyncio.get_running_loop().time() >= deadline:
+            raise SourceBusy({source: await running_id(conn, source)})
+        await asyncio.sleep(0.1)
     try:
         yield
     finally:

@@ -95,6 +95,8 @@ class Problem:
 
     @property
     def reason(self) -> str:
+        if self.value is None:
+            return f"{self.field} (column {self.column!r}) {self.message}"
         shown = repr(self.value) if len(str(self.value)) <= 60 else (
             repr(str(self.value)[:60]) + "…")
         return f"{self.field} (column {self.column!r}) {self.message}: {shown}"

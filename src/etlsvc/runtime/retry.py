@@ -1,0 +1,157 @@
+"""Reprocessing rejects: open rejects validated again under the current rules and mapping.
+
+Owns ``etlsvc rejects retry`` / ``POST /etl/rejects/retry`` and ``… ignore``. A retry is a run
+of its own (trigger ``retry``) that takes the source's lock like any run, then works through
+the open rejects in chunks. Each chunk is one transaction: its rejects are locked (``FOR
+UPDATE SKIP LOCKED``), validated by the source's :class:`~etlsvc.load.batches.Preparer`,
+and the valid ones go the way a batch goes — COPY into the raw table, the unique check,
+the normalization upsert, the run's counters — while their rejects become ``resolved`` (with
+the retry's run id) in the same commit. A reject is therefore loaded exactly once, even when
+two retries race: the second waits for the lock and finds it resolved. The ones still
+invalid stay ``open`` with the reason the current rules give.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+import msgspec
+import structlog
+
+from etlsvc import db
+from etlsvc.config import Source
+from etlsvc.db import Database
+from etlsvc.extract import kind_of
+from etlsvc.extract.contract import Batch
+from etlsvc.extract.records import project
+from etlsvc.load import raw
+from etlsvc.load.batches import Preparer
+from etlsvc.runtime import runs
+from etlsvc.transform import normalize
+from etlsvc.transform.rules import Problem
+from etlsvc.transform.validate import validator_for
+
+log = structlog.get_logger()
+
+#: Rejects retried per transaction.
+CHUNK = 1000
+#: Seconds a retry waits for the source's lock (a run or another retry holds it).
+LOCK_WAIT = 30.0
+
+
+async def retry(database: Database, src: Source, *, run_id: int | None = None,
+                ids: list[int] | None = None, chunk: int = CHUNK) -> dict[str, Any]:
+    """Retry the open rejects of ``src`` (of one run, or the given ids); return the retry
+    run's row (``rows_valid``: loaded now; ``rows_rejected``: still open)."""
+    async with database.pool.acquire() as conn, runs.source_lock(conn, src.name,
+                                                                 wait=LOCK_WAIT):
+        retry_id = await runs.start(conn, src.name, src.kind, "retry", False,
+                                    database.reconnect_timeout)
+        with structlog.contextvars.bound_contextvars(run_id=retry_id, source=src.name):
+            log.info("retry of rejects started", of_run=run_id, ids=ids)
+            error = None
+            after = 0
+            try:
+                while True:
+                    async with conn.transaction():
+                        taken = await conn.fetch(db.query("rejects", "take_open"), src.name,
+                                                 after, chunk, run_id, ids)
+                        if not taken:
+                            break
+                        after = taken[-1]["id"]
+                        await _retry_chunk(conn, src, retry_id, taken)
+            except (asyncpg.PostgresError, OSError) as exc:
+                error = f"retry stopped: {exc}"
+            row = await runs.finish(conn, retry_id, "failed" if error else "succeeded", error)
+            (log.error if error else log.info)(
+                "retry of rejects finished", status=row["status"], error=error,
+                loaded=row["rows_valid"], still_open=row["rows_rejected"])
+            return row
+
+
+async def _retry_chunk(conn: asyncpg.Connection, src: Source, retry_id: int,
+                       taken: list[Any]) -> None:
+    kind = kind_of(src)
+    preparer = Preparer(src, retry_id)
+    groups, unusable = _batches(src, taken)
+    counts = dict.fromkeys(runs.COUNTERS, 0)
+    counts["rows_read"] = counts["rows_rejected"] = len(unusable)
+    for ids, batch in groups:
+        missing = validator_for(src, batch.columns).missing
+        bad = (preparer.check(batch) if not missing else dict.fromkeys(
+            range(len(ids)), Problem("required", *missing[0], None, "is not in the record")))
+        prepared = preparer.prepare(batch, bad)
+        for i, problem in bad.items():
+            await _still_open(conn, ids[i], problem)
+        good = [reject_id for i, reject_id in enumerate(ids) if i not in bad]
+        mark = await normalize.next_raw_id(conn, kind.raw_table)
+        await raw.copy(conn, kind.raw_table, kind.copy_columns, prepared.payload)
+        # The k-th row copied has the k-th id above the mark: which reject each one is.
+        raw_ids = await conn.fetch(
+            f"SELECT id FROM {kind.raw_table} WHERE source = $1 AND id > $2 "
+            "AND xmin = pg_current_xact_id()::xid ORDER BY id", src.name, mark)
+        of_raw = dict(zip((r["id"] for r in raw_ids), good))
+        conflicts = await normalize.unique_conflicts(conn, src, kind, above=mark, mine=True)
+        if conflicts:
+            await normalize.take_raw(conn, kind, conflicts)
+            for raw_id, problem in conflicts.items():
+                await _still_open(conn, of_raw[raw_id], problem)
+        loaded = [of_raw[r] for r in of_raw if r not in conflicts]
+        inserted, updated = (0, 0)
+        if loaded:
+            inserted, updated = await normalize.upsert(conn, src, kind, above=mark,
+                                                       mine=True)
+            if inserted or updated:
+                await normalize.bump_version(conn, src, kind)
+            await conn.execute(db.query("rejects", "resolve"), loaded, retry_id)
+        for k, v in (("rows_read", len(ids)), ("rows_valid", len(loaded)),
+                     ("rows_rejected", len(ids) - len(loaded)), ("rows_inserted", inserted),
+                     ("rows_updated", updated),
+                     ("rows_unchanged", len(loaded) - inserted - updated)):
+            counts[k] += v
+    await runs.add(conn, retry_id, counts)
+
+
+async def _still_open(conn: asyncpg.Connection, reject_id: int, p: Problem) -> None:
+    await conn.execute(db.query("rejects", "still_open"), reject_id, p.reason, p.rule,
+                       p.field, p.column, None if p.value is None else str(p.value))
+
+
+def _batches(src: Source, taken: list[Any]) -> tuple[list[tuple[list[int], Batch]], list[int]]:
+    """The taken rejects as batches of the kind (one per stream and columns) with their
+    reject ids, and the ids of rejects that cannot make a row (a line that never parsed as
+    a record keeps its reason and stays open)."""
+    kind = kind_of(src)
+    groups: dict[tuple[str, tuple[str, ...]], list[Any]] = {}
+    unusable: list[int] = []
+    paths = tuple(dict.fromkeys(src.fields.mapped().values()))
+    for r in taken:
+        record, position = r["record"], r["position"]
+        if (not isinstance(record, dict)
+                or not all(isinstance(position.get(k), int) for k in kind.position_keys)
+                or (kind.record == "columns"
+                    and not all(isinstance(v, str) for v in record.values()))):
+            unusable.append(r["id"])
+            continue
+        columns = tuple(record) if kind.record == "columns" else paths
+        groups.setdefault((r["stream"], columns), []).append(r)
+    out = []
+    for (stream, columns), group in groups.items():
+        records = [r["record"] for r in group]
+        rows = ([list(rec.values()) for rec in records] if kind.record == "columns"
+                else project(records, list(columns)))
+        positions = [tuple(r["position"][k] for k in kind.position_keys) for r in group]
+        received = (None if kind.record == "columns"
+                    else [msgspec.json.encode(rec) for rec in records])
+        out.append(([r["id"] for r in group],
+                    Batch(stream, list(columns), rows, positions, received,
+                          rows_read=len(group))))
+    return out, unusable
+
+
+async def ignore(database: Database, src: Source, *, run_id: int | None = None,
+                 ids: list[int] | None = None) -> int:
+    """Mark the open rejects of ``src`` (of one run, or the given ids) ignored; how many."""
+    status = await database.pool.execute(db.query("rejects", "ignore"), src.name, run_id, ids)
+    return int(status.split()[-1])
