@@ -35,6 +35,7 @@ TABLES = (
     "etl_runs",
     *(k.raw_table for k in KINDS.values()),
     "normalized_data",
+    "etl_notifications",
     "etl_checkpoints",
     "etl_rejects",
     "data_tombstones",
@@ -238,11 +239,13 @@ def _stop_workers() -> Iterator[None]:
 
 async def run_source(cfg: Config, name: str, **kwargs: Any) -> dict[str, Any]:
     """Run one source in this process; return its finished etl_runs row."""
-    from etlsvc.runtime import pipeline
+    from etlsvc.runtime import notify, pipeline
 
     async with db.open_database(cfg) as database:
-        return await pipeline.run_source(database, cfg, cfg.source(name), shared_workers(),
-                                         **kwargs)
+        row = await pipeline.run_source(database, cfg, cfg.source(name), shared_workers(),
+                                        **kwargs)
+        await notify.drain()          # as `etlsvc run` does, before the pool closes
+        return row
 
 
 @pytest.fixture

@@ -19,6 +19,8 @@ class Request:
     query: dict[str, str]
     headers: dict[str, str]
     at: float = field(default_factory=time.monotonic)
+    method: str = "GET"
+    body: bytes = b""
 
 
 @dataclass
@@ -48,10 +50,13 @@ class Upstream:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 parts = urlsplit(self.path)
+                length = int(self.headers.get("Content-Length") or 0)
                 req = Request(
                     parts.path,
                     dict(parse_qsl(parts.query)),
                     {k.lower(): v for k, v in self.headers.items()},
+                    method=self.command,
+                    body=self.rfile.read(length) if length else b"",
                 )
                 upstream.requests.append(req)
                 route = upstream.routes.get(parts.path)
@@ -68,6 +73,8 @@ class Upstream:
                     self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
+
+            do_POST = do_GET      # a webhook receiver: the body is recorded
 
             def log_message(self, *args: Any) -> None:
                 pass

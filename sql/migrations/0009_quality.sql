@@ -15,3 +15,16 @@ ALTER TABLE etl_runs ADD COLUMN anomaly jsonb;   -- {metric: {value, median, mad
 ALTER TABLE etl_runs DROP CONSTRAINT etl_runs_trigger_check;
 ALTER TABLE etl_runs ADD CONSTRAINT etl_runs_trigger_check
     CHECK (trigger IN ('manual', 'schedule', 'startup', 'replay', 'stream', 'retry'));
+
+-- Notifications (runtime/notify.py): each event once, with how its delivery went.
+CREATE TABLE etl_notifications (
+    id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    event        text        NOT NULL,   -- run_failed, anomaly, drift, stale
+    source       text        NOT NULL,
+    run_id       bigint,
+    once_key     text        NOT NULL UNIQUE,   -- the same event is sent once
+    summary      text        NOT NULL,
+    details      jsonb       NOT NULL,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    outcomes     text[]                  -- per webhook, once delivery is over
+);

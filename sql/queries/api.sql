@@ -124,10 +124,15 @@ ORDER BY id DESC
 LIMIT $2
 
 -- name: last_runs
--- The latest run and the latest successful run of each source.
+-- The latest run and the latest successful run of each source, and whether the latest
+-- successful load was anomalous (runtime/anomalies.py).
 SELECT DISTINCT ON (source) source, id, status, started_at, finished_at, error,
        (SELECT max(finished_at) FROM etl_runs s
-         WHERE s.source = r.source AND s.status = 'succeeded') AS last_success
+         WHERE s.source = r.source AND s.status = 'succeeded') AS last_success,
+       (SELECT a.anomaly FROM etl_runs a
+         WHERE a.source = r.source AND a.status = 'succeeded'
+           AND a.trigger IN ('manual', 'schedule', 'startup', 'stream')
+         ORDER BY a.id DESC LIMIT 1) AS anomaly
 FROM etl_runs r
 ORDER BY source, id DESC
 

@@ -67,3 +67,19 @@ SELECT * FROM etl_runs WHERE id = $1
 -- name: note
 -- params: $1 run id, $2 notes (jsonb, merged into the run's notes)
 UPDATE etl_runs SET notes = notes || $2 WHERE id = $1
+
+-- name: history
+-- The source's recent successful runs that read something, before run $2, newest first:
+-- the baseline an anomaly is judged against (retries and replays are not loads).
+-- params: $1 source, $2 run id, $3 how many
+SELECT rows_read, rows_rejected,
+       extract(epoch FROM finished_at - started_at)::float8 AS seconds
+FROM etl_runs
+WHERE source = $1 AND id < $2 AND status = 'succeeded' AND rows_read > 0
+  AND trigger IN ('manual', 'schedule', 'startup', 'stream')
+ORDER BY id DESC
+LIMIT $3
+
+-- name: flag_anomaly
+-- params: $1 run id, $2 anomaly (jsonb)
+UPDATE etl_runs SET anomaly = $2 WHERE id = $1

@@ -23,7 +23,7 @@ from etlsvc.api import tail
 from etlsvc.config import Config, Source, config_path, load_config
 from etlsvc.errors import ConfigError, EtlError, SourceBusy
 from etlsvc.logs import configure_logging
-from etlsvc.runtime import pipeline, retry
+from etlsvc.runtime import notify, pipeline, retry
 from etlsvc.runtime.workers import from_config
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -135,6 +135,7 @@ async def _run(cfg: Config, args: argparse.Namespace) -> int:
     async with db.open_database(cfg) as database, contextlib.aclosing(workers):
         # Sources at once, up to [pipeline] parallel_runs, each on its own connections.
         results = await asyncio.gather(*(run_one(i, s) for i, s in enumerate(selected)))
+        await notify.drain()            # a failure is announced before the process ends
         try:
             totals = await database.pool.fetch(
                 "SELECT source, count(*) AS n FROM normalized_data WHERE source = ANY($1::text[])"

@@ -92,6 +92,33 @@ class PipelineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     parallel_runs: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
 
 
+#: What a webhook can be told of (runtime/notify.py).
+Event = Literal["run_failed", "anomaly", "drift", "stale"]
+EVENTS: tuple[str, ...] = Event.__args__  # type: ignore[attr-defined]
+
+
+class Webhook(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``[[notify.webhooks]]``: where events go."""
+
+    url: str
+    #: The events sent (default: all).
+    events: tuple[Event, ...] = EVENTS  # type: ignore[assignment]
+    #: Only these sources' events (default: all).
+    sources: tuple[str, ...] = ()
+    format: Literal["generic", "slack"] = "generic"
+    #: Environment variable holding the HMAC secret (no signature without one).
+    secret_env: str | None = None
+    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=120)] = 10.0
+    max_attempts: Annotated[int, msgspec.Meta(ge=1, le=20)] = 5
+    backoff_s: Annotated[float, msgspec.Meta(ge=0, le=600)] = 1.0
+
+
+class NotifyConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``[notify]``."""
+
+    webhooks: list[Webhook] = []
+
+
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The whole configuration of one etlsvc process."""
 
@@ -101,6 +128,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     database: DatabaseConfig = DatabaseConfig()
     embedded: EmbeddedConfig = EmbeddedConfig()
     log: LogConfig = LogConfig()
+    notify: NotifyConfig = NotifyConfig()
     #: Directory of the config file: relative paths in it are relative to this.
     base_dir: str = "."
 
@@ -171,6 +199,7 @@ def load_config(path: Path, environ: Mapping[str, str] = os.environ) -> Config:
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{path}: {_explain(exc, data)}") from exc
     _check(cfg, path)
+    _check_notify(cfg.notify, f"{path}: key 'notify", environ)
     return cfg
 
 
@@ -216,6 +245,16 @@ def _name_dict_keys(data: dict, where: str, field: str) -> str:
             part = f".{part}" if out else part
         out.append(part)
     return "".join(out)
+
+
+def _check_notify(cfg: NotifyConfig, where: str, environ: Mapping[str, str]) -> None:
+    """ConfigError naming the key for a webhook that cannot work."""
+    for i, hook in enumerate(cfg.webhooks):
+        if not hook.url.startswith(("http://", "https://")):
+            raise ConfigError(f"{where}.webhooks[{i}].url': not an http(s) URL: {hook.url!r}")
+        if hook.secret_env and not environ.get(hook.secret_env):
+            raise ConfigError(f"{where}.webhooks[{i}].secret_env': environment variable "
+                              f"{hook.secret_env} is not set (it holds the signing secret)")
 
 
 def _check_database_url(path: Path, key: str, url: str) -> None:

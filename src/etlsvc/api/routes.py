@@ -35,7 +35,7 @@ from etlsvc.api import auth, changes, tail
 from etlsvc.errors import ConfigError, SourceBusy
 from etlsvc.extract import KINDS
 from etlsvc.runtime import metrics, retry
-from etlsvc.runtime.service import Service, schedule_seconds
+from etlsvc.runtime.service import Service, stale
 
 
 class ApiError(HTTPException):
@@ -603,7 +603,9 @@ async def get_record(
 @get("/health", summary="Liveness and readiness", responses=_errors(429, 503))
 async def health(request: Request) -> Response[dict[str, Any]]:
     """200 when the database answers, the scheduler runs and no source is stale (nor, with
-    ``server.health_fails_on_failing_sources``, has a failed last run); else 503."""
+    ``server.health_fails_on_failing_sources``, has a failed last run); else 503. A source
+    whose last load was anomalous is listed as degraded (the answer stays 200: the data is
+    odd, the service is fine)."""
     service = service_of(request)
     checks: dict[str, Any] = {"scheduler": service.scheduler_running}
     try:
@@ -618,13 +620,14 @@ async def health(request: Request) -> Response[dict[str, Any]]:
     sources = {}
     for src in service.cfg.sources:
         info = last.get(src.name, {})
-        period = schedule_seconds(src.schedule) if src.schedule else None  # cron: next gap
-        stale = bool(period and info.get("last_success") and
-                     (now - info["last_success"]).total_seconds() > 3 * period)
         sources[src.name] = {"last_run": info.get("id"), "status": info.get("status"),
-                             "last_success": info.get("last_success"), "stale": stale,
+                             "last_success": info.get("last_success"),
+                             "stale": stale(src, info.get("last_success"), now),
                              "failing": info.get("status") in ("failed", "interrupted"),
-                             "error": info.get("error")}
+                             "error": info.get("error"),
+                             # The last load was unlike the recent ones (runtime/anomalies).
+                             "degraded": info.get("anomaly") is not None,
+                             "anomaly": info.get("anomaly")}
         if KINDS[src.kind].continuous:
             sources[src.name]["lag"] = metrics.stream_lag.get(src.name)
     failing = sorted(n for n, s in sources.items() if s["failing"])
@@ -633,6 +636,8 @@ async def health(request: Request) -> Response[dict[str, Any]]:
         failing and service.cfg.server.health_fails_on_failing_sources)
     body = envelope(request, {"status": "ok" if healthy else "degraded", "checks": checks,
                               "failing_sources": failing,
+                              "degraded_sources": sorted(
+                                  n for n, s in sources.items() if s["degraded"]),
                               "running": sorted(n for n, s in sources.items()
                                                 if s["status"] == "running"),
                               "sources": sources})

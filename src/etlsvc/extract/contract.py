@@ -61,6 +61,19 @@ class Fields(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return {f: v for f in NORMALIZED_FIELDS if (v := getattr(self, f)) is not None}
 
 
+class AnomalyConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``[sources.anomaly]``: how a finished run is compared with the source's recent runs
+    (``runtime/anomalies.py``)."""
+
+    enabled: bool = True
+    #: Successful runs the comparison looks back on.
+    window: Annotated[int, msgspec.Meta(ge=3, le=1000)] = 20
+    #: Runs needed before anything is judged.
+    min_runs: Annotated[int, msgspec.Meta(ge=3, le=1000)] = 5
+    #: Robust z-score above which a metric is anomalous.
+    threshold: Annotated[float, msgspec.Meta(gt=0)] = 3.5
+
+
 class SourceConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True,
                    tag_field="kind"):
     """What every source has; a kind's config struct adds its own keys and ``fields``."""
@@ -74,6 +87,7 @@ class SourceConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     fields: Fields = Fields()
     #: Data-quality rules per normalized field (``transform/rules.py``).
     rules: dict[str, Rule] = {}
+    anomaly: AnomalyConfig = AnomalyConfig()
 
     kind: ClassVar[str]
 

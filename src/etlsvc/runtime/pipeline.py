@@ -27,7 +27,7 @@ from etlsvc.extract import kind_of
 from etlsvc.extract.contract import Extraction, Reject
 from etlsvc.extract.records import project
 from etlsvc.load import batches, checkpoint, raw
-from etlsvc.runtime import flow, metrics, runs
+from etlsvc.runtime import anomalies, flow, metrics, notify, runs
 from etlsvc.runtime.workers import Workers
 from etlsvc.transform import normalize
 from etlsvc.transform.validate import validator_for
@@ -178,6 +178,8 @@ async def _execute(cfg: Config, run: ClaimedRun, workers: Workers,
         row = await _finish(run, progress, error)
         seconds = time.monotonic() - started
         metrics.observe_run(row, seconds)
+        row["anomaly"] = await _judge(run, row)
+        _announce(cfg, run, row)
         (log.error if error else log.info)(
             "run finished", status=row["status"], error=error,
             duration_s=round(seconds, 3),
@@ -291,6 +293,36 @@ async def _finish(run: ClaimedRun, progress: Progress,
         log.error("could not mark the run finished: the database is away", error=str(exc))
         return {"id": run.id, "source": run.src.name, "kind": run.src.kind, "status": status,
                 "error": error, **progress.counts}
+
+
+async def _judge(run: ClaimedRun, row: dict[str, Any]) -> dict[str, Any] | None:
+    """Compare the finished run with the source's recent runs; flag it if it is odd."""
+    try:
+        anomaly = await anomalies.check(run.conn, run.src.anomaly, row)
+    except Exception as exc:          # the database went away: the run is done regardless
+        log.warning("could not compare the run with recent runs", error=describe(exc))
+        return None
+    if anomaly:
+        for metric in anomaly:
+            metrics.ANOMALIES.labels(run.src.name, metric).inc()
+        log.warning("anomalous run", anomaly=anomaly)
+    return anomaly
+
+
+def _announce(cfg: Config, run: ClaimedRun, row: dict[str, Any]) -> None:
+    """Notify of a failed or anomalous run (runtime/notify.py)."""
+    name, pool = run.src.name, run.database.pool
+    counts = {k: row.get(k) for k in runs.COUNTERS}
+    if row["status"] == "failed":
+        notify.emit(pool, cfg.notify, "run_failed", name,
+                    f"{name}: run {run.id} failed: {row.get('error')}", run_id=run.id,
+                    details={"error": row.get("error"), "trigger": run.trigger, **counts})
+    if row.get("anomaly"):
+        metrics_text = ", ".join(f"{m} {a['value']} (usually {a['median']})"
+                                 for m, a in row["anomaly"].items())
+        notify.emit(pool, cfg.notify, "anomaly", name,
+                    f"{name}: run {run.id} is unlike its recent runs: {metrics_text}",
+                    run_id=run.id, details={"anomaly": row["anomaly"], **counts})
 
 
 def _error_rate_exceeded(src: Source, counts: dict[str, int]) -> str | None:

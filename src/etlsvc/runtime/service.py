@@ -26,7 +26,7 @@ from etlsvc.config import Config, Source
 from etlsvc.db import Database
 from etlsvc.errors import ConfigError, SourceBusy
 from etlsvc.extract import kind_of
-from etlsvc.runtime import metrics, pipeline, runs
+from etlsvc.runtime import metrics, notify, pipeline, runs
 from etlsvc.runtime.workers import Workers
 
 log = structlog.get_logger()
@@ -62,6 +62,13 @@ def schedule_seconds(text: str) -> float:
     first = trigger.get_next_fire_time(None, now)
     second = trigger.get_next_fire_time(first, first + dt.timedelta(seconds=1))
     return (second - first).total_seconds()
+
+
+def stale(src: Source, last_success: dt.datetime | None, now: dt.datetime) -> bool:
+    """A scheduled source whose last success is older than three of its periods."""
+    if not src.schedule or last_success is None:
+        return False
+    return (now - last_success).total_seconds() > 3 * schedule_seconds(src.schedule)
 
 
 class LoopMonitor:
@@ -237,10 +244,30 @@ class Service:
                                  own=set(self.running))
                 await changes.prune(self.database.pool,
                                     self.cfg.server.change_feed_retention_days)
+                await self.announce_stale()
             except Exception as exc:
                 if not db.unavailable(exc):
                     raise
             await asyncio.sleep(every)
+
+    async def announce_stale(self) -> None:
+        """Notify of each source gone stale (once per last success: every replica sweeps,
+        ``etl_notifications`` keeps one)."""
+        if not self.cfg.notify.webhooks:
+            return
+        last = {r["source"]: r["last_success"] for r in await self.database.pool.fetch(
+            db.query("api", "last_runs"))}
+        now = dt.datetime.now(dt.UTC)
+        for src in self.cfg.sources:
+            success = last.get(src.name)
+            if stale(src, success, now):
+                assert success is not None and src.schedule
+                notify.emit(self.database.pool, self.cfg.notify, "stale", src.name,
+                            f"{src.name}: no successful run since {success.isoformat()} "
+                            f"(its schedule is {src.schedule!r})",
+                            details={"last_success": success.isoformat(),
+                                     "schedule": src.schedule},
+                            once=f"stale:{src.name}:{success.isoformat()}")
 
     async def stop(self, grace: float) -> None:
         """Stop taking runs; give running ones ``grace`` seconds, then cancel them."""
@@ -262,3 +289,4 @@ class Service:
             follower.cancel()
         await asyncio.gather(*self._followers, return_exceptions=True)
         await self.workers.aclose()
+        await notify.drain()

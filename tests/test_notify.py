@@ -1,0 +1,131 @@
+"""Webhooks, received by a real HTTP server on 127.0.0.1: a failed run, an anomaly and a
+stale source are announced once, signed with HMAC-SHA256, retried with backoff."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import json
+import time
+
+import asyncpg
+import pytest
+
+from etlsvc import db
+from etlsvc.config import load_config
+from etlsvc.errors import ConfigError
+from etlsvc.runtime import notify
+from etlsvc.runtime.service import Service
+from tests.conftest import Env, csv_source, run_source
+from tests.upstream import Reply, Request, Upstream
+
+SECRET = "s3cret-never-sent"
+FIELDS = 'source_id = "id"\ntitle = "title"\n'
+
+
+def hooks(url: str, extra: str = "") -> str:
+    return f"""
+[[notify.webhooks]]
+url = "{url}"
+secret_env = "ETLSVC_HOOK_SECRET"
+backoff_s = 0.05
+{extra}
+"""
+
+
+def verify(req: Request) -> dict:
+    """The payload, once its signature checks out under the secret."""
+    stamp = req.headers["x-etlsvc-timestamp"]
+    assert abs(int(stamp) - time.time()) < 60
+    expected = hmac.new(SECRET.encode(), stamp.encode() + b"." + req.body,
+                        hashlib.sha256).hexdigest()
+    assert req.headers["x-etlsvc-signature"] == f"sha256={expected}"
+    assert SECRET not in req.body.decode()
+    return json.loads(req.body)
+
+
+async def test_a_failed_run_of_the_cli_is_announced_signed_after_retries(
+        env: Env, pool: asyncpg.Pool, upstream: Upstream) -> None:
+    answers = iter([Reply(503), Reply(500), Reply(204)])
+    upstream.route("/hook", lambda r: next(answers))
+    env.write_config(csv_source("items", env.dir / "missing.csv", fields=FIELDS),
+                     extra=hooks(f"{upstream.base}/hook"))
+    done = env.cli("run", "items", ETLSVC_HOOK_SECRET=SECRET)
+    assert done.returncode == 1
+    posts = [r for r in upstream.requests if r.method == "POST"]
+    assert len(posts) == 3                              # 503, 500, then delivered
+    payload = verify(posts[-1])
+    run_id = await pool.fetchval("SELECT id FROM etl_runs WHERE source = 'items'")
+    assert payload["event"] == "run_failed" and payload["run_id"] == run_id
+    assert payload["source"] == "items" and "missing.csv" in payload["summary"]
+    assert payload["details"]["error"] and payload["details"]["rows_read"] == 0
+    assert posts[-1].headers["x-etlsvc-event"] == "run_failed"
+    assert posts[-1].headers["x-etlsvc-delivery"] == str(payload["id"])
+    assert [verify(p)["id"] for p in posts] == [payload["id"]] * 3    # one event, retried
+    row = await pool.fetchrow("SELECT event, outcomes FROM etl_notifications")
+    assert (row["event"], row["outcomes"]) == ("run_failed", ["delivered after 3 attempt(s)"])
+    assert SECRET not in done.stdout + done.stderr
+
+
+async def test_an_anomaly_goes_to_a_slack_hook_and_a_4xx_is_not_retried(
+        env: Env, pool: asyncpg.Pool, upstream: Upstream,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ETLSVC_HOOK_SECRET", SECRET)
+    upstream.route("/slack", lambda r: Reply(200, b"ok"))
+    upstream.route("/gone", lambda r: Reply(410))
+    path = env.dir / "items.csv"
+    path.write_text("id,title\n" + "".join(f"k{i},t{i}\n" for i in range(100)))
+    cfg = load_config(env.write_config(
+        csv_source("items", path, fields=FIELDS),
+        extra=hooks(f"{upstream.base}/slack", 'format = "slack"\nevents = ["anomaly"]')
+        + hooks(f"{upstream.base}/gone", 'events = ["anomaly", "run_failed"]')),
+        environ={"ETLSVC_HOOK_SECRET": SECRET})
+    await pool.execute(
+        "INSERT INTO etl_runs (source, kind, trigger, status, started_at, finished_at, "
+        "rows_read) SELECT 'items', 'csv', 'schedule', 'succeeded', now() - interval '1 day', "
+        "now() - interval '1 day' + interval '1 second', 2000 + g FROM generate_series(1, 8) g")
+    run = await run_source(cfg, "items")
+    assert run["anomaly"]
+    await notify.drain()
+    slack = [r for r in upstream.requests if r.path == "/slack"]
+    gone = [r for r in upstream.requests if r.path == "/gone"]
+    assert len(slack) == 1 and len(gone) == 1
+    text = verify(slack[0])["text"]
+    assert text.startswith("etlsvc anomaly: items: run ") and "rows_read 100.0" in text
+    outcomes = await pool.fetchval("SELECT outcomes FROM etl_notifications")
+    assert outcomes == ["delivered after 1 attempt(s)", "failed after 1 attempt(s): HTTP 410"]
+
+
+async def test_a_stale_source_is_announced_once_however_often_it_is_swept(
+        env: Env, pool: asyncpg.Pool, upstream: Upstream,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ETLSVC_HOOK_SECRET", SECRET)
+    upstream.route("/hook", lambda r: Reply(200))
+    cfg = load_config(env.write_config(
+        csv_source("items", env.dir / "x.csv", fields=FIELDS, extra='schedule = "1m"')
+        + csv_source("fresh", env.dir / "y.csv", fields=FIELDS, extra='schedule = "1m"'),
+        extra=hooks(f"{upstream.base}/hook")), environ={"ETLSVC_HOOK_SECRET": SECRET})
+    success = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=10)
+    for source, finished in (("items", success), ("fresh", dt.datetime.now(dt.UTC))):
+        await pool.execute(
+            "INSERT INTO etl_runs (source, kind, trigger, status, started_at, finished_at) "
+            "VALUES ($1, 'csv', 'schedule', 'succeeded', $2, $2)", source, finished)
+    async with db.open_database(cfg) as database:
+        service = Service(cfg, database, None)   # type: ignore[arg-type]
+        for _ in range(3):                      # three sweeps (or three replicas)
+            await service.announce_stale()
+        await notify.drain()
+    posts = [verify(r) for r in upstream.requests]
+    assert [(p["event"], p["source"]) for p in posts] == [("stale", "items")]
+    assert posts[0]["details"]["last_success"] == success.isoformat()
+
+
+def test_a_webhook_secret_missing_from_the_environment_is_a_config_error(env: Env) -> None:
+    path = env.write_config(csv_source("items", env.dir / "x.csv", fields=FIELDS),
+                            extra=hooks("http://127.0.0.1:9/hook"))
+    with pytest.raises(ConfigError, match=r"key 'notify\.webhooks\[0\]\.secret_env': "
+                                          r"environment variable ETLSVC_HOOK_SECRET is not set"):
+        load_config(path, environ={})
+    done = env.cli("check")
+    assert done.returncode == 2 and "ETLSVC_HOOK_SECRET is not set" in done.stderr
