@@ -76,17 +76,28 @@ async def test_unreachable_database_is_one_clear_error_without_the_password() ->
 
 
 async def test_every_named_query_prepares_against_the_schema(pool: asyncpg.Pool) -> None:
-    from etlsvc.extract import KINDS
+    import msgspec
 
+    from etlsvc.config import Source
+    from etlsvc.extract import KINDS
+    from etlsvc.transform.normalize import values_sql
+
+    src = msgspec.convert({"name": "s", "kind": "csv", "path": "x",
+                           "fields": {"source_id": "id"}}, Source)
     async with pool.acquire() as conn:
-        for file in ("checkpoints", "runs", "rejects", "normalize", "migrations"):
+        for file in ("checkpoints", "runs", "rejects", "normalize", "migrations", "notify",
+                     "retention"):
             for sql in db.queries(file).values():
-                for table in {k.raw_table for k in KINDS.values()}:
+                for kind in KINDS.values():
                     text = (
-                        sql.replace("{raw_table}", table)
+                        sql.replace("{raw_table}", kind.raw_table)
                         .replace("{distinct}", "")
                         .replace("{order}", "")
                         .replace("{mine}", "")
+                        .replace("{values}", values_sql(src))
+                        .replace("{column}", "url")
+                        .replace("{stream_column}", kind.stream_column)
+                        .replace("{position}", kind.position_sql)
                     )
                     await conn.prepare(text)
                     if "{raw_table}" not in sql:

@@ -89,7 +89,7 @@ async def test_a_body_that_is_not_json_is_a_415(client, content_type) -> None:
     ("/data", ["category", "cursor", "event_from", "event_to", "kind", "limit", "source",
                "updated_since"]),
     ("/etl/runs", ["cursor", "limit", "source", "status"]),
-    ("/etl/rejects", ["cursor", "limit", "run_id", "source"]),
+    ("/etl/rejects", ["cursor", "limit", "run_id", "source", "status"]),
     ("/health", []),
 ])
 async def test_an_unknown_query_parameter_is_a_400_listing_the_accepted_ones(

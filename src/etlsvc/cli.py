@@ -1,4 +1,4 @@
-"""The ``etlsvc`` command: run, replay, rejects, serve, migrate, check, logs.
+"""The ``etlsvc`` command: run, replay, rejects, purge, serve, migrate, check, logs.
 
 Owns argument parsing, exit codes (0 success, 1 a run or check failed, 2 bad usage or
 config) and what a person at a terminal sees: a progress bar and a summary table on stderr,
@@ -23,7 +23,7 @@ from etlsvc.api import tail
 from etlsvc.config import Config, Source, config_path, load_config
 from etlsvc.errors import ConfigError, EtlError, SourceBusy
 from etlsvc.logs import configure_logging
-from etlsvc.runtime import notify, pipeline, retry
+from etlsvc.runtime import notify, pipeline, retention, retry
 from etlsvc.runtime.workers import from_config
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="only the rejects of run N")
         cmd.add_argument("--id", type=int, action="append", default=None, dest="ids",
                          metavar="ID", help="only this reject (repeatable)")
+    purge = sub.add_parser("purge", parents=[common],
+                           help="delete raw rows and rejects older than retention_days")
+    purge.add_argument("sources", nargs="*", metavar="SOURCE",
+                       help="sources to purge (default: all with retention_days)")
     serve = sub.add_parser("serve", parents=[common],
                            help="run the HTTP API and the scheduler")
     serve.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
@@ -170,6 +174,22 @@ async def _rejects(cfg: Config, args: argparse.Namespace) -> int:
     return EXIT_OK if row["status"] == "succeeded" else EXIT_FAILED
 
 
+async def _purge(cfg: Config, args: argparse.Namespace) -> int:
+    sources = [cfg.source(n) for n in args.sources] if args.sources else None
+    if sources and (none := [s.name for s in sources if s.retention_days is None]):
+        raise ConfigError(f"source {none[0]!r} has no retention_days: nothing to purge")
+    async with db.open_database(cfg) as database:
+        done = await retention.purge(database.pool, cfg, sources)
+    for name, counts in done.items():
+        print(f"{name}: {counts['raw']:,} raw row(s) and {counts['rejects']:,} reject(s) "
+              "purged" + (" (raw rows postponed: a replay is under way)"
+                          if counts["postponed"] else ""), file=sys.stderr)
+    if not done:
+        print("nothing purged (no source has retention_days, or another process is "
+              "purging)", file=sys.stderr)
+    return EXIT_OK
+
+
 async def _migrate(cfg: Config, args: argparse.Namespace) -> int:
     async with db.open_database(cfg, migrate=False) as database:
         applied = await db.apply_migrations(database.pool)
@@ -229,7 +249,7 @@ async def _serve(cfg: Config, args: argparse.Namespace) -> int:
     return EXIT_OK if server.started else EXIT_FAILED
 
 
-_COMMANDS = {"serve": _serve, "run": _run, "replay": _replay, "rejects": _rejects,
+_COMMANDS = {"serve": _serve, "run": _run, "replay": _replay, "rejects": _rejects, "purge": _purge,
              "migrate": _migrate, "check": _check}
 
 

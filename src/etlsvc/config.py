@@ -73,6 +73,8 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: Days the change feed keeps deletes (tombstones); a consumer that stays away longer
     #: gets 410 and reads the feed again from the beginning.
     change_feed_retention_days: Annotated[float, msgspec.Meta(gt=0)] = 7.0
+    #: Seconds between maintenance passes (purging what sources' ``retention_days`` let go).
+    maintenance_every_s: Annotated[float, msgspec.Meta(ge=1)] = 3600.0
 
 
 class PipelineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -88,6 +88,9 @@ class SourceConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     #: Data-quality rules per normalized field (``transform/rules.py``).
     rules: dict[str, Rule] = {}
     anomaly: AnomalyConfig = AnomalyConfig()
+    #: Days raw rows and rejects are kept (None: for ever); a raw row a normalized row
+    #: points at is kept whatever its age (``runtime/retention.py``).
+    retention_days: Annotated[float, msgspec.Meta(gt=0)] | None = None
 
     kind: ClassVar[str]
 

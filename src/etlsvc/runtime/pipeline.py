@@ -27,7 +27,7 @@ from etlsvc.extract import kind_of
 from etlsvc.extract.contract import Extraction, Reject
 from etlsvc.extract.records import project
 from etlsvc.load import batches, checkpoint, raw
-from etlsvc.runtime import anomalies, flow, metrics, notify, runs
+from etlsvc.runtime import anomalies, flow, metrics, notify, retention, runs
 from etlsvc.runtime.workers import Workers
 from etlsvc.transform import normalize
 from etlsvc.transform.validate import validator_for
@@ -363,6 +363,8 @@ async def replay_source(database: Database, cfg: Config, src: Source,
             error = None
             try:
                 async with conn.transaction():
+                    # A purge batch must not delete raw rows this replay points at.
+                    await conn.execute(retention.raw_lock_sql(blocking=True), src.name)
                     await _replay(conn, src, run_id, chunk, counts)
             except (EtlError, OSError) as exc:
                 error = str(exc)

@@ -26,7 +26,7 @@ from etlsvc.config import Config, Source
 from etlsvc.db import Database
 from etlsvc.errors import ConfigError, SourceBusy
 from etlsvc.extract import kind_of
-from etlsvc.runtime import metrics, notify, pipeline, runs
+from etlsvc.runtime import metrics, notify, pipeline, retention, runs
 from etlsvc.runtime.workers import Workers
 
 log = structlog.get_logger()
@@ -135,6 +135,12 @@ class Service:
                     self.scheduled_run, parse_schedule(src.schedule), args=[src.name],
                     id=src.name, name=f"run {src.name}", coalesce=True, max_instances=1,
                     misfire_grace_time=60, replace_existing=True)
+        if any(src.retention_days is not None for src in self.cfg.sources):
+            self.scheduler.add_job(
+                self.maintain, IntervalTrigger(seconds=self.cfg.server.maintenance_every_s),
+                id="maintenance", name="purge old raw rows and rejects", coalesce=True,
+                max_instances=1, next_run_time=dt.datetime.now(dt.UTC) + dt.timedelta(
+                    seconds=min(60.0, self.cfg.server.maintenance_every_s)))
         self.scheduler.start()
         for src in self.cfg.sources:
             if kind_of(src).continuous:
@@ -249,6 +255,13 @@ class Service:
                 if not db.unavailable(exc):
                     raise
             await asyncio.sleep(every)
+
+    async def maintain(self) -> None:
+        """The maintenance job: retention (runtime/retention.py)."""
+        try:
+            await retention.purge(self.database.pool, self.cfg)
+        except Exception as exc:       # the next tick tries again
+            log.error("purge failed", error=str(exc))
 
     async def announce_stale(self) -> None:
         """Notify of each source gone stale (once per last success: every replica sweeps,
