@@ -36,6 +36,7 @@ TABLES = (
     *(k.raw_table for k in KINDS.values()),
     "normalized_data",
     "etl_notifications",
+    "etl_schema_columns",
     "etl_checkpoints",
     "etl_rejects",
     "data_tombstones",

@@ -129,3 +129,24 @@ def test_a_webhook_secret_missing_from_the_environment_is_a_config_error(env: En
         load_config(path, environ={})
     done = env.cli("check")
     assert done.returncode == 2 and "ETLSVC_HOOK_SECRET is not set" in done.stderr
+
+
+async def test_schema_drift_is_announced_once_per_run(
+        env: Env, pool: asyncpg.Pool, upstream: Upstream,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ETLSVC_HOOK_SECRET", SECRET)
+    upstream.route("/hook", lambda r: Reply(200))
+    path = env.dir / "items.csv"
+    path.write_text("id,title\n" + "".join(f"k{i},t{i}\n" for i in range(50)))
+    cfg = load_config(env.write_config(
+        csv_source("items", path, fields=FIELDS, extra="batch_size = 10"),
+        extra=hooks(f"{upstream.base}/hook", 'events = ["drift"]')),
+        environ={"ETLSVC_HOOK_SECRET": SECRET})
+    await run_source(cfg, "items")
+    path.write_text("id,title,color\n" + "".join(f"k{i},t{i},red\n" for i in range(50)))
+    run = await run_source(cfg, "items", full_refresh=True)      # five batches, one event
+    posts = [verify(r) for r in upstream.requests]
+    assert [(p["event"], p["run_id"]) for p in posts] == [("drift", run["id"])]
+    assert posts[0]["details"]["policy"] == "evolve"
+    assert [c["column"] for c in posts[0]["details"]["changes"]] == ["color"]
+    assert "new column 'color'" in posts[0]["summary"]

@@ -137,9 +137,12 @@ FROM etl_runs r
 ORDER BY source, id DESC
 
 -- name: source_stats
--- Per source: rows in normalized_data, runs, successes, records read and rejected, and the
--- throughput of the last successful run.
+-- Per source: rows in normalized_data, runs, successes, records read and rejected, the
+-- throughput of the last successful run, and the schema drift of the last run that had any.
 SELECT s.source,
+       (SELECT d.notes -> 'drift' FROM etl_runs d
+         WHERE d.source = s.source AND d.notes ? 'drift'
+         ORDER BY d.id DESC LIMIT 1) AS last_drift,
        (SELECT count(*) FROM normalized_data n WHERE n.source = s.source) AS rows,
        count(*) AS runs,
        count(*) FILTER (WHERE status = 'succeeded') AS succeeded,

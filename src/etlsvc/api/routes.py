@@ -666,7 +666,9 @@ async def stats(request: Request) -> dict[str, Any]:
             if r and r["rows_read"] else None,
             "last_rows_per_s": int(r["last_rows_per_s"]) if r and r["last_rows_per_s"]
             else None,
-            "last_run_id": r["last_run_id"] if r else None}
+            "last_run_id": r["last_run_id"] if r else None,
+            # The changes of the last run that found schema drift (transform/drift.py).
+            "schema_drift": r["last_drift"] if r else None}
     pools = {"etl": service.database.pool, "read": read_pool(request)}
     return envelope(request, {
         "sources": sources,

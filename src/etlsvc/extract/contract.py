@@ -91,6 +91,8 @@ class SourceConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     #: Days raw rows and rejects are kept (None: for ever); a raw row a normalized row
     #: points at is kept whatever its age (``runtime/retention.py``).
     retention_days: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    #: What a new, missing or retyped column does (``transform/drift.py``).
+    schema_drift: Literal["evolve", "freeze", "discard_row", "discard_value"] = "evolve"
 
     kind: ClassVar[str]
 
@@ -138,6 +140,8 @@ class Batch:
     state: dict[str, Any] = field(default_factory=dict)
     #: The checkpoint's stream, when not ``stream`` (an API's pages share one walk).
     checkpoint: str | None = None
+    #: JSON kinds: the records' top-level keys with their types (transform/drift.py).
+    shape: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

@@ -12,6 +12,7 @@ from typing import Any
 import msgspec
 
 from etlsvc.extract.contract import Batch, Reject, SourceConfig
+from etlsvc.transform.drift import shape_of_items
 
 
 def get_path(obj: Any, path: str) -> Any:
@@ -67,11 +68,12 @@ def json_batch(src: SourceConfig, stream: str, items: list[Any], raws: list[byte
         else:
             rejects.append(Reject(stream, dict(zip(position_keys, positions[i])), item,
                                   reason))
-    return Batch(stream, columns, project([items[i] for i in kept], columns, flat),
+    objects = [items[i] for i in kept]
+    return Batch(stream, columns, project(objects, columns, flat),
                  [positions[i] for i in kept], [raws[i] for i in kept], rejects,
                  rows_read=len(kept) + len(rejects),
                  bytes_read=bytes_read, lines_read=lines, pages=pages, state=state,
-                 checkpoint=checkpoint)
+                 checkpoint=checkpoint, shape=shape_of_items(objects))
 
 
 def unstorable(value: Any) -> str | None:

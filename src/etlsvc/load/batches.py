@@ -13,7 +13,7 @@ import asyncio
 import zlib
 from array import array
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from itertools import compress
 from operator import itemgetter
 from typing import Any
@@ -26,7 +26,7 @@ from etlsvc.errors import SourceError
 from etlsvc.extract.contract import Batch, Reject, SourceConfig, SourceKind
 from etlsvc.load import checkpoint, raw
 from etlsvc.runtime import runs
-from etlsvc.transform import normalize
+from etlsvc.transform import drift, normalize
 from etlsvc.transform.rules import Problem
 from etlsvc.transform.validate import checks_of, validator_for
 
@@ -54,6 +54,11 @@ class Prepared:
     key_hashes: bytes = b""
     #: The source has ``unique`` fields: the commit checks their values.
     unique_checks: bool = False
+    #: The shape to record (transform/drift.py) and the drift found, as run notes.
+    shape: dict[str, str] = field(default_factory=dict)
+    drift: list[dict[str, Any]] = field(default_factory=list)
+    #: ``shape`` is the stream's shape now (accepted): columns it lacks are forgotten.
+    whole_shape: bool = False
 
     def counts(self, inserted: int, updated: int) -> dict[str, int]:
         """The run's counters for this batch once committed."""
@@ -70,9 +75,12 @@ class Preparer:
     Picklable (it is sent to the worker processes); holds no state but its arguments.
     """
 
-    def __init__(self, src: SourceConfig, run_id: int) -> None:
+    def __init__(self, src: SourceConfig, run_id: int,
+                 known: dict[str, str] | None = None) -> None:
         self.src = src
         self.run_id = run_id
+        #: The source's known shape for schema drift (None: no drift check, as in a retry).
+        self.known = known
 
     @property
     def kind(self) -> SourceKind:
@@ -81,7 +89,72 @@ class Preparer:
         return kind_of(self.src)
 
     def __call__(self, batch: Batch) -> Prepared:
-        return self.prepare(batch, self.check(batch))
+        changes, shape = self.check_drift(batch) if self.known is not None else ([], {})
+        prepared = self.prepare(batch, self.check(batch))
+        prepared.shape = shape
+        prepared.drift = [c.as_note(batch.stream) for c in changes]
+        prepared.whole_shape = not changes or self.src.schema_drift == "evolve"
+        return prepared
+
+    def check_drift(self, batch: Batch) -> tuple[list[drift.Change], dict[str, str]]:
+        """The batch's schema drift against the known shape, with the source's policy
+        applied to ``batch`` (transform/drift.py); the changes and the shape to record."""
+        assert self.known is not None
+        json = batch.records is not None
+        shape = batch.shape if json else drift.shape_of_rows(batch.columns, batch.rows)
+        changes = drift.compare(self.known, shape)
+        policy = self.src.schema_drift
+        if not changes or policy == "evolve":
+            return changes, drift.grown(self.known, shape)
+        if policy == "freeze":
+            raise SourceError(self.src.name, 'schema drift (schema_drift = "freeze"): ' +
+                              "; ".join(c.describe(batch.stream) for c in changes))
+        # Not accepted: the shape recorded keeps what was known.
+        accepted = {c: self.known.get(c, t) for c, t in shape.items()
+                    if c in self.known}
+        mapped = {c.split(".")[0] if json else c for c in self.src.fields.mapped().values()}
+        acting = [c for c in changes if c.column not in mapped and c.change != "missing"]
+        records = ([msgspec.json.decode(r) for r in batch.records]
+                   if json and acting and batch.records is not None else None)
+        hits = drift.affected(acting, batch.columns, batch.rows, records)
+        if policy == "discard_row":
+            self._drop_rows(batch, hits)
+        elif records is not None and batch.records is not None:
+            for i, found in hits.items():
+                batch.records[i] = drift.drop_values(records[i], found)
+        else:
+            self._drop_csv_values(batch, acting, hits)
+        return changes, accepted
+
+    def _drop_rows(self, batch: Batch, hits: dict[int, list[drift.Change]]) -> None:
+        if not hits:
+            return
+        for i, found in hits.items():
+            what = ", ".join(f"{c.column!r} ({c.change})" for c in found)
+            batch.rejects.append(Reject(
+                batch.stream, dict(zip(self.kind.position_keys, batch.positions[i])),
+                self._original(batch, i),
+                f"schema drift: a value in column {what} (schema_drift = \"discard_row\")",
+                "drift", None, found[0].column, None))
+        keep = [i not in hits for i in range(len(batch.rows))]
+        batch.rows = list(compress(batch.rows, keep))
+        batch.positions = list(compress(batch.positions, keep))
+        if batch.records is not None:
+            batch.records = list(compress(batch.records, keep))
+
+    @staticmethod
+    def _drop_csv_values(batch: Batch, acting: list[drift.Change],
+                         hits: dict[int, list[drift.Change]]) -> None:
+        for change in acting:
+            col = batch.columns.index(change.column)
+            if change.change == "retyped":
+                for i, found in hits.items():
+                    if change in found:
+                        batch.rows[i][col] = ""
+        new = {batch.columns.index(c.column) for c in acting if c.change == "new"}
+        if new:
+            batch.columns = [c for i, c in enumerate(batch.columns) if i not in new]
+            batch.rows = [[v for i, v in enumerate(row) if i not in new] for row in batch.rows]
 
     def check(self, batch: Batch) -> dict[int, Problem]:
         """The rows of ``batch`` that break a rule, by index; SourceError when a mapped
@@ -119,10 +192,10 @@ class Preparer:
                               records, received=batch.records is not None)
         hashes = set(map(zlib.crc32, map(str.encode, keys)))
         unique = [c.field for c in checks_of(self.src).values() if c.rule.unique]
-        for field in unique if rows else ():
+        for name in unique if rows else ():
             # Batches sharing a unique value commit one after the other, as for a key.
-            col = batch.columns.index(self.src.fields.mapped()[field])
-            hashes.update(zlib.crc32(f"{field}\0{v}".encode()) for v in map(itemgetter(col), rows))
+            col = batch.columns.index(self.src.fields.mapped()[name])
+            hashes.update(zlib.crc32(f"{name}\0{v}".encode()) for v in map(itemgetter(col), rows))
         return Prepared(batch.checkpoint or batch.stream, payload, len(rows),
                         len(set(keys)) == len(keys),
                         rejects, batch.rows_read, batch.bytes_read, batch.state,
@@ -246,6 +319,8 @@ async def commit(conn: asyncpg.Connection, src: SourceConfig, kind: SourceKind, 
         if inserted or updated:
             await normalize.bump_version(conn, src, kind)
         await checkpoint.write(conn, src.name, batch.stream, batch.state, run_id)
+        await drift.record(conn, src.name, batch.stream, run_id, batch.shape,
+                           batch.whole_shape)
         counts = batch.counts(inserted, updated)
         await runs.add(conn, run_id, counts)
     return counts

@@ -18,6 +18,8 @@ RUN_SECONDS = Histogram("etlsvc_run_duration_seconds", "Duration of runs", ["sou
                         buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600))
 ANOMALIES = Counter("etlsvc_run_anomalies_total", "Finished runs flagged as anomalous, by "
                     "metric (rows_read, reject_rate, duration_s)", ["source", "metric"])
+DRIFT = Counter("etlsvc_schema_drift_total", "Schema changes found in runs (new, missing or "
+                "retyped columns), each once per run", ["source", "change"])
 REQUESTS = Counter("etlsvc_http_requests_total", "HTTP requests", ["method", "status"])
 LATENCY = Histogram("etlsvc_http_request_duration_seconds", "HTTP request latency",
                     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5))

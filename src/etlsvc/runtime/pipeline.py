@@ -29,7 +29,7 @@ from etlsvc.extract.records import project
 from etlsvc.load import batches, checkpoint, raw
 from etlsvc.runtime import anomalies, flow, metrics, notify, retention, runs
 from etlsvc.runtime.workers import Workers
-from etlsvc.transform import normalize
+from etlsvc.transform import drift, normalize
 from etlsvc.transform.validate import validator_for
 
 log = structlog.get_logger()
@@ -229,12 +229,19 @@ async def _commit_batches(cfg: Config, run: ClaimedRun, workers: Workers, progre
         src, progress.run_id,
         await checkpoint.read(conn, src.name, run_id=progress.run_id,
                               full_refresh=run.full_refresh),
-        cfg.resolve("."), workers, batches.Preparer(src, progress.run_id), progress.warn,
+        cfg.resolve("."), workers,
+        batches.Preparer(src, progress.run_id, await drift.known(conn, src.name)), progress.warn,
         set_total, progress.notes, run.stopping, cfg.pipeline.parallel_streams)
 
     async def committed(batch: batches.Prepared, counts: dict[str, int]) -> None:
         for k, v in counts.items():
             progress.counts[k] += v
+        for change in batch.drift:
+            seen = progress.notes.setdefault("drift", [])
+            if change not in seen:            # each change once per run
+                seen.append(change)
+                metrics.DRIFT.labels(src.name, change["change"]).inc()
+                log.warning("schema drift", policy=src.schema_drift, **change)
         if batch.after_commit:
             try:
                 await batch.after_commit()
@@ -317,6 +324,13 @@ def _announce(cfg: Config, run: ClaimedRun, row: dict[str, Any]) -> None:
         notify.emit(pool, cfg.notify, "run_failed", name,
                     f"{name}: run {run.id} failed: {row.get('error')}", run_id=run.id,
                     details={"error": row.get("error"), "trigger": run.trigger, **counts})
+    if changes := (row.get("notes") or {}).get("drift"):
+        listed = "; ".join(f"{c['change']} column {c['column']!r} in {c['stream']}"
+                           for c in changes[:5]) + (" …" if len(changes) > 5 else "")
+        notify.emit(pool, cfg.notify, "drift", name,
+                    f"{name}: schema drift in run {run.id} (schema_drift = "
+                    f"{run.src.schema_drift!r}): {listed}", run_id=run.id,
+                    details={"policy": run.src.schema_drift, "changes": changes})
     if row.get("anomaly"):
         metrics_text = ", ".join(f"{m} {a['value']} (usually {a['median']})"
                                  for m, a in row["anomaly"].items())
