@@ -361,7 +361,11 @@ async def test_scheduled_runs_happen_once_per_tick_across_two_replicas(
     full, _ = gen_csv(20_000)
     env.write_config(csv_source("products", full, extra='schedule = "2s"\nbatch_size = 2000'))
     with servers(env, 2) as pair:
-        time.sleep(7)
+        # At least two ticks' runs (a loaded machine takes longer than a tick for one).
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and await pool.fetchval(
+                "SELECT count(*) FROM etl_runs WHERE status = 'succeeded'") < 2:
+            await asyncio.sleep(0.5)
         stats = httpx.get(f"{pair[0].base}/stats").json()["data"]
         assert stats["event_loop_worst_lag_ms_1min"] >= 0
     logs = [server.output for server in pair]
