@@ -114,3 +114,31 @@ async def test_everything_validation_accepts_postgresql_casts(pool: asyncpg.Pool
         assert await pool.fetchval("SELECT $1::text::numeric IS NOT NULL", a), a
     for t in ok_times:
         assert await pool.fetchval("SELECT $1::text::timestamptz IS NOT NULL", t), t
+
+
+def test_the_whole_column_check_never_passes_a_column_with_a_failing_value() -> None:
+    """rules.FieldCheck.column_passes is the fast path of the checks msgspec cannot make:
+    whenever it says a column passes, every value must pass one by one too."""
+    import datetime as dt
+    import random
+
+    from etlsvc.transform.rules import Rule
+
+    checks = compile_rules(
+        {"event_time": "when", "tags": "tags"},
+        {"event_time": Rule(min=dt.datetime(2020, 1, 1, tzinfo=dt.UTC),
+                            max=dt.datetime(2030, 1, 1, tzinfo=dt.UTC)),
+         "tags": Rule(max_length=2, allowed=("a", "b", "c"), regex="^[ab]")}, ";")
+    rng = random.Random(5)
+    stamps = ["2024-05-01T12:00:00Z", "2019-12-31T23:59:59Z", "2030-01-01T00:00:00+00:00",
+              "2029-12-31T23:00:00-02:00", "2025-01-01T00:00:00", "2024-01-01 10:00:00+05:30",
+              "2024-01-01T00:00:00+16:00"]
+    tags = ["a", "a;b", "a;b;a", "c", "b;;a", "a;d", "", "a;"]
+    for _ in range(300):
+        for field, pool in (("event_time", stamps), ("tags", tags)):
+            column = [v for v in rng.choices(pool, k=rng.randint(1, 4)) if v]
+            check = checks[field]
+            if check.column_passes(column):
+                assert all(check.explain(v, field) is None for v in column), column
+    assert checks["event_time"].column_passes(["2024-05-01T12:00:00Z", "2025-01-01T00:00:00"])
+    assert checks["tags"].column_passes(["a", "a;b", "b"])

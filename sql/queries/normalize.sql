@@ -65,22 +65,24 @@ SELECT nextval($1::regclass)
 -- The raw rows this load copied (as in upsert: {raw_table}, {mine}) whose value of a unique
 -- field ({column}, at path $6) another natural key of the source already holds, in
 -- normalized_data or in an earlier raw row of the range: the first key to hold a value
--- keeps it. The md5 condition is what the index of ensure_unique_index serves.
+-- keeps it (a window over the batch, not a lookup per row). The md5 condition is what the
+-- index of ensure_unique_indexes serves.
 -- params: $1 source, $2 raw ids above, $3 raw ids up to, $4 raw ids to skip (bigint[]),
 --         $5 path of source_id, $6 path of the unique field
 WITH batch AS (
     SELECT r.id, r.record #>> $5::text[] AS key, r.record #>> $6::text[] AS value
     FROM {raw_table} r
     WHERE r.source = $1 AND r.id > $2 AND r.id <= $3 AND r.id <> ALL ($4::bigint[]) {mine}
-), firsts AS (
-    SELECT DISTINCT ON (value) value, key FROM batch WHERE value <> '' ORDER BY value, id
+), ranked AS (
+    SELECT id, key, value, first_value(key) OVER (PARTITION BY value ORDER BY id) AS holder
+    FROM batch
+    WHERE value <> ''
 )
-SELECT b.id, b.value FROM batch b
-WHERE b.value <> '' AND (
-    EXISTS (SELECT 1 FROM firsts f WHERE f.value = b.value AND f.key <> b.key)
-    OR EXISTS (SELECT 1 FROM normalized_data n
-               WHERE n.source = $1 AND md5(n.{column}) = md5(b.value)
-                 AND n.{column} = b.value AND n.source_id <> b.key))
+SELECT b.id, b.value FROM ranked b
+WHERE b.holder <> b.key
+   OR EXISTS (SELECT 1 FROM normalized_data n
+              WHERE n.source = $1 AND md5(n.{column}) = md5(b.value)
+                AND n.{column} = b.value AND n.source_id <> b.key)
 ORDER BY b.id
 
 -- name: take_raw

@@ -26,8 +26,6 @@ from etlsvc.extract.contract import Fields, SourceConfig
 from etlsvc.transform.rules import FieldCheck, Problem, Rule, compile_rules
 
 _PATH = re.compile(r" - at `\$\[(\d+)\]\[(\d+)\]`$")
-# Offsets PostgreSQL refuses, searched in a whole column at once (see rules._BIG_OFFSET).
-_BIG_OFFSET = re.compile(r"[+-](?:1[6-9]|[2-9]\d):?\d\d(?=\x1f|$)", re.M)
 
 #: Rows checked by one msgspec call at most (an error restarts the call after the bad row).
 SLICE = 2000
@@ -103,10 +101,9 @@ class RowValidator:
     def _post_check(self, col: int, rows: list[list[Any]], bad: dict[int, Problem]) -> None:
         check = self.checked[col]
         values = list(map(itemgetter(col), rows))
-        rule = check.rule
-        # With no bounds only the offset is left to check: search the whole column first.
-        if (check.type == "timestamp" and rule.min is None and rule.max is None
-                and not _BIG_OFFSET.search("\x1f".join(filter(None, values)))):
+        passed = ([v for i, v in enumerate(values) if v and i not in bad] if bad
+                  else list(filter(None, values)))
+        if check.column_passes(passed):      # the whole column at once, usually enough
             return
         column = self.columns[col]
         for i, v in enumerate(values):
