@@ -22,6 +22,7 @@ import structlog
 from etlsvc import db
 from etlsvc.config import Source
 from etlsvc.db import Database
+from etlsvc.errors import EtlError
 from etlsvc.extract import kind_of
 from etlsvc.extract.contract import Batch
 from etlsvc.extract.records import project
@@ -61,7 +62,7 @@ async def retry(database: Database, src: Source, *, run_id: int | None = None,
                             break
                         after = taken[-1]["id"]
                         await _retry_chunk(conn, src, retry_id, taken)
-            except (asyncpg.PostgresError, OSError) as exc:
+            except (EtlError, asyncpg.PostgresError, OSError) as exc:
                 error = f"retry stopped: {exc}"
             row = await runs.finish(conn, retry_id, "failed" if error else "succeeded", error)
             (log.error if error else log.info)(
