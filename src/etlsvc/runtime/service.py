@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import datetime as dt
 import re
 from dataclasses import dataclass, field
@@ -122,9 +123,15 @@ class Service:
     accepting: bool = True
     loop_monitor: LoopMonitor = field(default_factory=LoopMonitor)
     _sweeper: asyncio.Task[None] | None = None
+    #: Claims under way (start_runs): stop() waits for them to register their runs.
+    _claiming: int = 0
+    _no_claims: asyncio.Event = field(default_factory=asyncio.Event)
     #: Set at stop: the runs of continuous sources end their batches.
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
     _followers: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._no_claims.set()
 
     def start_scheduler(self) -> None:
         """Add a job per scheduled source and start the scheduler on the running loop."""
@@ -218,8 +225,15 @@ class Service:
         mine = {r.claimed.src.name: i for i, r in self.running.items()}
         if busy := {s.name: mine[s.name] for s in sources if s.name in mine}:
             raise SourceBusy(busy)
-        claimed = await pipeline.claim(self.database, sources, trigger=trigger,
-                                       full_refresh=full_refresh)
+        self._claiming += 1               # stop() waits for claims under way
+        self._no_claims.clear()
+        try:
+            claimed = await pipeline.claim(self.database, sources, trigger=trigger,
+                                           full_refresh=full_refresh)
+        finally:
+            self._claiming -= 1
+            if not self._claiming:
+                self._no_claims.set()
         for run in claimed:
             task = asyncio.create_task(self._execute(run), name=f"run {run.id}")
             self.running[run.id] = Running(task, run)
@@ -291,6 +305,10 @@ class Service:
             self._sweeper.cancel()
         if self.scheduler and self.scheduler.running:
             self.scheduler.shutdown(wait=False)
+        # A run claimed while the stop began is registered when its claim returns: wait
+        # for that, so that it is waited for too (else its row would stay 'running').
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._no_claims.wait(), timeout=5)
         tasks = [r.task for r in self.running.values()]
         if tasks:
             log.info("waiting for running runs", runs=list(self.running), grace_s=grace)
