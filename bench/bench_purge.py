@@ -3,13 +3,13 @@ p99 ≤ 3× idle).
 
 usage: python bench/bench_purge.py [--duration S] [--database-url URL]
 
-Into a fresh database: `etlsvc run` of the 1,000,000-row CSV, then the same file again with
---full-refresh (nothing changes, so the second million raw rows are referenced by no
-normalized row), then every raw row is aged 30 days. `etlsvc serve` (pinned to CPU 0, wrk to
-CPU 1, as bench_api.py) answers `GET /data?limit=100` and a category page; wrk measures them,
-interleaved: idle, then while `etlsvc purge` deletes the unreferenced million (the source's
-retention_days is 7), at 16 and 50 connections, then idle again. Appends the p99 ratios and
-the purge's duration to bench/RESULTS.md.
+Into a fresh database: `etlsvc run` of a 1,000,000-row CSV without bad rows, then the same
+file again with --full-refresh (nothing changes, so the second million raw rows are
+referenced by no normalized row), then every raw row is aged 30 days. `etlsvc serve`
+(pinned to CPU 0, wrk to CPU 1, as bench_api.py) answers `GET /data?limit=100` and a
+category page; wrk measures them, interleaved: idle, then while `etlsvc purge` deletes the
+unreferenced million (the source's retention_days is 7), at 16 and 50 connections, then
+idle again. Appends the p99 ratios and the purge's duration to bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -26,8 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_api import wait, wrk
-from bench_concurrency import files
-from bench_csv import FIELDS, RESULTS, fresh_db, machine, sh
+from bench_csv import DATA, FIELDS, HERE, RESULTS, fresh_db, machine, sh
 
 
 def main() -> None:
@@ -36,7 +35,9 @@ def main() -> None:
     ap.add_argument("--database-url", default=os.environ.get(
         "ETLSVC_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"))
     args = ap.parse_args()
-    big, _, _ = files()
+    big = DATA / "purge_1000000.csv"
+    if not big.exists():
+        sh(sys.executable, str(HERE / "gen_csv.py"), "1000000", str(big), "--bad-rate", "0")
     db = fresh_db(args.database_url, "etlsvc_bench_purge")
     work = Path(tempfile.mkdtemp(prefix="etlsvc-bench-"))
     config = work / "config.toml"
