@@ -184,3 +184,42 @@ async def test_the_api_lists_retries_and_ignores_rejects(
         assert r.status_code == 404
         r = await client.get("/etl/rejects", params={"status": "resolved"})
         assert [x["id"] for x in r.json()["data"]] == [first["id"]]
+
+
+async def test_retry_of_a_sql_source_and_a_malformed_line_that_keeps_its_reason(
+        env: Env, pool: asyncpg.Pool) -> None:
+    from tests.test_sql import sql_source
+
+    await pool.execute("CREATE SCHEMA IF NOT EXISTS up_retry; DROP TABLE IF EXISTS "
+                       "up_retry.t; CREATE TABLE up_retry.t (id int PRIMARY KEY, name text, "
+                       "amount numeric)")
+    try:
+        await pool.execute("INSERT INTO up_retry.t SELECT g, 'n' || g, g * 10 "
+                           "FROM generate_series(1, 40) g")
+        source = sql_source("pg", f'url = "{env.database_url}"\ntable = "up_retry.t"\n'
+                                  "max_error_rate = 1.0",
+                            'source_id = "id"\ntitle = "name"\namount = "amount"')
+        csv = env.dir / "items.csv"
+        csv.write_text('id,title,amount\nk1,t,5\nk2,"bad"x,7\nk3,t,900\n')
+        items = csv_source("items", csv, fields=FIELDS, extra="max_error_rate = 1.0")
+        cfg = env.config(source + rules(100) + items + rules(100))
+        assert (await run_source(cfg, "pg"))["rows_rejected"] == 30          # 110 … 400
+        assert (await run_source(cfg, "items"))["rows_rejected"] == 2
+        malformed = await pool.fetchrow(
+            "SELECT id, reason FROM etl_rejects WHERE source = 'items' AND rule IS NULL")
+        cfg = env.config(source + rules(250) + items + rules(1000))
+        async with db.open_database(cfg) as database:
+            pg = await retry.retry(database, cfg.source("pg"))
+            csv_row = await retry.retry(database, cfg.source("items"))
+        assert (pg["rows_valid"], pg["rows_rejected"]) == (15, 15)          # 110 … 250
+        assert await pool.fetchval(
+            "SELECT count(*) FROM normalized_data WHERE source = 'pg'") == 25
+        raw = await pool.fetchval("SELECT record FROM raw_sql_data WHERE run_id = $1 "
+                                  "ORDER BY row_number LIMIT 1", pg["id"])
+        assert raw == {"id": 11, "name": "n11", "amount": 110}   # the row as the table gave it
+        assert (csv_row["rows_valid"], csv_row["rows_rejected"]) == (1, 1)
+        after = await pool.fetchrow("SELECT reason, status FROM etl_rejects WHERE id = $1",
+                                    malformed["id"])
+        assert (after["reason"], after["status"]) == (malformed["reason"], "open")
+    finally:
+        await pool.execute("DROP SCHEMA up_retry CASCADE")

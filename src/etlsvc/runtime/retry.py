@@ -31,7 +31,6 @@ from etlsvc.load.batches import Preparer
 from etlsvc.runtime import runs
 from etlsvc.transform import normalize
 from etlsvc.transform.rules import Problem
-from etlsvc.transform.validate import validator_for
 
 log = structlog.get_logger()
 
@@ -79,9 +78,7 @@ async def _retry_chunk(conn: asyncpg.Connection, src: Source, retry_id: int,
     counts = dict.fromkeys(runs.COUNTERS, 0)
     counts["rows_read"] = counts["rows_rejected"] = len(unusable)
     for ids, batch in groups:
-        missing = validator_for(src, batch.columns).missing
-        bad = (preparer.check(batch) if not missing else dict.fromkeys(
-            range(len(ids)), Problem("required", *missing[0], None, "is not in the record")))
+        bad = preparer.check(batch)      # its columns are the mapped ones: none missing
         prepared = preparer.prepare(batch, bad)
         for i, problem in bad.items():
             await _still_open(conn, ids[i], problem)
@@ -120,33 +117,31 @@ async def _still_open(conn: asyncpg.Connection, reject_id: int, p: Problem) -> N
 
 
 def _batches(src: Source, taken: list[Any]) -> tuple[list[tuple[list[int], Batch]], list[int]]:
-    """The taken rejects as batches of the kind (one per stream and columns) with their
-    reject ids, and the ids of rejects that cannot make a row (a line that never parsed as
-    a record keeps its reason and stays open)."""
+    """The taken rejects as batches (one per stream) with their reject ids, and the ids of
+    rejects that cannot make a record: one that never parsed as a record (a malformed CSV
+    line keeps only its text), or a flat record without a mapped column. Those keep their
+    reason and stay open."""
     kind = kind_of(src)
-    groups: dict[tuple[str, tuple[str, ...]], list[Any]] = {}
+    flat = kind.record == "columns"
+    paths = list(dict.fromkeys(src.fields.mapped().values()))
+    groups: dict[str, list[Any]] = {}
     unusable: list[int] = []
-    paths = tuple(dict.fromkeys(src.fields.mapped().values()))
     for r in taken:
         record, position = r["record"], r["position"]
         if (not isinstance(record, dict)
                 or not all(isinstance(position.get(k), int) for k in kind.position_keys)
-                or (kind.record == "columns"
-                    and not all(isinstance(v, str) for v in record.values()))):
+                or (flat and not all(p in record for p in paths))):
             unusable.append(r["id"])
             continue
-        columns = tuple(record) if kind.record == "columns" else paths
-        groups.setdefault((r["stream"], columns), []).append(r)
+        groups.setdefault(r["stream"], []).append(r)
     out = []
-    for (stream, columns), group in groups.items():
+    for stream, group in groups.items():
         records = [r["record"] for r in group]
-        rows = ([list(rec.values()) for rec in records] if kind.record == "columns"
-                else project(records, list(columns)))
-        positions = [tuple(r["position"][k] for k in kind.position_keys) for r in group]
-        received = (None if kind.record == "columns"
-                    else [msgspec.json.encode(rec) for rec in records])
+        # The record as the raw table holds it: a CSV row's {column: value} is JSON too.
         out.append(([r["id"] for r in group],
-                    Batch(stream, list(columns), rows, positions, received,
+                    Batch(stream, paths, project(records, paths, flat=flat),
+                          [tuple(r["position"][k] for k in kind.position_keys) for r in group],
+                          [msgspec.json.encode(rec) for rec in records],
                           rows_read=len(group))))
     return out, unusable
 
