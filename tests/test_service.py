@@ -219,7 +219,8 @@ def servers(env: Env, count: int = 1) -> Iterator[list[Server]]:
 
 
 async def test_two_servers_one_run_the_other_409(env: Env, pool: asyncpg.Pool, gen_csv) -> None:
-    full, _ = gen_csv(200_000)
+    # Seconds of loading: the two requests arrive milliseconds apart, well within the run.
+    full, _ = gen_csv(20_000)
     env.write_config(csv_source("products", full, extra="batch_size = 5000"))
     with servers(env, 2) as pair:
         answers = await asyncio.gather(
