@@ -133,3 +133,20 @@ async def test_json_lines_keys_new_and_retyped_under_discard_value(
         "SELECT source_key, record FROM raw_jsonl_data WHERE run_id = $1", run["id"])}
     assert raw["e50"] == {"id": "e50", "name": "n", "qty": 50}      # no extra
     assert raw["e51"] == {"id": "e51", "name": "n"}                 # no extra, no "many"
+
+
+async def test_a_batch_without_records_is_no_drift_even_under_freeze(
+        env: Env, pool: asyncpg.Pool) -> None:
+    path = env.dir / "events.jsonl"
+    source = csv_source("events", path, fields='source_id = "id"\ntitle = "name"\n',
+                        extra='schema_drift = "freeze"\nmax_error_rate = 1').replace(
+                            'kind = "csv"', 'kind = "jsonl"')
+    cfg = env.config(source)
+    path.write_text("".join(json.dumps({"id": f"e{i}", "name": "n"}) + "\n" for i in range(5)))
+    await run_source(cfg, "events")
+    with open(path, "a") as f:                  # appended: only lines that are not records
+        f.write("not json\n[1, 2]\n")
+    run = await run_source(cfg, "events")
+    assert run["status"] == "succeeded", run["error"]
+    assert (run["rows_read"], run["rows_rejected"]) == (2, 2)
+    assert "drift" not in run["notes"]

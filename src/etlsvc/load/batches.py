@@ -89,7 +89,9 @@ class Preparer:
         return kind_of(self.src)
 
     def __call__(self, batch: Batch) -> Prepared:
-        changes, shape = self.check_drift(batch) if self.known is not None else ([], {})
+        # A batch without records (an empty page, only rejects) says nothing of the shape.
+        changes, shape = (self.check_drift(batch) if self.known is not None and batch.rows
+                          else ([], {}))
         prepared = self.prepare(batch, self.check(batch))
         prepared.shape = shape
         prepared.drift = [c.as_note(batch.stream) for c in changes]
