@@ -14,7 +14,7 @@ Types: for JSON, the JSON types of the values (``string``, ``number``, ``boolean
 too). Types are read from a sample of up to 100 values per column and batch, so a lone odd
 value deep in a batch is a validation matter, not drift. A column is retyped when it shows a
 type its known ones do not include; under ``evolve`` the known types grow to include it. The
-first run of a source sets its shape without drift.
+first run of a source sets its shape without drift; a batch without records is not compared.
 
 The policy (``schema_drift`` of the source):
 
