@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import msgspec
 
-from etlsvc.transform.rules import Rule
+from etlsvc.transform.rules import Problem, Rule
 
 if TYPE_CHECKING:
     from etlsvc.load.batches import Prepared, Preparer
@@ -111,6 +111,13 @@ class Reject:
     field: str | None = None
     column: str | None = None
     value: Any = None
+
+    @classmethod
+    def of(cls, stream: str, position: dict[str, Any], record: Any,
+           problem: Problem) -> Reject:
+        """The reject of a record whose value broke a rule."""
+        return cls(stream, position, record, problem.reason, problem.rule, problem.field,
+                   problem.column, problem.value)
 
 
 @dataclass

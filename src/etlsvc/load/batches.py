@@ -176,11 +176,9 @@ class Preparer:
             keep = [True] * len(batch.rows)
             for i, problem in bad.items():
                 keep[i] = False
-                rejects.append(Reject(batch.stream,
-                                      dict(zip(kind.position_keys, batch.positions[i])),
-                                      self._original(batch, i), problem.reason,
-                                      problem.rule, problem.field, problem.column,
-                                      problem.value))
+                rejects.append(Reject.of(batch.stream,
+                                         dict(zip(kind.position_keys, batch.positions[i])),
+                                         self._original(batch, i), problem))
             rejects.sort(key=lambda r: tuple(r.position.values()))
         rows = batch.rows if keep is None else list(compress(batch.rows, keep))
         key_col = batch.columns.index(self.src.fields.source_id) if batch.rows else 0

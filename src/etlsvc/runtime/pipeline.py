@@ -418,8 +418,8 @@ async def _replay(conn: Any, src: Source, run_id: int, chunk: int,
                 bad = {i: Reject(r["stream"], r["position"], r["record"], reason)
                        for i, r in enumerate(group)}
             else:
-                bad = {i: Reject(group[i]["stream"], group[i]["position"], group[i]["record"],
-                                 p.reason, p.rule, p.field, p.column, p.value)
+                bad = {i: Reject.of(group[i]["stream"], group[i]["position"],
+                                    group[i]["record"], p)
                        for i, p in validator.check(rows).items()}
             for i, reject in bad.items():
                 skip.append(group[i]["id"])
@@ -429,8 +429,7 @@ async def _replay(conn: Any, src: Source, run_id: int, chunk: int,
                 conn, src, kind, above=last, upto=found[-1]["id"], skip=skip)).items():
             r = by_id[raw_id]
             skip.append(raw_id)
-            rejects.append(Reject(r["stream"], r["position"], r["record"], p.reason, p.rule,
-                                  p.field, p.column, p.value))
+            rejects.append(Reject.of(r["stream"], r["position"], r["record"], p))
         inserted, updated = await normalize.upsert(conn, src, kind, above=last,
                                                    upto=found[-1]["id"], skip=skip)
         if inserted or updated:

@@ -75,9 +75,8 @@ async def take_raw(conn: asyncpg.Connection, kind: SourceKind,
         db.query("normalize", "take_raw").replace("{raw_table}", kind.raw_table)
         .replace("{stream_column}", kind.stream_column).replace("{position}", kind.position_sql),
         list(problems))
-    return [Reject(row["stream"], row["position"], row["record"], p.reason, p.rule, p.field,
-                   p.column, p.value)
-            for row in sorted(taken, key=lambda r: r["id"]) for p in [problems[row["id"]]]]
+    return [Reject.of(row["stream"], row["position"], row["record"], problems[row["id"]])
+            for row in sorted(taken, key=lambda r: r["id"])]
 
 
 async def ensure_unique_indexes(conn: asyncpg.Connection, src: SourceConfig) -> None:

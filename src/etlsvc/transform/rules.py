@@ -60,7 +60,6 @@ _TYPE_MESSAGES = {
     "timestamp": "is not an RFC 3339 date-time (like 2024-05-01T12:00:00Z)",
     "url": "is not an absolute http(s) URL",
     "enum": "is not one of the allowed values",
-    "array": "is not a list",
 }
 
 
@@ -234,11 +233,8 @@ class FieldCheck:
                                  f"is not one of the allowed values ({_list(r.allowed)})")
         return None
 
-    def _explain_items(self, items: list[str] | None, column: str,
-                       value: Any) -> Problem | None:
+    def _explain_items(self, items: list[str], column: str, value: Any) -> Problem | None:
         r = self.rule
-        if items is None:
-            return self._problem("type", column, value, _TYPE_MESSAGES["array"])
         if self.required and not items:
             return self._problem("required", column, value, "is required but has no items")
         if r.min_length is not None and len(items) < r.min_length:
@@ -258,7 +254,7 @@ class FieldCheck:
                                      f"values ({_list(r.allowed)})")
         return None
 
-    def items(self, value: str) -> list[str] | None:
+    def items(self, value: str) -> list[str]:
         """The items of an array field as the SQL makes them: a JSON array (JSON kinds), or
         one string split at the separator, empty items dropped."""
         if value.startswith("["):
