@@ -85,17 +85,18 @@ async def _retry_chunk(conn: asyncpg.Connection, src: Source, retry_id: int,
         good = [reject_id for i, reject_id in enumerate(ids) if i not in bad]
         mark = await normalize.next_raw_id(conn, kind.raw_table)
         await raw.copy(conn, kind.raw_table, kind.copy_columns, prepared.payload)
-        # The k-th row copied has the k-th id above the mark: which reject each one is.
-        raw_ids = await conn.fetch(
-            f"SELECT id FROM {kind.raw_table} WHERE source = $1 AND id > $2 "
-            "AND xmin = pg_current_xact_id()::xid ORDER BY id", src.name, mark)
-        of_raw = dict(zip((r["id"] for r in raw_ids), good))
+        loaded = good
         conflicts = await normalize.unique_conflicts(conn, src, kind, above=mark, mine=True)
         if conflicts:
+            # The k-th row copied has the k-th id above the mark: which reject each one is.
+            raw_ids = await conn.fetch(
+                f"SELECT id FROM {kind.raw_table} WHERE source = $1 AND id > $2 "
+                "AND xmin = pg_current_xact_id()::xid ORDER BY id", src.name, mark)
+            of_raw = dict(zip((r["id"] for r in raw_ids), good))
             await normalize.take_raw(conn, kind, conflicts)
             for raw_id, problem in conflicts.items():
                 await _still_open(conn, of_raw[raw_id], problem)
-        loaded = [of_raw[r] for r in of_raw if r not in conflicts]
+            loaded = [of_raw[r] for r in of_raw if r not in conflicts]
         inserted, updated = (0, 0)
         if loaded:
             inserted, updated = await normalize.upsert(conn, src, kind, above=mark,
