@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import datetime as dt
 import re
 from dataclasses import dataclass, field
@@ -124,14 +123,10 @@ class Service:
     loop_monitor: LoopMonitor = field(default_factory=LoopMonitor)
     _sweeper: asyncio.Task[None] | None = None
     #: Claims under way (start_runs): stop() waits for them to register their runs.
-    _claiming: int = 0
-    _no_claims: asyncio.Event = field(default_factory=asyncio.Event)
+    _claims: set[asyncio.Future[list[int]]] = field(default_factory=set)
     #: Set at stop: the runs of continuous sources end their batches.
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
     _followers: list[asyncio.Task[None]] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self._no_claims.set()
 
     def start_scheduler(self) -> None:
         """Add a job per scheduled source and start the scheduler on the running loop."""
@@ -225,15 +220,16 @@ class Service:
         mine = {r.claimed.src.name: i for i, r in self.running.items()}
         if busy := {s.name: mine[s.name] for s in sources if s.name in mine}:
             raise SourceBusy(busy)
-        self._claiming += 1               # stop() waits for claims under way
-        self._no_claims.clear()
-        try:
-            claimed = await pipeline.claim(self.database, sources, trigger=trigger,
-                                           full_refresh=full_refresh)
-        finally:
-            self._claiming -= 1
-            if not self._claiming:
-                self._no_claims.set()
+        # stop() waits for claims under way: once one is done, its runs are registered.
+        claim = asyncio.ensure_future(self._claim(sources, trigger, full_refresh))
+        self._claims.add(claim)
+        claim.add_done_callback(self._claims.discard)
+        return await claim
+
+    async def _claim(self, sources: list[Source], trigger: str,
+                     full_refresh: bool) -> list[int]:
+        claimed = await pipeline.claim(self.database, sources, trigger=trigger,
+                                       full_refresh=full_refresh)
         for run in claimed:
             task = asyncio.create_task(self._execute(run), name=f"run {run.id}")
             self.running[run.id] = Running(task, run)
@@ -307,8 +303,8 @@ class Service:
             self.scheduler.shutdown(wait=False)
         # A run claimed while the stop began is registered when its claim returns: wait
         # for that, so that it is waited for too (else its row would stay 'running').
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._no_claims.wait(), timeout=5)
+        if self._claims:
+            await asyncio.wait(self._claims, timeout=5)
         tasks = [r.task for r in self.running.values()]
         if tasks:
             log.info("waiting for running runs", runs=list(self.running), grace_s=grace)
