@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_csv import RESULTS, fresh_db, generate, machine, sh
+from bench_csv import fresh_db, generate, machine, record, sh
 from etlsvc.api.routes import encode_cursor
 
 HERE = Path(__file__).resolve().parent
@@ -177,9 +177,7 @@ def main() -> None:
             "| scenario | connections | requests/s | p50 ms | p99 ms | "
             "non-2xx/3xx / requests |\n"
             f"|---|---|---|---|---|---|\n{rows}\n\n" + "\n".join(lines) + "\n")
-    print(text)
-    with open(RESULTS, "a") as f:
-        f.write(text)
+    record(text)
 
 
 if __name__ == "__main__":

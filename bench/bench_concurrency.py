@@ -34,7 +34,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_csv import DATA, FIELDS, RESULTS, fresh_db, machine, sh  # noqa: E402
+from bench_csv import DATA, FIELDS, fresh_db, machine, record, sh  # noqa: E402
 
 FLOOR = """create temp table t (id text, title text, description text, category text,
   amount text, url text, created_at text, tags text);
@@ -79,7 +79,9 @@ def files() -> tuple[Path, Path, list[Path]]:
     return big, clean, parts
 
 
-def config(path: str, pipeline: str) -> str:
+def config(path: str, pipeline: str, extra: str = "") -> str:
+    """A config of one CSV source ``s`` with ``[pipeline]`` settings and ``extra`` tables
+    after its fields (rules, say)."""
     return textwrap.dedent(f"""\
         [log]
         format = "json"
@@ -89,14 +91,16 @@ def config(path: str, pipeline: str) -> str:
         name = "s"
         kind = "csv"
         path = "{path}"
-        """) + FIELDS
+        """) + FIELDS + extra
 
 
-def run_etlsvc(url: str, work: Path, path: str, pipeline: str = "") -> tuple[float, int]:
-    """Wall time and peak RSS (the largest process) of `etlsvc run` into a fresh database."""
+def run_etlsvc(url: str, work: Path, path: str, pipeline: str = "",
+               extra: str = "") -> tuple[float, int, str]:
+    """Wall time and peak RSS (the largest process) of `etlsvc run` into a fresh database,
+    and that database's URL."""
     db = fresh_db(url, "etlsvc_bench_conc")
     cfg = work / "conc.toml"
-    cfg.write_text(config(path, pipeline))
+    cfg.write_text(config(path, pipeline, extra))
     env = {**os.environ, "ETLSVC_DATABASE_URL": db}
     sh(sys.executable, "-m", "etlsvc", "migrate", "--config", str(cfg), env=env)
     start = time.perf_counter()
@@ -107,7 +111,7 @@ def run_etlsvc(url: str, work: Path, path: str, pipeline: str = "") -> tuple[flo
     seconds = time.perf_counter() - start
     if status != 0:
         raise SystemExit(f"etlsvc run failed ({status})")
-    return seconds, usage.ru_maxrss * 1024
+    return seconds, usage.ru_maxrss * 1024, db
 
 
 def run_floor(url: str, work: Path, clean: Path) -> float:
@@ -138,12 +142,12 @@ def main() -> None:
         work = Path(tmp)
         variants = {
             "floor": lambda: (run_floor(args.database_url, work, clean), 0),
-            "file": lambda: run_etlsvc(args.database_url, work, str(big)),
+            "file": lambda: run_etlsvc(args.database_url, work, str(big))[:2],
             "file, 1 connection": lambda: run_etlsvc(args.database_url, work, str(big),
-                                                     "connections_per_run = 1"),
-            "glob": lambda: run_etlsvc(args.database_url, work, pattern),
+                                                     "connections_per_run = 1")[:2],
+            "glob": lambda: run_etlsvc(args.database_url, work, pattern)[:2],
             "glob, one after another": lambda: run_etlsvc(args.database_url, work, pattern,
-                                                          one_at_a_time),
+                                                          one_at_a_time)[:2],
         }
         for round_ in range(args.rounds):
             for name, run in variants.items():
@@ -166,9 +170,7 @@ def main() -> None:
             f"* 1M-row file / floor: **{file_ratio:.2f}×** (target ≤ 0.9); with one "
             f"connection: {med['file, 1 connection'] / med['floor']:.2f}×\n"
             f"* peak RSS: {max(rss.values()) / 2**20:.0f} MiB (target ≤ 150 MiB)\n")
-    print(text)
-    with open(RESULTS, "a") as f:
-        f.write(text)
+    record(text)
 
 
 if __name__ == "__main__":

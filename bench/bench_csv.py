@@ -119,6 +119,13 @@ def time_etlsvc(url: str, path: Path, batch_size: int, workdir: Path,
     return seconds, usage.ru_maxrss * 1024, summary
 
 
+def record(text: str) -> None:
+    """Print a benchmark's section and append it to bench/RESULTS.md."""
+    print(text)
+    with open(RESULTS, "a") as f:
+        f.write(text)
+
+
 def machine() -> str:
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
     cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo

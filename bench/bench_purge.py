@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_api import wait, wrk
-from bench_csv import DATA, FIELDS, HERE, RESULTS, fresh_db, machine, sh
+from bench_csv import DATA, FIELDS, HERE, fresh_db, machine, record, sh
 
 
 def main() -> None:
@@ -120,9 +120,7 @@ def main() -> None:
             "purging |\n|---|---|---|---|---|---|\n" + "\n".join(lines) +
             f"\n\n* worst p99 ratio: **{max(ratios):.2f}×** (target ≤ 3×)\n" if ratios else
             "\nthe purge ended before a wrk window did\n")
-    print(text)
-    with open(RESULTS, "a") as f:
-        f.write(text)
+    record(text)
 
 
 if __name__ == "__main__":

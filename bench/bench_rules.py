@@ -21,17 +21,14 @@ import argparse
 import datetime as dt
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import textwrap
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_concurrency import files  # noqa: E402
-from bench_csv import FIELDS, RESULTS, fresh_db, machine, sh  # noqa: E402
+from bench_concurrency import files, run_etlsvc  # noqa: E402
+from bench_csv import machine, record, sh  # noqa: E402
 
 CATEGORIES = ["Music", "Tools", "Toys", "Shoes", "Sports", "Books", "Automotive", "Garden",
               "Grocery", "Health", "Home & Kitchen", "Outdoors", "Jewelry", "Electronics",
@@ -68,27 +65,8 @@ max = 2100-01-01T00:00:00Z
 
 def run(url: str, work: Path, path: Path, rules: str) -> tuple[float, int]:
     """Wall time and rows rejected of `etlsvc run` into a fresh database."""
-    db = fresh_db(url, "etlsvc_bench_rules")
-    cfg = work / "rules.toml"
-    cfg.write_text(textwrap.dedent(f"""\
-        [log]
-        format = "json"
-        [[sources]]
-        name = "s"
-        kind = "csv"
-        path = "{path}"
-        max_error_rate = 0.5
-        """) + FIELDS + rules)
-    env = {**os.environ, "ETLSVC_DATABASE_URL": db}
-    sh(sys.executable, "-m", "etlsvc", "migrate", "--config", str(cfg), env=env)
-    start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "etlsvc", "run", "--no-progress", "--config",
-                           str(cfg)], capture_output=True, text=True, env=env)
-    seconds = time.perf_counter() - start
-    if done.returncode != 0:
-        raise SystemExit(f"etlsvc run failed: {done.stderr[-2000:]}")
-    rejected = int(sh("psql", db, "-qAtc", "SELECT rows_rejected FROM etl_runs").stdout)
-    return seconds, rejected
+    seconds, _, db = run_etlsvc(url, work, str(path), extra=rules)
+    return seconds, int(sh("psql", db, "-qAtc", "SELECT rows_rejected FROM etl_runs").stdout)
 
 
 def main() -> None:
@@ -119,9 +97,7 @@ def main() -> None:
             + "\n".join(lines) +
             f"\n\n* 8 rules: **{med['8 rules'] / med['default'] - 1:+.1%}** (target ≤ +10 %)\n"
             f"* 8 rules + unique url: {med['8 rules + unique'] / med['default'] - 1:+.1%}\n")
-    print(text)
-    with open(RESULTS, "a") as f:
-        f.write(text)
+    record(text)
 
 
 if __name__ == "__main__":
