@@ -3,6 +3,7 @@ container files lives in .ci/run (hadolint, compose)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -66,7 +67,11 @@ async def test_three_replicas_one_run_per_tick_all_serve_data(
     full, _ = gen_csv(20_000)
     env.write_config(csv_source("products", full, extra='schedule = "3s"\nbatch_size = 2000'))
     with servers(env, 3) as trio:
-        time.sleep(10)
+        # At least two ticks' runs (a loaded machine takes longer than a tick for one).
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and await pool.fetchval(
+                "SELECT count(*) FROM etl_runs WHERE status = 'succeeded'") < 2:
+            await asyncio.sleep(0.5)
         for server in trio:
             r = httpx.get(f"{server.base}/data", params={"limit": 5})
             assert r.status_code == 200 and len(r.json()["data"]) == 5
