@@ -21,11 +21,10 @@ from litestar import Litestar, MediaType, Request, Response
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
-from litestar.openapi.plugins import RedocRenderPlugin, SwaggerRenderPlugin
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from etlsvc import __version__, db
-from etlsvc.api import auth, changes, routes
+from etlsvc.api import auth, changes, console, routes, tail
 from etlsvc.config import Config
 from etlsvc.errors import EtlError
 from etlsvc.runtime import metrics, workers
@@ -186,6 +185,7 @@ def create_litestar(cfg: Config, startup_errors: list[EtlError] | None = None) -
                         # updated_since" walks the primary key even for the last minute.
                         "plan_cache_mode": "force_custom_plan"}, reset=_keep_session))
                 app.state.data_version = changes.DataVersion()
+                tail.HUB.attach()       # keep each run's log lines for the console
                 service = Service(cfg, database, workers.from_config(cfg.pipeline))
                 app.state.service = service
                 service.start_scheduler()
@@ -203,7 +203,7 @@ def create_litestar(cfg: Config, startup_errors: list[EtlError] | None = None) -
     auth.configured_keys()          # a malformed ETLSVC_API_KEYS is a config error now
     return Litestar(
         state=State({"public_read": cfg.server.public_read}),
-        route_handlers=routes.HANDLERS,
+        route_handlers=[*routes.HANDLERS, *console.HANDLERS],
         guards=[routes.check_request],
         lifespan=[lifespan],
         exception_handlers={HTTPException: _http_error, Exception: _internal_error,
@@ -213,7 +213,7 @@ def create_litestar(cfg: Config, startup_errors: list[EtlError] | None = None) -
         request_max_body_size=MAX_BODY,
         openapi_config=OpenAPIConfig(
             title="etlsvc", version=__version__, path="/schema",
-            render_plugins=[SwaggerRenderPlugin(), RedocRenderPlugin(path="/redoc")]),
+            render_plugins=console.DOCS_PLUGINS),
         debug=False,
         logging_config=None,
     )

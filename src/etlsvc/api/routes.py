@@ -326,6 +326,32 @@ async def get_run(request: Request,
     return envelope(request, run_view(row))
 
 
+@get("/etl/runs/{run_id:int}/log", summary="A run's log lines, then new ones live "
+     "(server-sent events)", media_type="text/event-stream", **READ)
+async def run_log(request: Request,
+                  run_id: Annotated[int, PathParameter(ge=0, le=db.MAX_ID)]) -> ServerSentEvent:
+    """The log events of a run executed by this process: the last 500 kept, then each new
+    one as it is logged, as one SSE ``data:`` line each (a run of another replica has none
+    here). A comment line every 15 s keeps idle connections open."""
+
+    async def events() -> AsyncIterator[ServerSentEventMessage]:
+        # Subscribing and copying the history happen with no await between: no event is
+        # missed or sent twice.
+        with tail.HUB.subscribe() as queue:
+            for event in tail.HUB.history(run_id):
+                yield ServerSentEventMessage(data=_encode(event).decode())
+            while True:
+                try:
+                    event = await asyncio.wait_for(queue.get(), 15)
+                except TimeoutError:
+                    yield ServerSentEventMessage(comment="keep-alive")
+                    continue
+                if event.get("run_id") == run_id:
+                    yield ServerSentEventMessage(data=_encode(event).decode())
+
+    return ServerSentEvent(events())
+
+
 @get("/etl/rejects", summary="Rejected records, with position and reason",
      **READ)
 async def list_rejects(
@@ -668,7 +694,8 @@ async def stats(request: Request) -> dict[str, Any]:
             else None,
             "last_run_id": r["last_run_id"] if r else None,
             # The changes of the last run that found schema drift (transform/drift.py).
-            "schema_drift": r["last_drift"] if r else None}
+            "schema_drift": r["last_drift"] if r else None,
+            "next_run_at": service.next_run_at(src.name)}
     pools = {"etl": service.database.pool, "read": read_pool(request)}
     return envelope(request, {
         "sources": sources,
@@ -709,6 +736,6 @@ async def log_stream(
     return ServerSentEvent(events())
 
 
-HANDLERS = [start_runs, list_runs, get_run, list_rejects, retry_rejects, ignore_rejects,
+HANDLERS = [start_runs, list_runs, get_run, run_log, list_rejects, retry_rejects, ignore_rejects,
             list_data, list_changes, stream_changes, get_record, health, stats, prometheus,
             log_stream]

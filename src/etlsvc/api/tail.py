@@ -2,7 +2,7 @@
 
 Owns ``etlsvc logs`` (read a JSON-lines stream from a file or stdin, optionally following
 it, keep the events that match, print them as coloured text on a terminal) and the in-process
-hub that ``GET /logs/stream`` subscribes to.
+hub that ``GET /logs/stream`` and a run's ``GET /etl/runs/{id}/log`` read.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import contextlib
 import os
 import sys
 import time
+from collections import OrderedDict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any
@@ -72,15 +73,27 @@ def show(stream: IO[str], out: IO[str], keep: LogFilter, follow: bool = False) -
 
 
 class LogHub:
-    """Live log events for subscribers (``GET /logs/stream``); slow ones lose events."""
+    """Live log events for subscribers (``GET /logs/stream``; slow ones lose events), and the
+    last events of each recent run (``GET /etl/runs/{id}/log``), once ``attach``-ed."""
+
+    #: Events kept per run, and runs kept.
+    RUN_EVENTS = 500
+    RUNS = 50
 
     def __init__(self) -> None:
         self._subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._runs: OrderedDict[int, deque[dict[str, Any]]] = OrderedDict()
+        self._keep_runs = False
+
+    def attach(self) -> None:
+        """Keep the events of runs from now on (``serve``; a CLI run keeps nothing)."""
+        self._loop = asyncio.get_running_loop()
+        self._keep_runs = True
 
     def processor(self, _logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
         """A structlog processor: hand a copy of each event to the subscribers."""
-        if self._subscribers and self._loop:
+        if self._loop and (self._subscribers or (self._keep_runs and "run_id" in event)):
             # Keys with a leading underscore are the logging machinery's, not the event's.
             copy = {k: v if isinstance(v, (str, int, float, bool, type(None))) else str(v)
                     for k, v in event.items() if not k.startswith("_")}
@@ -89,9 +102,20 @@ class LogHub:
         return event
 
     def _publish(self, event: dict[str, Any]) -> None:
+        run_id = event.get("run_id")
+        if self._keep_runs and isinstance(run_id, int):
+            if run_id not in self._runs:
+                self._runs[run_id] = deque(maxlen=self.RUN_EVENTS)
+                while len(self._runs) > self.RUNS:
+                    self._runs.popitem(last=False)
+            self._runs[run_id].append(event)
         for queue in list(self._subscribers):
             with contextlib.suppress(asyncio.QueueFull):
                 queue.put_nowait(event)
+
+    def history(self, run_id: int) -> list[dict[str, Any]]:
+        """The kept events of a run of this process, oldest first."""
+        return list(self._runs.get(run_id, ()))
 
     @contextlib.contextmanager
     def subscribe(self, size: int = 1000) -> Iterator[asyncio.Queue[dict[str, Any]]]:

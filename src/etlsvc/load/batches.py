@@ -47,6 +47,8 @@ class Prepared:
     state: dict[str, Any]
     pages: int = 0
     lines: int = 0
+    #: What the batch was read from (a file, a page's URL, a feed), for the run's outcomes.
+    part: str = ""
     #: Called once the batch is committed (a stream acknowledges its messages then).
     after_commit: Callable[[], Awaitable[Any]] | None = None
     #: CRC-32s of the valid rows' keys (array of uint32): batches that share a key never
@@ -199,7 +201,7 @@ class Preparer:
         return Prepared(batch.checkpoint or batch.stream, payload, len(rows),
                         len(set(keys)) == len(keys),
                         rejects, batch.rows_read, batch.bytes_read, batch.state,
-                        pages=batch.pages, lines=batch.lines_read,
+                        pages=batch.pages, lines=batch.lines_read, part=batch.stream,
                         key_hashes=array("I", hashes).tobytes(), unique_checks=bool(unique))
 
     @staticmethod

@@ -35,6 +35,12 @@ from etlsvc.transform.validate import validator_for
 log = structlog.get_logger()
 
 
+#: A run's notes keep the outcome of this many parts (files, pages, feeds) at most.
+MAX_PARTS = 1000
+PART_COUNTERS = ("batches", "rows_read", "rows_valid", "rows_rejected", "rows_inserted",
+                 "rows_updated")
+
+
 @dataclass
 class Progress:
     """Counters of a run so far, passed to the progress callback after each batch."""
@@ -51,6 +57,21 @@ class Progress:
     def warn(self, message: str) -> None:
         log.warning(message)
         self.warnings.append(message)
+
+    def outcome(self, part: str, counts: dict[str, int]) -> None:
+        """Add a committed batch's counters to its part's (each file, page or feed) in the
+        notes' ``parts``; past ``MAX_PARTS`` parts, ``other_batches`` counts the batches of
+        the parts not listed."""
+        parts = self.notes.setdefault("parts", {})
+        mine = parts.get(part)
+        if mine is None:
+            if len(parts) >= MAX_PARTS:
+                self.notes["other_batches"] = self.notes.get("other_batches", 0) + 1
+                return
+            mine = parts[part] = dict.fromkeys(PART_COUNTERS, 0)
+        mine["batches"] += 1
+        for k in PART_COUNTERS[1:]:
+            mine[k] += counts[k]
 
 
 ProgressCallback = Callable[[Progress], None]
@@ -236,6 +257,7 @@ async def _commit_batches(cfg: Config, run: ClaimedRun, workers: Workers, progre
     async def committed(batch: batches.Prepared, counts: dict[str, int]) -> None:
         for k, v in counts.items():
             progress.counts[k] += v
+        progress.outcome(batch.part, counts)
         for change in batch.drift:
             seen = progress.notes.setdefault("drift", [])
             if change not in seen:            # each change once per run

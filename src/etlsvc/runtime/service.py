@@ -156,6 +156,11 @@ class Service:
     def scheduler_running(self) -> bool:
         return bool(self.scheduler and self.scheduler.running)
 
+    def next_run_at(self, name: str) -> dt.datetime | None:
+        """When the scheduler next runs the source (None: not scheduled here)."""
+        job = self.scheduler.get_job(name) if self.scheduler else None
+        return job.next_run_time if job else None
+
     async def scheduled_run(self, name: str) -> None:
         """A scheduler tick: run the source unless another worker is running it."""
         if not self.accepting:
