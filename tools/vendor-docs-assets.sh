@@ -15,7 +15,9 @@ trap 'rm -rf "$work"' EXIT
 for f in swagger-ui-bundle.js swagger-ui-standalone-preset.js swagger-ui.css; do
   gzip -9 -n -c "$work/swagger/package/$f" > "$out/$f.gz"
 done
-gzip -9 -n -c "$work/redoc/package/bundles/redoc.standalone.js" > "$out/redoc.standalone.js.gz"
+# ReDoc shows its logo from its CDN at the foot of the menu: point it at our icon instead.
+sed 's#https://cdn.redoc.ly/redoc/logo-mini.svg#/console/assets/favicon.svg#' \
+  "$work/redoc/package/bundles/redoc.standalone.js" | gzip -9 -n > "$out/redoc.standalone.js.gz"
 cat "$work/swagger/package/LICENSE" > "$out/LICENSE.swagger-ui"
 cat "$work/redoc/package/LICENSE" > "$out/LICENSE.redoc"
 printf 'swagger-ui-dist %s\nredoc %s\n' "$SWAGGER" "$REDOC" > "$out/VERSIONS"

@@ -327,10 +327,14 @@ async function overview(ctx) {
   ctx.every(5000, load);
 }
 
+const LOADS = new Set(["manual", "schedule", "startup", "stream"]);
+
 function card(name, stat, health, runs) {
   const continuous = "lag" in health;
   const running = runs.find((r) => r.status === "running");
-  const done = runs.filter((r) => r.status === "succeeded" && r.rows_read > 0).reverse();
+  // Loads only: a retry or a replay reads a handful of rows.
+  const done = runs.filter((r) => r.status === "succeeded" && r.rows_read > 0
+    && LOADS.has(r.trigger)).reverse();
   const state = running ? "running" : health.stale ? "stale" : health.status;
   const rows = [
     ["Last success", h("span", { title: time(health.last_success) }, ago(health.last_success))],
@@ -544,7 +548,7 @@ async function rejectsView(ctx, params) {
   const whose = filter.run_id ? `of run ${filter.run_id}` : `of ${filter.source}`;
   const bulk = async (what) => {
     const done = await act(`${what} rejects`, `/etl/rejects/${what}`, scope);
-    if (done) { flash(outcome(what, done)); route(); }
+    if (done) { await route(); flash(outcome(what, done)); }
   };
   show(ctx, h("h1", {}, "Rejects"),
     h("form", { class: "filters", onsubmit: (e) => {
@@ -576,7 +580,7 @@ async function rejectsView(ctx, params) {
 function outcome(what, done) {
   return what === "retry"
     ? `retry run ${done.id}: ${num(done.rows_valid)} loaded, ${num(done.rows_rejected)} still open`
-    : `${num(done.ignored)} rejects ignored`;
+    : `rejects ignored: ${num(done.ignored)}`;
 }
 
 function where(r) {
@@ -595,7 +599,7 @@ function rejectRows(r) {
       ...["retry", "ignore"].map((what) => h("button", { type: "button", onclick: async () => {
         const done = await act(`${what} reject ${r.id}`, `/etl/rejects/${what}`,
           { source: r.source, ids: [r.id] });
-        if (done) { flash(outcome(what, done)); route(); }
+        if (done) { await route(); flash(outcome(what, done)); }
       } }, what === "retry" ? "Retry this record" : "Ignore this record"))) : null));
   const row = h("tr", { class: "reject", tabindex: 0, "data-id": r.id, onclick: () => {
     detail.hidden = !detail.hidden;

@@ -1,0 +1,261 @@
+"""The operator console in a real browser: Playwright driving Debian's Chromium against a
+real `etlsvc serve`. Screenshots of every page land in ``build/screenshots/`` (README,
+"Console")."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import asyncpg
+import pytest
+
+from tests.conftest import Env, csv_source
+from tests.test_service import Server, servers
+
+CHROMIUM = os.environ.get("ETLSVC_CHROMIUM", "/usr/bin/chromium")
+playwright_api = pytest.importorskip("playwright.async_api",
+                                     reason="playwright is not installed (the test extra)")
+pytestmark = pytest.mark.skipif(not shutil.which(CHROMIUM),
+                                reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+
+SHOTS = Path(__file__).resolve().parent.parent / "build" / "screenshots"
+SIZES = {"desktop": {"width": 1280, "height": 800}, "phone": {"width": 390, "height": 844}}
+#: The most a console page may weigh: every response it loads, decoded.
+PAGE_BUDGET = 300 * 1024
+RUN_KEY, READ_KEY = "ops-secret", "viewer-secret"
+
+
+@pytest.fixture(autouse=True)
+def api_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ETLSVC_API_KEYS", f"ops:run:{RUN_KEY},viewer:read:{READ_KEY}")
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Any]:
+    async with playwright_api.async_playwright() as p:
+        b = await p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            yield b
+        finally:
+            await b.close()
+
+
+class Traffic:
+    """Every request a page makes; anything not for 127.0.0.1 is recorded and aborted."""
+
+    def __init__(self) -> None:
+        self.foreign: list[str] = []
+        self.loaded = 0
+
+    async def attach(self, page: Any) -> None:
+        async def gate(route: Any) -> None:
+            url = route.request.url
+            if urlsplit(url).hostname != "127.0.0.1" and not url.startswith("data:"):
+                self.foreign.append(url)
+                await route.abort()
+            else:
+                await route.continue_()
+
+        await page.route("**/*", gate)
+        page.on("response", self._count)
+
+    async def _count(self, response: Any) -> None:
+        with contextlib.suppress(Exception):  # an event stream still open has no body yet
+            self.loaded += len(await response.body())
+
+
+async def open_page(browser: Any, server: Server, size: str,
+                    key: str | None) -> tuple[Any, Traffic]:
+    page = await browser.new_page(viewport=SIZES[size])
+    traffic = Traffic()
+    await traffic.attach(page)
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.errors = errors
+    await page.goto(f"{server.base}/console")
+    if key:
+        await enter_key(page, key)
+    return page, traffic
+
+
+async def enter_key(page: Any, key: str) -> None:
+    await page.click("#key-button")
+    await page.fill("#key-input", key)
+    await page.click("dialog button[value=save]")
+    await playwright_api.expect(page.locator("#key-button")).to_have_text("API key: set")
+
+
+async def visit(page: Any, traffic: Traffic, hash_: str, ready: str, shot: str) -> None:
+    """Go to a view the way a person does (a fresh load), wait for ``ready``, check the
+    page fits the viewport and its weight, and take its screenshot."""
+    traffic.loaded = 0
+    await page.goto(f"{page.url.split('#')[0].split('/console')[0]}/console{hash_}")
+    await playwright_api.expect(page.locator(ready).first).to_be_visible()
+    await page.wait_for_load_state("load")
+    overflow = await page.evaluate(
+        "document.documentElement.scrollWidth - document.documentElement.clientWidth")
+    assert overflow <= 0, f"{shot}: the page is {overflow}px wider than the viewport"
+    assert traffic.loaded <= PAGE_BUDGET, f"{shot} weighs {traffic.loaded} bytes"
+    assert not page.errors, page.errors
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    await page.screenshot(path=SHOTS / f"{shot}.png", full_page=True)
+
+
+def console_config(env: Env, path: Path, server: str = "") -> None:
+    env.write_config(csv_source("catalog", path, extra='schedule = "1d"\nbatch_size = 10000'),
+                     server)
+
+
+async def test_console_drives_a_run_rejects_data_and_lineage_in_a_browser(
+        env: Env, pool: asyncpg.Pool, gen_csv, browser: Any) -> None:
+    # Seconds of loading, so that the page sees the run running.
+    big, _ = gen_csv(300_000)
+    console_config(env, big)
+    expect = playwright_api.expect
+    with servers(env) as (server,):
+        page, traffic = await open_page(browser, server, "desktop", RUN_KEY)
+
+        # Overview: the source's card, scheduled, with no run yet; start one from it.
+        await visit(page, traffic, "#/", "article.card[data-source=catalog]", "overview-empty")
+        card = page.locator("article.card[data-source=catalog]")
+        await expect(card.locator("dd").nth(4)).to_have_text(re.compile(r"^in \d+"))
+        await card.get_by_role("button", name="Run now").click()
+
+        # Run detail: live while it runs, then 100 % with its outcome and its log.
+        await expect(page).to_have_url(re.compile(r"#/runs/\d+$"))
+        run_id = int(page.url.rsplit("/", 1)[1])
+        seen = set()
+        for _ in range(600):
+            status = await page.locator("h1 .badge").text_content()
+            seen.add((status, await page.locator(".percent").text_content()))
+            if status != "running":
+                break
+            await page.wait_for_timeout(100)
+        assert ("succeeded", "100.0 %") in seen or ("succeeded", "100 %") in seen, seen
+        assert any(s == "running" for s, _ in seen), f"never saw the run running: {seen}"
+        row = await pool.fetchrow("SELECT * FROM etl_runs WHERE id = $1", run_id)
+        counters = dict(zip(await page.locator("dl.counters dt").all_text_contents(),
+                            await page.locator("dl.counters dd").all_text_contents()))
+        assert counters["Read"] == f"{row['rows_read']:,}"
+        assert counters["Rejected"] == f"{row['rows_rejected']:,}" and row["rows_rejected"] > 0
+        await expect(page.locator("table.parts td.part")).to_have_text(str(big))
+        await expect(page.locator("pre.log")).to_contain_text("run finished")
+        await visit(page, traffic, f"#/runs/{run_id}", "table.parts", "run-detail")
+
+        # Runs: the run listed with its figures; the duration trend has its bar.
+        await visit(page, traffic, "#/runs", "table.runs tbody tr", "runs")
+        await expect(page.locator("table.runs tbody tr").first).to_contain_text(f"#{run_id}")
+        await expect(page.locator("svg.chart rect.succeeded")).to_have_count(1)
+
+        # Rejects: open one, see its original record, retry it (still invalid), ignore it.
+        await visit(page, traffic, "#/rejects?source=catalog", "tr.reject", "rejects")
+        first = await pool.fetchrow(
+            "SELECT id, record, reason FROM etl_rejects WHERE run_id = $1 ORDER BY id LIMIT 1",
+            run_id)
+        reject = page.locator(f"tr.reject[data-id='{first['id']}']")
+        await expect(reject).to_contain_text(first["reason"])
+        await reject.click()
+        detail = page.locator("tr.detail").first
+        shown = next(v for v in first["record"].values()
+                     if isinstance(v, str) and v.isalnum())
+        await expect(detail.locator("pre.json")).to_contain_text(shown)
+        await page.screenshot(path=SHOTS / "reject-open.png", full_page=True)
+        await detail.get_by_role("button", name="Retry this record").click()
+        await expect(page.locator("#flash")).to_contain_text("0 loaded, 1 still open")
+        await page.locator(f"tr.reject[data-id='{first['id']}']").click()
+        await page.locator("tr.detail").first.get_by_role(
+            "button", name="Ignore this record").click()
+        await expect(page.locator("#flash")).to_contain_text("rejects ignored: 1")
+        assert await pool.fetchval("SELECT status FROM etl_rejects WHERE id = $1",
+                                   first["id"]) == "ignored"
+
+        # Data: page forward twice and back, in id order, each row once.
+        await visit(page, traffic, "#/data?source=catalog", "table.data tbody tr", "data")
+        pages = []
+        first_id = page.locator("table.data tbody tr td:first-child")
+        for _ in range(3):
+            await expect(page.locator("table.data tbody tr")).to_have_count(50)
+            pages.append([int(t) for t in await first_id.all_text_contents()])
+            if len(pages) < 3:
+                await page.get_by_role("link", name="Next →").click()
+                await expect(first_id.first).not_to_have_text(str(pages[-1][0]))
+        ids = [i for p in pages for i in p]
+        assert ids == sorted(ids) and len(set(ids)) == 150
+        assert ids == [r["id"] for r in await pool.fetch(
+            "SELECT id FROM normalized_data WHERE source = 'catalog' ORDER BY id LIMIT 150")]
+        await page.get_by_role("button", name="← Previous").click()
+        await expect(first_id.first).to_have_text(str(pages[1][0]))
+
+        # Lineage: a record → its raw record → the run that loaded it.
+        record_id = pages[1][7]
+        await page.get_by_role("link", name=str(record_id), exact=True).click()
+        await expect(page.locator("ol.lineage")).to_contain_text("raw_csv_data #")
+        raw_id = await pool.fetchval("SELECT raw_id FROM normalized_data WHERE id = $1",
+                                     record_id)
+        await expect(page.locator("ol.lineage")).to_contain_text(f"raw_csv_data #{raw_id}")
+        source_id = await pool.fetchval(
+            "SELECT record->>'id' FROM raw_csv_data WHERE id = $1", raw_id)
+        await expect(page.locator("pre.json").first).to_contain_text(f'"id": "{source_id}"')
+        await visit(page, traffic, f"#/data/{record_id}", "ol.lineage", "record")
+        await page.locator("ol.lineage").get_by_role("link", name=f"#{run_id}").click()
+        await expect(page).to_have_url(re.compile(rf"#/runs/{run_id}$"))
+        await expect(page.locator("h1")).to_contain_text(f"Run #{run_id}")
+
+        # The overview again, now with the run's figures: the screenshot the README shows.
+        await visit(page, traffic, "#/", "article.card svg.chart rect", "overview")
+        await expect(card.locator("dd").nth(2)).to_have_text(
+            f"{await pool.fetchval('SELECT count(*) FROM normalized_data'):,}")
+        assert traffic.foreign == []
+
+
+async def test_console_fits_a_phone_and_keys_decide_what_it_may_do(
+        env: Env, pool: asyncpg.Pool, gen_csv, browser: Any) -> None:
+    console_config(env, gen_csv(20_000)[0], "[server]\npublic_read = false")
+    expect = playwright_api.expect
+    with servers(env) as (server,):
+        # No key, reads not public: the page says what it needs, and takes a read key.
+        page, traffic = await open_page(browser, server, "phone", None)
+        await expect(page.locator(".problem")).to_contain_text("read scope")
+        await page.get_by_role("button", name="Enter API key").click()
+        await page.fill("#key-input", READ_KEY)
+        await page.click("dialog button[value=save]")
+        await expect(page.locator("article.card[data-source=catalog]")).to_be_visible()
+
+        # A read key renders every page but cannot start a run: 403, and the key dialog.
+        await page.get_by_role("button", name="Run now").click()
+        await expect(page.locator("#flash")).to_contain_text("lacks the 'run' scope")
+        await expect(page.locator("#key-dialog")).to_be_visible()
+        await page.fill("#key-input", RUN_KEY)
+        await page.click("dialog button[value=save]")
+        await page.get_by_role("button", name="Run now").click()
+        await expect(page).to_have_url(re.compile(r"#/runs/\d+$"))
+        await expect(page.locator("h1 .badge")).to_have_text("succeeded", timeout=120_000)
+
+        # Every page at 390×844: nothing wider than the screen, and each within budget.
+        for hash_, ready, shot in [
+                ("#/", "article.card", "phone-overview"),
+                ("#/runs", "table.runs tbody tr", "phone-runs"),
+                ("#/runs/1", "table.parts", "phone-run-detail"),
+                ("#/rejects", "tr.reject", "phone-rejects"),
+                ("#/data", "table.data tbody tr", "phone-data"),
+                ("#/data/1", "ol.lineage", "phone-record")]:
+            await visit(page, traffic, hash_, ready, shot)
+
+        # The key lives in this tab only: a new tab starts without one.
+        other = await browser.new_page()
+        await other.goto(f"{server.base}/console")
+        await expect(other.locator("#key-button")).to_have_text("API key: none")
+
+        # The API docs render from local files.
+        for path, ready in [("/schema/swagger", ".opblock"), ("/schema/redoc", "h1")]:
+            await page.goto(server.base + path)
+            await expect(page.locator(ready).first).to_be_visible(timeout=30_000)
+        await page.screenshot(path=SHOTS / "phone-swagger.png")
+        assert traffic.foreign == []
