@@ -49,6 +49,14 @@ def test_the_installed_wheel_checks_and_migrates_outside_the_source_tree(
         check=True,
     )
     assert str(venv) in where.stdout  # not the source tree's sql/
+    assets = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", "from etlsvc.api import console as c; "
+         "print(c.STATIC, sorted(c.VENDORED), (c.STATIC / 'console/console.js').is_file())"],
+        cwd=work, env=env, capture_output=True, text=True, check=True)
+    # The console and the API docs' files ship in the wheel.
+    assert assets.stdout.split(" ", 1)[0].startswith(str(venv))
+    assert "['redoc.standalone.js', 'swagger-ui-bundle.js', 'swagger-ui-standalone-preset.js', " \
+        "'swagger-ui.css'] True" in assets.stdout
     migrate = subprocess.run(
         [etlsvc, "migrate"], cwd=work, env=env, capture_output=True, text=True, timeout=120
     )

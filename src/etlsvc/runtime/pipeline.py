@@ -58,6 +58,11 @@ class Progress:
         log.warning(message)
         self.warnings.append(message)
 
+    def outcomes(self) -> dict[str, Any]:
+        """The notes that show a run's outcomes so far (nothing before its first commit)."""
+        parts = self.notes.get("parts")
+        return {"parts": parts} if parts else {}
+
     def outcome(self, part: str, counts: dict[str, int]) -> None:
         """Add a committed batch's counters to its part's (each file, page or feed) in the
         notes' ``parts``; past ``MAX_PARTS`` parts, ``other_batches`` counts the batches of
@@ -183,6 +188,8 @@ async def _execute(cfg: Config, run: ClaimedRun, workers: Workers,
         progress = Progress(run.id, src.name)
         started = time.monotonic()
         beating = asyncio.create_task(runs.heartbeat(run.database.pool, run.id))
+        sharing = asyncio.create_task(runs.share_notes(run.database.pool, run.id,
+                                                       progress.outcomes))
         error = None
         try:
             await _load(cfg, run, workers, progress, on_progress)
@@ -195,6 +202,7 @@ async def _execute(cfg: Config, run: ClaimedRun, workers: Workers,
             error = f"internal error: {type(exc).__name__}: {exc}"
         finally:
             beating.cancel()
+            sharing.cancel()
         error = error or _error_rate_exceeded(src, progress.counts)
         row = await _finish(run, progress, error)
         seconds = time.monotonic() - started

@@ -13,10 +13,11 @@ import asyncio
 import contextlib
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import asyncpg
+import msgspec
 import structlog
 
 from etlsvc import db
@@ -28,6 +29,8 @@ COUNTERS = ("rows_read", "rows_valid", "rows_rejected", "rows_inserted", "rows_u
             "rows_unchanged", "bytes_read", "pages_read", "lines_read")
 #: Seconds between heartbeats of a running run.
 HEARTBEAT = 5.0
+#: Seconds between writes of a running run's outcomes so far.
+NOTES_EVERY = 1.0
 #: Seconds between sweeps of ``etlsvc serve``.
 SWEEP_EVERY = 30.0
 HOST = socket.gethostname()
@@ -134,6 +137,25 @@ async def heartbeat(pool: asyncpg.Pool, run_id: int) -> None:
             await pool.execute(db.query("runs", "heartbeat"), run_id, timeout=HEARTBEAT)
         except Exception as exc:  # the database is away: the run itself deals with that
             log.debug("heartbeat missed", run_id=run_id, error=type(exc).__name__)
+
+
+async def share_notes(pool: asyncpg.Pool, run_id: int,
+                      notes: Callable[[], dict[str, Any]]) -> None:
+    """Every ``NOTES_EVERY`` seconds until cancelled, write ``notes()`` into the run's notes
+    if it changed (on the pool, as the heartbeat), so that a run's outcomes so far show
+    while it runs. Best effort: the run's finish writes them for good."""
+    shown = b""
+    while True:
+        await asyncio.sleep(NOTES_EVERY)
+        current = notes()
+        encoded = msgspec.json.encode(current)
+        if not current or encoded == shown:
+            continue
+        try:
+            await pool.execute(db.query("runs", "note"), run_id, current, timeout=NOTES_EVERY)
+            shown = encoded
+        except Exception as exc:  # the database is away: the run itself deals with that
+            log.debug("run notes not shared", run_id=run_id, error=type(exc).__name__)
 
 
 def _process_gone(host: str | None, pid: int | None) -> bool:
