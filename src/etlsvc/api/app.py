@@ -133,6 +133,7 @@ def _database_error(request: Request, exc: Exception) -> Response[dict[str, Any]
                           "the filters or use a smaller limit")
     else:
         log.warning("database unavailable", error=type(exc).__name__)
+        metrics.database_error("request")
         response = _error(request, 503, "unavailable", "the database is not available; "
                           "retry shortly")
     response.headers["Retry-After"] = RETRY_AFTER

@@ -626,22 +626,17 @@ async def get_record(
 
 # -- health --------------------------------------------------------------------------------
 
-@get("/health", summary="Liveness and readiness", responses=_errors(429, 503))
-async def health(request: Request) -> Response[dict[str, Any]]:
-    """200 when the database answers, the scheduler runs and no source is stale (nor, with
-    ``server.health_fails_on_failing_sources``, has a failed last run); else 503. A source
-    whose last load was anomalous is listed as degraded (the answer stays 200: the data is
-    odd, the service is fine)."""
+async def source_states(request: Request, where: str) -> dict[str, dict[str, Any]]:
+    """Each configured source's last run, last success, and whether it is stale, failing or
+    degraded (what /health and /metrics report). Raises when the database cannot be read
+    (counted in ``etlsvc_db_connection_errors_total`` under ``where``)."""
     service = service_of(request)
-    checks: dict[str, Any] = {"scheduler": service.scheduler_running}
     try:
         last = {r["source"]: dict(r) for r in await read_pool(request).fetch(
             db.query("api", "last_runs"), timeout=5)}
-        checks["database"] = True
-    except Exception as exc:  # any failure to reach the database is "not ready"
-        checks["database"] = False
-        checks["database_error"] = type(exc).__name__
-        last = {}
+    except Exception:
+        metrics.database_error(where)
+        raise
     now = dt.datetime.now(dt.UTC)
     sources = {}
     for src in service.cfg.sources:
@@ -651,11 +646,29 @@ async def health(request: Request) -> Response[dict[str, Any]]:
                              "stale": stale(src, info.get("last_success"), now),
                              "failing": info.get("status") in ("failed", "interrupted"),
                              "error": info.get("error"),
-                             # The last load was unlike the recent ones (runtime/anomalies).
+                             # The last load was unlike the recent ones (runtime/anomalies.py).
                              "degraded": info.get("anomaly") is not None,
                              "anomaly": info.get("anomaly")}
         if KINDS[src.kind].continuous:
             sources[src.name]["lag"] = metrics.stream_lag.get(src.name)
+    return sources
+
+
+@get("/health", summary="Liveness and readiness", responses=_errors(429, 503))
+async def health(request: Request) -> Response[dict[str, Any]]:
+    """200 when the database answers, the scheduler runs and no source is stale (nor, with
+    ``server.health_fails_on_failing_sources``, has a failed last run); else 503. A source
+    whose last load was anomalous is listed as degraded (the answer stays 200: the data is
+    odd, the service is fine)."""
+    service = service_of(request)
+    checks: dict[str, Any] = {"scheduler": service.scheduler_running}
+    try:
+        sources = await source_states(request, "health")
+        checks["database"] = True
+    except Exception as exc:  # any failure to reach the database is "not ready"
+        checks["database"] = False
+        checks["database_error"] = type(exc).__name__
+        sources = {}
     failing = sorted(n for n, s in sources.items() if s["failing"])
     healthy = checks["database"] and checks["scheduler"] and not any(
         s["stale"] for s in sources.values()) and not (
@@ -709,6 +722,12 @@ async def stats(request: Request) -> dict[str, Any]:
 
 @get("/metrics", summary="Prometheus metrics", media_type="text/plain")
 async def prometheus(request: Request) -> Response[bytes]:
+    """This replica's metrics, with each source's freshness read from the database (the
+    metrics stay available when it is away: ``etlsvc_database_up`` is 0 then)."""
+    try:
+        metrics.observe_sources(await source_states(request, "metrics"))
+    except Exception:
+        metrics.observe_sources(None)
     body, content_type = metrics.exposition(
         {"etl": service_of(request).database.pool, "read": read_pool(request)})
     return Response(content=body, media_type=content_type)

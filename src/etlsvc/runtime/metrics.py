@@ -28,6 +28,15 @@ LOOP_LAG = Histogram("etlsvc_event_loop_lag_seconds", "How late the event loop r
 POOL_SIZE = Gauge("etlsvc_db_pool_connections", "Database pool connections", ["pool", "state"])
 STREAM_LAG = Gauge("etlsvc_stream_lag_messages", "Messages of a stream source not yet "
                    "committed (not delivered, or delivered and not yet committed)", ["source"])
+DB_ERRORS = Counter("etlsvc_db_connection_errors_total", "Times the database could not be "
+                    "reached, by what tried: request, run, scheduler, health, metrics", ["where"])
+DB_UP = Gauge("etlsvc_database_up", "Whether the database answered this scrape (1) or not (0)")
+LAST_SUCCESS = Gauge("etlsvc_source_last_success_timestamp_seconds",
+                     "When the source's last successful run finished (Unix time)", ["source"])
+STALE = Gauge("etlsvc_source_stale", "1 when a scheduled source's last success is older than "
+              "three of its periods (as /health judges it)", ["source"])
+FAILING = Gauge("etlsvc_source_failing", "1 when the source's last run failed or was "
+                "interrupted", ["source"])
 #: The last lag reading of each stream source (for /health).
 stream_lag: dict[str, int] = {}
 
@@ -46,6 +55,21 @@ def set_stream_lag(source: str, lag: int) -> None:
     """Record a stream source's consumer lag."""
     stream_lag[source] = lag
     STREAM_LAG.labels(source).set(lag)
+
+
+def database_error(where: str) -> None:
+    """Count a failure to reach the database (``where``: what was trying)."""
+    DB_ERRORS.labels(where).inc()
+
+
+def observe_sources(states: dict[str, dict[str, Any]] | None) -> None:
+    """Set the per-source gauges from /health's judgement (None: the database is away)."""
+    DB_UP.set(states is not None)
+    for source, state in (states or {}).items():
+        if state["last_success"] is not None:
+            LAST_SUCCESS.labels(source).set(state["last_success"].timestamp())
+        STALE.labels(source).set(state["stale"])
+        FAILING.labels(source).set(state["failing"])
 
 
 def observe_request(method: str, status: int, seconds: float) -> None:

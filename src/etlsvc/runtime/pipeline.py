@@ -233,6 +233,7 @@ async def _load(cfg: Config, run: ClaimedRun, workers: Workers, progress: Progre
         except Exception as exc:
             if not await _connection_lost(run, exc):
                 raise
+            metrics.database_error("run")
             log.warning("database connection lost, reconnecting", error=describe(exc),
                         reconnect_timeout_s=run.database.reconnect_timeout)
             if deadline is None or committed != progress.counts:   # a new outage

@@ -174,6 +174,7 @@ class Service:
         except Exception as exc:
             if not db.unavailable(exc):
                 raise
+            metrics.database_error("scheduler")
             log.warning("scheduled run skipped: the database is not available", source=name,
                         error=type(exc).__name__)
             return
