@@ -40,6 +40,13 @@ class DatabaseConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: Seconds a run waits for a lost database to come back (reconnecting with backoff,
     #: then resuming from its last committed batch) before it fails.
     reconnect_timeout: Annotated[float, msgspec.Meta(ge=0)] = 60.0
+    #: TLS to PostgreSQL, for both pools: ``verify-full`` (encrypted, the server's
+    #: certificate signed by ``sslrootcert`` and naming the URL's host), ``verify-ca``,
+    #: ``require`` (encrypted, unverified), ``disable``; empty: as the URL says (its own
+    #: ``sslmode`` and ``sslrootcert`` parameters), else asyncpg's ``prefer``.
+    sslmode: Literal["", "disable", "require", "verify-ca", "verify-full"] = ""
+    #: The CA certificate(s) for ``verify-ca`` / ``verify-full`` (relative to this file).
+    sslrootcert: str = ""
 
 
 class EmbeddedConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -279,6 +286,10 @@ def _check(cfg: Config, path: Path) -> None:
     """Checks msgspec's types cannot express."""
     _check_database_url(path, "url", cfg.database.url)
     _check_database_url(path, "read_url", cfg.database.read_url)
+    if cfg.database.sslmode.startswith("verify") and not cfg.database.sslrootcert:
+        raise ConfigError(f"{path}: key 'database.sslmode' = {cfg.database.sslmode!r} needs "
+                          "'database.sslrootcert': the CA certificate that signed the "
+                          "server's certificate")
     seen: set[str] = set()
     for i, src in enumerate(cfg.sources):
         where = f"{path}: key 'sources[{i}]"

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import hashlib
 import re
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import cache
@@ -108,15 +109,42 @@ def _json_text(value: object) -> str:
     return value if isinstance(value, str) else msgspec.json.encode(value).decode()
 
 
+def tls(cfg: Config) -> ssl.SSLContext | bool | None:
+    """What ``[database] sslmode`` asks of the connections to ``database.url`` and
+    ``read_url`` (None: what the URL says)."""
+    mode = cfg.database.sslmode
+    if mode in ("", "disable"):
+        return None if not mode else False
+    if mode == "require":
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        return context
+    cafile = cfg.resolve(cfg.database.sslrootcert)
+    try:
+        context = ssl.create_default_context(cafile=str(cafile))
+    except (OSError, ssl.SSLError) as exc:
+        raise DatabaseError(f"cannot read database.sslrootcert {str(cafile)!r}: {exc}") from exc
+    context.check_hostname = mode == "verify-full"
+    return context
+
+
 async def connect_pool(dsn: str, cfg: Config, settings: dict[str, str] | None = None,
                        **kwargs: object) -> asyncpg.Pool:
-    """An asyncpg pool with JSON codecs and UTC sessions; DatabaseError if unreachable."""
+    """An asyncpg pool with JSON codecs and UTC sessions, over TLS as ``[database]
+    sslmode`` says (not for the embedded server's socket); DatabaseError if unreachable."""
+    if cfg.database.url and (context := tls(cfg)) is not None:
+        kwargs["ssl"] = context
     try:
         return await asyncpg.create_pool(
             dsn, min_size=cfg.database.min_pool_size, max_size=cfg.database.max_pool_size,
             timeout=cfg.database.connect_timeout, init=_init_connection,
             server_settings={"application_name": "etlsvc", "timezone": "UTC",
                              **(settings or {})}, **kwargs)
+    except ssl.SSLCertVerificationError as exc:
+        raise DatabaseError(
+            f"cannot connect to PostgreSQL at {redact(dsn)}: its TLS certificate was not "
+            f"accepted ({exc.verify_message.rstrip('.')}): it must be signed by the CA of "
+            "sslrootcert and, for verify-full, name the URL's host") from exc
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
         raise DatabaseError(f"cannot connect to PostgreSQL at {redact(dsn)}: {exc}") from exc
 
