@@ -20,6 +20,15 @@ UPDATE etl_runs SET status = 'interrupted', finished_at = now(),
 WHERE id = $1 AND status = 'running'
 RETURNING id
 
+-- name: stopped
+-- Runs this process cancelled at shutdown (each batch committed or rolled back whole).
+-- params: $1 run ids
+UPDATE etl_runs SET status = 'interrupted', finished_at = now(),
+       error = 'interrupted: the service stopped before the run finished; the next run '
+               'resumes from the last committed batch'
+WHERE id = ANY($1::bigint[]) AND status = 'running'
+RETURNING id
+
 -- name: running_all
 -- Every running run, and whether its heartbeat is older than $1 seconds.
 SELECT id, source, host, pid, heartbeat_at < now() - make_interval(secs => $1) AS stale

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import httpx
 import structlog
 import uvicorn
 
@@ -83,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("--source", default=None, help="only this source")
     sub.add_parser("migrate", parents=[common], help="apply database migrations")
     sub.add_parser("check", parents=[common], help="check config and database connectivity")
+    health = sub.add_parser("health", parents=[common],
+                            help="exit 0 if this host's `etlsvc serve` answers /health with 200 "
+                                 "(the container's HEALTHCHECK)")
+    health.add_argument("--port", type=int, default=None,
+                        help="port (default: [server] port, or $ETLSVC_PORT)")
+    health.add_argument("--timeout", type=float, default=4.0, help="seconds (default 4)")
     return parser
 
 
@@ -249,8 +256,24 @@ async def _serve(cfg: Config, args: argparse.Namespace) -> int:
     return EXIT_OK if server.started else EXIT_FAILED
 
 
+async def _health(cfg: Config, args: argparse.Namespace) -> int:
+    """GET /health of the service this config describes, on this host; 0 when it is 200."""
+    host = cfg.server.host if cfg.server.host not in ("", "0.0.0.0", "::") else "127.0.0.1"
+    url = f"http://{f'[{host}]' if ':' in host else host}:{args.port or cfg.server.port}/health"
+    try:
+        async with httpx.AsyncClient(timeout=args.timeout) as client:
+            response = await client.get(url)
+    except httpx.HTTPError as exc:
+        print(f"etlsvc: {url}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    status = response.json().get("data", {}).get("status") if response.headers.get(
+        "content-type", "").startswith("application/json") else None
+    print(f"{url}: {response.status_code} {status or ''}".rstrip())
+    return EXIT_OK if response.status_code == 200 else EXIT_FAILED
+
+
 _COMMANDS = {"serve": _serve, "run": _run, "replay": _replay, "rejects": _rejects, "purge": _purge,
-             "migrate": _migrate, "check": _check}
+             "migrate": _migrate, "check": _check, "health": _health}
 
 
 class _Server(uvicorn.Server):

@@ -167,6 +167,7 @@ ENV_OVERRIDES = {
     "ETLSVC_LOG_FORMAT": ("log", "format"),
     "ETLSVC_DATA_DIR": ("embedded", "data_dir"),
     "ETLSVC_HOST": ("server", "host"),
+    "ETLSVC_PORT": ("server", "port"),
 }
 
 
@@ -201,7 +202,10 @@ def load_config(path: Path, environ: Mapping[str, str] = os.environ) -> Config:
         raise ConfigError(f"{path}: expected a TOML document")
     for var, (section, key) in ENV_OVERRIDES.items():
         if var in environ:
-            data.setdefault(section, {})[key] = environ[var]
+            value = environ[var]
+            # A port is a number; anything else fails the check below, naming the key.
+            data.setdefault(section, {})[key] = int(value) if key == "port" and \
+                value.strip().isdigit() else value
     data["base_dir"] = str(path.resolve().parent)
     try:
         cfg = msgspec.convert(data, Config)

@@ -158,6 +158,16 @@ async def share_notes(pool: asyncpg.Pool, run_id: int,
             log.debug("run notes not shared", run_id=run_id, error=type(exc).__name__)
 
 
+async def stopped(pool: asyncpg.Pool, run_ids: list[int]) -> None:
+    """Mark the runs this process cancelled at shutdown ``interrupted`` (best effort: if the
+    database is away, the next start's sweep does it)."""
+    try:
+        await pool.execute(db.query("runs", "stopped"), run_ids, timeout=5)
+    except Exception as exc:
+        log.warning("could not mark runs cancelled at shutdown", runs=run_ids,
+                    error=type(exc).__name__)
+
+
 def _process_gone(host: str | None, pid: int | None) -> bool:
     if host != HOST or not pid:
         return False
@@ -180,7 +190,10 @@ async def sweep(pool: asyncpg.Pool, reconnect_timeout: float,
     """
     swept = []
     for r in await pool.fetch(db.query("runs", "running_all"), stale_after(reconnect_timeout)):
-        if r["id"] in own or not (r["stale"] or _process_gone(r["host"], r["pid"])):
+        # A run of this host and pid that is not ours is an earlier process's with the same
+        # pid: a restarted container, whose service is pid 1 again.
+        earlier = r["host"] == HOST and r["pid"] == os.getpid()
+        if r["id"] in own or not (r["stale"] or earlier or _process_gone(r["host"], r["pid"])):
             continue
         async with pool.acquire() as conn:
             if not await try_lock(conn, r["source"]):

@@ -311,13 +311,15 @@ class Service:
         # for that, so that it is waited for too (else its row would stay 'running').
         if self._claims:
             await asyncio.wait(self._claims, timeout=5)
-        tasks = [r.task for r in self.running.values()]
+        tasks = {r.task: run_id for run_id, r in self.running.items()}
         if tasks:
             log.info("waiting for running runs", runs=list(self.running), grace_s=grace)
             _, pending = await asyncio.wait(tasks, timeout=grace)
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+            if pending:     # else the next start would wait for their heartbeats to age
+                await runs.stopped(self.database.pool, [tasks[t] for t in pending])
         for follower in self._followers:          # those standing by for a lock
             follower.cancel()
         await asyncio.gather(*self._followers, return_exceptions=True)
