@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import csv
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -86,7 +87,7 @@ def ensure_engine() -> str | None:
     """Why no engine can be had, or None once podman, runc and friends are there."""
     needed = {"podman": "podman", "runc": "runc", "debootstrap": "debootstrap",
               "iptables": "iptables", "slirp4netns": "slirp4netns",
-              "podman-compose": "podman-compose", "prometheus": "prometheus"}
+              "prometheus": "prometheus"}
     missing = [pkg for tool, pkg in needed.items() if not shutil.which(tool)]
     if missing:
         if os.geteuid() != 0 or not shutil.which("apt-get"):
@@ -358,10 +359,86 @@ def check_sigterm(base: str, db_url: str, good_rows: int) -> None:
 
 # -- 7: compose -------------------------------------------------------------------------------
 
-def check_compose(folder: Path) -> None:
-    from deploy import compose_smoke  # the compose part has its own module
+PROJECT = "etlsvc-smoke"
+PG_IMAGE = "localhost/etlsvc-postgres:15"
+REPLICAS, TICK = 3, 3
 
-    compose_smoke.run(folder, IMAGE, say, wait_for)
+
+def podman_compose() -> str:
+    """podman-compose 1.1 or newer (--scale, !reset): $PODMAN_COMPOSE, else on the PATH."""
+    found = os.environ.get("PODMAN_COMPOSE") or shutil.which("podman-compose")
+    version = sh(found, "--version", check=False) if found else ""
+    m = re.search(r"podman-compose version (\d+)\.(\d+)", version)
+    if not m or (int(m.group(1)), int(m.group(2))) < (1, 1):
+        raise Failed(f"compose needs podman-compose >= 1.1 (pip install podman-compose), "
+                     f"found {version.splitlines()[0] if version else 'none'}")
+    return found
+
+
+def compose_down() -> None:
+    """Remove the stack's containers (every replica), network and volume."""
+    ids = podman("ps", "-aq", "--filter", f"label=com.docker.compose.project={PROJECT}",
+                 check=False).split()
+    if ids:
+        podman("rm", "-f", "-t", "30", *ids, check=False)
+    podman("network", "rm", "-f", f"{PROJECT}_default", check=False)
+    podman("volume", "rm", "-f", f"{PROJECT}_pgdata", check=False)
+
+
+def in_stack(service: str) -> list[str]:
+    return sorted(podman("ps", "--filter", f"label=com.docker.compose.project={PROJECT}",
+                         "--filter", f"label=com.docker.compose.service={service}",
+                         "--format", "{{.Names}}").split())
+
+
+def stack_sql(sql: str) -> str:
+    return podman("exec", f"{PROJECT}_postgres_1", "psql", "-U", "etlsvc", "-d", "etlsvc",
+                  "-Atc", sql, check=False).strip()
+
+
+def rows_served(container: str) -> int:
+    out = podman("exec", container, "python", "-c",
+                 "import json, urllib.request; print(len(json.load(urllib.request.urlopen("
+                 "'http://127.0.0.1:8000/data?limit=5'))['data']))", check=False)
+    return int(out.strip() or 0)
+
+
+def check_compose(folder: Path) -> None:
+    """compose.yaml with deploy/compose.smoke.yaml: PostgreSQL built here from Debian's
+    packages, three replicas on a 3 s schedule."""
+    compose = podman_compose()
+    if subprocess.run(["podman", "image", "exists", PG_IMAGE]).returncode != 0:
+        started = time.monotonic()
+        podman("build", "-q", "--network", "host", "--build-arg", f"BASE={BASE}",
+               "-f", "deploy/postgres.Containerfile", "-t", PG_IMAGE, "deploy", cwd=REPO,
+               timeout=900)
+        say(True, f"PostgreSQL image from Debian's packages in {time.monotonic() - started:.0f} s")
+    config = folder / "compose" / "config.toml"
+    config.parent.mkdir(mode=0o755)
+    config.write_text((REPO / "deploy" / "config.toml").read_text().replace(
+        'schedule = "15m"', f'schedule = "{TICK}s"'))
+    config.chmod(0o644)
+    env = {**os.environ, "POSTGRES_PASSWORD": "smoke-password", "SMOKE_CONFIG": str(config)}
+    compose_down()
+    sh(compose, "-p", PROJECT, "-f", "compose.yaml", "-f", "deploy/compose.smoke.yaml", "up",
+       "-d", "--no-build", "--scale", f"etlsvc={REPLICAS}", cwd=REPO, env=env, timeout=300)
+    try:
+        replicas = in_stack("etlsvc")
+        say(len(replicas) == REPLICAS, f"compose up --scale etlsvc={REPLICAS}: {replicas}")
+        # The first runs load the sample; then each replica serves it.
+        for name in replicas:
+            wait_for(f"{name} serving /data", lambda n=name: rows_served(n) == 5, timeout=120)
+        say(True, f"every replica serves /data ({len(replicas)} of {REPLICAS})")
+        time.sleep(5 * TICK)
+        runs, ticks, hosts = map(int, stack_sql(
+            "SELECT count(*), count(DISTINCT floor(extract(epoch FROM started_at) / "
+            f"{TICK})), count(DISTINCT host) FROM etl_runs WHERE trigger = 'schedule'")
+            .split("|"))
+        say(runs >= 5 and runs == ticks,
+            f"one run per {TICK} s tick: {runs} scheduled runs in {ticks} ticks, by {hosts} "
+            "of the replicas")
+    finally:
+        compose_down()
 
 
 def main() -> int:
@@ -402,5 +479,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO))
     raise SystemExit(main())

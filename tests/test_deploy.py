@@ -15,7 +15,7 @@ import asyncpg
 import httpx
 
 from tests.conftest import REPO, Env, csv_source
-from tests.test_service import servers
+from tests.test_service import free_port, servers
 
 
 def test_the_installed_wheel_checks_and_migrates_outside_the_source_tree(
@@ -91,3 +91,30 @@ async def test_three_replicas_one_run_per_tick_all_serve_data(
     assert all(n == 1 for n in ticks.values()), ticks  # one run per tick
     skipped = sum(s.output.count('"scheduled run skipped') for s in trio)
     assert skipped >= len(runs)  # the two other replicas skip each tick
+
+
+def test_health_command_follows_the_port_of_the_config(env: Env, pool: asyncpg.Pool) -> None:
+    """`etlsvc health` is the image's HEALTHCHECK: it asks the port the service listens on
+    ([server] port, here through ETLSVC_PORT), and says in one line why it fails."""
+    env.write_config("")
+    port = free_port()
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "etlsvc", "serve", "--config", str(env.dir / "config.toml")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "ETLSVC_DATABASE_URL": env.database_url, "ETLSVC_PORT": str(port)})
+    try:
+        deadline = time.monotonic() + 30
+        while (healthy := env.cli("health", ETLSVC_PORT=str(port))).returncode != 0 \
+                and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert healthy.returncode == 0, healthy.stderr
+        assert healthy.stdout.strip() == f"http://127.0.0.1:{port}/health: 200 ok"
+        elsewhere = env.cli("health", ETLSVC_PORT=str(free_port()))
+        assert elsewhere.returncode == 1
+        assert len(elsewhere.stderr.strip().splitlines()) == 1
+        assert "ConnectError" in elsewhere.stderr
+        bad = env.cli("health", ETLSVC_PORT="eighty")
+        assert bad.returncode == 2 and "server.port" in bad.stderr, bad.stderr
+    finally:
+        serve.terminate()
+        assert serve.wait(60) == 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import signal
 import sys
 from collections.abc import Iterator, Sequence
@@ -260,6 +261,7 @@ async def _health(cfg: Config, args: argparse.Namespace) -> int:
     """GET /health of the service this config describes, on this host; 0 when it is 200."""
     host = cfg.server.host if cfg.server.host not in ("", "0.0.0.0", "::") else "127.0.0.1"
     url = f"http://{f'[{host}]' if ':' in host else host}:{args.port or cfg.server.port}/health"
+    logging.getLogger("httpx").setLevel(logging.WARNING)    # one line, not a request log
     try:
         async with httpx.AsyncClient(timeout=args.timeout) as client:
             response = await client.get(url)
