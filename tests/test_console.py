@@ -114,16 +114,16 @@ async def visit(page: Any, hash_: str, ready: str, shot: str) -> None:
     weights.write_text(json.dumps({**known, **WEIGHTS}, indent=1, sort_keys=True))
 
 
-def console_config(env: Env, path: Path, server: str = "") -> None:
-    env.write_config(csv_source("catalog", path, extra='schedule = "1d"\nbatch_size = 10000'),
-                     server)
+def console_config(env: Env, path: Path, server: str = "", sources: str = "") -> None:
+    env.write_config(csv_source("catalog", path, extra='schedule = "1d"\nbatch_size = 10000')
+                     + sources, server)
 
 
 async def test_console_drives_a_run_rejects_data_and_lineage_in_a_browser(
         env: Env, pool: asyncpg.Pool, gen_csv, browser: Any) -> None:
     # Seconds of loading, so that the page sees the run running.
     big, _ = gen_csv(300_000)
-    console_config(env, big)
+    console_config(env, big, sources=csv_source("broken", big.parent / "missing.csv"))
     expect = playwright_api.expect
     with servers(env) as (server,):
         page, traffic = await open_page(browser, server, "desktop", RUN_KEY)
@@ -161,6 +161,24 @@ async def test_console_drives_a_run_rejects_data_and_lineage_in_a_browser(
         await visit(page, "#/runs", "table.runs tbody tr", "runs")
         await expect(page.locator("table.runs tbody tr").first).to_contain_text(f"#{run_id}")
         await expect(page.locator("svg.chart rect.succeeded")).to_have_count(1)
+
+        # A failed run: its reason on the runs page, Re-run on it, then Re-run all failed.
+        await visit(page, "#/", "article.card[data-source=broken]", "overview-before-failure")
+        await page.locator("article.card[data-source=broken]").get_by_role(
+            "button", name="Run now").click()
+        await expect(page.locator("h1 .badge")).to_have_text("failed")
+        await expect(page.locator("p.error")).to_contain_text("missing.csv")
+        await visit(page, "#/runs?status=failed", "tr.error-row", "runs-failed")
+        await expect(page.locator("tr.error-row td")).to_contain_text("missing.csv")
+        await page.locator("table.runs").get_by_role("button", name="Re-run").click()
+        await expect(page).to_have_url(re.compile(r"#/runs/\d+$"))
+        await expect(page.locator("h1 .badge")).to_have_text("failed")
+        await visit(page, "#/runs", "table.runs tbody tr", "runs-with-failures")
+        await page.get_by_role("button", name="Re-run all failed (1)").click()
+        await expect(page.locator("h1 .badge")).to_have_text("failed")
+        assert [r["status"] for r in await pool.fetch(
+            "SELECT status FROM etl_runs WHERE source = 'broken'")] == ["failed"] * 3
+        await expect(page.locator("#flash")).to_contain_text("(broken)")
 
         # Rejects: open one, see its original record, retry it (still invalid), ignore it.
         await visit(page, "#/rejects?source=catalog", "tr.reject", "rejects")
