@@ -160,20 +160,26 @@ class ClaimedRun:
         await _let_go(self.database, self.src, self.conn)
         delay = 0.2
         while True:
+            conn = None
             try:
                 conn = await self.database.pool.acquire(timeout=5)
+                if await runs.try_lock(conn, self.src.name):
+                    row = await runs.resume(conn, self.id)
+                    self.conn = conn
+                    return row
+                # Another process is claiming the source; it sees this run alive and backs off.
+                problem: BaseException = SourceBusy(
+                    {self.src.name: await runs.running_id(conn, self.src.name)})
+                await self.database.pool.release(conn)
             except Exception as exc:
+                # The pool may hand out an idle connection the outage killed: the first
+                # statement on it fails, and the next attempt gets a new one.
                 if not db.unavailable(exc):
                     raise
-                problem: BaseException = DatabaseLost(
-                    f"database connection lost: {describe(exc)}")
-            else:
-                if await runs.try_lock(conn, self.src.name):
-                    self.conn = conn
-                    return await runs.resume(conn, self.id)
-                # Another process is claiming the source; it sees this run alive and backs off.
-                problem = SourceBusy({self.src.name: await runs.running_id(conn, self.src.name)})
-                await self.database.pool.release(conn)
+                if conn is not None:
+                    conn.terminate()
+                    await self.database.pool.release(conn)
+                problem = DatabaseLost(f"database connection lost: {describe(exc)}")
             if time.monotonic() + delay > deadline:
                 raise problem
             await asyncio.sleep(delay)
