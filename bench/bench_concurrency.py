@@ -1,6 +1,7 @@
 """Concurrency benchmark: does a load use both cores? Targets of issue 10, point 3.
 
 usage: python bench/bench_concurrency.py [--rounds N] [--database-url URL]
+           [--glob-settings 'NAME=TOML' ...] [--only-glob]
 
 Interleaved, round after round, each into a fresh database:
 
@@ -13,6 +14,9 @@ Interleaved, round after round, each into a fresh database:
 * ``glob``: ``etlsvc run`` of a glob of 8 files × 125,000 rows (default config).
 * ``glob, one after another``: the same with ``parallel_streams = 1`` and
   ``connections_per_run = 1``.
+
+``--glob-settings`` adds glob variants with other ``[pipeline]`` settings (several joined by
+``; ``), and ``--only-glob`` runs the glob variants alone.
 
 Targets: glob ≤ 0.7 × one after another; file ≤ 0.9 × floor; peak RSS ≤ 150 MiB per process
 (the largest of etlsvc and its workers). Medians over the rounds go to bench/RESULTS.md.
@@ -132,6 +136,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--database-url", default=os.environ.get(
         "ETLSVC_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"))
+    ap.add_argument("--glob-settings", action="append", default=[], metavar="NAME=TOML",
+                    help="another glob variant with these [pipeline] settings, e.g. "
+                         "'2 streams=parallel_streams = 2' (repeatable)")
+    ap.add_argument("--only-glob", action="store_true", help="the glob variants alone")
     args = ap.parse_args()
     big, clean, parts = files()
     pattern = str(parts[0].parent / "part_*.csv")
@@ -149,6 +157,13 @@ def main() -> None:
             "glob, one after another": lambda: run_etlsvc(args.database_url, work, pattern,
                                                           one_at_a_time)[:2],
         }
+        for given in args.glob_settings:
+            label, _, settings = given.partition("=")
+            toml = settings.replace("; ", "\n")        # several settings on one line
+            variants[f"glob, {label}"] = lambda toml=toml: \
+                run_etlsvc(args.database_url, work, pattern, toml)[:2]
+        if args.only_glob:
+            variants = {k: v for k, v in variants.items() if k.startswith("glob")}
         for round_ in range(args.rounds):
             for name, run in variants.items():
                 seconds, peak = run()
@@ -157,20 +172,23 @@ def main() -> None:
                 print(f"round {round_ + 1} {name}: {seconds:.2f} s"
                       + (f", peak RSS {peak / 2**20:.0f} MiB" if peak else ""), flush=True)
     med = {name: statistics.median(t) for name, t in times.items()}
-    glob_ratio = med["glob"] / med["glob, one after another"]
-    file_ratio = med["file"] / med["floor"]
+    serial = med["glob, one after another"]
     lines = [f"| {name} | {med[name]:.2f} s | {', '.join(f'{t:.2f}' for t in times[name])} | "
              + (f"{rss[name] / 2**20:.0f} MiB |" if rss.get(name) else "— |")
              for name in variants]
-    text = (f"\n### {dt.date.today()}: concurrency (issue 10, point 3): "
-            f"`python bench/bench_concurrency.py --rounds {args.rounds}`\n\n{machine()}\n\n"
-            "| variant | median | rounds | peak RSS (largest process) |\n|---|---|---|---|\n"
-            + "\n".join(lines) +
-            f"\n\n* glob / one after another: **{glob_ratio:.2f}×** (target ≤ 0.7)\n"
-            f"* 1M-row file / floor: **{file_ratio:.2f}×** (target ≤ 0.9); with one "
-            f"connection: {med['file, 1 connection'] / med['floor']:.2f}×\n"
-            f"* peak RSS: {max(rss.values()) / 2**20:.0f} MiB (target ≤ 150 MiB)\n")
-    record(text)
+    command = " ".join(["python bench/bench_concurrency.py", f"--rounds {args.rounds}",
+                        *(f"--glob-settings '{g}'" for g in args.glob_settings),
+                        *(["--only-glob"] if args.only_glob else [])])
+    summary = [f"* glob / one after another: **{med['glob'] / serial:.2f}×** (target ≤ 0.7)"]
+    summary += [f"* {name} / one after another: {med[name] / serial:.2f}×" for name in variants
+                if name.startswith("glob, ") and name != "glob, one after another"]
+    if "file" in med:
+        summary += [f"* 1M-row file / floor: **{med['file'] / med['floor']:.2f}×** (target ≤ "
+                    f"0.9); with one connection: {med['file, 1 connection'] / med['floor']:.2f}×"]
+    summary += [f"* peak RSS: {max(rss.values()) / 2**20:.0f} MiB (target ≤ 150 MiB)"]
+    record(f"\n### {dt.date.today()}: concurrency (issue 10, point 3): `{command}`\n\n"
+           f"{machine()}\n\n| variant | median | rounds | peak RSS (largest process) |\n"
+           "|---|---|---|---|\n" + "\n".join(lines) + "\n\n" + "\n".join(summary) + "\n")
 
 
 if __name__ == "__main__":
