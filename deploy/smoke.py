@@ -163,23 +163,16 @@ def in_container(url: str) -> str:
 def database() -> Iterator[str]:
     """A database of this run's own on the host's PostgreSQL."""
     name = f"etlsvc_smoke_{os.getpid()}"
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(HOST_DB)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}"'))
-    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    query(HOST_DB, f'DROP DATABASE IF EXISTS "{name}"')
+    query(HOST_DB, f'CREATE DATABASE "{name}"')
     try:
         yield urlunsplit(urlsplit(HOST_DB)._replace(path=f"/{name}"))
     finally:
-        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        query(HOST_DB, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def query(url: str, sql: str) -> Any:
+    """The first value ``sql`` answers (None for a command), on a connection of its own."""
     async def go() -> Any:
         conn = await asyncpg.connect(url)
         try:
@@ -188,6 +181,12 @@ def query(url: str, sql: str) -> Any:
             await conn.close()
 
     return asyncio.run(go())
+
+
+def start_run(base: str, source: str, key: str | None = KEY) -> httpx.Response:
+    """POST /etl/run for ``source``, with the run key (or none)."""
+    return httpx.post(f"{base}/etl/run", json={"sources": [source]}, timeout=5,
+                      headers={"Authorization": f"Bearer {key}"} if key else {})
 
 
 def make_files(folder: Path) -> int:
@@ -260,10 +259,9 @@ def run_finished(base: str, run_id: int) -> dict[str, Any] | None:
 def check_container(base: str) -> None:
     wait_for("/health 200", lambda: httpx.get(f"{base}/health", timeout=5).status_code == 200)
     say(True, "/health answers 200")
-    no_key = httpx.post(f"{base}/etl/run", json={"sources": ["products"]}, timeout=5)
+    no_key = start_run(base, "products", key=None)
     say(no_key.status_code == 401, f"POST /etl/run without a key: {no_key.status_code}")
-    started = httpx.post(f"{base}/etl/run", json={"sources": ["products"]}, timeout=5,
-                         headers={"Authorization": f"Bearer {KEY}"})
+    started = start_run(base, "products")
     say(started.status_code == 202, f"POST /etl/run with a key: {started.status_code}")
     run = wait_for("the products run", lambda: run_finished(
         base, started.json()["data"]["runs"][0]["run_id"]))
@@ -323,8 +321,7 @@ scrape_configs:
 
 
 def check_sigterm(base: str, db_url: str, good_rows: int) -> None:
-    started = httpx.post(f"{base}/etl/run", json={"sources": ["big"]}, timeout=5,
-                         headers={"Authorization": f"Bearer {KEY}"})
+    started = start_run(base, "big")
     say(started.status_code == 202, f"a {ROWS:,}-row run started")
     wait_for("the first batches", lambda: query(
         db_url, "SELECT count(*) FROM etl_checkpoints WHERE source = 'big'"), timeout=120)
@@ -343,8 +340,7 @@ def check_sigterm(base: str, db_url: str, good_rows: int) -> None:
     podman("start", CONTAINER)
     wait_for("/health after the restart",
              lambda: httpx.get(f"{base}/health", timeout=5).status_code == 200)
-    again = httpx.post(f"{base}/etl/run", json={"sources": ["big"]}, timeout=5,
-                       headers={"Authorization": f"Bearer {KEY}"})
+    again = start_run(base, "big")
     say(again.status_code == 202, f"the next run starts at once: {again.status_code}")
     run = wait_for("the next run", lambda: run_finished(
         base, again.json()["data"]["runs"][0]["run_id"]), timeout=300)

@@ -113,8 +113,10 @@ def tls(cfg: Config) -> ssl.SSLContext | bool | None:
     """What ``[database] sslmode`` asks of the connections to ``database.url`` and
     ``read_url`` (None: what the URL says)."""
     mode = cfg.database.sslmode
-    if mode in ("", "disable"):
-        return None if not mode else False
+    if not mode:
+        return None
+    if mode == "disable":
+        return False
     if mode == "require":
         context = ssl.create_default_context()
         context.check_hostname, context.verify_mode = False, ssl.CERT_NONE

@@ -333,6 +333,7 @@ async def run_log(request: Request,
     """The log events of a run executed by this process: the last 500 kept, then each new
     one as it is logged, as one SSE ``data:`` line each (a run of another replica has none
     here). A comment line every 15 s keeps idle connections open."""
+    keep = tail.LogFilter(run_id=run_id)
 
     async def events() -> AsyncIterator[ServerSentEventMessage]:
         # Subscribing and copying the history happen with no await between: no event is
@@ -346,7 +347,7 @@ async def run_log(request: Request,
                 except TimeoutError:
                     yield ServerSentEventMessage(comment="keep-alive")
                     continue
-                if event.get("run_id") == run_id:
+                if keep(event):
                     yield ServerSentEventMessage(data=_encode(event).decode())
 
     return ServerSentEvent(events())
