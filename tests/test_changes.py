@@ -39,10 +39,12 @@ async def feed(client: Any, after: str = "0", **params: Any) -> tuple[list, str]
 
 async def drain(client: Any, after: str = "0", limit: int = 1000) -> tuple[list, str]:
     """Every change after ``after`` that the feed has now, page by page. The first page
-    waits a little: a transaction of anything else on the cluster holds the feed back."""
+    waits for up to 30 s (it returns as soon as there is one): a transaction of anything
+    else on the cluster holds the feed back, and on a shared cluster under a loaded
+    machine another test's can last several seconds (5 s were once not enough)."""
     got: list = []
     while True:
-        page, after = await feed(client, after, limit=limit, wait=0 if got else 5)
+        page, after = await feed(client, after, limit=limit, wait=0 if got else 30)
         got += page
         if not page:
             return got, after

@@ -20,7 +20,11 @@ import httpx
 import pytest
 from litestar.testing import AsyncTestClient
 
+from etlsvc import db
 from etlsvc.api.app import create_app
+from etlsvc.config import load_config
+from etlsvc.runtime import workers
+from etlsvc.runtime.service import Service
 from tests.conftest import RECORD_WRITES, Env, csv_source, descendants
 
 KEY = {"Authorization": "Bearer test-key"}
@@ -374,7 +378,8 @@ async def test_scheduled_runs_happen_once_per_tick_across_two_replicas(
     logs = [server.output for server in pair]
     runs = await pool.fetch("SELECT * FROM etl_runs ORDER BY started_at")
     assert len(runs) >= 2 and all(r["trigger"] == "schedule" for r in runs)
-    assert {r["status"] for r in runs} <= {"succeeded", "failed"}
+    assert {r["status"] for r in runs} <= {"succeeded", "failed"}, (
+        [(r["id"], r["status"], r["error"]) for r in runs], [out[-2000:] for out in logs])
     # never two runs of the source at once, though both replicas tick
     for a, b in itertools.pairwise(runs):
         assert a["finished_at"] is not None and a["finished_at"] <= b["started_at"]
@@ -384,6 +389,33 @@ async def test_scheduled_runs_happen_once_per_tick_across_two_replicas(
         lines = [line for line in out.splitlines() if line.strip()]
         assert lines and all(line.startswith("{") for line in lines), lines[:3]
     assert any('"scheduler started"' in out for out in logs)
+
+
+async def test_a_tick_cancelled_while_claiming_still_sees_its_run_through(
+    env: Env, pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    # The scheduler's shutdown cancels its jobs under way (APScheduler 3's asyncio executor).
+    # A tick cancelled in the middle of its claim must not cancel the claim: one cancelled
+    # just after writing its run row left that row 'running' and the run never executed.
+    path = tmp_path / "p.csv"
+    path.write_text("id,title\n" + "".join(f"K{i},t{i}\n" for i in range(100)))
+    cfg = load_config(env.write_config(csv_source("p", path, fields='source_id = "id"\n'
+                                                  'title = "title"', extra='schedule = "1h"')))
+    async with db.open_database(cfg) as database:
+        service = Service(cfg, database, workers.from_config(cfg.pipeline))
+        async with pool.acquire() as blocker, blocker.transaction():
+            # The claim's INSERT of the run row waits for this lock.
+            await blocker.execute("LOCK TABLE etl_runs IN EXCLUSIVE MODE")
+            tick = asyncio.create_task(service.scheduled_run("p"))
+            while not await blocker.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                    "current_database() AND wait_event_type = 'Lock'"):
+                await asyncio.sleep(0.05)
+            tick.cancel()
+            await asyncio.gather(tick, return_exceptions=True)
+        await service.stop(grace=30)
+    runs = await pool.fetch("SELECT status, rows_inserted FROM etl_runs")
+    assert [tuple(r) for r in runs] == [("succeeded", 100)]
 
 
 async def test_data_filters_and_health_degrades_when_a_source_is_stale(

@@ -8,7 +8,6 @@ rejects.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterable
 from functools import lru_cache
 from itertools import repeat, starmap
@@ -94,8 +93,12 @@ async def copy(conn: asyncpg.Connection, table: str, columns: tuple[str, ...],
                payload: bytes) -> None:
     """COPY a prepared payload into a raw table."""
     if payload:
-        await conn.copy_to_table(table, source=io.BytesIO(payload),
-                                 columns=list(columns), format="text")
+        # A buffer, not a file around it: asyncpg reads a file in a thread, through a
+        # class it makes per call, and that class's cycle keeps the payload alive until the
+        # next garbage collection (RSS grew by every batch until then). Not the bytes
+        # themselves either: asyncpg takes bytes for a file name.
+        await conn.copy_to_table(table, source=memoryview(payload), columns=list(columns),
+                                 format="text")
 
 
 async def insert_rejects(conn: asyncpg.Connection, run_id: int, source: str,

@@ -230,7 +230,10 @@ class Service:
         claim = asyncio.ensure_future(self._claim(sources, trigger, full_refresh))
         self._claims.add(claim)
         claim.add_done_callback(self._claims.discard)
-        return await claim
+        # Shielded: a caller cancelled mid-claim (the scheduler's shutdown cancels its jobs)
+        # would otherwise cancel the claim too, and one cancelled just after its run row was
+        # written left that row 'running', its run never executed.
+        return await asyncio.shield(claim)
 
     async def _claim(self, sources: list[Source], trigger: str,
                      full_refresh: bool) -> list[int]:
