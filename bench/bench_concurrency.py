@@ -35,6 +35,7 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -98,27 +99,49 @@ def config(path: str, pipeline: str, extra: str = "") -> str:
         """) + FIELDS + extra
 
 
+def cpu_ticks() -> tuple[int, int]:
+    """Busy and total jiffies of all cores, from /proc/stat (every process: etlsvc, its
+    workers and the PostgreSQL backends)."""
+    user, nice, system, idle, iowait, *rest = map(int, Path("/proc/stat").read_text()
+                                                  .split("\n", 1)[0].split()[1:9])
+    busy = user + nice + system + sum(rest)
+    return busy, busy + idle + iowait
+
+
+def busy_cores(before: tuple[int, int]) -> float:
+    """How many cores were busy on average since ``before`` (a :func:`cpu_ticks`)."""
+    busy, total = cpu_ticks()
+    return (busy - before[0]) / max(1, total - before[1]) * (os.cpu_count() or 1)
+
+
+class Timing(NamedTuple):
+    seconds: float
+    peak_rss: int        # bytes, the largest process; 0 where not measured
+    cores: float         # cores busy on average, all processes
+    db: str = ""
+
+
 def run_etlsvc(url: str, work: Path, path: str, pipeline: str = "",
-               extra: str = "") -> tuple[float, int, str]:
-    """Wall time and peak RSS (the largest process) of `etlsvc run` into a fresh database,
-    and that database's URL."""
+               extra: str = "") -> Timing:
+    """Wall time, peak RSS (the largest process) and busy cores of `etlsvc run` into a fresh
+    database, and that database's URL."""
     db = fresh_db(url, "etlsvc_bench_conc")
     cfg = work / "conc.toml"
     cfg.write_text(config(path, pipeline, extra))
     env = {**os.environ, "ETLSVC_DATABASE_URL": db}
     sh(sys.executable, "-m", "etlsvc", "migrate", "--config", str(cfg), env=env)
-    start = time.perf_counter()
+    start, ticks = time.perf_counter(), cpu_ticks()
     proc = subprocess.Popen([sys.executable, "-m", "etlsvc", "run", "--no-progress",
                              "--config", str(cfg)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - start
+    seconds, cores = time.perf_counter() - start, busy_cores(ticks)
     if status != 0:
         raise SystemExit(f"etlsvc run failed ({status})")
-    return seconds, usage.ru_maxrss * 1024, db
+    return Timing(seconds, usage.ru_maxrss * 1024, cores, db)
 
 
-def run_floor(url: str, work: Path, clean: Path) -> float:
+def run_floor(url: str, work: Path, clean: Path) -> Timing:
     db = fresh_db(url, "etlsvc_bench_conc")
     cfg = work / "conc.toml"
     cfg.write_text(config(str(clean), ""))
@@ -126,9 +149,9 @@ def run_floor(url: str, work: Path, clean: Path) -> float:
        env={**os.environ, "ETLSVC_DATABASE_URL": db})
     script = work / "floor.sql"
     script.write_text(FLOOR.format(clean=clean))
-    start = time.perf_counter()
+    start, ticks = time.perf_counter(), cpu_ticks()
     sh("psql", db, "-q", "-1", "-v", "ON_ERROR_STOP=1", "-f", str(script))
-    return time.perf_counter() - start
+    return Timing(time.perf_counter() - start, 0, busy_cores(ticks))
 
 
 def main() -> None:
@@ -146,34 +169,37 @@ def main() -> None:
     one_at_a_time = "parallel_streams = 1\nconnections_per_run = 1"
     times: dict[str, list[float]] = {}
     rss: dict[str, int] = {}
+    cores: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         variants = {
-            "floor": lambda: (run_floor(args.database_url, work, clean), 0),
-            "file": lambda: run_etlsvc(args.database_url, work, str(big))[:2],
+            "floor": lambda: run_floor(args.database_url, work, clean),
+            "file": lambda: run_etlsvc(args.database_url, work, str(big)),
             "file, 1 connection": lambda: run_etlsvc(args.database_url, work, str(big),
-                                                     "connections_per_run = 1")[:2],
-            "glob": lambda: run_etlsvc(args.database_url, work, pattern)[:2],
+                                                     "connections_per_run = 1"),
+            "glob": lambda: run_etlsvc(args.database_url, work, pattern),
             "glob, one after another": lambda: run_etlsvc(args.database_url, work, pattern,
-                                                          one_at_a_time)[:2],
+                                                          one_at_a_time),
         }
         for given in args.glob_settings:
             label, _, settings = given.partition("=")
             toml = settings.replace("; ", "\n")        # several settings on one line
             variants[f"glob, {label}"] = lambda toml=toml: \
-                run_etlsvc(args.database_url, work, pattern, toml)[:2]
+                run_etlsvc(args.database_url, work, pattern, toml)
         if args.only_glob:
             variants = {k: v for k, v in variants.items() if k.startswith("glob")}
         for round_ in range(args.rounds):
             for name, run in variants.items():
-                seconds, peak = run()
+                seconds, peak, busy, _ = run()
                 times.setdefault(name, []).append(seconds)
+                cores.setdefault(name, []).append(busy)
                 rss[name] = max(rss.get(name, 0), peak)
-                print(f"round {round_ + 1} {name}: {seconds:.2f} s"
+                print(f"round {round_ + 1} {name}: {seconds:.2f} s, {busy:.2f} cores busy"
                       + (f", peak RSS {peak / 2**20:.0f} MiB" if peak else ""), flush=True)
     med = {name: statistics.median(t) for name, t in times.items()}
     serial = med["glob, one after another"]
     lines = [f"| {name} | {med[name]:.2f} s | {', '.join(f'{t:.2f}' for t in times[name])} | "
+             f"{statistics.median(cores[name]):.2f} | "
              + (f"{rss[name] / 2**20:.0f} MiB |" if rss.get(name) else "— |")
              for name in variants]
     command = " ".join(["python bench/bench_concurrency.py", f"--rounds {args.rounds}",
@@ -187,8 +213,9 @@ def main() -> None:
                     f"0.9); with one connection: {med['file, 1 connection'] / med['floor']:.2f}×"]
     summary += [f"* peak RSS: {max(rss.values()) / 2**20:.0f} MiB (target ≤ 150 MiB)"]
     record(f"\n### {dt.date.today()}: concurrency (issue 10, point 3): `{command}`\n\n"
-           f"{machine()}\n\n| variant | median | rounds | peak RSS (largest process) |\n"
-           "|---|---|---|---|\n" + "\n".join(lines) + "\n\n" + "\n".join(summary) + "\n")
+           f"{machine()}\n\n| variant | median | rounds | cores busy | peak RSS (largest "
+           "process) |\n|---|---|---|---|---|\n" + "\n".join(lines) + "\n\n"
+           + "\n".join(summary) + "\n")
 
 
 if __name__ == "__main__":

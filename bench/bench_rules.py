@@ -65,7 +65,7 @@ max = 2100-01-01T00:00:00Z
 
 def run(url: str, work: Path, path: Path, rules: str) -> tuple[float, int]:
     """Wall time and rows rejected of `etlsvc run` into a fresh database."""
-    seconds, _, db = run_etlsvc(url, work, str(path), extra=rules)
+    seconds, *_, db = run_etlsvc(url, work, str(path), extra=rules)
     return seconds, int(sh("psql", db, "-qAtc", "SELECT rows_rejected FROM etl_runs").stdout)
 
 
