@@ -236,14 +236,14 @@ async def _check(cfg: Config, args: argparse.Namespace) -> int:
 
 
 async def _serve(cfg: Config, args: argparse.Namespace) -> int:
-    from etlsvc.api.app import SHUTDOWN_GRACE, create_app
+    from etlsvc.api.app import create_app
 
     startup_errors: list[EtlError] = []
     config = uvicorn.Config(
         create_app(cfg, startup_errors), host=args.host or cfg.server.host,
         port=args.port or cfg.server.port,
         log_config=None, access_log=False, lifespan="on", server_header=False,
-        timeout_graceful_shutdown=int(SHUTDOWN_GRACE) + 5)
+        timeout_graceful_shutdown=int(cfg.server.shutdown_grace_s) + 5)
     server = _Server(config)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -82,6 +82,11 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     change_feed_retention_days: Annotated[float, msgspec.Meta(gt=0)] = 7.0
     #: Seconds between maintenance passes (purging what sources' ``retention_days`` let go).
     maintenance_every_s: Annotated[float, msgspec.Meta(ge=1)] = 3600.0
+    #: Seconds running runs get at SIGTERM to finish (each batch commits or rolls back
+    #: whole) before they are cancelled and marked interrupted; keep it below the
+    #: orchestrator's kill timeout (compose's stop_grace_period, Kubernetes'
+    #: terminationGracePeriodSeconds).
+    shutdown_grace_s: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 20.0
 
 
 class PipelineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

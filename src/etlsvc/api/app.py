@@ -32,8 +32,6 @@ from etlsvc.runtime.service import Service
 
 log = structlog.get_logger()
 
-#: Seconds a running run may take to finish its batch at shutdown before it is cancelled.
-SHUTDOWN_GRACE = 20.0
 MAX_BODY = 1 << 20
 #: Seconds a client is told to wait when the database is away (503).
 RETRY_AFTER = "2"
@@ -194,7 +192,7 @@ def create_litestar(cfg: Config, startup_errors: list[EtlError] | None = None) -
                 try:
                     yield
                 finally:
-                    await service.stop(SHUTDOWN_GRACE)
+                    await service.stop(cfg.server.shutdown_grace_s)
                     await app.state.read_pool.close()
         except EtlError as exc:
             if not started and startup_errors is not None:
