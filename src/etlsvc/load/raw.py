@@ -8,9 +8,10 @@ rejects.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from functools import lru_cache
-from itertools import repeat, starmap
+from itertools import chain, repeat, starmap
 from typing import Any
 
 import asyncpg
@@ -20,6 +21,8 @@ from etlsvc import db
 from etlsvc.extract.contract import Reject
 
 _encode = msgspec.json.encode
+#: What jsonb cannot hold: NUL, and lone surrogates (bytes not valid in the encoding).
+_UNSAFE = re.compile("[\x00\ud800-\udfff]")
 
 
 @lru_cache(maxsize=64)
@@ -113,6 +116,8 @@ async def insert_rejects(conn: asyncpg.Connection, run_id: int, source: str,
 
 def _jsonable(record: Any) -> Any:
     """The record, with text that JSON/jsonb cannot hold (NUL, lone surrogates) escaped."""
+    if isinstance(record, dict) and _clean_strings(record):
+        return record       # the usual reject (a CSV row): checked in one regex search
     if isinstance(record, str):
         return record.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode()
     if isinstance(record, dict):
@@ -120,3 +125,12 @@ def _jsonable(record: Any) -> Any:
     if isinstance(record, list):
         return [_jsonable(v) for v in record]
     return record
+
+
+def _clean_strings(record: dict[str, Any]) -> bool:
+    """Whether ``record`` maps strings to strings that jsonb can hold as they are."""
+    try:
+        text = "".join(chain(record, record.values()))
+    except TypeError:                   # a value that is not a string: look closer
+        return False
+    return not _UNSAFE.search(text)
