@@ -101,11 +101,13 @@ def query(file: str, name: str) -> str:
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
     for typ in ("json", "jsonb"):
-        await conn.set_type_codec(typ, schema="pg_catalog", encoder=_json_text,
+        await conn.set_type_codec(typ, schema="pg_catalog", encoder=json_text,
                                   decoder=msgspec.json.decode, format="text")
 
 
-def _json_text(value: object) -> str:
+def json_text(value: object) -> str:
+    """What etlsvc sends PostgreSQL for a json or jsonb value: a string as the JSON text it
+    already is, anything else encoded by msgspec."""
     return value if isinstance(value, str) else msgspec.json.encode(value).decode()
 
 

@@ -106,12 +106,15 @@ async def copy(conn: asyncpg.Connection, table: str, columns: tuple[str, ...],
 
 async def insert_rejects(conn: asyncpg.Connection, run_id: int, source: str,
                          rejects: list[Reject]) -> None:
-    """Store rejects with their position, original record and reason."""
+    """Store rejects with their position, original record and reason, in one statement."""
     if rejects:
-        await conn.executemany(db.query("rejects", "insert"), [
-            (run_id, source, r.stream, r.position, _jsonable(r.record), r.reason, r.rule,
-             r.field, r.column, None if r.value is None else _jsonable(str(r.value)))
-            for r in rejects])
+        await conn.execute(
+            db.query("rejects", "insert"), run_id, source, [r.stream for r in rejects],
+            [db.json_text(r.position) for r in rejects],
+            [None if r.record is None else db.json_text(_jsonable(r.record)) for r in rejects],
+            [r.reason for r in rejects], [r.rule for r in rejects],
+            [r.field for r in rejects], [r.column for r in rejects],
+            [None if r.value is None else _jsonable(str(r.value)) for r in rejects])
 
 
 def _jsonable(record: Any) -> Any:
