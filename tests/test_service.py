@@ -410,10 +410,14 @@ async def test_a_tick_cancelled_while_claiming_still_sees_its_run_through(
             # The claim's INSERT of the run row waits for this lock.
             await blocker.execute("LOCK TABLE etl_runs IN EXCLUSIVE MODE")
             tick = asyncio.create_task(service.scheduled_run("p"))
-            while not await blocker.fetchval(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = "
-                    "current_database() AND wait_event_type = 'Lock'"):
+            for _ in range(200):         # 10 s at most, not a hang if the claim never waits
+                if await blocker.fetchval(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                        "current_database() AND wait_event_type = 'Lock'"):
+                    break
                 await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("the claim never waited for the lock on etl_runs")
             tick.cancel()
             await asyncio.gather(tick, return_exceptions=True)
         await service.stop(grace=30)

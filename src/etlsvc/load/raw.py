@@ -119,11 +119,11 @@ async def insert_rejects(conn: asyncpg.Connection, run_id: int, source: str,
 
 def _jsonable(record: Any) -> Any:
     """The record, with text that JSON/jsonb cannot hold (NUL, lone surrogates) escaped."""
-    if isinstance(record, dict) and _clean_strings(record):
-        return record       # the usual reject (a CSV row): checked in one regex search
     if isinstance(record, str):
         return record.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode()
     if isinstance(record, dict):
+        if _clean_strings(record):
+            return record   # the usual reject (a CSV row): checked in one regex search
         return {_jsonable(k): _jsonable(v) for k, v in record.items()}
     if isinstance(record, list):
         return [_jsonable(v) for v in record]
