@@ -4,6 +4,8 @@ container files lives in .ci/run (hadolint, compose)."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import json
 import os
 import subprocess
 import sys
@@ -75,22 +77,37 @@ async def test_three_replicas_one_run_per_tick_all_serve_data(
     full, _ = gen_csv(20_000)
     env.write_config(csv_source("products", full, extra='schedule = "3s"\nbatch_size = 2000'))
     with servers(env, 3) as trio:
-        # At least two ticks' runs (a loaded machine takes longer than a tick for one).
-        deadline = time.monotonic() + 30
+        # Ticks count from the moment all three are up (a loaded machine can take a tick or
+        # two to start the last one), and at least two of them (a run may outlast a tick).
+        up = dt.datetime.now(dt.UTC)
+        deadline = time.monotonic() + 45
         while time.monotonic() < deadline and await pool.fetchval(
-                "SELECT count(*) FROM etl_runs WHERE status = 'succeeded'") < 2:
+                "SELECT count(*) FROM etl_runs WHERE status = 'succeeded' AND started_at >= $1",
+                up) < 2:
             await asyncio.sleep(0.5)
         for server in trio:
             r = httpx.get(f"{server.base}/data", params={"limit": 5})
             assert r.status_code == 200 and len(r.json()["data"]) == 5
         listed = httpx.get(f"{trio[0].base}/etl/runs", params={"limit": 100}).json()["data"]
     runs = await pool.fetch("SELECT * FROM etl_runs ORDER BY id")
-    assert len(listed) >= 2
-    assert {r["id"] for r in listed} <= {r["id"] for r in runs}  # one history, all replicas
-    ticks = Counter(int(r["started_at"].timestamp()) // 3 for r in runs)
+    assert {r["id"] for r in listed} == {r["id"] for r in runs}  # one history, all replicas
+    ticks = Counter(tick(r["started_at"]) for r in runs)
     assert all(n == 1 for n in ticks.values()), ticks  # one run per tick
-    skipped = sum(s.output.count('"scheduled run skipped') for s in trio)
-    assert skipped >= len(runs)  # the two other replicas skip each tick
+    skips = Counter(tick(dt.datetime.fromisoformat(line["timestamp"]))
+                    for s in trio for line in map(json.loads, skipped_lines(s.output)))
+    watched = [tick(r["started_at"]) for r in runs if r["started_at"] >= up]
+    assert len(watched) >= 2, runs
+    # At each of those ticks, the two replicas that did not run the source skipped it.
+    assert [skips[t] for t in watched] == [2] * len(watched), (watched, skips)
+
+
+def skipped_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if '"scheduled run skipped' in line]
+
+
+def tick(at: dt.datetime) -> int:
+    """The 3 s schedule's tick an instant falls in (replicas tick at the same instants)."""
+    return int(at.timestamp()) // 3
 
 
 def test_health_command_follows_the_port_of_the_config(env: Env, pool: asyncpg.Pool) -> None:

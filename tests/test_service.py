@@ -19,10 +19,11 @@ import asyncpg
 import httpx
 import pytest
 from litestar.testing import AsyncTestClient
+from structlog.testing import capture_logs
 
 from etlsvc import db
 from etlsvc.api.app import create_app
-from etlsvc.config import load_config
+from etlsvc.config import Config, load_config
 from etlsvc.runtime import workers
 from etlsvc.runtime.service import Service
 from tests.conftest import RECORD_WRITES, Env, csv_source, descendants
@@ -394,16 +395,21 @@ async def test_scheduled_runs_happen_once_per_tick_across_two_replicas(
     assert any('"scheduler started"' in out for out in logs)
 
 
+def hourly_csv(env: Env, tmp_path: Path, rows: int) -> Config:
+    """The config of one source ``p``, a CSV file of ``rows`` rows scheduled every hour."""
+    path = tmp_path / "p.csv"
+    path.write_text("id,title\n" + "".join(f"K{i},t{i}\n" for i in range(rows)))
+    return load_config(env.write_config(csv_source(
+        "p", path, fields='source_id = "id"\ntitle = "title"', extra='schedule = "1h"')))
+
+
 async def test_a_tick_cancelled_while_claiming_still_sees_its_run_through(
     env: Env, pool: asyncpg.Pool, tmp_path: Path
 ) -> None:
     # The scheduler's shutdown cancels its jobs under way (APScheduler 3's asyncio executor).
     # A tick cancelled in the middle of its claim must not cancel the claim: one cancelled
     # just after writing its run row left that row 'running' and the run never executed.
-    path = tmp_path / "p.csv"
-    path.write_text("id,title\n" + "".join(f"K{i},t{i}\n" for i in range(100)))
-    cfg = load_config(env.write_config(csv_source("p", path, fields='source_id = "id"\n'
-                                                  'title = "title"', extra='schedule = "1h"')))
+    cfg = hourly_csv(env, tmp_path, 100)
     async with db.open_database(cfg) as database:
         service = Service(cfg, database, workers.from_config(cfg.pipeline))
         async with pool.acquire() as blocker, blocker.transaction():
@@ -424,6 +430,27 @@ async def test_a_tick_cancelled_while_claiming_still_sees_its_run_through(
     runs = await pool.fetch("SELECT status, rows_inserted FROM etl_runs")
     assert [tuple(r) for r in runs] == [("succeeded", 100)]
 
+
+async def test_a_tick_after_a_quick_run_of_that_tick_does_not_run_it_again(
+    env: Env, pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    # Replicas tick at the same instants, but not at the same microsecond: one whose tick
+    # comes after another replica's run of that tick has let go of the lock must skip it.
+    cfg = hourly_csv(env, tmp_path, 10)
+    async with db.open_database(cfg) as database:
+        first, late = (Service(cfg, database, workers.from_config(cfg.pipeline))
+                       for _ in range(2))
+        await first.scheduled_run("p")
+        with capture_logs() as logs:
+            await late.scheduled_run("p")    # the same tick, just later: skipped
+        [manual] = await late.start_runs([cfg.source("p")])   # asked for: runs
+        await late.stop(grace=30)
+        await first.stop(grace=30)
+    runs = await pool.fetch("SELECT id, trigger, status FROM etl_runs ORDER BY id")
+    assert [tuple(r) for r in runs] == [(runs[0]["id"], "schedule", "succeeded"),
+                                        (manual, "manual", "succeeded")]
+    assert {"event": "scheduled run skipped: another replica ran it at this tick",
+            "source": "p", "run_id": runs[0]["id"], "log_level": "info"} in logs
 
 async def test_data_filters_and_health_degrades_when_a_source_is_stale(
     env: Env, pool: asyncpg.Pool

@@ -45,6 +45,15 @@ UPDATE etl_runs SET status = 'running', finished_at = NULL, error = NULL, heartb
 WHERE id = $1
 RETURNING *
 
+-- name: this_tick
+-- The source's last scheduled run, if it started less than $2 seconds ago.
+-- params: $1 source, $2 seconds
+SELECT id FROM (
+    SELECT id, started_at FROM etl_runs WHERE source = $1 AND trigger = 'schedule'
+    ORDER BY id DESC LIMIT 1
+) AS last
+WHERE started_at > now() - make_interval(secs => $2)
+
 -- name: running
 -- params: $1 source
 SELECT id FROM etl_runs WHERE source = $1 AND status = 'running' ORDER BY id DESC LIMIT 1

@@ -69,3 +69,11 @@ class SourceBusy(EtlError):
     @property
     def run_id(self) -> int | None:
         return self.running[self.source]
+
+
+class TickTaken(SourceBusy):
+    """A scheduler tick found that another replica already ran the source at that tick."""
+
+    def __init__(self, source: str, run_id: int) -> None:
+        EtlError.__init__(self, f"source {source!r} already ran at this tick (run {run_id})")
+        self.running = {source: run_id}

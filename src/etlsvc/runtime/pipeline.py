@@ -91,11 +91,12 @@ async def run_source(database: Database, cfg: Config, src: Source, workers: Work
 
 
 async def claim(database: Database, sources: list[Source], *, trigger: str,
-                full_refresh: bool) -> list[ClaimedRun]:
+                full_refresh: bool, tick_s: float = 0.0) -> list[ClaimedRun]:
     """Take every source's lock and create their run rows, or none of them.
 
-    SourceBusy, naming every source that is running, if any is; the runs have ids from here
-    on, and ``ClaimedRun.execute`` does the work and lets go.
+    SourceBusy, naming every source that is running, if any is (TickTaken: a scheduled run
+    started less than ``tick_s`` ago); the runs have ids from here on, and
+    ``ClaimedRun.execute`` does the work and lets go.
     """
     held: list[tuple[Source, Any]] = []
     busy: dict[str, int | None] = {}
@@ -103,16 +104,16 @@ async def claim(database: Database, sources: list[Source], *, trigger: str,
         for src in sources:
             conn = await database.pool.acquire()
             held.append((src, conn))
-            if not await runs.try_lock(conn, src.name):
+            try:
+                await runs.take_lock(conn, src.name)
+            except SourceBusy as exc:
                 held.pop()
-                try:
-                    busy[src.name] = await runs.running_id(conn, src.name)
-                finally:
-                    await database.pool.release(conn)
+                busy |= exc.running
+                await database.pool.release(conn)
         if busy:
             raise SourceBusy(busy)
         return [ClaimedRun(await runs.start(conn, src.name, src.kind, trigger, full_refresh,
-                                            database.reconnect_timeout),
+                                            database.reconnect_timeout, tick_s),
                            src, trigger, full_refresh, database, conn) for src, conn in held]
     except BaseException:
         for src, conn in held:
@@ -163,13 +164,13 @@ class ClaimedRun:
             conn = None
             try:
                 conn = await self.database.pool.acquire(timeout=5)
-                if await runs.try_lock(conn, self.src.name):
-                    row = await runs.resume(conn, self.id)
-                    self.conn = conn
-                    return row
+                await runs.take_lock(conn, self.src.name)
+                row = await runs.resume(conn, self.id)
+                self.conn = conn
+                return row
+            except SourceBusy as exc:
                 # Another process is claiming the source; it sees this run alive and backs off.
-                problem: BaseException = SourceBusy(
-                    {self.src.name: await runs.running_id(conn, self.src.name)})
+                problem: BaseException = exc
                 await self.database.pool.release(conn)
             except Exception as exc:
                 # The pool may hand out an idle connection the outage killed: the first

@@ -21,7 +21,7 @@ import msgspec
 import structlog
 
 from etlsvc import db
-from etlsvc.errors import SourceBusy
+from etlsvc.errors import SourceBusy, TickTaken
 
 log = structlog.get_logger()
 
@@ -50,15 +50,21 @@ async def unlock(conn: asyncpg.Connection, source: str) -> None:
     await conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", _key(source))
 
 
-async def running_id(conn: asyncpg.Connection, source: str) -> int | None:
-    """The id of the source's running run, waiting a moment for a holder that just took
-    the lock to create its row."""
+async def take_lock(conn: asyncpg.Connection, source: str) -> None:
+    """Take the source's advisory lock, or raise SourceBusy with the id of the run holding it.
+
+    A holder that has just taken the lock may not have written its run row yet, and one
+    whose run was quick may have let go already: this waits up to 2 s for either, so that a
+    busy source is reported with its run and a freed one is taken.
+    """
+    running = None
     for _ in range(40):
-        running = await conn.fetchval(db.query("runs", "running"), source)
-        if running is not None:
-            return running
+        if await try_lock(conn, source):
+            return
+        if (running := await conn.fetchval(db.query("runs", "running"), source)) is not None:
+            break
         await asyncio.sleep(0.05)
-    return None
+    raise SourceBusy({source: running})
 
 
 @contextlib.asynccontextmanager
@@ -67,9 +73,13 @@ async def source_lock(conn: asyncpg.Connection, source: str,
     """Hold the source's advisory lock, waiting up to ``wait`` seconds for it; SourceBusy
     (with the running run's id) if it stays taken."""
     deadline = asyncio.get_running_loop().time() + wait
-    while not await try_lock(conn, source):
-        if asyncio.get_running_loop().time() >= deadline:
-            raise SourceBusy({source: await running_id(conn, source)})
+    while True:
+        try:
+            await take_lock(conn, source)
+            break
+        except SourceBusy:
+            if asyncio.get_running_loop().time() >= deadline:
+                raise
         await asyncio.sleep(0.1)
     try:
         yield
@@ -85,13 +95,19 @@ def stale_after(reconnect_timeout: float) -> float:
 
 
 async def start(conn: asyncpg.Connection, source: str, kind: str, trigger: str,
-                full_refresh: bool, reconnect_timeout: float) -> int:
+                full_refresh: bool, reconnect_timeout: float, tick_s: float = 0.0) -> int:
     """Create this run's row and return its id. Call while holding the source's lock.
 
     A row left 'running' is interrupted first if its process is gone (same host, no such
     pid) or silent for longer than a reconnect can take; otherwise its process is waiting
     for the database to come back (which cost it the lock): SourceBusy.
+
+    ``tick_s`` (scheduled runs): TickTaken if a scheduled run of the source started less
+    than that long ago, so that a replica whose tick comes after a quick run has already
+    let go of the lock does not run the source a second time.
     """
+    if tick_s and (done := await conn.fetchval(db.query("runs", "this_tick"), source, tick_s)):
+        raise TickTaken(source, done)
     for r in await conn.fetch(db.query("runs", "running_of"), source,
                               stale_after(reconnect_timeout)):
         if not (r["stale"] or _process_gone(r["host"], r["pid"])):

@@ -24,7 +24,7 @@ from etlsvc import db
 from etlsvc.api import changes
 from etlsvc.config import Config, Source
 from etlsvc.db import Database
-from etlsvc.errors import ConfigError, SourceBusy
+from etlsvc.errors import ConfigError, SourceBusy, TickTaken
 from etlsvc.extract import kind_of
 from etlsvc.runtime import metrics, notify, pipeline, retention, runs
 from etlsvc.runtime.workers import Workers
@@ -33,6 +33,8 @@ log = structlog.get_logger()
 
 #: Seconds between attempts to take a continuous source another replica holds.
 FOLLOW_RETRY = 5.0
+#: How late a scheduler tick may still run (a busy loop, a suspended process).
+MISFIRE_GRACE_S = 60
 _INTERVAL = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d)$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _ORIGIN = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
@@ -62,6 +64,12 @@ def schedule_seconds(text: str) -> float:
     first = trigger.get_next_fire_time(None, now)
     second = trigger.get_next_fire_time(first, first + dt.timedelta(seconds=1))
     return (second - first).total_seconds()
+
+
+def tick_window(schedule: str) -> float:
+    """How long after a scheduled run another replica's tick still counts as the same tick:
+    half the period, at most a minute (the scheduler's misfire grace)."""
+    return min(schedule_seconds(schedule) / 2, MISFIRE_GRACE_S)
 
 
 def stale(src: Source, last_success: dt.datetime | None, now: dt.datetime) -> bool:
@@ -136,7 +144,7 @@ class Service:
                 self.scheduler.add_job(
                     self.scheduled_run, parse_schedule(src.schedule), args=[src.name],
                     id=src.name, name=f"run {src.name}", coalesce=True, max_instances=1,
-                    misfire_grace_time=60, replace_existing=True)
+                    misfire_grace_time=MISFIRE_GRACE_S, replace_existing=True)
         if any(src.retention_days is not None for src in self.cfg.sources):
             self.scheduler.add_job(
                 self.maintain, IntervalTrigger(seconds=self.cfg.server.maintenance_every_s),
@@ -165,8 +173,14 @@ class Service:
         """A scheduler tick: run the source unless another worker is running it."""
         if not self.accepting:
             return
+        src = self.cfg.source(name)
         try:
-            [run_id] = await self.start_runs([self.cfg.source(name)], trigger="schedule")
+            [run_id] = await self.start_runs([src], trigger="schedule",
+                                             tick_s=tick_window(src.schedule))
+        except TickTaken as exc:
+            log.info("scheduled run skipped: another replica ran it at this tick", source=name,
+                     run_id=exc.run_id)
+            return
         except SourceBusy as exc:
             log.info("scheduled run skipped: the source is running elsewhere", source=name,
                      running_run_id=exc.run_id)
@@ -216,9 +230,9 @@ class Service:
                 delay = min(2 * delay, 60.0)
 
     async def start_runs(self, sources: list[Source], *, trigger: str = "manual",
-                         full_refresh: bool = False) -> list[int]:
+                         full_refresh: bool = False, tick_s: float = 0.0) -> list[int]:
         """Claim a run of every source (or of none: SourceBusy names each busy one) and
-        execute them in the background; return their ids."""
+        execute them in the background; return their ids. ``tick_s``: see ``runs.start``."""
         if not self.accepting:
             raise SourceBusy(dict.fromkeys((s.name for s in sources), None))
         # This process's own runs, even while one waits for a lost database (its lock is
@@ -227,18 +241,25 @@ class Service:
         if busy := {s.name: mine[s.name] for s in sources if s.name in mine}:
             raise SourceBusy(busy)
         # stop() waits for claims under way: once one is done, its runs are registered.
-        claim = asyncio.ensure_future(self._claim(sources, trigger, full_refresh))
+        claim = asyncio.ensure_future(self._claim(sources, trigger, full_refresh, tick_s))
         self._claims.add(claim)
-        claim.add_done_callback(self._claims.discard)
+        claim.add_done_callback(self._claimed)
         # Shielded: a caller cancelled mid-claim (the scheduler's shutdown cancels its jobs)
         # would otherwise cancel the claim too, and one cancelled just after its run row was
         # written left that row 'running', its run never executed.
         return await asyncio.shield(claim)
 
-    async def _claim(self, sources: list[Source], trigger: str,
-                     full_refresh: bool) -> list[int]:
+    def _claimed(self, claim: asyncio.Future[list[int]]) -> None:
+        self._claims.discard(claim)
+        if not claim.cancelled():
+            # Retrieved here: a caller cancelled mid-claim no longer awaits it, and asyncio
+            # would log its SourceBusy as "Task exception was never retrieved".
+            claim.exception()
+
+    async def _claim(self, sources: list[Source], trigger: str, full_refresh: bool,
+                     tick_s: float) -> list[int]:
         claimed = await pipeline.claim(self.database, sources, trigger=trigger,
-                                       full_refresh=full_refresh)
+                                       full_refresh=full_refresh, tick_s=tick_s)
         for run in claimed:
             task = asyncio.create_task(self._execute(run), name=f"run {run.id}")
             self.running[run.id] = Running(task, run)
