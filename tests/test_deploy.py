@@ -90,14 +90,16 @@ async def test_three_replicas_one_run_per_tick_all_serve_data(
             assert r.status_code == 200 and len(r.json()["data"]) == 5
         listed = httpx.get(f"{trio[0].base}/etl/runs", params={"limit": 100}).json()["data"]
     runs = await pool.fetch("SELECT * FROM etl_runs ORDER BY id")
-    assert {r["id"] for r in listed} == {r["id"] for r in runs}  # one history, all replicas
+    assert {r["id"] for r in listed} <= {r["id"] for r in runs}  # one history, all replicas
     ticks = Counter(tick(r["started_at"]) for r in runs)
     assert all(n == 1 for n in ticks.values()), ticks  # one run per tick
     skips = Counter(tick(dt.datetime.fromisoformat(line["timestamp"]))
                     for s in trio for line in map(json.loads, skipped_lines(s.output)))
-    watched = [tick(r["started_at"]) for r in runs if r["started_at"] >= up]
-    assert len(watched) >= 2, runs
-    # At each of those ticks, the two replicas that did not run the source skipped it.
+    # The two ticks waited for (a later one may have come as the replicas stopped).
+    watched = [tick(r["started_at"]) for r in runs
+               if r["started_at"] >= up and r["status"] == "succeeded"][:2]
+    assert len(watched) == 2, runs
+    # At each of them, the two replicas that did not run the source skipped it.
     assert [skips[t] for t in watched] == [2] * len(watched), (watched, skips)
 
 
