@@ -601,7 +601,7 @@ def test_auth_header_kinds() -> None:
 
     import httpx
 
-    from etlsvc.extract.contract import Fields
+    from etlsvc.contract import Fields
     from etlsvc.extract.http import Auth, Fetcher
     from etlsvc.extract.json_api import ApiSource
 

@@ -18,11 +18,11 @@ from litestar.testing import AsyncTestClient
 from etlsvc import db
 from etlsvc.api import changes
 from etlsvc.api.app import create_app
+from etlsvc.contract import Fields
 from etlsvc.extract import KINDS
-from etlsvc.extract.contract import Fields
 from etlsvc.extract.json_api import ApiSource
-from etlsvc.runtime import pipeline
-from etlsvc.transform import normalize
+from etlsvc.load import normalize
+from etlsvc.runtime import replay, retention
 from tests.conftest import Env, csv_source, run_source
 from tests.test_service import servers
 
@@ -91,7 +91,7 @@ async def test_inserts_updates_and_deletes_come_once_each_in_order(
         # all in the replay's one transaction.
         cfg = env.config(csv_source("p", path, fields='source_id = "name"\ntitle = "title"'))
         async with db.open_database(cfg) as database:
-            assert (await pipeline.replay_source(database, cfg, cfg.source("p")))[
+            assert (await replay.replay_source(database, cfg.source("p")))[
                 "status"] == "succeeded"
         third, token = await drain(client, token)
         assert sorted((c["op"], c["source_id"]) for c in third) == [
@@ -278,7 +278,7 @@ async def fresh_start_while_held(client: Any, pool: asyncpg.Pool, start: str) ->
         await conn.execute("DELETE FROM normalized_data WHERE source_id = 'a'")
     # The tombstone is a day old: a retention of half a day prunes it.
     await pool.execute("UPDATE data_tombstones SET deleted_at = now() - interval '1 day'")
-    await changes.prune(pool, 0.5)
+    await retention.prune_tombstones(pool, 0.5)
     assert await pool.fetchval("SELECT count(*) FROM data_tombstones") == 0
     r = await client.get("/data/changes", params={"after": start})
     assert r.status_code == 410

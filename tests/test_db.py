@@ -6,10 +6,14 @@ import asyncio
 import uuid
 
 import asyncpg
+import msgspec
 import pytest
 
 from etlsvc import db
+from etlsvc.config import Source
 from etlsvc.errors import DatabaseError
+from etlsvc.extract import KINDS
+from etlsvc.transform.mapping import values_sql
 from tests.conftest import _with_db
 
 
@@ -75,33 +79,47 @@ async def test_unreachable_database_is_one_clear_error_without_the_password() ->
     assert "s3cret" not in str(err.value)
 
 
+def named_queries() -> list[tuple[str, str, str]]:
+    """(file, name, SQL) of every named query in sql/queries/, found by listing the folder:
+    a new file or query is checked without being listed here."""
+    found = [(path.stem, name, sql) for path in sorted(db.sql_dir().glob("queries/*.sql"))
+             for name, sql in db.queries(path.stem).items()]
+    assert {f for f, _, _ in found} >= {"api", "drift", "locks", "normalize", "replay", "runs"}
+    return found
+
+
 async def test_every_named_query_prepares_against_the_schema(pool: asyncpg.Pool) -> None:
-    import msgspec
-
-    from etlsvc.config import Source
-    from etlsvc.extract import KINDS
-    from etlsvc.transform.normalize import values_sql
-
+    """Each statement, with its placeholders filled as the code fills them, for every kind's
+    raw table where it names one; the filter table of GET /data condition by condition."""
     src = msgspec.convert({"name": "s", "kind": "csv", "path": "x",
                            "fields": {"source_id": "id"}}, Source)
-    async with pool.acquire() as conn:
-        for file in ("checkpoints", "runs", "rejects", "normalize", "migrations", "notify",
-                     "retention"):
-            for sql in db.queries(file).values():
+    fill = {"{distinct}": "", "{order}": "", "{mine}": "", "{values}": values_sql(src),
+            "{column}": "url", "{filters}": " AND category = $3", "{source}": "$4"}
+    prepared = 0
+    async with pool.acquire() as conn, conn.transaction():
+        # replay.sql's statements use the temporary table its first one makes.
+        await conn.execute(db.query("replay", "keys_table"))
+        for file, name, sql in named_queries():
+            if (file, name) == ("api", "data_filters"):
+                statements = [f"SELECT id FROM normalized_data WHERE {cond.replace('{n}', '1')}"
+                              for _, cond in (line.split(None, 1) for line in sql.splitlines()
+                                              if line and not line.startswith("--"))]
+            else:
+                statements = [sql]
+            for statement in statements:
                 for kind in KINDS.values():
-                    text = (
-                        sql.replace("{raw_table}", kind.raw_table)
-                        .replace("{distinct}", "")
-                        .replace("{order}", "")
-                        .replace("{mine}", "")
-                        .replace("{values}", values_sql(src))
-                        .replace("{column}", "url")
-                        .replace("{stream_column}", kind.stream_column)
-                        .replace("{position}", kind.position_sql)
-                    )
+                    text = statement.replace("{raw_table}", kind.raw_table).replace(
+                        "{stream_column}", kind.stream_column).replace(
+                        "{position}", kind.position_sql)
+                    for placeholder, value in fill.items():
+                        text = text.replace(placeholder, value)
+                    assert "{" not in text.replace("'{", ""), (
+                        f"{file}.sql {name}: a placeholder this test does not fill")
                     await conn.prepare(text)
-                    if "{raw_table}" not in sql:
+                    prepared += 1
+                    if "{raw_table}" not in statement:
                         break
+    assert prepared >= len(named_queries())
 
 
 async def test_the_read_pool_serves_requests_in_the_order_they_asked(database_url: str) -> None:

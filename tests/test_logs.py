@@ -147,8 +147,8 @@ async def test_stdlib_log_events_reach_the_stream_clean_and_named(tmp_path) -> N
     import io
     import logging
 
-    from etlsvc.api.tail import HUB
     from etlsvc.logs import configure_logging
+    from etlsvc.logtail import HUB
 
     configure_logging("info", "json", stream=io.StringIO())
     with HUB.subscribe() as queue:

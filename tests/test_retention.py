@@ -92,7 +92,7 @@ async def test_a_replay_under_way_postpones_the_purge_of_its_raw_rows(
     await run_source(cfg, "items", full_refresh=True)
     await age(pool, 10)
     async with pool.acquire() as conn, conn.transaction():
-        await conn.execute(retention.raw_lock_sql(blocking=True), "items")  # as a replay does
+        await retention.lock_raw(conn, "items", wait=True)  # as a replay does
         async with db.open_database(cfg) as database:
             done = await retention.purge(database.pool, cfg, pause=0)
     assert done["items"]["postponed"] == 1 and done["items"]["raw"] == 0

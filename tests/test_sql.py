@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 
 from etlsvc import db
-from etlsvc.runtime import pipeline
+from etlsvc.runtime import replay
 from tests.conftest import Env, run_source
 
 MARIADB = "mysql://root@127.0.0.1:3306"
@@ -87,10 +87,10 @@ async def test_a_postgresql_table_loads_incrementally_by_its_cursor_column(
     assert await pool.fetchval("SELECT count(*) FROM normalized_data") == 2502
     # Replay from the raw rows (typed JSON values) validates and normalizes them again.
     async with db.open_database(cfg) as database:
-        replay = await pipeline.replay_source(database, cfg, cfg.source("pg"))
-    assert (replay["status"], replay["rows_rejected"], replay["rows_updated"]) == (
-        "succeeded", 0, 0), replay["error"]
-    assert replay["rows_valid"] == 2503          # every raw row (order 5 twice)
+        replayed = await replay.replay_source(database, cfg.source("pg"))
+    assert (replayed["status"], replayed["rows_rejected"], replayed["rows_updated"]) == (
+        "succeeded", 0, 0), replayed["error"]
+    assert replayed["rows_valid"] == 2503          # every raw row (order 5 twice)
 
 
 async def test_a_query_source_and_a_mapped_column_it_lacks(

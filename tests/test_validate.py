@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
-from etlsvc.extract.contract import Fields
+from etlsvc.contract import Fields
 from etlsvc.transform.rules import compile_rules
 from etlsvc.transform.validate import RowValidator
 
@@ -122,7 +122,7 @@ def test_the_whole_column_check_never_passes_a_column_with_a_failing_value() -> 
     import datetime as dt
     import random
 
-    from etlsvc.transform.rules import Rule
+    from etlsvc.contract import Rule
 
     checks = compile_rules(
         {"event_time": "when", "tags": "tags"},

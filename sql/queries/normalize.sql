@@ -91,3 +91,18 @@ ORDER BY b.id
 -- params: $1 raw ids (bigint[])
 DELETE FROM {raw_table} WHERE id = ANY ($1::bigint[])
 RETURNING id, {stream_column} AS stream, {position} AS position, record
+
+-- name: raw_as_rejects
+-- Raw rows a replay found breaking a unique rule: their position and record, for the
+-- reject (they stay in the raw table, which the replay reads but does not own).
+-- params: $1 raw ids (bigint[])
+SELECT id, {stream_column} AS stream, {position} AS position, record
+FROM {raw_table} WHERE id = ANY ($1::bigint[])
+
+-- name: copied_ids
+-- The raw rows this transaction copied above an id, in copy order (the k-th row of the
+-- payload has the k-th id: a sequence hands a COPY's ids in order).
+-- params: $1 source, $2 raw ids above
+SELECT id FROM {raw_table}
+WHERE source = $1 AND id > $2 AND xmin = pg_current_xact_id()::xid
+ORDER BY id

@@ -20,12 +20,11 @@ import httpx
 import structlog
 import uvicorn
 
-from etlsvc import __version__, db
-from etlsvc.api import tail
+from etlsvc import __version__, db, logtail
 from etlsvc.config import Config, Source, config_path, load_config
 from etlsvc.errors import ConfigError, EtlError, SourceBusy
 from etlsvc.logs import configure_logging
-from etlsvc.runtime import notify, pipeline, retention, retry
+from etlsvc.runtime import notify, pipeline, replay, retention, retry
 from etlsvc.runtime.workers import from_config
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -79,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     logs = sub.add_parser("logs", help="pretty-print and filter an etlsvc JSON log stream")
     logs.add_argument("file", nargs="?", default="-", help="log file (default: stdin)")
     logs.add_argument("-f", "--follow", action="store_true", help="wait for new lines")
-    logs.add_argument("--level", default="debug", choices=list(tail.LEVELS),
+    logs.add_argument("--level", default="debug", choices=list(logtail.LEVELS),
                       help="lowest level shown")
     logs.add_argument("--run-id", type=int, default=None, help="only this run")
     logs.add_argument("--source", default=None, help="only this source")
@@ -99,8 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "logs":          # reads a log stream: needs no config
         try:
-            return tail.run_cli(args.file, args.follow,
-                                tail.LogFilter(args.level, args.run_id, args.source))
+            return logtail.run_cli(args.file, args.follow,
+                                logtail.LogFilter(args.level, args.run_id, args.source))
         except OSError as exc:
             print(f"etlsvc: {exc}", file=sys.stderr)
             return EXIT_USAGE
@@ -161,7 +160,7 @@ async def _run(cfg: Config, args: argparse.Namespace) -> int:
 async def _replay(cfg: Config, args: argparse.Namespace) -> int:
     src = cfg.source(args.source)
     async with db.open_database(cfg) as database:
-        row = await pipeline.replay_source(database, cfg, src)
+        row = await replay.replay_source(database, src)
     _print_summary([row], {})
     return EXIT_OK if row["status"] == "succeeded" else EXIT_FAILED
 
@@ -236,6 +235,8 @@ async def _check(cfg: Config, args: argparse.Namespace) -> int:
 
 
 async def _serve(cfg: Config, args: argparse.Namespace) -> int:
+    # Here, not at the top: litestar and the HTTP app cost every other command (run, check,
+    # logs, the image's HEALTHCHECK) about a quarter of a second that only serve needs.
     from etlsvc.api.app import create_app
 
     startup_errors: list[EtlError] = []

@@ -16,10 +16,11 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from etlsvc.contract import NORMALIZED_FIELDS
 from etlsvc.errors import ConfigError
 from etlsvc.extract import KINDS, kind_of
-from etlsvc.extract.contract import NORMALIZED_FIELDS
 from etlsvc.logs import redact
+from etlsvc.schedule import parse_schedule
 from etlsvc.transform.rules import compile_rules
 
 #: One config struct per kind of source, tagged by ``kind`` (``extract/__init__.py``).
@@ -306,7 +307,6 @@ def _check(cfg: Config, path: Path) -> None:
             raise ConfigError(f"{where}.name': duplicate source name {src.name!r}")
         seen.add(src.name)
         if src.schedule:
-            from etlsvc.runtime.service import parse_schedule  # apscheduler only when scheduling
 
             try:
                 parse_schedule(src.schedule)

@@ -99,6 +99,25 @@ def query(file: str, name: str) -> str:
     return queries(file)[name]
 
 
+async def try_lock(conn: asyncpg.Connection, key: str) -> bool:
+    """Take the session-level advisory lock ``key`` if it is free (``sql/queries/locks.sql``
+    names the keys)."""
+    return await conn.fetchval(query("locks", "try_lock"), key)
+
+
+async def unlock(conn: asyncpg.Connection, key: str) -> None:
+    await conn.execute(query("locks", "unlock"), key)
+
+
+async def xact_lock(conn: asyncpg.Connection, key: str, *, wait: bool) -> bool:
+    """The transaction-level advisory lock ``key``: waiting for it, or only if it is free;
+    whether it was taken."""
+    if wait:
+        await conn.execute(query("locks", "xact_lock"), key)
+        return True
+    return await conn.fetchval(query("locks", "try_xact_lock"), key)
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
     for typ in ("json", "jsonb"):
         await conn.set_type_codec(typ, schema="pg_catalog", encoder=json_text,

@@ -14,6 +14,8 @@ from typing import Any
 import msgspec
 import structlog
 
+from etlsvc.logtail import HUB
+
 #: ``scheme://user:password@host``: the password of a URL's userinfo.
 _USERINFO = re.compile(r"(?P<keep>[a-z][a-z0-9+.-]*://[^:/@\s]*):[^@\s]*@", re.I)
 #: ``password=…`` as a URL query parameter or a libpq ``key=value`` word, quoted or not.
@@ -57,8 +59,6 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None
         fmt = "console" if stream.isatty() else "json"
     renderer: Any = (structlog.dev.ConsoleRenderer(colors=stream.isatty()) if fmt == "console"
                      else structlog.processors.JSONRenderer(serializer=_json_dumps))
-    from etlsvc.api.tail import HUB
-
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,

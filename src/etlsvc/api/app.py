@@ -23,11 +23,11 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from etlsvc import __version__, db
-from etlsvc.api import auth, changes, console, routes, tail
+from etlsvc import __version__, db, logtail, metrics
+from etlsvc.api import auth, changes, console, routes
 from etlsvc.config import Config
 from etlsvc.errors import EtlError
-from etlsvc.runtime import metrics, workers
+from etlsvc.runtime import workers
 from etlsvc.runtime.service import Service
 
 log = structlog.get_logger()
@@ -184,7 +184,7 @@ def create_litestar(cfg: Config, startup_errors: list[EtlError] | None = None) -
                         # updated_since" walks the primary key even for the last minute.
                         "plan_cache_mode": "force_custom_plan"}, reset=_keep_session))
                 app.state.data_version = changes.DataVersion()
-                tail.HUB.attach()       # keep each run's log lines for the console
+                logtail.HUB.attach()       # keep each run's log lines for the console
                 service = Service(cfg, database, workers.from_config(cfg.pipeline))
                 app.state.service = service
                 service.start_scheduler()

@@ -16,7 +16,6 @@ reads of a consumer is sent once, with its latest content; consumers apply ``ins
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import math
 import re
 import time
@@ -149,9 +148,3 @@ class DataVersion:
             pass
         finally:
             self._refresh = None
-
-
-async def prune(pool: asyncpg.Pool, retention_days: float) -> None:
-    """Drop tombstones older than ``retention_days`` (positions before them expire)."""
-    await pool.execute(db.query("api", "prune_tombstones"),
-                       dt.timedelta(days=retention_days))

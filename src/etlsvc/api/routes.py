@@ -30,11 +30,11 @@ from litestar.openapi import ResponseSpec
 from litestar.params import FromQuery, JSONBody, PathParameter, QueryParameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
-from etlsvc import db
-from etlsvc.api import auth, changes, tail
+from etlsvc import db, logtail, metrics
+from etlsvc.api import auth, changes
 from etlsvc.errors import ConfigError, SourceBusy
 from etlsvc.extract import KINDS
-from etlsvc.runtime import metrics, retry
+from etlsvc.runtime import retry
 from etlsvc.runtime.service import Service, stale
 
 
@@ -333,13 +333,13 @@ async def run_log(request: Request,
     """The log events of a run executed by this process: the last 500 kept, then each new
     one as it is logged, as one SSE ``data:`` line each (a run of another replica has none
     here). A comment line every 15 s keeps idle connections open."""
-    keep = tail.LogFilter(run_id=run_id)
+    keep = logtail.LogFilter(run_id=run_id)
 
     async def events() -> AsyncIterator[ServerSentEventMessage]:
         # Subscribing and copying the history happen with no await between: no event is
         # missed or sent twice.
-        with tail.HUB.subscribe() as queue:
-            for event in tail.HUB.history(run_id):
+        with logtail.HUB.subscribe() as queue:
+            for event in logtail.HUB.history(run_id):
                 yield ServerSentEventMessage(data=_encode(event).decode())
             while True:
                 try:
@@ -744,10 +744,10 @@ async def log_stream(
     source: FromQuery[str | None] = None,
 ) -> ServerSentEvent:
     """Each matching log event of this process, from now on, as one SSE ``data:`` line."""
-    keep = tail.LogFilter(level, run_id, source)
+    keep = logtail.LogFilter(level, run_id, source)
 
     async def events() -> AsyncIterator[str]:
-        with tail.HUB.subscribe() as queue:
+        with logtail.HUB.subscribe() as queue:
             while True:
                 event = await queue.get()
                 if keep(event):

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from etlsvc.contract import SourceKind
 from etlsvc.extract import csv_files, json_api, jsonl_files, nats_stream, rss_feeds, sql_tables
-from etlsvc.extract.contract import SourceKind
 
 #: Every kind of source, by name.
 KINDS: dict[str, SourceKind] = {k.name: k for k in (

@@ -25,27 +25,25 @@ from collections.abc import AsyncIterator
 from itertools import accumulate, compress, count, repeat
 from operator import add, attrgetter, itemgetter, ne, sub
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 
-from etlsvc.errors import ConfigError, SourceError
-from etlsvc.extract import files
-from etlsvc.extract.contract import (
+from etlsvc.contract import (
     Batch,
     Extraction,
     Fields,
     OneChar,
     PositiveInt,
+    Prepared,
     Reject,
     SourceConfig,
     SourceKind,
 )
+from etlsvc.errors import ConfigError, SourceError
+from etlsvc.extract import files
 from etlsvc.extract.csv_scan import REJECT_PREFIX, RecordScanner
 from etlsvc.extract.files import CHUNK_SIZE, FilePlan
-
-if TYPE_CHECKING:
-    from etlsvc.load.batches import Prepared
 
 log = structlog.get_logger()
 

@@ -29,18 +29,14 @@ import zlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import aiofiles
 import structlog
 
+from etlsvc import flow
+from etlsvc.contract import Batch, Extraction, Prepared, Preparing, WorkerPool
 from etlsvc.errors import SourceError
-from etlsvc.extract.contract import Batch, Extraction
-from etlsvc.runtime import flow
-
-if TYPE_CHECKING:
-    from etlsvc.load.batches import Prepared, Preparer
-    from etlsvc.runtime.workers import Workers
 
 log = structlog.get_logger()
 
@@ -154,7 +150,7 @@ class FileStream:
     """In a worker: a file's chunks → (decompressed →) parsed → prepared batches."""
 
     def __init__(self, plan: FilePlan, make_parser: Callable[[FilePlan, bytes], Parser],
-                 prepare: Preparer) -> None:
+                 prepare: Preparing) -> None:
         self.plan = plan
         self.prepare = prepare
         self._inflate: Any = None
@@ -212,9 +208,9 @@ class FileStream:
         return data
 
 
-async def read_file(plan: FilePlan, workers: Workers,
+async def read_file(plan: FilePlan, workers: WorkerPool,
                     make_parser: Callable[[FilePlan, bytes], Parser],
-                    prepare: Preparer) -> AsyncIterator[Prepared]:
+                    prepare: Preparing) -> AsyncIterator[Prepared]:
     """Stream one file from ``plan.start``; yield its prepared batches.
 
     Parsing and preparing run in one worker process, which keeps the file's parser from

@@ -23,8 +23,8 @@ import httpx
 import msgspec
 import structlog
 
+from etlsvc.contract import PositiveInt, SourceConfig
 from etlsvc.errors import ConfigError, SourceError, describe
-from etlsvc.extract.contract import PositiveInt, SourceConfig
 
 log = structlog.get_logger()
 

@@ -19,20 +19,17 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urljoin
 
 import httpx
 import msgspec
 import structlog
 
+from etlsvc.contract import Extraction, Fields, PositiveInt, Prepared, SourceKind
 from etlsvc.errors import SourceError
-from etlsvc.extract.contract import Extraction, Fields, PositiveInt, SourceKind
 from etlsvc.extract.http import Fetcher, HttpSource, check_url, check_urls, http_client
 from etlsvc.extract.records import get_path, json_batch, text
-
-if TYPE_CHECKING:
-    from etlsvc.load.batches import Prepared
 
 log = structlog.get_logger()
 

@@ -18,27 +18,25 @@ import hashlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 import structlog
 
-from etlsvc.errors import SourceError
-from etlsvc.extract import files
-from etlsvc.extract.contract import (
+from etlsvc.contract import (
     Batch,
     Extraction,
     Fields,
     PositiveInt,
+    Prepared,
     Reject,
     SourceConfig,
     SourceKind,
 )
+from etlsvc.errors import SourceError
+from etlsvc.extract import files
 from etlsvc.extract.files import FilePlan
 from etlsvc.extract.records import json_batch
-
-if TYPE_CHECKING:
-    from etlsvc.load.batches import Prepared
 
 log = structlog.get_logger()
 

@@ -25,25 +25,24 @@ import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import msgspec
 import structlog
 
-from etlsvc.errors import ConfigError, SourceError, describe
-from etlsvc.extract.contract import (
+from etlsvc import metrics
+from etlsvc.contract import (
     Extraction,
     Fields,
     PositiveInt,
+    Prepared,
+    Preparing,
     Reject,
     SourceConfig,
     SourceKind,
 )
+from etlsvc.errors import ConfigError, SourceError, describe
 from etlsvc.extract.records import json_batch
-from etlsvc.runtime import metrics
-
-if TYPE_CHECKING:
-    from etlsvc.load.batches import Prepared, Preparer
 
 log = structlog.get_logger()
 
@@ -91,7 +90,7 @@ def _credentials(src: StreamSource) -> dict[str, Any]:
     return out
 
 
-def prepare_messages(preparer: Preparer, stream: str, payloads: list[bytes], seqs: list[int],
+def prepare_messages(preparer: Preparing, stream: str, payloads: list[bytes], seqs: list[int],
                      state: dict[str, Any]) -> Prepared:
     """In a worker: message payloads → records → a prepared batch."""
     items: list[Any] = []

@@ -11,7 +11,7 @@ from typing import Any
 
 import msgspec
 
-from etlsvc.extract.contract import Batch, Reject, SourceConfig
+from etlsvc.contract import Batch, Reject, SourceConfig
 from etlsvc.transform.drift import shape_of_items
 
 

@@ -22,21 +22,17 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import feedparser
 import httpx
 import msgspec
 import structlog
 
+from etlsvc.contract import Extraction, Fields, PositiveInt, Prepared, SourceKind, WorkerPool
 from etlsvc.errors import SourceError
-from etlsvc.extract.contract import Extraction, Fields, PositiveInt, SourceKind
 from etlsvc.extract.http import Fetcher, HttpSource, check_url, check_urls, http_client
 from etlsvc.extract.records import json_batch
-
-if TYPE_CHECKING:
-    from etlsvc.load.batches import Prepared
-    from etlsvc.runtime.workers import Workers
 
 log = structlog.get_logger()
 
@@ -71,7 +67,7 @@ class Feed:
 
 
 async def fetch_all(src: RssSource, client: httpx.AsyncClient,
-                    states: dict[str, dict[str, Any]], workers: Workers) -> AsyncIterator[Feed]:
+                    states: dict[str, dict[str, Any]], workers: WorkerPool) -> AsyncIterator[Feed]:
     """Fetch every feed of ``src`` (at most ``max_concurrency`` at once), as they complete;
     feeds are parsed in the worker processes."""
     fetcher = Fetcher(src, client)
@@ -94,7 +90,7 @@ async def fetch_all(src: RssSource, client: httpx.AsyncClient,
 
 
 async def _fetch(src: RssSource, fetcher: Fetcher, url: str, state: dict[str, Any],
-                 workers: Workers) -> Feed:
+                 workers: WorkerPool) -> Feed:
     headers = {"Accept": "application/rss+xml, application/atom+xml, application/xml;q=0.9, "
                          "text/xml;q=0.8, */*;q=0.5"}
     if state.get("etag"):

@@ -28,20 +28,25 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from decimal import Decimal
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
 import asyncpg
 import msgspec
 import structlog
 
+from etlsvc.contract import (
+    Extraction,
+    Fields,
+    PositiveInt,
+    Prepared,
+    Preparing,
+    SourceConfig,
+    SourceKind,
+)
 from etlsvc.errors import ConfigError, SourceError, describe
-from etlsvc.extract.contract import Extraction, Fields, PositiveInt, SourceConfig, SourceKind
 from etlsvc.extract.records import json_batch, text
 from etlsvc.logs import redact
-
-if TYPE_CHECKING:
-    from etlsvc.load.batches import Prepared, Preparer
 
 log = structlog.get_logger()
 
@@ -181,7 +186,7 @@ def engine_of(src: SqlSource, url: str) -> str:
     return _SCHEMES[scheme]
 
 
-def prepare_rows(preparer: Preparer, relation: str, columns: list[str],
+def prepare_rows(preparer: Preparing, relation: str, columns: list[str],
                  rows: list[tuple[Any, ...]], first: int, state: dict[str, Any],
                  keep: list[bool]) -> Prepared:
     """In a worker: rows of the source's result → records → a prepared batch."""

@@ -1,10 +1,9 @@
 """The one batch path: a :class:`Batch` of any kind → prepared → committed.
 
 ``Preparer`` (in a worker process: pure CPU) validates a batch's rows, turns the failures
-into rejects and encodes the rest as one COPY payload for the kind's raw table. ``commit``
-(on the event loop) writes a prepared batch in one transaction: raw rows by COPY, their
-normalization, rejects, the stream's checkpoint and the run's counters — all or nothing,
-so a checkpoint is never ahead of the data.
+into rejects and encodes the rest as one COPY payload for the kind's raw table.
+``Committer`` (on the event loop) commits a run's prepared batches, several at once, each
+stream's in order, each in one transaction by ``load/write.commit``.
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ import asyncio
 import zlib
 from array import array
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field, replace
 from itertools import compress
 from operator import itemgetter
 from typing import Any
@@ -21,54 +19,14 @@ from typing import Any
 import asyncpg
 import msgspec
 
-from etlsvc import db
+from etlsvc.contract import Batch, Prepared, Problem, Reject, SourceConfig, SourceKind
+from etlsvc.db import Database
 from etlsvc.errors import SourceError
-from etlsvc.extract.contract import Batch, Reject, SourceConfig, SourceKind
-from etlsvc.load import checkpoint, raw
-from etlsvc.runtime import runs
-from etlsvc.transform import drift, normalize
-from etlsvc.transform.rules import Problem
-from etlsvc.transform.validate import checks_of, validator_for
-
-
-@dataclass
-class Prepared:
-    """A batch ready for the database: COPY payload, rejects, counters, checkpoint state."""
-
-    #: The stream whose checkpoint the batch moves.
-    stream: str
-    payload: bytes
-    valid: int
-    #: No two valid rows share a natural key (the upsert can skip its dedupe sort).
-    distinct_keys: bool
-    rejects: list[Reject]
-    rows_read: int
-    bytes_read: int
-    state: dict[str, Any]
-    pages: int = 0
-    lines: int = 0
-    #: What the batch was read from (a file, a page's URL, a feed), for the run's outcomes.
-    part: str = ""
-    #: Called once the batch is committed (a stream acknowledges its messages then).
-    after_commit: Callable[[], Awaitable[Any]] | None = None
-    #: CRC-32s of the valid rows' keys (array of uint32): batches that share a key never
-    #: commit at the same time.
-    key_hashes: bytes = b""
-    #: The source has ``unique`` fields: the commit checks their values.
-    unique_checks: bool = False
-    #: The shape to record (transform/drift.py) and the drift found, as run notes.
-    shape: dict[str, str] = field(default_factory=dict)
-    drift: list[dict[str, Any]] = field(default_factory=list)
-    #: ``shape`` is the stream's shape now (accepted): columns it lacks are forgotten.
-    whole_shape: bool = False
-
-    def counts(self, inserted: int, updated: int) -> dict[str, int]:
-        """The run's counters for this batch once committed."""
-        return {"rows_read": self.rows_read, "rows_valid": self.valid,
-                "rows_rejected": len(self.rejects), "rows_inserted": inserted,
-                "rows_updated": updated, "rows_unchanged": self.valid - inserted - updated,
-                "bytes_read": self.bytes_read, "pages_read": self.pages,
-                "lines_read": self.lines}
+from etlsvc.extract import kind_of
+from etlsvc.load import raw, write
+from etlsvc.transform import drift
+from etlsvc.transform.mapping import unique_fields
+from etlsvc.transform.validate import validator_for
 
 
 class Preparer:
@@ -86,8 +44,6 @@ class Preparer:
 
     @property
     def kind(self) -> SourceKind:
-        from etlsvc.extract import kind_of  # the registry imports every kind
-
         return kind_of(self.src)
 
     def __call__(self, batch: Batch) -> Prepared:
@@ -193,7 +149,7 @@ class Preparer:
         payload = raw.payload(self.run_id, self.src.name, batch.stream, positions, keys,
                               records, received=batch.records is not None)
         hashes = set(map(zlib.crc32, map(str.encode, keys)))
-        unique = [c.field for c in checks_of(self.src).values() if c.rule.unique]
+        unique = unique_fields(self.src)
         for name in unique if rows else ():
             # Batches sharing a unique value commit one after the other, as for a key.
             col = batch.columns.index(self.src.fields.mapped()[name])
@@ -222,7 +178,7 @@ class Committer:
     one waits for it). ``on_commit`` gets each batch and its counters once committed.
     """
 
-    def __init__(self, database: Any, conn: asyncpg.Connection, src: SourceConfig,
+    def __init__(self, database: Database, conn: asyncpg.Connection, src: SourceConfig,
                  kind: SourceKind, run_id: int, width: int,
                  on_commit: Callable[[Prepared, dict[str, int]], Awaitable[None]]) -> None:
         self.database = database
@@ -252,9 +208,9 @@ class Committer:
         task = asyncio.create_task(self._commit(batch, previous))
         self._last[batch.stream] = task
         self._flying[task] = keys
-        task.add_done_callback(self._landed)
+        task.add_done_callback(self._forget_committed)
 
-    def _landed(self, task: asyncio.Task[None]) -> None:
+    def _forget_committed(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is None:
             self._flying.pop(task, None)
 
@@ -288,41 +244,7 @@ class Committer:
     async def _commit(self, batch: Prepared, previous: asyncio.Task[None] | None) -> None:
         conn = await self._connection()
         try:
-            counts = await commit(conn, self.src, self.kind, self.run_id, batch, previous)
+            counts = await write.commit(conn, self.src, self.kind, self.run_id, batch, previous)
         finally:
             self._idle.append(conn)
         await self.on_commit(batch, counts)
-
-
-async def commit(conn: asyncpg.Connection, src: SourceConfig, kind: SourceKind, run_id: int,
-                 batch: Prepared, previous: asyncio.Task[None] | None = None) -> dict[str, int]:
-    """One transaction: raw rows, normalized rows, rejects, checkpoint, run counters.
-
-    With ``previous`` (the commit of the stream's batch before), the checkpoint and counters
-    wait for it; if it failed, this one rolls back too. Returns the batch's counters.
-    """
-    async with db.failing_fast(conn), conn.transaction():
-        mark = await normalize.next_raw_id(conn, kind.raw_table)
-        await raw.copy(conn, kind.raw_table, kind.copy_columns, batch.payload)
-        inserted, updated = (0, 0)
-        if batch.valid and batch.unique_checks:
-            conflicts = await normalize.unique_conflicts(conn, src, kind, above=mark, mine=True)
-            if conflicts:
-                taken = await normalize.take_raw(conn, kind, conflicts)
-                batch = replace(batch, valid=batch.valid - len(taken),
-                                rejects=[*batch.rejects, *taken])
-        if batch.valid:
-            inserted, updated = await normalize.upsert(
-                conn, src, kind, above=mark, distinct_keys=batch.distinct_keys, mine=True)
-        await raw.insert_rejects(conn, run_id, src.name, batch.rejects)
-        if previous is not None:
-            await asyncio.shield(previous)    # raises if it failed: this one rolls back
-        # Last, and in this order, so that concurrent batches queue here in one order.
-        if inserted or updated:
-            await normalize.bump_version(conn, src, kind)
-        await checkpoint.write(conn, src.name, batch.stream, batch.state, run_id)
-        await drift.record(conn, src.name, batch.stream, run_id, batch.shape,
-                           batch.whole_shape)
-        counts = batch.counts(inserted, updated)
-        await runs.add(conn, run_id, counts)
-    return counts

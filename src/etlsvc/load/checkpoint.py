@@ -11,12 +11,7 @@ from typing import Any
 import asyncpg
 
 from etlsvc import db
-
-
-class Checkpoints(dict[str, dict[str, Any]]):
-    """{stream: state} to resume from, and ``mine``: the streams the run itself committed."""
-
-    mine: set[str]
+from etlsvc.contract import Checkpoints
 
 
 async def read(conn: asyncpg.Connection, source: str, *, run_id: int,

@@ -18,7 +18,7 @@ import asyncpg
 import msgspec
 
 from etlsvc import db
-from etlsvc.extract.contract import Reject
+from etlsvc.contract import Reject
 
 _encode = msgspec.json.encode
 #: What jsonb cannot hold: NUL, and lone surrogates (bytes not valid in the encoding).

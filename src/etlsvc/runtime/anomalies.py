@@ -22,7 +22,7 @@ from typing import Any
 import asyncpg
 
 from etlsvc import db
-from etlsvc.extract.contract import AnomalyConfig
+from etlsvc.contract import AnomalyConfig
 
 #: Scales the MAD to a standard deviation for normally distributed values.
 _K = 0.6745

@@ -3,8 +3,8 @@
 Owns a run's life cycle: taking the source's lock and run row (or SourceBusy), asking the
 source's kind for its batches (``extract``), committing each through the one batch path
 (``load/batches.py``) while the next is prepared, riding out a lost database (reconnect,
-resume from the last committed batch), the run's error, notes and summary event; and
-replaying a source from its raw rows. Owns no SQL and no parsing.
+resume from the last committed batch), the run's error, notes and summary event. Owns no
+SQL (``runtime/runs.py`` and ``load/`` run it) and no parsing (``extract/``).
 """
 
 from __future__ import annotations
@@ -19,18 +19,15 @@ from typing import Any
 import asyncpg
 import structlog
 
-from etlsvc import db
+from etlsvc import db, flow, metrics
 from etlsvc.config import Config, Source
+from etlsvc.contract import COUNTERS, Extraction, Prepared
 from etlsvc.db import Database
 from etlsvc.errors import EtlError, SourceBusy, SourceError, describe
 from etlsvc.extract import kind_of
-from etlsvc.extract.contract import Extraction, Reject
-from etlsvc.extract.records import project
-from etlsvc.load import batches, checkpoint, raw
-from etlsvc.runtime import anomalies, flow, metrics, notify, retention, runs
+from etlsvc.load import batches, checkpoint, normalize, shapes
+from etlsvc.runtime import anomalies, notify, runs
 from etlsvc.runtime.workers import Workers
-from etlsvc.transform import drift, normalize
-from etlsvc.transform.validate import validator_for
 
 log = structlog.get_logger()
 
@@ -48,7 +45,7 @@ class Progress:
     run_id: int
     source: str
     bytes_total: int = 0
-    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(runs.COUNTERS, 0))
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
     #: What the run reports beside an error (stored in the run's notes).
     warnings: list[str] = field(default_factory=list)
     #: What the source's kind reports (stored in the run's notes, e.g. each feed's outcome).
@@ -98,7 +95,7 @@ async def claim(database: Database, sources: list[Source], *, trigger: str,
     started less than ``tick_s`` ago); the runs have ids from here on, and
     ``ClaimedRun.execute`` does the work and lets go.
     """
-    held: list[tuple[Source, Any]] = []
+    held: list[tuple[Source, asyncpg.Connection]] = []
     busy: dict[str, int | None] = {}
     try:
         for src in sources:
@@ -117,11 +114,11 @@ async def claim(database: Database, sources: list[Source], *, trigger: str,
                            src, trigger, full_refresh, database, conn) for src, conn in held]
     except BaseException:
         for src, conn in held:
-            await _let_go(database, src, conn)
+            await _release(database, src, conn)
         raise
 
 
-async def _let_go(database: Database, src: Source, conn: Any) -> None:
+async def _release(database: Database, src: Source, conn: asyncpg.Connection) -> None:
     """Release the source's lock and the connection (a dead one is just dropped)."""
     with contextlib.suppress(*db.UNAVAILABLE):
         if not conn.is_closed():
@@ -143,7 +140,7 @@ class ClaimedRun:
     trigger: str
     full_refresh: bool
     database: Database
-    conn: Any
+    conn: asyncpg.Connection
     #: Set when the service stops: a continuous source's run then ends its batches.
     stopping: asyncio.Event | None = None
 
@@ -153,12 +150,12 @@ class ClaimedRun:
         try:
             return await _execute(cfg, self, workers, on_progress)
         finally:
-            await _let_go(self.database, self.src, self.conn)
+            await _release(self.database, self.src, self.conn)
 
     async def reconnect(self, deadline: float) -> dict[str, Any]:
         """A new connection holding the source's lock again, with backoff until ``deadline``
         (monotonic); return the run's row as committed. DatabaseLost past the deadline."""
-        await _let_go(self.database, self.src, self.conn)
+        await _release(self.database, self.src, self.conn)
         delay = 0.2
         while True:
             conn = None
@@ -210,17 +207,17 @@ async def _execute(cfg: Config, run: ClaimedRun, workers: Workers,
         finally:
             beating.cancel()
             sharing.cancel()
-        error = error or _error_rate_exceeded(src, progress.counts)
+        error = error or runs.error_rate_exceeded(src, progress.counts)
         row = await _finish(run, progress, error)
         seconds = time.monotonic() - started
         metrics.observe_run(row, seconds)
-        row["anomaly"] = await _judge(run, row)
+        row["anomaly"] = await _compare_with_recent(run, row)
         _announce(cfg, run, row)
         (log.error if error else log.info)(
             "run finished", status=row["status"], error=error,
             duration_s=round(seconds, 3),
             rows_per_s=round(row["rows_read"] / seconds) if seconds else None,
-            **{k: row[k] for k in runs.COUNTERS})
+            **{k: row[k] for k in COUNTERS})
         return row
 
 
@@ -246,7 +243,7 @@ async def _load(cfg: Config, run: ClaimedRun, workers: Workers, progress: Progre
             if deadline is None or committed != progress.counts:   # a new outage
                 deadline = time.monotonic() + run.database.reconnect_timeout
             row = await run.reconnect(deadline)
-            progress.counts = committed = {k: row[k] for k in runs.COUNTERS}
+            progress.counts = committed = {k: row[k] for k in COUNTERS}
             log.info("reconnected; resuming from the last committed batch",
                      rows_read=row["rows_read"])
 
@@ -267,10 +264,10 @@ async def _commit_batches(cfg: Config, run: ClaimedRun, workers: Workers, progre
         await checkpoint.read(conn, src.name, run_id=progress.run_id,
                               full_refresh=run.full_refresh),
         cfg.resolve("."), workers,
-        batches.Preparer(src, progress.run_id, await drift.known(conn, src.name)), progress.warn,
+        batches.Preparer(src, progress.run_id, await shapes.known(conn, src.name)), progress.warn,
         set_total, progress.notes, run.stopping, cfg.pipeline.parallel_streams)
 
-    async def committed(batch: batches.Prepared, counts: dict[str, int]) -> None:
+    async def committed(batch: Prepared, counts: dict[str, int]) -> None:
         for k, v in counts.items():
             progress.counts[k] += v
         progress.outcome(batch.part, counts)
@@ -340,7 +337,7 @@ async def _finish(run: ClaimedRun, progress: Progress,
                 "error": error, **progress.counts}
 
 
-async def _judge(run: ClaimedRun, row: dict[str, Any]) -> dict[str, Any] | None:
+async def _compare_with_recent(run: ClaimedRun, row: dict[str, Any]) -> dict[str, Any] | None:
     """Compare the finished run with the source's recent runs; flag it if it is odd."""
     try:
         anomaly = await anomalies.check(run.conn, run.src.anomaly, row)
@@ -357,7 +354,7 @@ async def _judge(run: ClaimedRun, row: dict[str, Any]) -> dict[str, Any] | None:
 def _announce(cfg: Config, run: ClaimedRun, row: dict[str, Any]) -> None:
     """Notify of a failed or anomalous run (runtime/notify.py)."""
     name, pool = run.src.name, run.database.pool
-    counts = {k: row.get(k) for k in runs.COUNTERS}
+    counts = {k: row.get(k) for k in COUNTERS}
     if row["status"] == "failed":
         notify.emit(pool, cfg.notify, "run_failed", name,
                     f"{name}: run {run.id} failed: {row.get('error')}", run_id=run.id,
@@ -377,15 +374,6 @@ def _announce(cfg: Config, run: ClaimedRun, row: dict[str, Any]) -> None:
                     run_id=run.id, details={"anomaly": row["anomaly"], **counts})
 
 
-def _error_rate_exceeded(src: Source, counts: dict[str, int]) -> str | None:
-    """The failure message if more records were rejected than the source allows."""
-    read, rejected = counts["rows_read"], counts["rows_rejected"]
-    if read and rejected / read > src.max_error_rate:
-        return (f"{rejected} of {read} records rejected ({rejected / read:.1%}), above the "
-                f"source's max_error_rate of {src.max_error_rate:.1%}")
-    return None
-
-
 async def check_source(cfg: Config, src: Source) -> str:
     """What ``etlsvc check`` says of a source; SourceError if it cannot be read or mapped
     (whatever a driver raised, in one line)."""
@@ -395,110 +383,3 @@ async def check_source(cfg: Config, src: Source) -> str:
         raise
     except Exception as exc:
         raise SourceError(src.name, describe(exc)) from exc
-
-
-async def replay_source(database: Database, cfg: Config, src: Source,
-                        chunk: int = 10_000) -> dict[str, Any]:
-    """Normalize ``src`` again from its raw rows with the current mapping, in one transaction.
-
-    Raw rows are validated again (a mapping change can make a row invalid: it becomes a
-    reject of this run); normalized rows whose key no raw row produces any more are deleted.
-    If more rows are rejected than the source's ``max_error_rate`` allows, the whole replay
-    is rolled back: a wrong mapping never empties the table.
-    """
-    async with database.pool.acquire() as conn, runs.source_lock(conn, src.name):
-        run_id = await runs.start(conn, src.name, src.kind, "replay", False,
-                                  database.reconnect_timeout)
-        with structlog.contextvars.bound_contextvars(run_id=run_id, source=src.name):
-            log.info("replay started")
-            counts = dict.fromkeys(runs.COUNTERS, 0)
-            error = None
-            try:
-                async with conn.transaction():
-                    # A purge batch must not delete raw rows this replay points at.
-                    await conn.execute(retention.raw_lock_sql(blocking=True), src.name)
-                    await _replay(conn, src, run_id, chunk, counts)
-            except (EtlError, OSError) as exc:
-                error = str(exc)
-            await runs.add(conn, run_id, counts)
-            row = await runs.finish(conn, run_id, "failed" if error else "succeeded", error)
-            (log.error if error else log.info)(
-                "replay finished", status=row["status"], error=error,
-                **{k: row[k] for k in runs.COUNTERS})
-            return row
-
-
-async def _replay(conn: Any, src: Source, run_id: int, chunk: int,
-                  counts: dict[str, int]) -> None:
-    kind = kind_of(src)
-    table = kind.raw_table
-    key_path = normalize.paths(src, kind)[0]
-    await normalize.ensure_unique_indexes(conn, src)
-    await conn.execute("CREATE TEMP TABLE replay_keys (key text PRIMARY KEY) ON COMMIT DROP")
-    last = 0
-    first_reason = None
-    while True:
-        found = await conn.fetch(
-            f"SELECT id, {kind.stream_column} AS stream, {kind.position_sql} AS position, record "
-            f"FROM {table} WHERE source = $1 AND id > $2 ORDER BY id LIMIT $3",
-            src.name, last, chunk)
-        if not found:
-            break
-        skip: list[int] = []
-        rejects: list[Reject] = []
-        for columns, group in _by_columns(src, found).items():
-            validator = validator_for(src, list(columns))
-            rows = project([r["record"] for r in group], list(columns),
-                           flat=kind.record == "columns")
-            if validator.missing:
-                reason = ("mapped column not in the record: " +
-                          ", ".join(c for _, c in validator.missing))
-                bad = {i: Reject(r["stream"], r["position"], r["record"], reason)
-                       for i, r in enumerate(group)}
-            else:
-                bad = {i: Reject.of(group[i]["stream"], group[i]["position"],
-                                    group[i]["record"], p)
-                       for i, p in validator.check(rows).items()}
-            for i, reject in bad.items():
-                skip.append(group[i]["id"])
-                rejects.append(reject)
-        by_id = {r["id"]: r for r in found}
-        for raw_id, p in (await normalize.unique_conflicts(
-                conn, src, kind, above=last, upto=found[-1]["id"], skip=skip)).items():
-            r = by_id[raw_id]
-            skip.append(raw_id)
-            rejects.append(Reject.of(r["stream"], r["position"], r["record"], p))
-        inserted, updated = await normalize.upsert(conn, src, kind, above=last,
-                                                   upto=found[-1]["id"], skip=skip)
-        if inserted or updated:
-            await normalize.bump_version(conn, src, kind)
-        await conn.execute(
-            f"INSERT INTO replay_keys SELECT DISTINCT record #>> $4::text[] FROM {table} "
-            "WHERE source = $1 AND id > $2 AND id <= $3 AND id <> ALL ($5::bigint[]) "
-            "ON CONFLICT DO NOTHING", src.name, last, found[-1]["id"], key_path, skip)
-        await raw.insert_rejects(conn, run_id, src.name, rejects)
-        first_reason = first_reason or (rejects[0].reason if rejects else None)
-        valid = len(found) - len(skip)
-        for k, v in (("rows_read", len(found)), ("rows_valid", valid),
-                     ("rows_rejected", len(skip)), ("rows_inserted", inserted),
-                     ("rows_updated", updated), ("rows_unchanged", valid - inserted - updated)):
-            counts[k] += v
-        last = found[-1]["id"]
-    if failure := _error_rate_exceeded(src, counts):
-        example = f"; first reason: {first_reason}" if first_reason else ""
-        raise SourceError(src.name, f"replay rolled back: {failure}{example}")
-    deleted = await conn.execute(
-        "DELETE FROM normalized_data n WHERE n.source = $1 AND NOT EXISTS "
-        "(SELECT 1 FROM replay_keys k WHERE k.key = n.source_id)", src.name)
-    log.info("stale normalized rows deleted", count=int(deleted.split()[-1]))
-
-
-def _by_columns(src: Source, found: list[Any]) -> dict[tuple[str, ...], list[Any]]:
-    """Raw rows grouped by the columns to validate: a CSV file's header, a JSON kind's
-    mapped paths."""
-    if kind_of(src).record != "columns":
-        return {tuple(dict.fromkeys(src.fields.mapped().values())): found}
-    groups: dict[tuple[str, ...], list[Any]] = {}
-    for r in found:
-        groups.setdefault(tuple(r["record"]), []).append(r)
-    return groups

@@ -32,11 +32,10 @@ PAUSE = 0.02
 _LOCK = "etlsvc:maintenance"
 
 
-def raw_lock_sql(blocking: bool) -> str:
-    """The source's transaction-level raw lock (``$1``: the source), taken by a purge
-    batch (``pg_try_…``) and by a replay (waits)."""
-    fn = "pg_advisory_xact_lock" if blocking else "pg_try_advisory_xact_lock"
-    return f"SELECT {fn}(hashtextextended('etlsvc:raw:' || $1, 0))"
+async def lock_raw(conn: asyncpg.Connection, source: str, *, wait: bool) -> bool:
+    """The source's transaction-level raw lock, taken by a purge batch (if free) and by a
+    replay (waits); whether it was taken."""
+    return await db.xact_lock(conn, f"etlsvc:raw:{source}", wait=wait)
 
 
 async def purge(pool: asyncpg.Pool, cfg: Config, sources: list[Source] | None = None, *,
@@ -44,8 +43,7 @@ async def purge(pool: asyncpg.Pool, cfg: Config, sources: list[Source] | None = 
     """Purge each source with ``retention_days`` (all, or ``sources``); {source: {raw,
     rejects}} deleted. Returns {} if another process is purging."""
     async with pool.acquire() as conn:
-        if not await conn.fetchval("SELECT pg_try_advisory_lock(hashtextextended($1, 0))",
-                                   _LOCK):
+        if not await db.try_lock(conn, _LOCK):
             log.info("purge skipped: another process is purging")
             return {}
         try:
@@ -55,7 +53,7 @@ async def purge(pool: asyncpg.Pool, cfg: Config, sources: list[Source] | None = 
                     done[src.name] = await _purge_source(conn, src, batch, pause)
             return done
         finally:
-            await conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", _LOCK)
+            await db.unlock(conn, _LOCK)
 
 
 async def _purge_source(conn: asyncpg.Connection, src: Source, batch: int,
@@ -67,10 +65,9 @@ async def _purge_source(conn: asyncpg.Connection, src: Source, batch: int,
     upto = await conn.fetchval(db.query("retention", "raw_upto").replace("{raw_table}", table),
                                cutoff)
     last = batches = 0
-    with_lock = raw_lock_sql(blocking=False)
     while upto is not None and last < upto:
         async with conn.transaction():
-            if not await conn.fetchval(with_lock, src.name):   # a replay is under way
+            if not await lock_raw(conn, src.name, wait=False):   # a replay is under way
                 counts["postponed"] = 1
                 log.info("purge of raw rows postponed: the source is being replayed",
                          source=src.name)
@@ -97,3 +94,10 @@ async def _purge_source(conn: asyncpg.Connection, src: Source, batch: int,
     log.info("purged", source=src.name, raw_rows=counts["raw"], rejects=counts["rejects"],
              older_than=cutoff.isoformat())
     return counts
+
+
+async def prune_tombstones(pool: asyncpg.Pool, retention_days: float) -> None:
+    """Drop change-feed tombstones older than ``retention_days`` (``[server]
+    tombstone_retention_days``: feed positions before them expire)."""
+    await pool.execute(db.query("api", "prune_tombstones"),
+                       dt.timedelta(days=retention_days))

@@ -4,9 +4,10 @@ Owns ``etlsvc rejects retry`` / ``POST /etl/rejects/retry`` and ``… ignore``. 
 of its own (trigger ``retry``) that takes the source's lock like any run, then works through
 the open rejects in chunks. Each chunk is one transaction: its rejects are locked (``FOR
 UPDATE SKIP LOCKED``), validated by the source's :class:`~etlsvc.load.batches.Preparer`,
-and the valid ones go the way a batch goes — COPY into the raw table, the unique check,
-the normalization upsert, the run's counters — while their rejects become ``resolved`` (with
-the retry's run id) in the same commit. A reject is therefore loaded exactly once, even when
+and the valid ones take the one write path of a batch (``load/write.write``: COPY into the
+raw table, the unique check, the normalization upsert, the data version), then the run's
+counters, while their rejects become ``resolved`` (with the retry's run id) in the same
+commit. A reject is therefore loaded exactly once, even when
 two retries race: the second waits for the lock and finds it resolved. The ones still
 invalid stay ``open`` with the reason the current rules give.
 """
@@ -21,16 +22,14 @@ import structlog
 
 from etlsvc import db
 from etlsvc.config import Source
+from etlsvc.contract import COUNTERS, Batch, Problem, Reject
 from etlsvc.db import Database
 from etlsvc.errors import EtlError
 from etlsvc.extract import kind_of
-from etlsvc.extract.contract import Batch
 from etlsvc.extract.records import project
-from etlsvc.load import raw
 from etlsvc.load.batches import Preparer
+from etlsvc.load.write import Copied, add_counts, write
 from etlsvc.runtime import runs
-from etlsvc.transform import normalize
-from etlsvc.transform.rules import Problem
 
 log = structlog.get_logger()
 
@@ -72,10 +71,9 @@ async def retry(database: Database, src: Source, *, run_id: int | None = None,
 
 async def _retry_chunk(conn: asyncpg.Connection, src: Source, retry_id: int,
                        taken: list[Any]) -> None:
-    kind = kind_of(src)
     preparer = Preparer(src, retry_id)
     groups, unusable = _batches(src, taken)
-    counts = dict.fromkeys(runs.COUNTERS, 0)
+    counts = dict.fromkeys(COUNTERS, 0)
     counts["rows_read"] = counts["rows_rejected"] = len(unusable)
     for ids, batch in groups:
         bad = preparer.check(batch)      # its columns are the mapped ones: none missing
@@ -83,36 +81,26 @@ async def _retry_chunk(conn: asyncpg.Connection, src: Source, retry_id: int,
         for i, problem in bad.items():
             await _still_open(conn, ids[i], problem)
         good = [reject_id for i, reject_id in enumerate(ids) if i not in bad]
-        mark = await normalize.next_raw_id(conn, kind.raw_table)
-        await raw.copy(conn, kind.raw_table, kind.copy_columns, prepared.payload)
-        loaded = good
-        conflicts = await normalize.unique_conflicts(conn, src, kind, above=mark, mine=True)
-        if conflicts:
-            # The k-th row copied has the k-th id above the mark: which reject each one is.
-            raw_ids = await conn.fetch(
-                f"SELECT id FROM {kind.raw_table} WHERE source = $1 AND id > $2 "
-                "AND xmin = pg_current_xact_id()::xid ORDER BY id", src.name, mark)
-            of_raw = dict(zip((r["id"] for r in raw_ids), good))
-            await normalize.take_raw(conn, kind, conflicts)
-            for raw_id, problem in conflicts.items():
-                await _still_open(conn, of_raw[raw_id], problem)
-            loaded = [of_raw[r] for r in of_raw if r not in conflicts]
-        inserted, updated = (0, 0)
+        written = await write(conn, src, kind_of(src), retry_id,
+                              Copied(prepared.payload, len(good)), rejects=None)
+        # A conflict is the reject it came from, still open with the unique rule's reason.
+        conflicted = set()
+        for conflict in written.conflicts:
+            assert conflict.index is not None
+            conflicted.add(conflict.index)
+            await _still_open(conn, good[conflict.index], conflict.reject)
+        loaded = [r for i, r in enumerate(good) if i not in conflicted]
         if loaded:
-            inserted, updated = await normalize.upsert(conn, src, kind, above=mark,
-                                                       mine=True)
-            if inserted or updated:
-                await normalize.bump_version(conn, src, kind)
             await conn.execute(db.query("rejects", "resolve"), loaded, retry_id)
         for k, v in (("rows_read", len(ids)), ("rows_valid", len(loaded)),
-                     ("rows_rejected", len(ids) - len(loaded)), ("rows_inserted", inserted),
-                     ("rows_updated", updated),
-                     ("rows_unchanged", len(loaded) - inserted - updated)):
+                     ("rows_rejected", len(ids) - len(loaded)),
+                     ("rows_inserted", written.inserted), ("rows_updated", written.updated),
+                     ("rows_unchanged", len(loaded) - written.inserted - written.updated)):
             counts[k] += v
-    await runs.add(conn, retry_id, counts)
+    await add_counts(conn, retry_id, counts)
 
 
-async def _still_open(conn: asyncpg.Connection, reject_id: int, p: Problem) -> None:
+async def _still_open(conn: asyncpg.Connection, reject_id: int, p: Problem | Reject) -> None:
     await conn.execute(db.query("rejects", "still_open"), reject_id, p.reason, p.rule,
                        p.field, p.column, None if p.value is None else str(p.value))
 

@@ -21,12 +21,11 @@ import msgspec
 import structlog
 
 from etlsvc import db
+from etlsvc.contract import SourceConfig
 from etlsvc.errors import SourceBusy, TickTaken
 
 log = structlog.get_logger()
 
-COUNTERS = ("rows_read", "rows_valid", "rows_rejected", "rows_inserted", "rows_updated",
-            "rows_unchanged", "bytes_read", "pages_read", "lines_read")
 #: Seconds between heartbeats of a running run.
 HEARTBEAT = 5.0
 #: Seconds between writes of a running run's outcomes so far.
@@ -42,12 +41,11 @@ def _key(source: str) -> str:
 
 async def try_lock(conn: asyncpg.Connection, source: str) -> bool:
     """Take the source's advisory lock if it is free."""
-    return await conn.fetchval("SELECT pg_try_advisory_lock(hashtextextended($1, 0))",
-                               _key(source))
+    return await db.try_lock(conn, _key(source))
 
 
 async def unlock(conn: asyncpg.Connection, source: str) -> None:
-    await conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", _key(source))
+    await db.unlock(conn, _key(source))
 
 
 async def take_lock(conn: asyncpg.Connection, source: str) -> None:
@@ -121,11 +119,6 @@ async def resume(conn: asyncpg.Connection, run_id: int) -> dict[str, Any]:
     """After a reconnect: the run is running again (a sweep may have marked it interrupted
     while the database was away); return its row, whose counters are what was committed."""
     return dict(await conn.fetchrow(db.query("runs", "resume"), run_id))
-
-
-async def add(conn: asyncpg.Connection, run_id: int, counts: dict[str, int]) -> None:
-    """Add one batch's counters (call inside the batch's transaction)."""
-    await conn.execute(db.query("runs", "add"), run_id, *(counts.get(c, 0) for c in COUNTERS))
 
 
 async def set_total(conn: asyncpg.Connection, run_id: int, total: int) -> None:
@@ -222,3 +215,12 @@ async def sweep(pool: asyncpg.Pool, reconnect_timeout: float,
     if swept:
         log.warning("runs of processes that are gone marked interrupted", runs=swept)
     return swept
+
+
+def error_rate_exceeded(src: SourceConfig, counts: dict[str, int]) -> str | None:
+    """The failure message if more records were rejected than the source allows."""
+    read, rejected = counts["rows_read"], counts["rows_rejected"]
+    if read and rejected / read > src.max_error_rate:
+        return (f"{rejected} of {read} records rejected ({rejected / read:.1%}), above the "
+                f"source's max_error_rate of {src.max_error_rate:.1%}")
+    return None

@@ -2,7 +2,8 @@
 what the source has shown before, and the source's policy applied.
 
 Owns a batch's *shape* — each column or key with a type — and what changed against the
-source's known shape (``etl_schema_columns``, read when a run starts):
+source's known shape (``etl_schema_columns``, read when a run starts and written with each
+batch by ``load/shapes.py``: this module does no I/O):
 
 * ``new``: a column or key the source never had;
 * ``missing``: a known one that no record of the batch has;
@@ -176,23 +177,3 @@ def drop_values(record: dict[str, Any], changes: list[Change]) -> bytes:
     """A JSON record without the values the changes concern, encoded again."""
     return msgspec.json.encode({k: v for k, v in record.items()
                                 if k not in {c.column for c in changes}})
-
-
-async def known(conn: Any, source: str) -> dict[str, str]:
-    """The source's known shape (empty before its first run)."""
-    from etlsvc import db
-
-    return {r["name"]: r["type"] for r in await conn.fetch(db.query("drift", "known"), source)}
-
-
-async def record(conn: Any, source: str, stream: str, run_id: int,
-                 shape: dict[str, str], whole: bool) -> None:
-    """Record the shape a batch showed (in the batch's transaction); ``whole``: it is the
-    stream's whole shape now (columns it lacks are forgotten)."""
-    from etlsvc import db
-
-    if shape:
-        await conn.execute(db.query("drift", "record"), source, stream, run_id, list(shape),
-                           list(shape.values()))
-        if whole:
-            await conn.execute(db.query("drift", "forget"), source, stream, list(shape))

@@ -29,10 +29,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from etlsvc.contract import Problem, Rule
 from etlsvc.errors import ConfigError
-
-NonNegative = Annotated[int, msgspec.Meta(ge=0)]
-FieldType = Literal["text", "number", "timestamp", "url", "enum", "array"]
 
 #: The SQL type of each normalized column, and the field types it can take.
 _TEXT_TYPES = ("text", "url", "enum", "number", "timestamp")
@@ -61,46 +59,6 @@ _TYPE_MESSAGES = {
     "url": "is not an absolute http(s) URL",
     "enum": "is not one of the allowed values",
 }
-
-
-class Rule(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """``[sources.rules.FIELD]``: what a normalized field must be."""
-
-    type: FieldType | None = None
-    #: Empty or absent values are rejected (``source_id`` is always required).
-    required: bool = False
-    #: Bounds of a number, or of a timestamp (an RFC 3339 date-time).
-    min: float | dt.datetime | None = None
-    max: float | dt.datetime | None = None
-    #: Characters of text, items of an array.
-    min_length: NonNegative | None = None
-    max_length: NonNegative | None = None
-    #: A regular expression the value (each item of an array) must contain a match of;
-    #: anchor it with ^…$ to match the whole value.
-    regex: str | None = None
-    #: The values the field may take (``enum``; each item of an array).
-    allowed: tuple[str, ...] | None = None
-    #: No two natural keys of the source share a value (checked when a batch commits).
-    unique: bool = False
-
-
-@dataclass(frozen=True)
-class Problem:
-    """Why a value is rejected: the rule it broke, where, and a sentence for people."""
-
-    rule: str
-    field: str
-    column: str
-    value: Any
-    message: str
-
-    @property
-    def reason(self) -> str:
-        if self.value is None:
-            return f"{self.field} (column {self.column!r}) {self.message}"
-        shown = repr(self.value) if len(str(self.value)) <= 60 else (
-            repr(str(self.value)[:60]) + "…")
-        return f"{self.field} (column {self.column!r}) {self.message}: {shown}"
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,8 @@ from typing import Any
 
 import msgspec
 
-from etlsvc.extract.contract import Fields, SourceConfig
-from etlsvc.transform.rules import FieldCheck, Problem, Rule, compile_rules
+from etlsvc.contract import Fields, Problem, Rule, SourceConfig
+from etlsvc.transform.rules import FieldCheck, compile_rules
 
 _PATH = re.compile(r" - at `\$\[(\d+)\]\[(\d+)\]`$")
 

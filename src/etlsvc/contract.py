@@ -1,4 +1,15 @@
-"""The source contract: what a kind of source implements, once, and what it hands on.
+"""The shared vocabulary at the bottom of etlsvc: what every floor above speaks.
+
+Owns the shapes that cross the layers (``ARCHITECTURE.md``, "Floors"): a source's config
+(:class:`SourceConfig`, :class:`Fields`, :class:`Rule`), what a kind of source hands on
+(:class:`Batch`, :class:`Reject`, :class:`Problem`), what the batch path makes of it
+(:class:`Prepared`), where a run resumes (:class:`Checkpoints`), a run's counters
+(:data:`COUNTERS`), and the Protocols of the worker pool and the preparer that a kind is
+handed in its :class:`Extraction`. It imports nothing of etlsvc but ``errors``; the code
+that gives these shapes life lives above it (``transform/``, ``extract/``, ``load/``,
+``runtime/``).
+
+The source contract, in short: what a kind of source implements, once, and what it hands on.
 
 A kind (``csv``, ``api``, ``rss``, ``jsonl``, ``sql``, …) is one module of ``extract/`` with
 one :class:`SourceKind` subclass, registered in ``extract/__init__.py``. It declares:
@@ -19,19 +30,16 @@ checkpoint, the run's counters — is the same code for every kind.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, Protocol, TypeVar
 
 import msgspec
 
-from etlsvc.transform.rules import Problem, Rule
-
-if TYPE_CHECKING:
-    from etlsvc.load.batches import Prepared, Preparer
-    from etlsvc.load.checkpoint import Checkpoints
-    from etlsvc.runtime.workers import Workers
+T = TypeVar("T")
 
 #: The columns of ``normalized_data`` a source can map its fields to.
 NORMALIZED_FIELDS = (
@@ -42,6 +50,53 @@ SourceName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 Rate = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 OneChar = Annotated[str, msgspec.Meta(min_length=1, max_length=1)]
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+FieldType = Literal["text", "number", "timestamp", "url", "enum", "array"]
+
+#: A run's counters, as ``etl_runs`` holds them (each batch adds its own).
+COUNTERS = ("rows_read", "rows_valid", "rows_rejected", "rows_inserted", "rows_updated",
+            "rows_unchanged", "bytes_read", "pages_read", "lines_read")
+
+
+class Rule(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``[sources.rules.FIELD]``: what a normalized field must be (compiled by
+    ``transform/rules.py``)."""
+
+    type: FieldType | None = None
+    #: Empty or absent values are rejected (``source_id`` is always required).
+    required: bool = False
+    #: Bounds of a number, or of a timestamp (an RFC 3339 date-time).
+    min: float | dt.datetime | None = None
+    max: float | dt.datetime | None = None
+    #: Characters of text, items of an array.
+    min_length: NonNegative | None = None
+    max_length: NonNegative | None = None
+    #: A regular expression the value (each item of an array) must contain a match of;
+    #: anchor it with ^…$ to match the whole value.
+    regex: str | None = None
+    #: The values the field may take (``enum``; each item of an array).
+    allowed: tuple[str, ...] | None = None
+    #: No two natural keys of the source share a value (checked when a batch commits).
+    unique: bool = False
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Why a value is rejected: the rule it broke, where, and a sentence for people."""
+
+    rule: str
+    field: str
+    column: str
+    value: Any
+    message: str
+
+    @property
+    def reason(self) -> str:
+        if self.value is None:
+            return f"{self.field} (column {self.column!r}) {self.message}"
+        shown = repr(self.value) if len(str(self.value)) <= 60 else (
+            repr(str(self.value)[:60]) + "…")
+        return f"{self.field} (column {self.column!r}) {self.message}: {shown}"
 
 
 class Fields(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -152,19 +207,89 @@ class Batch:
 
 
 @dataclass
+class Prepared:
+    """A batch ready for the database: COPY payload, rejects, counters, checkpoint state
+    (made by ``load/batches.Preparer``, committed by ``load/write.py``)."""
+
+    #: The stream whose checkpoint the batch moves.
+    stream: str
+    payload: bytes
+    valid: int
+    #: No two valid rows share a natural key (the upsert can skip its dedupe sort).
+    distinct_keys: bool
+    rejects: list[Reject]
+    rows_read: int
+    bytes_read: int
+    state: dict[str, Any]
+    pages: int = 0
+    lines: int = 0
+    #: What the batch was read from (a file, a page's URL, a feed), for the run's outcomes.
+    part: str = ""
+    #: Called once the batch is committed (a stream acknowledges its messages then).
+    after_commit: Callable[[], Awaitable[Any]] | None = None
+    #: CRC-32s of the valid rows' keys (array of uint32): batches that share a key never
+    #: commit at the same time.
+    key_hashes: bytes = b""
+    #: The source has ``unique`` fields: the commit checks their values.
+    unique_checks: bool = False
+    #: The shape to record (transform/drift.py) and the drift found, as run notes.
+    shape: dict[str, str] = field(default_factory=dict)
+    drift: list[dict[str, Any]] = field(default_factory=list)
+    #: ``shape`` is the stream's shape now (accepted): columns it lacks are forgotten.
+    whole_shape: bool = False
+
+    def counts(self, inserted: int, updated: int) -> dict[str, int]:
+        """The run's counters for this batch once committed."""
+        return {"rows_read": self.rows_read, "rows_valid": self.valid,
+                "rows_rejected": len(self.rejects), "rows_inserted": inserted,
+                "rows_updated": updated, "rows_unchanged": self.valid - inserted - updated,
+                "bytes_read": self.bytes_read, "pages_read": self.pages,
+                "lines_read": self.lines}
+
+
+class Checkpoints(dict[str, dict[str, Any]]):
+    """{stream: state} to resume from (``load/checkpoint.py`` reads them), and ``mine``:
+    the streams the run itself committed."""
+
+    mine: set[str]
+
+
+class Preparing(Protocol):
+    """Batch → Prepared: validation and COPY encoding, run in a worker process (picklable).
+    ``load/batches.Preparer`` is the one implementation."""
+
+    def __call__(self, batch: Batch) -> Prepared: ...
+
+
+class WorkerHandle(Protocol):
+    """An object living in one worker process."""
+
+    async def call(self, method: str, *args: Any) -> Any: ...
+
+
+class WorkerPool(Protocol):
+    """The process pool for CPU-bound work (``runtime/workers.Workers``)."""
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T: ...
+
+    def open(self, factory: Callable[..., Any],
+             *args: Any) -> AbstractAsyncContextManager[WorkerHandle]: ...
+
+
+@dataclass
 class Extraction:
     """What a kind's ``batches`` gets for one run of one source."""
 
-    src: Any
+    src: SourceConfig
     run_id: int
     #: Where each stream resumes ({stream: state}; ``.mine``: streams this run committed).
     checkpoints: Checkpoints
     #: The config file's directory: relative paths are relative to it.
     base_dir: Path
     #: The process pool for CPU-bound parsing (created once by the runtime).
-    workers: Workers
+    workers: WorkerPool
     #: Batch → Prepared: validation and COPY encoding (``load/batches.py``).
-    preparer: Preparer
+    preparer: Preparing
     #: Report a problem that does not fail the run (it lands in the run's notes).
     warn: Callable[[str], None]
     #: Record the bytes the run will read in all (for progress).
