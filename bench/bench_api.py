@@ -29,7 +29,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_csv import fresh_db, generate, machine, record, sh
-from etlsvc.api.routes import encode_cursor
+from etlsvc.api.http import encode_cursor
 
 HERE = Path(__file__).resolve().parent
 KEY = "bench-key"

@@ -12,7 +12,7 @@ import json
 import asyncpg
 import pytest
 
-from etlsvc.api import routes
+from etlsvc.api import data as read_api
 from tests.conftest import RECORD_WRITES, Env
 
 #: filter → the index its page must use (kind pages merge its sources' (source, id) ranges)
@@ -48,9 +48,9 @@ def statement(names: tuple[str, ...]) -> str:
     """What a page with these filters runs (a range filter's first statement; a kind page
     of one source)."""
     if names == ("kind",):
-        return routes.data_by_kind_sql(names, 1)
-    query = "data_page" if routes.RANGE_FILTERS.isdisjoint(names) else "data_window"
-    return routes.data_page_sql(names, query)
+        return read_api.data_by_kind_sql(names, 1)
+    query = "data_page" if read_api.RANGE_FILTERS.isdisjoint(names) else "data_window"
+    return read_api.data_page_sql(names, query)
 
 
 def arguments(given: dict[str, object]) -> list[object]:
@@ -115,7 +115,7 @@ async def test_range_filtered_pages_are_the_same_rows_whichever_path_they_take(
                  "updated_since": "updated_at >= ${}"}[k].format(i)
                 for i, k in enumerate(given, 2))
             for after in (0, 150_000):
-                got = [r["id"] for r in await routes.data_rows(conn, given, after, 101)]
+                got = [r["id"] for r in await read_api.data_rows(conn, given, after, 101)]
                 want = [r["id"] for r in await conn.fetch(
                     f"SELECT id FROM normalized_data WHERE id > $1 AND {where} "
                     "ORDER BY id LIMIT 101", after, *given.values())]
@@ -136,7 +136,7 @@ async def test_kind_pages_are_the_rows_of_that_kind_in_id_order(
                       {"kind": "csv", "category": "c7"}, {"kind": "rss", "category": "c7"}):
             where = " AND ".join(f"{k} = ${i}" for i, k in enumerate(given, 2))
             for after in (0, 150_000, 201_990):
-                got = [r["id"] for r in await routes.data_rows(conn, given, after, 101)]
+                got = [r["id"] for r in await read_api.data_rows(conn, given, after, 101)]
                 want = [r["id"] for r in await conn.fetch(
                     f"SELECT id FROM normalized_data WHERE id > $1 AND {where} "
                     "ORDER BY id LIMIT 101", after, *given.values())]
@@ -148,14 +148,14 @@ async def test_kind_pages_are_the_rows_of_that_kind_in_id_order(
 async def test_a_kind_with_more_sources_than_parts_walks_the_primary_key_alike(
     env: Env, pool: asyncpg.Pool
 ) -> None:
-    sources = routes.MAX_KIND_PARTS + 8
+    sources = read_api.MAX_KIND_PARTS + 8
     await pool.execute(
         "INSERT INTO normalized_data (kind, source, source_id, raw_table, raw_id, run_id) "
         "SELECT CASE WHEN g % 3 = 0 THEN 'csv' ELSE 'api' END, 's' || (g % $1), 'k' || g, "
         "'raw_api_data', g, 0 FROM generate_series(1, 3000) g", sources)
     await pool.execute(RECORD_WRITES)
     for after in (0, 1_500):
-        got = [r["id"] for r in await routes.data_rows(pool, {"kind": "api"}, after, 101)]
+        got = [r["id"] for r in await read_api.data_rows(pool, {"kind": "api"}, after, 101)]
         want = [r["id"] for r in await pool.fetch(
             "SELECT id FROM normalized_data WHERE id > $1 AND kind = 'api' ORDER BY id "
             "LIMIT 101", after)]

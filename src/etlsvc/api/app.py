@@ -24,7 +24,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from etlsvc import __version__, db, logtail, metrics
-from etlsvc.api import auth, changes, console, routes
+from etlsvc.api import auth, change_feed, changes, console, data, http, operations, runs
 from etlsvc.config import Config
 from etlsvc.errors import EtlError
 from etlsvc.runtime import workers
@@ -86,7 +86,7 @@ def rate_limited(app: ASGIApp, per_minute: int,
         if seen <= per_minute:
             await app(scope, receive, send)
             return
-        body = msgspec.json.encode(routes.error_body(
+        body = msgspec.json.encode(http.error_body(
             scope, 429, "too_many_requests", f"more than {per_minute} requests in a minute "
             f"from {client or 'this client'}; retry in a moment"))
         await send({"type": "http.response.start", "status": 429, "headers": [
@@ -99,7 +99,7 @@ def rate_limited(app: ASGIApp, per_minute: int,
 
 def _error(request: Request, status: int, code: str, message: str,
            **details: Any) -> Response[dict[str, Any]]:
-    return Response(content=routes.error_body(request.scope, status, code, message, **details),
+    return Response(content=http.error_body(request.scope, status, code, message, **details),
                     status_code=status, media_type=MediaType.JSON)
 
 
@@ -110,7 +110,7 @@ _CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_f
 
 
 def _http_error(request: Request, exc: HTTPException) -> Response[dict[str, Any]]:
-    if isinstance(exc, routes.ApiError):
+    if isinstance(exc, http.ApiError):
         return _error(request, exc.status_code, exc.code, exc.detail, **exc.details)
     if isinstance(exc, ValidationException):
         problems = [{"key": e.get("key"), "message": e.get("message")}
@@ -202,8 +202,9 @@ def create_litestar(cfg: Config, startup_errors: list[EtlError] | None = None) -
     auth.configured_keys()          # a malformed ETLSVC_API_KEYS is a config error now
     return Litestar(
         state=State({"public_read": cfg.server.public_read}),
-        route_handlers=[*routes.HANDLERS, *console.HANDLERS],
-        guards=[routes.check_request],
+        route_handlers=[*runs.HANDLERS, *data.HANDLERS, *change_feed.HANDLERS,
+                        *operations.HANDLERS, *console.HANDLERS],
+        guards=[http.check_request],
         lifespan=[lifespan],
         exception_handlers={HTTPException: _http_error, Exception: _internal_error,
                             RecursionError: _too_deep,

@@ -1,0 +1,151 @@
+"""Operating the service: ``/health`` (liveness, readiness, failing and stale sources),
+``/stats``, ``/metrics`` (Prometheus, with per-source freshness read at each scrape) and
+``/logs/stream`` (live log events).
+"""
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import msgspec
+from litestar import Request, Response, get
+from litestar.params import FromQuery, QueryParameter
+from litestar.response import ServerSentEvent
+
+from etlsvc import db, logtail, metrics
+from etlsvc.api.http import READ, WRITE_ERRORS, envelope, error_responses, read_pool, service_of
+from etlsvc.extract import KINDS
+from etlsvc.runtime.service import stale
+
+
+async def source_states(request: Request, where: str) -> dict[str, dict[str, Any]]:
+    """Each configured source's last run, last success, and whether it is stale, failing or
+    degraded (what /health and /metrics report). Raises when the database cannot be read
+    (counted in ``etlsvc_db_connection_errors_total`` under ``where``)."""
+    service = service_of(request)
+    try:
+        last = {r["source"]: dict(r) for r in await read_pool(request).fetch(
+            db.query("api", "last_runs"), timeout=5)}
+    except Exception:
+        metrics.database_error(where)
+        raise
+    now = dt.datetime.now(dt.UTC)
+    sources = {}
+    for src in service.cfg.sources:
+        info = last.get(src.name, {})
+        sources[src.name] = {"last_run": info.get("id"), "status": info.get("status"),
+                             "last_success": info.get("last_success"),
+                             "stale": stale(src, info.get("last_success"), now),
+                             "failing": info.get("status") in ("failed", "interrupted"),
+                             "error": info.get("error"),
+                             # The last load was unlike the recent ones (runtime/anomalies.py).
+                             "degraded": info.get("anomaly") is not None,
+                             "anomaly": info.get("anomaly")}
+        if KINDS[src.kind].continuous:
+            sources[src.name]["lag"] = metrics.stream_lag.get(src.name)
+    return sources
+
+
+@get("/health", summary="Liveness and readiness", responses=error_responses(429, 503))
+async def health(request: Request) -> Response[dict[str, Any]]:
+    """200 when the database answers, the scheduler runs and no source is stale (nor, with
+    ``server.health_fails_on_failing_sources``, has a failed last run); else 503. A source
+    whose last load was anomalous is listed as degraded (the answer stays 200: the data is
+    odd, the service is fine)."""
+    service = service_of(request)
+    checks: dict[str, Any] = {"scheduler": service.scheduler_running}
+    try:
+        sources = await source_states(request, "health")
+        checks["database"] = True
+    except Exception as exc:  # any failure to reach the database is "not ready"
+        checks["database"] = False
+        checks["database_error"] = type(exc).__name__
+        sources = {}
+    failing = sorted(n for n, s in sources.items() if s["failing"])
+    healthy = checks["database"] and checks["scheduler"] and not any(
+        s["stale"] for s in sources.values()) and not (
+        failing and service.cfg.server.health_fails_on_failing_sources)
+    body = envelope(request, {"status": "ok" if healthy else "degraded", "checks": checks,
+                              "failing_sources": failing,
+                              "degraded_sources": sorted(
+                                  n for n, s in sources.items() if s["degraded"]),
+                              "running": sorted(n for n, s in sources.items()
+                                                if s["status"] == "running"),
+                              "sources": sources})
+    response = Response(content=body, status_code=200 if healthy else 503)
+    if not checks["database"]:
+        response.headers["Retry-After"] = "2"
+    return response
+
+
+@get("/stats", summary="Per-source statistics, pool use, API latency",
+     **READ)
+async def stats(request: Request) -> dict[str, Any]:
+    """Rows, runs, success rate, error rate, throughput and last run per source."""
+    service = service_of(request)
+    rows = {r["source"]: r for r in await read_pool(request).fetch(
+        db.query("api", "source_stats"))}
+    sources = {}
+    for src in service.cfg.sources:
+        r = rows.get(src.name)
+        runs_n = r["runs"] if r else 0
+        sources[src.name] = {
+            "kind": src.kind, "rows": r["rows"] if r else 0, "runs": runs_n,
+            "succeeded": r["succeeded"] if r else 0, "failed": r["failed"] if r else 0,
+            "success_rate": round(r["succeeded"] / runs_n, 4) if runs_n else None,
+            "error_rate": round(r["rows_rejected"] / r["rows_read"], 4)
+            if r and r["rows_read"] else None,
+            "last_rows_per_s": int(r["last_rows_per_s"]) if r and r["last_rows_per_s"]
+            else None,
+            "last_run_id": r["last_run_id"] if r else None,
+            # The changes of the last run that found schema drift (transform/drift.py).
+            "schema_drift": r["last_drift"] if r else None,
+            "next_run_at": service.next_run_at(src.name)}
+    pools = {"etl": service.database.pool, "read": read_pool(request)}
+    return envelope(request, {
+        "sources": sources,
+        "pools": {name: {"size": p.get_size(), "idle": p.get_idle_size(),
+                         "max": p.get_max_size()} for name, p in pools.items()},
+        "api_latency": metrics.latency_percentiles(),
+        "event_loop_worst_lag_ms_1min": service.loop_monitor.worst_ms(),
+        "running": [dict(r) for r in await read_pool(request).fetch(
+            db.query("api", "running_runs"))]})
+
+
+@get("/metrics", summary="Prometheus metrics", media_type="text/plain")
+async def prometheus(request: Request) -> Response[bytes]:
+    """This replica's metrics, with each source's freshness read from the database (the
+    metrics stay available when it is away: ``etlsvc_database_up`` is 0 then)."""
+    try:
+        metrics.observe_sources(await source_states(request, "metrics"))
+    except Exception:
+        metrics.observe_sources(None)
+    body, content_type = metrics.exposition(
+        {"etl": service_of(request).database.pool, "read": read_pool(request)})
+    return Response(content=body, media_type=content_type)
+
+
+@get("/logs/stream", summary="Live log events (server-sent events; API key required)",
+     media_type="text/event-stream", responses=WRITE_ERRORS, opt={"scope": "admin"})
+async def log_stream(
+    request: Request,
+    level: Annotated[str, QueryParameter(pattern="^(debug|info|warning|error|critical)$")]
+    = "info",
+    run_id: Annotated[int | None, QueryParameter(ge=0, le=db.MAX_ID)] = None,
+    source: FromQuery[str | None] = None,
+) -> ServerSentEvent:
+    """Each matching log event of this process, from now on, as one SSE ``data:`` line."""
+    keep = logtail.LogFilter(level, run_id, source)
+
+    async def events() -> AsyncIterator[str]:
+        with logtail.HUB.subscribe() as queue:
+            while True:
+                event = await queue.get()
+                if keep(event):
+                    yield msgspec.json.encode(event).decode()
+
+    return ServerSentEvent(events())
+
+
+HANDLERS = [health, stats, prometheus, log_stream]
