@@ -105,11 +105,33 @@ def database_url(server_dsn: str) -> Iterator[str]:
         asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
+#: One statement that names the tables holding rows and the sequences that have handed out
+#: a value: an empty table costs the reset nothing.
+_DIRTY = " UNION ALL ".join(
+    [f"SELECT 'table', '{t}' WHERE EXISTS (SELECT 1 FROM {t})" for t in TABLES]
+    + ["SELECT 'sequence', sequencename::text FROM pg_sequences WHERE schemaname = 'public' "
+       "AND last_value IS NOT NULL AND sequencename LIKE ANY (ARRAY["
+       + ", ".join(f"'{t}\\_%'" for t in TABLES) + "])"])
+
+
+async def reset(p: asyncpg.Pool) -> None:
+    """Empty the database as a fresh one is: TRUNCATE the tables that hold rows (TRUNCATE
+    costs about 10 ms a table, even an empty one: all fifteen, before every test, cost
+    140 ms) and restart the sequences that were used, so ids start at 1 again."""
+    dirty = await p.fetch(_DIRTY)
+    tables = [name for what, name in dirty if what == "table"]
+    if tables:
+        await p.execute(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY")
+    for what, name in dirty:
+        if what == "sequence":
+            await p.execute(f"ALTER SEQUENCE {name} RESTART")
+
+
 @pytest.fixture
 async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
     """A pool on the session database, emptied before the test."""
     p = await asyncpg.create_pool(database_url, min_size=1, max_size=4, init=db._init_connection)
-    await p.execute(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY")
+    await reset(p)
     try:
         yield p
     finally:

@@ -258,6 +258,8 @@ class Preparing(Protocol):
     """Batch → Prepared: validation and COPY encoding, run in a worker process (picklable).
     ``load/batches.Preparer`` is the one implementation."""
 
+    src: SourceConfig
+
     def __call__(self, batch: Batch) -> Prepared: ...
 
 

@@ -20,21 +20,12 @@ import asyncpg
 import pytest
 
 from tests.conftest import CORPUS, Env, csv_source, run_source
+from tests.unit.test_csv_scan import CASES
 
 MALFORMED = CORPUS / "csv" / "etlsvc-malformed"
 FIELDS = 'source_id = "id"\ntitle = "title"\namount = "amount"'
 HEADER = "id,title,description,category,amount,url\n"
 
-#: file → the physical lines that must be rejected (and nothing else).
-CASES = {
-    "stray_quote_never_closes.csv": [4],
-    "stray_quote_closed_by_a_later_field.csv": [4],
-    "quote_followed_by_text.csv": [6],
-    "inch_mark_in_unquoted_field.csv": [],
-    "stray_quote_crlf.csv": [4],
-    "stray_quote_last_line_no_eol.csv": [21],
-    "multiline_record_wrong_field_count.csv": [6, 7],
-}
 
 
 def physical_lines(path: Path, encoding: str = "utf-8") -> list[str]:

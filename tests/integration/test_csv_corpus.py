@@ -11,7 +11,7 @@ import pytest
 
 from etlsvc.extract.csv_files import CsvSource, read_header
 from tests.conftest import CORPUS, Env, csv_source, run_source
-from tests.test_csv_malformed import physical_lines
+from tests.integration.test_csv_malformed import physical_lines
 
 SPECTRUM = sorted((CORPUS / "csv" / "csv-spectrum" / "csvs").glob("*.csv"))
 OTHERS = sorted(

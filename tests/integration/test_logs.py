@@ -76,7 +76,7 @@ def test_logs_reads_a_file(captured: str, tmp_path) -> None:
 async def test_log_stream_sends_live_events_to_an_authorised_client(
     env: Env, pool: asyncpg.Pool, gen_csv, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tests.test_service import servers
+    from tests.integration.test_service import servers
 
     monkeypatch.setenv("ETLSVC_API_KEYS", "k")
     full, _ = gen_csv(2_000)
@@ -109,26 +109,6 @@ async def test_log_stream_sends_live_events_to_an_authorised_client(
     assert all(e["source"] == "products" for e in events)
 
 
-@pytest.mark.parametrize(("text", "masked"), [
-    ("postgresql://etl:hunter2@db:5432/x", "postgresql://etl:***@db:5432/x"),
-    ("postgres://:hunter2@db/x", "postgres://:***@db/x"),
-    ("postgresql://etl@db/x?password=hunter2&sslmode=require",
-     "postgresql://etl@db/x?password=***&sslmode=require"),
-    ("postgresql://etl@db/x?sslmode=require&PASSWORD=hunter2",
-     "postgresql://etl@db/x?sslmode=require&PASSWORD=***"),
-    ("host=db user=etl password=hunter2 dbname=x", "host=db user=etl password=*** dbname=x"),
-    ("host=db password = 'hunter2 with spaces' dbname=x", "host=db password = *** dbname=x"),
-    ("cannot connect to host=db sslpassword=hunter2", "cannot connect to host=db sslpassword=***"),
-    ("https://user:hunter2@example.com/feed", "https://user:***@example.com/feed"),
-    ("nothing secret here: a=b, c@d", "nothing secret here: a=b, c@d"),
-])
-def test_one_masking_function_covers_every_url_and_dsn_form(text: str, masked: str) -> None:
-    from etlsvc.logs import redact
-
-    assert redact(text) == masked
-    assert "hunter2" not in redact(text)
-
-
 @pytest.mark.parametrize("url", [
     "postgresql://etl:hunter2@127.0.0.1:9/none",
     "postgresql://etl@127.0.0.1:9/none?password=hunter2",
@@ -141,21 +121,6 @@ def test_no_command_prints_a_database_password(env: Env, gen_csv, url: str) -> N
         assert result.returncode == 1, (command, result.stderr)
         assert "hunter2" not in result.stderr + result.stdout, command
         assert "127.0.0.1:9" in result.stderr + result.stdout, command
-
-
-async def test_stdlib_log_events_reach_the_stream_clean_and_named(tmp_path) -> None:
-    import io
-    import logging
-
-    from etlsvc.logs import configure_logging
-    from etlsvc.logtail import HUB
-
-    configure_logging("info", "json", stream=io.StringIO())
-    with HUB.subscribe() as queue:
-        logging.getLogger("uvicorn.error").warning("a library speaks")
-        event = await asyncio.wait_for(queue.get(), 5)
-    assert event["event"] == "a library speaks" and event["logger"] == "uvicorn.error"
-    assert not [k for k in event if k.startswith("_")], event
 
 
 def test_logs_into_a_closed_pipe_exits_quietly(captured: str, tmp_path) -> None:

@@ -188,7 +188,7 @@ async def test_the_api_lists_retries_and_ignores_rejects(
 
 async def test_retry_of_a_sql_source_and_a_malformed_line_that_keeps_its_reason(
         env: Env, pool: asyncpg.Pool) -> None:
-    from tests.test_sql import sql_source
+    from tests.integration.test_sql import sql_source
 
     await pool.execute("CREATE SCHEMA IF NOT EXISTS up_retry; DROP TABLE IF EXISTS "
                        "up_retry.t; CREATE TABLE up_retry.t (id int PRIMARY KEY, name text, "

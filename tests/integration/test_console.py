@@ -17,7 +17,7 @@ import asyncpg
 import pytest
 
 from tests.conftest import Env, csv_source
-from tests.test_service import Server, servers
+from tests.integration.test_service import Server, servers
 
 CHROMIUM = os.environ.get("ETLSVC_CHROMIUM", "/usr/bin/chromium")
 playwright_api = pytest.importorskip("playwright.async_api",
@@ -25,7 +25,7 @@ playwright_api = pytest.importorskip("playwright.async_api",
 pytestmark = pytest.mark.skipif(not shutil.which(CHROMIUM),
                                 reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)")
 
-SHOTS = Path(__file__).resolve().parent.parent / "build" / "screenshots"
+SHOTS = Path(__file__).resolve().parents[2] / "build" / "screenshots"
 SIZES = {"desktop": {"width": 1280, "height": 800}, "phone": {"width": 390, "height": 844}}
 #: The most a console page may weigh: everything it loads, decoded.
 PAGE_BUDGET = 300 * 1024

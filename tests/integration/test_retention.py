@@ -12,7 +12,7 @@ import httpx
 from etlsvc import db
 from etlsvc.runtime import retention
 from tests.conftest import Env, csv_source, run_source
-from tests.test_service import servers
+from tests.integration.test_service import servers
 
 FIELDS = 'source_id = "id"\ntitle = "title"\namount = "amount"\n'
 

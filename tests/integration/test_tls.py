@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from tests.conftest import Env, csv_source
-from tests.test_service import free_port, servers
+from tests.integration.test_service import free_port, servers
 
 PG_BIN = max(Path("/usr/lib/postgresql").glob("*/bin"), default=None)
 OPENSSL = shutil.which("openssl")

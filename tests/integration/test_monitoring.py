@@ -17,9 +17,9 @@ import pytest
 import yaml
 
 from tests.conftest import Env, csv_source
-from tests.test_service import KEY, api_keys, servers  # noqa: F401  (the autouse fixture)
+from tests.integration.test_service import KEY, api_keys, servers  # noqa: F401  (the autouse fixture)
 
-MONITORING = Path(__file__).resolve().parent.parent / "monitoring"
+MONITORING = Path(__file__).resolve().parents[2] / "monitoring"
 PROMTOOL = shutil.which("promtool")
 
 
