@@ -5,7 +5,7 @@
 -- keys are distinct: the sort is a third of the cost); a row is written only when its
 -- content differs from what normalized_data holds, and a written row carries this
 -- transaction's id for the change feed (changed_xid: the column default on insert).
--- {mine} is "AND r.xmin = pg_current_xact_id()::xid" for a load: only the raw rows this
+-- {this_transaction} is "AND r.xmin = pg_current_xact_id()::xid" for a load: only the raw rows this
 -- transaction copied (batches of one source commit concurrently, and the raw id range may
 -- hold another batch's rows once it has committed); empty for a replay.
 -- params: $1 source, $2 kind, $3 raw ids above, $4 raw ids up to, $5 raw ids to skip (bigint[]),
@@ -18,7 +18,7 @@ WITH src AS (
     FROM (
         SELECT r.id, r.run_id, r.record #>> $6::text[] AS key, r.record
         FROM {raw_table} r
-        WHERE r.source = $1 AND r.id > $3 AND r.id <= $4 AND r.id <> ALL ($5::bigint[]) {mine}
+        WHERE r.source = $1 AND r.id > $3 AND r.id <= $4 AND r.id <> ALL ($5::bigint[]) {this_transaction}
     ) s
     WHERE key <> ''
     {order}
@@ -62,7 +62,7 @@ SELECT nextval($1::regclass)
 
 
 -- name: unique_conflicts
--- The raw rows this load copied (as in upsert: {raw_table}, {mine}) whose value of a unique
+-- The raw rows this load copied (as in upsert: {raw_table}, {this_transaction}) whose value of a unique
 -- field ({column}, at path $6) another natural key of the source already holds, in
 -- normalized_data or in an earlier raw row of the range: the first key to hold a value
 -- keeps it (a window over the batch, not a lookup per row). The md5 condition is what the
@@ -72,7 +72,7 @@ SELECT nextval($1::regclass)
 WITH batch AS (
     SELECT r.id, r.record #>> $5::text[] AS key, r.record #>> $6::text[] AS value
     FROM {raw_table} r
-    WHERE r.source = $1 AND r.id > $2 AND r.id <= $3 AND r.id <> ALL ($4::bigint[]) {mine}
+    WHERE r.source = $1 AND r.id > $2 AND r.id <= $3 AND r.id <> ALL ($4::bigint[]) {this_transaction}
 ), ranked AS (
     SELECT id, key, value, first_value(key) OVER (PARTITION BY value ORDER BY id) AS holder
     FROM batch
@@ -106,3 +106,8 @@ FROM {raw_table} WHERE id = ANY ($1::bigint[])
 SELECT id FROM {raw_table}
 WHERE source = $1 AND id > $2 AND xmin = pg_current_xact_id()::xid
 ORDER BY id
+
+-- name: unique_index
+-- The index the unique_conflicts check of a field ({column}) looks values up with: made on
+-- first use, since which fields are unique is config, not schema.
+CREATE INDEX IF NOT EXISTS normalized_data_{column}_md5_idx ON normalized_data (source, md5({column}))

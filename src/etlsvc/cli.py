@@ -126,10 +126,10 @@ async def _run(cfg: Config, args: argparse.Namespace) -> int:
         raise ConfigError("no sources configured")
     show_bar = not args.no_progress and sys.stderr.isatty()
     workers = from_config(cfg.pipeline)
-    room = asyncio.Semaphore(cfg.pipeline.parallel_runs)
+    slots = asyncio.Semaphore(cfg.pipeline.parallel_runs)
 
     async def run_one(position: int, src: Source) -> dict[str, Any]:
-        async with room:
+        async with slots:
             bar = _ProgressBar(src.name, position) if show_bar else None
             try:
                 return await pipeline.run_source(
@@ -216,7 +216,7 @@ async def _check(cfg: Config, args: argparse.Namespace) -> int:
     report(True, f"config: {len(cfg.sources)} source(s): "
                  f"{', '.join(s.name for s in cfg.sources) or 'none'}")
     async with db.open_database(cfg, migrate=False) as database:
-        version = await database.pool.fetchval("SHOW server_version")
+        version = await database.pool.fetchval(db.query("session", "server_version"))
         where = "embedded" if database.embedded else "configured URL"
         report(True, f"database: PostgreSQL {version} ({where})")
         done = {r["version"] for r in await database.pool.fetch(

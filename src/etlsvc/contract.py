@@ -248,10 +248,10 @@ class Prepared:
 
 
 class Checkpoints(dict[str, dict[str, Any]]):
-    """{stream: state} to resume from (``load/checkpoint.py`` reads them), and ``mine``:
+    """{stream: state} to resume from (``load/checkpoint.py`` reads them), and ``this_run``:
     the streams the run itself committed."""
 
-    mine: set[str]
+    this_run: set[str]
 
 
 class Preparing(Protocol):
@@ -284,7 +284,7 @@ class Extraction:
 
     src: SourceConfig
     run_id: int
-    #: Where each stream resumes ({stream: state}; ``.mine``: streams this run committed).
+    #: Where each stream resumes ({stream: state}; ``.this_run``: streams this run committed).
     checkpoints: Checkpoints
     #: The config file's directory: relative paths are relative to it.
     base_dir: Path

@@ -99,6 +99,21 @@ def query(file: str, name: str) -> str:
     return queries(file)[name]
 
 
+async def commit_async(conn: asyncpg.Connection) -> None:
+    """This session's commits return before their WAL is flushed (a batch's commit: see
+    ``sql/queries/session.sql``)."""
+    await conn.execute(query("session", "commit_async"))
+
+
+async def responds(conn: asyncpg.Connection, within: float) -> bool:
+    """Whether ``conn`` still reaches the server within ``within`` seconds."""
+    try:
+        await conn.fetchval(query("session", "ping"), timeout=within)
+    except Exception:
+        return False
+    return True
+
+
 async def try_lock(conn: asyncpg.Connection, key: str) -> bool:
     """Take the session-level advisory lock ``key`` if it is free (``sql/queries/locks.sql``
     names the keys)."""
@@ -249,7 +264,7 @@ async def apply_migrations(pool: asyncpg.Pool) -> list[str]:
     """Apply pending migrations under an advisory lock; return the names applied."""
     applied_now = []
     async with pool.acquire() as conn:
-        await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
+        await conn.execute(query("migrations", "lock"), _MIGRATION_LOCK)
         try:
             await conn.execute(query("migrations", "create_table"))
             done = {r["version"]: r["checksum"]
@@ -267,5 +282,5 @@ async def apply_migrations(pool: asyncpg.Pool) -> list[str]:
                 log.info("migration applied", migration=name)
                 applied_now.append(name)
         finally:
-            await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
+            await conn.execute(query("migrations", "unlock"), _MIGRATION_LOCK)
     return applied_now

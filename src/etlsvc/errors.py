@@ -9,6 +9,9 @@ at the boundary where they happen, and kept as ``__cause__``.
   x DatabaseError        PostgreSQL unreachable, migration failure, embedded server failure
   x SourceError          a source cannot be read (carries ``source``)
   x SourceBusy           sources already running in some process (carries their run ids)
+    x TickTaken          a scheduler tick whose run another replica already made
+  x WorkerDied           a worker process died under a task (killed, out of memory)
+  x DatabaseLost         a run's database stayed away past database.reconnect_timeout
 
 Invalid *records* are not exceptions: they are data, stored in ``etl_rejects``.
 """
@@ -77,3 +80,11 @@ class TickTaken(SourceBusy):
     def __init__(self, source: str, run_id: int) -> None:
         EtlError.__init__(self, f"source {source!r} already ran at this tick (run {run_id})")
         self.running = {source: run_id}
+
+
+class WorkerDied(EtlError):
+    """A worker process died under a task (killed, or out of memory)."""
+
+
+class DatabaseLost(EtlError):
+    """The database stayed away longer than ``database.reconnect_timeout``."""

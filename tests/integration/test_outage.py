@@ -89,7 +89,9 @@ def test_a_run_rides_out_a_database_restart_and_loads_exactly_once(
     proc = start_cli_run(env, log)
     wait_mid_run(cluster)
     cluster.stop_fast() if outage == "fast_stop" else cluster.kill_postmaster()
-    time.sleep(3)
+    # The database comes back once the run has seen it go (not after a guess of how long
+    # that takes), and has tried to reconnect to a server that is not there.
+    wait_for(lambda: "database connection lost, reconnecting" in log.read_text(), timeout=60)
     cluster.start()
     _, err = proc.communicate(timeout=180)
     assert proc.returncode == 0, err[-3000:]
@@ -184,10 +186,15 @@ def test_serve_answers_503_never_500_during_a_restart_and_the_run_survives(
         wait_mid_run(cluster)
         hammer = Hammer(base, run_id)
         hammer.start()
-        time.sleep(0.5)
+        wait_for(lambda: len(hammer.answers) >= len(hammer.requests), timeout=10)
         cluster.stop_fast()
         wait_for(lambda: httpx.get(f"{base}/health").status_code == 503, timeout=5)
-        time.sleep(3)
+        # Up again once the run has lost its connection and the hammer has met the outage
+        # on every endpoint (not after a fixed pause).
+        wait_for(lambda: "database connection lost, reconnecting" in log.read_text(),
+                 timeout=60)
+        outage = len(hammer.answers)
+        wait_for(lambda: len(hammer.answers) >= outage + 2 * len(hammer.requests), timeout=30)
         cluster.start()
         back = time.monotonic()
         wait_for(lambda: httpx.get(f"{base}/health").status_code == 200, timeout=10, every=0.02)

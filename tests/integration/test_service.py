@@ -114,15 +114,18 @@ async def test_run_control_auth_lineage_and_errors(env: Env, pool: asyncpg.Pool,
         )
         assert big.status_code == 413 and big.json()["error"]["code"] == "payload_too_large"
 
-        r = await client.post(
-            "/etl/run", json={"sources": ["products"]}, headers={**KEY, "X-Request-ID": "req-42"}
-        )
-        assert r.status_code == 202, r.text
-        assert r.headers["x-request-id"] == "req-42"
-        assert r.json()["metadata"]["request_id"] == "req-42"
-        run_id = r.json()["data"]["runs"][0]["run_id"]
-        busy = await client.post("/etl/run", json={"sources": ["products"]}, headers=KEY)
-        if busy.status_code == 409:  # the first run was still going
+        # The run is held before its first batch (its checkpoints' table is locked), so the
+        # second request always finds it running.
+        async with pool.acquire() as holder, holder.transaction():
+            await holder.execute("LOCK TABLE etl_checkpoints IN ACCESS EXCLUSIVE MODE")
+            r = await client.post("/etl/run", json={"sources": ["products"]},
+                                  headers={**KEY, "X-Request-ID": "req-42"})
+            assert r.status_code == 202, r.text
+            assert r.headers["x-request-id"] == "req-42"
+            assert r.json()["metadata"]["request_id"] == "req-42"
+            run_id = r.json()["data"]["runs"][0]["run_id"]
+            busy = await client.post("/etl/run", json={"sources": ["products"]}, headers=KEY)
+            assert busy.status_code == 409, busy.text
             assert busy.json()["error"]["running_run_id"] == run_id
         for _ in range(200):
             run = (await client.get(f"/etl/runs/{run_id}")).json()["data"]
@@ -378,12 +381,15 @@ async def test_scheduled_runs_happen_once_per_tick_across_two_replicas(
                 "SELECT count(*) FROM etl_runs WHERE status = 'succeeded'") < 2:
             await asyncio.sleep(0.5)
         stats = httpx.get(f"{pair[0].base}/stats").json()["data"]
-        assert stats["event_loop_worst_lag_ms_1min"] >= 0
+        # The loop's worst stall is measured (tests/unit/test_loop_monitor.py: a real one).
+        assert isinstance(stats["event_loop_worst_lag_ms_1min"], float)
     logs = [server.output for server in pair]
     runs = await pool.fetch("SELECT * FROM etl_runs ORDER BY started_at")
     assert len(runs) >= 2 and all(r["trigger"] == "schedule" for r in runs)
-    assert {r["status"] for r in runs} <= {"succeeded", "failed"}, (
+    # Every run but one the replicas' stop interrupted succeeded.
+    assert all(r["status"] == "succeeded" for r in runs[:-1]), (
         [(r["id"], r["status"], r["error"]) for r in runs], [out[-2000:] for out in logs])
+    assert runs[-1]["status"] in ("succeeded", "interrupted"), runs[-1]["error"]
     # never two runs of the source at once, though both replicas tick
     for a, b in itertools.pairwise(runs):
         assert a["finished_at"] is not None and a["finished_at"] <= b["started_at"]

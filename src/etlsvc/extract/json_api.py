@@ -29,7 +29,7 @@ import structlog
 from etlsvc.contract import Extraction, Fields, PositiveInt, Prepared, SourceKind
 from etlsvc.errors import SourceError
 from etlsvc.extract.http import Fetcher, HttpSource, check_url, check_urls, http_client
-from etlsvc.extract.records import get_path, json_batch, text
+from etlsvc.extract.records import get_path, json_batch, parse_time, text
 
 log = structlog.get_logger()
 
@@ -144,11 +144,8 @@ def first_request(src: ApiSource, state: dict[str, Any] | None) -> dict[str, Any
 
 
 def _minus_lag(hwm: str, lag: float) -> str:
-    if not lag:
-        return hwm
-    try:
-        when = msgspec.convert(hwm, dt.datetime)
-    except msgspec.ValidationError:
+    when = parse_time(hwm) if lag else None
+    if when is None:
         return hwm
     return (when - dt.timedelta(seconds=lag)).isoformat()
 
@@ -269,11 +266,8 @@ def _advance_hwm(src: ApiSource, state: dict[str, Any], items: list[Any]) -> dic
 
 
 def _as_time(value: Any) -> dt.datetime | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        when = msgspec.convert(value, dt.datetime)
-    except msgspec.ValidationError:
+    when = parse_time(value) if isinstance(value, str) else None
+    if when is None:
         return None
     return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
 
@@ -305,7 +299,7 @@ class ApiKind(SourceKind):
     async def batches(self, ex: Extraction) -> AsyncIterator[Prepared]:
         src: ApiSource = ex.src
         state = ex.checkpoints.get(src.url)
-        if src.url in ex.checkpoints.mine and not (state or {}).get("request"):
+        if src.url in ex.checkpoints.this_run and not (state or {}).get("request"):
             log.info("the walk was finished earlier in this run")
             return
         if not state or not state.get("request"):

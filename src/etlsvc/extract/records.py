@@ -7,12 +7,23 @@ and the mapped paths, as text, are what validation checks.
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 import msgspec
 
 from etlsvc.contract import Batch, Reject, SourceConfig
 from etlsvc.transform.drift import shape_of_items
+
+
+def parse_time(value: Any) -> dt.datetime | None:
+    """The date-time an RFC 3339 string (or a date-time already) says, as it says it (naive
+    when it has no offset); None for anything else. The one parser of upstream times: an
+    API's high-water mark and times, a feed's dates."""
+    try:
+        return msgspec.convert(value, dt.datetime)
+    except msgspec.ValidationError:
+        return None
 
 
 def get_path(obj: Any, path: str) -> Any:

@@ -32,7 +32,7 @@ import structlog
 from etlsvc.contract import Extraction, Fields, PositiveInt, Prepared, SourceKind, WorkerPool
 from etlsvc.errors import SourceError
 from etlsvc.extract.http import Fetcher, HttpSource, check_url, check_urls, http_client
-from etlsvc.extract.records import json_batch
+from etlsvc.extract.records import json_batch, parse_time
 
 log = structlog.get_logger()
 
@@ -167,9 +167,8 @@ def json_feed_items(body: bytes) -> list[dict[str, Any]] | None:
 
 
 def _utc(value: Any) -> str | None:
-    try:
-        when = msgspec.convert(value, dt.datetime)
-    except msgspec.ValidationError:
+    when = parse_time(value)
+    if when is None:
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=dt.UTC)

@@ -19,6 +19,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
+from etlsvc import db
 from etlsvc.contract import Batch, Prepared, Problem, Reject, SourceConfig, SourceKind
 from etlsvc.db import Database
 from etlsvc.errors import SourceError
@@ -193,7 +194,7 @@ class Committer:
         self._flying: dict[asyncio.Task[None], set[int]] = {}
 
     async def submit(self, batch: Prepared) -> None:
-        """Start committing ``batch`` (waiting for room); the first failure so far is
+        """Start committing ``batch`` (waiting for a free slot); the first failure so far is
         raised here."""
         self._raise_failure()
         while len(self._flying) >= self.width:
@@ -236,9 +237,7 @@ class Committer:
             return self._idle.pop()
         conn = await self.database.pool.acquire()
         self._borrowed.append(conn)
-        # As on the run's connection (pipeline._load): batches commit whole, so a commit
-        # lost in a crash loses data, checkpoint and counters together.
-        await conn.execute("SET synchronous_commit = off")
+        await db.commit_async(conn)         # as on the run's connection
         return conn
 
     async def _commit(self, batch: Prepared, previous: asyncio.Task[None] | None) -> None:

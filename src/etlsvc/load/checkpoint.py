@@ -1,7 +1,8 @@
 """Checkpoints: per source and stream, where the next run resumes.
 
 Owns reading and writing ``etl_checkpoints``. A write happens only inside the transaction
-of the batch it describes (see ``pipeline.py``), so a checkpoint never runs ahead of the data.
+of the batch it describes (``load/write.commit``), so a checkpoint never runs ahead of the
+data.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ async def read(conn: asyncpg.Connection, source: str, *, run_id: int,
     rows = await conn.fetch(db.query("checkpoints", "read"), source)
     found = Checkpoints({r["stream"]: r["state"] for r in rows
                          if not full_refresh or r["run_id"] == run_id})
-    found.mine = {r["stream"] for r in rows if r["run_id"] == run_id}
+    found.this_run = {r["stream"] for r in rows if r["run_id"] == run_id}
     return found
 
 

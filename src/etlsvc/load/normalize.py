@@ -21,14 +21,14 @@ from etlsvc.transform.mapping import paths, unique_fields, values_sql
 
 async def upsert(conn: asyncpg.Connection, src: SourceConfig, kind: SourceKind, *,
                  above: int, upto: int = db.MAX_ID, skip: list[int] | None = None,
-                 distinct_keys: bool = False, mine: bool = False) -> tuple[int, int]:
+                 distinct_keys: bool = False, this_transaction: bool = False) -> tuple[int, int]:
     """Normalize raw rows ``above < id <= upto`` of ``src``; return (inserted, updated).
 
     ``distinct_keys``: the caller knows no two of these rows share a natural key.
-    ``mine``: only the raw rows this transaction wrote (a batch's load). The data version
-    is the caller's to raise (``bump_version``) when rows were written.
+    ``this_transaction``: only the raw rows this transaction wrote (a batch's load). The
+    data version is the caller's to raise (``bump_version``) when rows were written.
     """
-    sql = _upsert_sql(kind.raw_table, distinct_keys, mine, values_sql(src))
+    sql = _upsert_sql(kind.raw_table, distinct_keys, this_transaction, values_sql(src))
     row = await conn.fetchrow(sql, src.name, kind.name, above, upto, skip or [],
                               *paths(src, kind), src.tags_separator)
     return row["inserted"], row["updated"]
@@ -36,7 +36,7 @@ async def upsert(conn: asyncpg.Connection, src: SourceConfig, kind: SourceKind, 
 
 async def unique_conflicts(conn: asyncpg.Connection, src: SourceConfig, kind: SourceKind, *,
                            above: int, upto: int = db.MAX_ID, skip: list[int] | None = None,
-                           mine: bool = False) -> dict[int, Problem]:
+                           this_transaction: bool = False) -> dict[int, Problem]:
     """Raw rows ``above < id <= upto`` (not in ``skip``) whose value of a ``unique`` field
     another natural key of the source holds, by raw id. The caller skips them in the
     upsert."""
@@ -45,7 +45,8 @@ async def unique_conflicts(conn: asyncpg.Connection, src: SourceConfig, kind: So
     found: dict[int, Problem] = {}
     for field in unique_fields(src):
         sql = (db.query("normalize", "unique_conflicts").replace("{raw_table}", kind.raw_table)
-               .replace("{column}", field).replace("{mine}", _MINE if mine else ""))
+               .replace("{column}", field)
+               .replace("{this_transaction}", _THIS_TRANSACTION if this_transaction else ""))
         for row in await conn.fetch(sql, src.name, above, upto, [*(skip or []), *found],
                                     path["source_id"], path[field]):
             found[row["id"]] = Problem("unique", field, mapped[field], row["value"],
@@ -82,9 +83,7 @@ async def ensure_unique_indexes(conn: asyncpg.Connection, src: SourceConfig) -> 
     for field in unique_fields(src):
         # Another process may make it at the same moment.
         with contextlib.suppress(asyncpg.UniqueViolationError, asyncpg.DuplicateTableError):
-            await conn.execute(
-                f"CREATE INDEX IF NOT EXISTS normalized_data_{field}_md5_idx "
-                f"ON normalized_data (source, md5({field}))")
+            await conn.execute(db.query("normalize", "unique_index").replace("{column}", field))
 
 
 async def bump_version(conn: asyncpg.Connection, src: SourceConfig, kind: SourceKind) -> None:
@@ -98,12 +97,12 @@ async def next_raw_id(conn: asyncpg.Connection, raw_table: str) -> int:
 
 
 @cache
-def _upsert_sql(table: str, distinct_keys: bool, mine: bool, values: str) -> str:
+def _upsert_sql(table: str, distinct_keys: bool, this_transaction: bool, values: str) -> str:
     dedupe = ("", "") if distinct_keys else ("DISTINCT ON (key)", "ORDER BY key, id DESC")
     return (db.query("normalize", "upsert").replace("{raw_table}", table)
             .replace("{values}", values)
             .replace("{distinct}", dedupe[0]).replace("{order}", dedupe[1])
-            .replace("{mine}", _MINE if mine else ""))
+            .replace("{this_transaction}", _THIS_TRANSACTION if this_transaction else ""))
 
 
-_MINE = "AND r.xmin = pg_current_xact_id()::xid"
+_THIS_TRANSACTION = "AND r.xmin = pg_current_xact_id()::xid"

@@ -79,12 +79,12 @@ async def write(conn: asyncpg.Connection, src: SourceConfig, kind: SourceKind, r
     if isinstance(rows, Copied):
         above = await normalize.next_raw_id(conn, kind.raw_table)
         await raw.copy(conn, kind.raw_table, kind.copy_columns, rows.payload)
-        upto, skip, mine, left = db.MAX_ID, [], True, rows.rows
+        upto, skip, this_transaction, left = db.MAX_ID, [], True, rows.rows
     else:       # how many rows the range holds is not known: there may be some
-        above, upto, skip, mine, left = rows.above, rows.upto, rows.skip, False, None
+        above, upto, skip, this_transaction, left = rows.above, rows.upto, rows.skip, False, None
     if left != 0 and unique_checks:
         found = await normalize.unique_conflicts(conn, src, kind, above=above, upto=upto,
-                                                 skip=skip, mine=mine)
+                                                 skip=skip, this_transaction=this_transaction)
         if found:
             copied = isinstance(rows, Copied)
             index = ({raw_id: i for i, raw_id in enumerate(
@@ -96,7 +96,7 @@ async def write(conn: asyncpg.Connection, src: SourceConfig, kind: SourceKind, r
             left = None if left is None else left - len(taken)
     if left != 0:
         written.inserted, written.updated = await normalize.upsert(
-            conn, src, kind, above=above, upto=upto, skip=skip, mine=mine,
+            conn, src, kind, above=above, upto=upto, skip=skip, this_transaction=this_transaction,
             distinct_keys=isinstance(rows, Copied) and rows.distinct_keys)
     if rejects is not None:
         await raw.insert_rejects(conn, run_id, src.name,

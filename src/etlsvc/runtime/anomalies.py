@@ -55,7 +55,7 @@ def score(run: Any, history: list[Any], threshold: float) -> dict[str, Any] | No
 async def check(conn: asyncpg.Connection, cfg: AnomalyConfig, run: dict[str, Any]
                 ) -> dict[str, Any] | None:
     """Judge a finished successful run; flag it in ``etl_runs`` and return the anomaly, or
-    None (nothing odd, too little history, or nothing read)."""
+    None (nothing anomalous, too little history, or nothing read)."""
     if not cfg.enabled or run["status"] != "succeeded" or not run["rows_read"] or \
             run.get("trigger") not in ("manual", "schedule", "startup", "stream"):
         return None

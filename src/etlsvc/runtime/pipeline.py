@@ -23,7 +23,7 @@ from etlsvc import db, flow, metrics
 from etlsvc.config import Config, Source
 from etlsvc.contract import COUNTERS, Extraction, Prepared
 from etlsvc.db import Database
-from etlsvc.errors import EtlError, SourceBusy, SourceError, describe
+from etlsvc.errors import DatabaseLost, EtlError, SourceBusy, SourceError, describe
 from etlsvc.extract import kind_of
 from etlsvc.load import batches, checkpoint, normalize, shapes
 from etlsvc.runtime import anomalies, notify, runs
@@ -65,15 +65,15 @@ class Progress:
         notes' ``parts``; past ``MAX_PARTS`` parts, ``other_batches`` counts the batches of
         the parts not listed."""
         parts = self.notes.setdefault("parts", {})
-        mine = parts.get(part)
-        if mine is None:
+        totals = parts.get(part)
+        if totals is None:
             if len(parts) >= MAX_PARTS:
                 self.notes["other_batches"] = self.notes.get("other_batches", 0) + 1
                 return
-            mine = parts[part] = dict.fromkeys(PART_COUNTERS, 0)
-        mine["batches"] += 1
+            totals = parts[part] = dict.fromkeys(PART_COUNTERS, 0)
+        totals["batches"] += 1
         for k in PART_COUNTERS[1:]:
-            mine[k] += counts[k]
+            totals[k] += counts[k]
 
 
 ProgressCallback = Callable[[Progress], None]
@@ -125,10 +125,6 @@ async def _release(database: Database, src: Source, conn: asyncpg.Connection) ->
             await runs.unlock(conn, src.name)
     with contextlib.suppress(*db.UNAVAILABLE):
         await database.pool.release(conn)
-
-
-class DatabaseLost(EtlError):
-    """The database stayed away longer than ``database.reconnect_timeout``."""
 
 
 @dataclass
@@ -228,10 +224,7 @@ async def _load(cfg: Config, run: ClaimedRun, workers: Workers, progress: Progre
     deadline = committed = None
     while True:
         try:
-            # Safe for batches: raw rows, normalized rows and checkpoint commit together, so
-            # a commit lost in a server crash loses all three and the next run reads them
-            # again. (The pool resets the setting when the connection is released.)
-            await run.conn.execute("SET synchronous_commit = off")
+            await db.commit_async(run.conn)
             await _commit_batches(cfg, run, workers, progress, on_progress)
             return
         except Exception as exc:
@@ -300,11 +293,8 @@ async def _connection_lost(run: ClaimedRun, exc: Exception) -> bool:
         return False
     if isinstance(exc, (asyncpg.PostgresError, asyncpg.InterfaceError)):
         return True
-    try:                                    # an OSError: from the database, or a file?
-        await run.conn.fetchval("SELECT 1", timeout=5)
-    except Exception:
-        return True
-    return False
+    # An OSError: from the database, or from a file?
+    return not await db.responds(run.conn, within=5)
 
 
 async def _finish(run: ClaimedRun, progress: Progress,
@@ -338,7 +328,7 @@ async def _finish(run: ClaimedRun, progress: Progress,
 
 
 async def _compare_with_recent(run: ClaimedRun, row: dict[str, Any]) -> dict[str, Any] | None:
-    """Compare the finished run with the source's recent runs; flag it if it is odd."""
+    """Compare the finished run with the source's recent runs; flag it if it is unlike them."""
     try:
         anomaly = await anomalies.check(run.conn, run.src.anomaly, row)
     except Exception as exc:          # the database went away: the run is done regardless

@@ -151,9 +151,9 @@ class Service:
             log.warning("scheduled run skipped: the database is not available", source=name,
                         error=type(exc).__name__)
             return
-        mine = self.running.get(run_id)
-        if mine:             # the job lasts as long as the run: max_instances=1 then holds
-            await asyncio.shield(mine.task)
+        here = self.running.get(run_id)
+        if here:             # the job lasts as long as the run: max_instances=1 then holds
+            await asyncio.shield(here.task)
 
     async def follow(self, src: Source) -> None:
         """Keep a run of a continuous source going until the service stops: claim it
@@ -196,8 +196,8 @@ class Service:
             raise SourceBusy(dict.fromkeys((s.name for s in sources), None))
         # This process's own runs, even while one waits for a lost database (its lock is
         # gone with the connection, so the database cannot tell).
-        mine = {r.claimed.src.name: i for i, r in self.running.items()}
-        if busy := {s.name: mine[s.name] for s in sources if s.name in mine}:
+        here = {r.claimed.src.name: i for i, r in self.running.items()}
+        if busy := {s.name: here[s.name] for s in sources if s.name in here}:
             raise SourceBusy(busy)
         # stop() waits for claims under way: once one is done, its runs are registered.
         claim = asyncio.ensure_future(self._claim(sources, trigger, full_refresh, tick_s))

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 from etlsvc.children import die_with_parent
 from etlsvc.config import PipelineConfig
-from etlsvc.errors import EtlError
+from etlsvc.errors import WorkerDied
 
 T = TypeVar("T")
 
@@ -38,10 +38,6 @@ _GC_YOUNG = 100_000                     # new objects between collections in a w
 
 #: Objects opened in this worker process, by handle.
 _OBJECTS: dict[int, Any] = {}
-
-
-class WorkerDied(EtlError):
-    """A worker process died under a task (killed, or out of memory)."""
 
 
 def map_big_buffers() -> None:
