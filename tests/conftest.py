@@ -130,7 +130,7 @@ async def reset(p: asyncpg.Pool) -> None:
 @pytest.fixture
 async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
     """A pool on the session database, emptied before the test."""
-    p = await asyncpg.create_pool(database_url, min_size=1, max_size=4, init=db._init_connection)
+    p = await asyncpg.create_pool(database_url, min_size=1, max_size=4, init=db.init_connection)
     await reset(p)
     try:
         yield p

@@ -133,7 +133,7 @@ async def xact_lock(conn: asyncpg.Connection, key: str, *, wait: bool) -> bool:
     return await conn.fetchval(query("locks", "try_xact_lock"), key)
 
 
-async def _init_connection(conn: asyncpg.Connection) -> None:
+async def init_connection(conn: asyncpg.Connection) -> None:
     for typ in ("json", "jsonb"):
         await conn.set_type_codec(typ, schema="pg_catalog", encoder=json_text,
                                   decoder=msgspec.json.decode, format="text")
@@ -175,7 +175,7 @@ async def connect_pool(dsn: str, cfg: Config, settings: dict[str, str] | None = 
     try:
         return await asyncpg.create_pool(
             dsn, min_size=cfg.database.min_pool_size, max_size=cfg.database.max_pool_size,
-            timeout=cfg.database.connect_timeout, init=_init_connection,
+            timeout=cfg.database.connect_timeout, init=init_connection,
             server_settings={"application_name": "etlsvc", "timezone": "UTC",
                              **(settings or {})}, **kwargs)
     except ssl.SSLCertVerificationError as exc:

@@ -164,7 +164,7 @@ async def test_four_writers_with_random_commit_delays_one_consumer_sees_each_cha
     delete arrives."""
     rng = random.Random(20261130)
     writers_pool = await asyncpg.create_pool(database_url, min_size=4, max_size=4,
-                                             init=db._init_connection)
+                                             init=db.init_connection)
     committed: list[int] = []          # xids, in the order their commits returned
     deleted: set[str] = set()          # "source/key" of every row a writer deleted
     done = asyncio.Event()
