@@ -317,37 +317,37 @@ class CsvParser:
                                                offsets[ends[i]] - offsets[starts[i]])
                     skip = i + 1
                     break
-        odd = set(range(skip))
+        irregular = set(range(skip))
         if self.header is not None:
-            odd.difference_update([skip - 1] if skip else [])
-            odd.update(compress(count(skip), map(ne, map(len, entries[skip:]),
+            irregular.difference_update([skip - 1] if skip else [])
+            irregular.update(compress(count(skip), map(ne, map(len, entries[skip:]),
                                                  repeat(len(self.header)))))
         if len(raw) > self._limit:          # a record may be too long: sizes in C, per chunk
             sizes_of = map(sub, map(offsets.__getitem__, ends), map(offsets.__getitem__, starts))
             big = compress(count(), map(self._limit.__lt__, sizes_of))
-            odd.update(i for i in big if i >= skip)
+            irregular.update(i for i in big if i >= skip)
         used = len(part)
         stop = None if whole else next(
-            (i for i in sorted(odd) if i >= skip and (ends[i] - starts[i] > 1 or (
+            (i for i in sorted(irregular) if i >= skip and (ends[i] - starts[i] > 1 or (
                 i == n - 1 and not final and isinstance(entries[i], _ErrorRow)))), None)
         if stop is not None:
             keep_lines = starts[stop]
             used = (offsets[keep_lines] if self.ascii else
                     sum(map(len, io.StringIO(text, newline="").readlines()[:keep_lines])))
             n, raw, sizes = stop, raw[:offsets[keep_lines]], sizes[:keep_lines]
-            odd = {i for i in odd if i < stop}
+            irregular = {i for i in irregular if i < stop}
         self.offset += len(raw)
         self.line += len(sizes)
         offs = list(map(add, map(offsets.__getitem__, starts[:n]), repeat(base_off)))
         if dirty:
-            odd.update(i for i in range(skip, n) if self._unclean(entries[i]))
+            irregular.update(i for i in range(skip, n) if self._unclean(entries[i]))
         mask = [True] * n
         if skip:
             mask[skip - 1] = False                  # the header row
         rejected: dict[int, Reject] = {}
-        for i in odd:
+        for i in irregular:
             mask[i] = False
-            reject = self._odd_row(entries[i], lines[i], offs[i],
+            reject = self._irregular_row(entries[i], lines[i], offs[i],
                                    raw[offsets[starts[i]]:offsets[ends[i]]])
             if reject:
                 rejected[i] = reject
@@ -360,9 +360,9 @@ class CsvParser:
             last = take[-1] if len(take) == need else n - 1
             self._rows.extend(map(entries.__getitem__, take))
             self._pos.extend(zip(map(lines.__getitem__, take), map(offs.__getitem__, take)))
-            mine = [rejected[i] for i in sorted(rejected) if first <= i <= last]
-            self._rejects.extend(mine)
-            self._read += len(take) + len(mine)
+            rejects_here = [rejected[i] for i in sorted(rejected) if first <= i <= last]
+            self._rejects.extend(rejects_here)
+            self._read += len(take) + len(rejects_here)
             g += len(take)
             if len(take) < need or n == 0:
                 break
@@ -396,7 +396,7 @@ class CsvParser:
     def _unclean(self, row: list[str]) -> bool:
         return any("\x00" in f or _SURROGATE.search(f) for f in row)
 
-    def _odd_row(self, row: list[str], line: int, offset: int, raw: bytes) -> Reject | None:
+    def _irregular_row(self, row: list[str], line: int, offset: int, raw: bytes) -> Reject | None:
         """The reject for a malformed, unclean or wrongly sized row; None for a blank line."""
         if not row and not isinstance(row, _ErrorRow):
             return None
