@@ -16,9 +16,7 @@ import time
 from typing import Any
 
 from etlsvc import cli
-from etlsvc.load import checkpoint, raw
-from etlsvc.runtime import runs
-from etlsvc.transform import normalize
+from etlsvc.load import checkpoint, normalize, raw, shapes, write
 
 TOTALS: collections.Counter[str] = collections.Counter()
 
@@ -37,8 +35,10 @@ def timed_async(module: Any, name: str) -> None:
 
 
 def main() -> int:
-    for module, name in ((normalize, "next_raw_id"), (raw, "copy"), (normalize, "upsert"),
-                         (raw, "insert_rejects"), (checkpoint, "write"), (runs, "add")):
+    for module, name in ((normalize, "next_raw_id"), (raw, "copy"),
+                         (normalize, "unique_conflicts"), (normalize, "upsert"),
+                         (raw, "insert_rejects"), (normalize, "bump_version"),
+                         (checkpoint, "write"), (shapes, "record"), (write, "add_counts")):
         timed_async(module, name)
     start = time.perf_counter()
     code = cli.main(sys.argv[1:])
