@@ -326,6 +326,8 @@ class SourceKind:
     #: A continuous kind runs as a long-lived task in ``serve``, not per run.
     continuous: ClassVar[bool] = False
 
+    # ``src: Any`` in these three: each kind takes its own config struct (a subclass of
+    # SourceConfig); typed SourceConfig here, those narrower overrides would be unsound.
     def check_config(self, src: Any, where: str) -> None:
         """Raise ConfigError (``where`` names the source's key) for what types cannot say."""
 
