@@ -16,7 +16,14 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from etlsvc.contract import NORMALIZED_FIELDS
+from etlsvc.contract import (
+    NORMALIZED_FIELDS,
+    Days,
+    Delay,
+    NonEmpty,
+    NonNegative,
+    Timeout,
+)
 from etlsvc.errors import ConfigError
 from etlsvc.extract import KINDS, kind_of
 from etlsvc.logs import redact
@@ -26,7 +33,7 @@ from etlsvc.transform.rules import compile_rules
 #: One config struct per kind of source, tagged by ``kind`` (``extract/__init__.py``).
 Source = Union[tuple(k.config for k in KINDS.values())]  # noqa: UP007 - built at run time
 
-PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+PoolSize = Annotated[int, msgspec.Meta(ge=0, le=1000)]
 
 
 class DatabaseConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -35,12 +42,12 @@ class DatabaseConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     url: str = ""
     #: Optional URL of a read-only role for the read API (default: ``url``).
     read_url: str = ""
-    min_pool_size: Annotated[int, msgspec.Meta(ge=0)] = 1
-    max_pool_size: PositiveInt = 10
-    connect_timeout: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    min_pool_size: PoolSize = 1
+    max_pool_size: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 10
+    connect_timeout: Timeout = 10.0
     #: Seconds a run waits for a lost database to come back (reconnecting with backoff,
     #: then resuming from its last committed batch) before it fails.
-    reconnect_timeout: Annotated[float, msgspec.Meta(ge=0)] = 60.0
+    reconnect_timeout: Delay = 60.0
     #: TLS to PostgreSQL, for both pools: ``verify-full`` (encrypted, the server's
     #: certificate signed by ``sslrootcert`` and naming the URL's host), ``verify-ca``,
     #: ``require`` (encrypted, unverified), ``disable``; empty: as the URL says (its own
@@ -53,7 +60,7 @@ class DatabaseConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class EmbeddedConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The embedded PostgreSQL used when no database URL is configured."""
 
-    data_dir: str = ".etlsvc"
+    data_dir: NonEmpty = ".etlsvc"
     pg_version: Literal[16, 18] = 18
 
 
@@ -67,22 +74,22 @@ class LogConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """`etlsvc serve`: where it listens (``--host``/``--port`` override) and its limits."""
 
-    host: str = "127.0.0.1"
+    host: NonEmpty = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 8000
     #: Requests per minute per client address (0: no limit); /health and /metrics are
     #: not limited.
-    rate_limit_per_minute: Annotated[int, msgspec.Meta(ge=0)] = 1200
+    rate_limit_per_minute: NonNegative = 1200
     #: Longest a read query may run (ms) before it is cancelled with a 503.
-    read_statement_timeout_ms: PositiveInt = 5000
+    read_statement_timeout_ms: Annotated[int, msgspec.Meta(ge=1, le=3_600_000)] = 5000
     #: /health answers 503 while a source's last run failed (it always lists them).
     health_fails_on_failing_sources: bool = False
     #: Read endpoints answer without a key; off: they need a key with the ``read`` scope.
     public_read: bool = True
     #: Days the change feed keeps deletes (tombstones); a consumer that stays away longer
     #: gets 410 and reads the feed again from the beginning.
-    change_feed_retention_days: Annotated[float, msgspec.Meta(gt=0)] = 7.0
+    change_feed_retention_days: Days = 7.0
     #: Seconds between maintenance passes (purging what sources' ``retention_days`` let go).
-    maintenance_every_s: Annotated[float, msgspec.Meta(ge=1)] = 3600.0
+    maintenance_every_s: Annotated[float, msgspec.Meta(ge=1, le=7 * 86_400)] = 3600.0
     #: Seconds running runs get at SIGTERM to finish (each batch commits or rolls back
     #: whole) before they are cancelled and marked interrupted; keep it below the
     #: orchestrator's kill timeout (compose's stop_grace_period, Kubernetes'
@@ -204,14 +211,23 @@ def load_config(path: Path, environ: Mapping[str, str] = os.environ) -> Config:
         data = msgspec.toml.decode(raw)
     except msgspec.DecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    return decode_config(data, path, environ)
+
+
+def decode_config(data: object, path: Path, environ: Mapping[str, str] = os.environ) -> Config:
+    """The checked Config of a decoded TOML document ``data`` read from ``path`` (its
+    folder is the base of relative paths); ConfigError, naming the key, on any problem."""
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a TOML document")
+    data = dict(data)
     for var, (section, key) in ENV_OVERRIDES.items():
         if var in environ:
             value = environ[var]
             # A port is a number; anything else fails the check below, naming the key.
-            data.setdefault(section, {})[key] = int(value) if key == "port" and \
-                value.strip().isdigit() else value
+            table = data.setdefault(section, {})
+            if isinstance(table, dict):     # else the check below names the section
+                data[section] = {**table, key: int(value) if key == "port" and
+                                 value.strip().isdigit() else value}
     data["base_dir"] = str(path.resolve().parent)
     try:
         cfg = msgspec.convert(data, Config)
@@ -296,6 +312,10 @@ def _check(cfg: Config, path: Path) -> None:
     """Checks msgspec's types cannot express."""
     _check_database_url(path, "url", cfg.database.url)
     _check_database_url(path, "read_url", cfg.database.read_url)
+    if cfg.database.min_pool_size > cfg.database.max_pool_size:
+        raise ConfigError(f"{path}: key 'database.min_pool_size' = "
+                          f"{cfg.database.min_pool_size} is above 'database.max_pool_size' = "
+                          f"{cfg.database.max_pool_size}")
     if cfg.database.sslmode.startswith("verify") and not cfg.database.sslrootcert:
         raise ConfigError(f"{path}: key 'database.sslmode' = {cfg.database.sslmode!r} needs "
                           "'database.sslrootcert': the CA certificate that signed the "

@@ -47,10 +47,25 @@ NORMALIZED_FIELDS = (
 )
 
 SourceName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")]
-PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 Rate = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 OneChar = Annotated[str, msgspec.Meta(min_length=1, max_length=1)]
-NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
+# Every number in the config has an upper bound: a value no deployment means (a timeout of
+# 1e308 s, a batch of 10^20 rows) is a typo, and left in it fails far from the key, as an
+# OverflowError or a MemoryError, instead of as one line naming it.
+NonNegative = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
+PositiveInt = Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)]
+BatchSize = Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]
+#: Bytes of one record or response: at most 4 GiB.
+ByteLimit = Annotated[int, msgspec.Meta(ge=1, le=4 << 30)]
+#: Seconds something may take (a timeout): more than 0, at most a day.
+Timeout = Annotated[float, msgspec.Meta(gt=0, le=86_400)]
+#: Seconds to wait (a backoff, a lag): 0 or more, at most a day.
+Delay = Annotated[float, msgspec.Meta(ge=0, le=86_400)]
+#: Days to keep something: at most a hundred years.
+Days = Annotated[float, msgspec.Meta(gt=0, le=36_500)]
+#: A bound of a rule: any finite number.
+Finite = Annotated[float, msgspec.Meta(ge=-1e300, le=1e300)]
 FieldType = Literal["text", "number", "timestamp", "url", "enum", "array"]
 
 #: A run's counters, as ``etl_runs`` holds them (each batch adds its own).
@@ -66,8 +81,8 @@ class Rule(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: Empty or absent values are rejected (``source_id`` is always required).
     required: bool = False
     #: Bounds of a number, or of a timestamp (an RFC 3339 date-time).
-    min: float | dt.datetime | None = None
-    max: float | dt.datetime | None = None
+    min: Finite | dt.datetime | None = None
+    max: Finite | dt.datetime | None = None
     #: Characters of text, items of an array.
     min_length: NonNegative | None = None
     max_length: NonNegative | None = None
@@ -102,14 +117,14 @@ class Problem:
 class Fields(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Which source field feeds each normalized column (None: the column stays null)."""
 
-    source_id: str | None = None
-    title: str | None = None
-    description: str | None = None
-    category: str | None = None
-    amount: str | None = None
-    url: str | None = None
-    tags: str | None = None
-    event_time: str | None = None
+    source_id: NonEmpty | None = None
+    title: NonEmpty | None = None
+    description: NonEmpty | None = None
+    category: NonEmpty | None = None
+    amount: NonEmpty | None = None
+    url: NonEmpty | None = None
+    tags: NonEmpty | None = None
+    event_time: NonEmpty | None = None
 
     def mapped(self) -> dict[str, str]:
         """The normalized fields that are mapped, with their source field."""
@@ -126,7 +141,7 @@ class AnomalyConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: Runs needed before anything is judged.
     min_runs: Annotated[int, msgspec.Meta(ge=3, le=1000)] = 5
     #: Robust z-score above which a metric is anomalous.
-    threshold: Annotated[float, msgspec.Meta(gt=0)] = 3.5
+    threshold: Annotated[float, msgspec.Meta(gt=0, le=1e6)] = 3.5
 
 
 class SourceConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True,
@@ -134,18 +149,18 @@ class SourceConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     """What every source has; a kind's config struct adds its own keys and ``fields``."""
 
     name: SourceName
-    schedule: str | None = None
+    schedule: NonEmpty | None = None
     #: Share of rejected records above which a run fails.
     max_error_rate: Rate = 0.05
     #: Separator of the tags field when it is one string.
-    tags_separator: str = ";"
+    tags_separator: NonEmpty = ";"
     fields: Fields = Fields()
     #: Data-quality rules per normalized field (``transform/rules.py``).
     rules: dict[str, Rule] = {}
     anomaly: AnomalyConfig = AnomalyConfig()
     #: Days raw rows and rejects are kept (None: for ever); a raw row a normalized row
     #: points at is kept whatever its age (``runtime/retention.py``).
-    retention_days: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    retention_days: Days | None = None
     #: What a new, missing or retyped column does (``transform/drift.py``).
     schema_drift: Literal["evolve", "freeze", "discard_row", "discard_value"] = "evolve"
 

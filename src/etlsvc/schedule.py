@@ -21,16 +21,21 @@ MISFIRE_GRACE_S = 60
 _INTERVAL = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d)$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _ORIGIN = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
+#: An interval schedule's bounds: more often than every second is not a schedule (a
+#: stream source runs continuously instead), and a year covers every calendar need.
+MIN_INTERVAL_S, MAX_INTERVAL_S = 1, 366 * 86400
 
 
 def parse_schedule(text: str) -> CronTrigger | IntervalTrigger:
     """A trigger from ``30s`` / ``5m`` / ``1h`` / ``1d`` or a 5-field cron expression (UTC)."""
     m = _INTERVAL.match(text.strip())
     if m:
+        seconds = float(m.group(1)) * _UNIT[m.group(2)]
+        if not MIN_INTERVAL_S <= seconds <= MAX_INTERVAL_S:
+            raise ConfigError(f"schedule {text!r}: an interval is from 1s to 366d")
         # Aligned to a fixed origin, so that every replica ticks at the same instants: one of
         # them runs the source, the others find it locked and skip that tick.
-        return IntervalTrigger(seconds=float(m.group(1)) * _UNIT[m.group(2)],
-                               start_date=_ORIGIN, timezone="UTC")
+        return IntervalTrigger(seconds=seconds, start_date=_ORIGIN, timezone="UTC")
     try:
         return CronTrigger.from_crontab(text, timezone="UTC")
     except ValueError as exc:

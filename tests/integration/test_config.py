@@ -45,3 +45,24 @@ def test_a_malformed_database_url_from_the_environment_exits_2_without_the_passw
     [line] = result.stderr.splitlines()
     assert "key 'database.url' (or ETLSVC_DATABASE_URL)" in line
     assert "not a PostgreSQL URL ('mysql://etl:***@db/x')" in line and "hunter2" not in line
+
+
+def test_values_that_once_ended_in_a_traceback_exit_2_with_one_line(env: Env) -> None:
+    """An interval too long for the scheduler (OverflowError) and a pool whose minimum is
+    above its maximum (asyncpg's ValueError) are config mistakes like any other."""
+    path = env.write_config(GOOD)
+    pools = path.read_text().replace("[database]", "[database]\nmin_pool_size = 20\n"
+                                     "max_pool_size = 5")
+    for config, key in [
+        (GOOD.replace('kind = "csv"', 'kind = "csv"\nschedule = "99999999999d"'),
+         "key 'sources[0].schedule'"),
+        (None, "key 'database.min_pool_size'"),
+    ]:
+        if config is None:
+            path.write_text(pools)
+        else:
+            env.write_config(config)
+        result = env.cli("run")
+        assert result.returncode == 2, result.stderr
+        [line] = result.stderr.splitlines()
+        assert key in line, line

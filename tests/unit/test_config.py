@@ -55,6 +55,19 @@ def test_good_config_decodes_with_defaults(tmp_path: Path) -> None:
         # a schedule that is neither an interval nor a cron expression
         (lambda s: s.replace('kind = "csv"', 'kind = "csv"\nschedule = "often"'),
          "schedule 'often': not an interval"),
+        # numbers and strings no deployment means: each one line naming its key
+        (lambda s: s.replace('kind = "csv"', 'kind = "csv"\nschedule = "99999999999d"'),
+         "key 'sources[0].schedule': schedule '99999999999d': an interval is from 1s to 366d"),
+        (lambda s: s.replace('kind = "csv"', 'kind = "csv"\nschedule = "0s"'),
+         "key 'sources[0].schedule': schedule '0s': an interval is from 1s to 366d"),
+        (lambda s: s.replace('path = "data.csv"', 'path = ""'),
+         "key 'sources[0].path': Expected `str` of length >= 1"),
+        (lambda s: s.replace('kind = "csv"', 'kind = "csv"\nbatch_size = 99999999999999999999'),
+         "key 'sources[0].batch_size': Expected `int` <= 1000000"),
+        (lambda s: s.replace('source_id = "id"', 'source_id = ""'),
+         "key 'sources[0].fields.source_id': Expected `str` of length >= 1"),
+        (lambda s: s.replace('kind = "csv"', 'kind = "csv"\nencoding = "utf\\u00008"'),
+         "key 'sources[0].encoding': unknown encoding"),
         # a rule on a field that is not mapped
         (lambda s: s + '[sources.rules.category]\nrequired = true\n'.replace(
             "category", "nosuch"), "nosuch"),
@@ -68,6 +81,13 @@ def test_each_mistake_is_one_error_naming_the_key_and_the_file(
     message = str(err.value)
     assert str(path) in message and expected in message, message
     assert "\n" not in message
+
+
+def test_a_pool_whose_minimum_is_above_its_maximum_is_named(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD, extra="min_pool_size = 20\nmax_pool_size = 5")
+    with pytest.raises(ConfigError, match=r"key 'database.min_pool_size' = 20 is above "
+                                          r"'database.max_pool_size' = 5"):
+        load_config(path, environ={})
 
 
 def test_a_missing_file_is_named() -> None:

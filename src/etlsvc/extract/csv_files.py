@@ -25,16 +25,19 @@ from collections.abc import AsyncIterator
 from itertools import accumulate, compress, count, repeat
 from operator import add, attrgetter, itemgetter, ne, sub
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+import msgspec
 import structlog
 
 from etlsvc.contract import (
     Batch,
+    BatchSize,
+    ByteLimit,
     Extraction,
     Fields,
+    NonEmpty,
     OneChar,
-    PositiveInt,
     Prepared,
     Reject,
     SourceConfig,
@@ -56,17 +59,17 @@ _SURROGATE = re.compile("[\udc80-\udcff]")
 class CsvSource(SourceConfig, tag="csv", kw_only=True):
     """A CSV file, or every file matching a glob, read as a stream of records."""
 
-    path: str
+    path: NonEmpty
     fields: Fields
-    batch_size: PositiveInt = 10_000
+    batch_size: BatchSize = 10_000
     encoding: str = "utf-8"
     delimiter: OneChar = ","
     quotechar: OneChar = '"'
     #: A longer record is one reject (its prefix, length and SHA-256 kept); a longer
     #: header fails the run.
-    max_record_bytes: PositiveInt = 1 << 20
+    max_record_bytes: ByteLimit = 1 << 20
     #: A header with more columns fails the run.
-    max_columns: PositiveInt = 10_000
+    max_columns: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 10_000
 
     kind = "csv"
 
@@ -483,7 +486,7 @@ class CsvKind(SourceKind):
     def check_config(self, src: CsvSource, where: str) -> None:
         try:
             codecs.lookup(src.encoding)
-        except LookupError:
+        except (LookupError, ValueError):      # ValueError: a NUL in the name
             raise ConfigError(f"{where}.encoding': unknown encoding {src.encoding!r}") from None
         if src.delimiter == src.quotechar:
             raise ConfigError(f"{where}.delimiter': delimiter and quotechar are the same")

@@ -23,7 +23,7 @@ import httpx
 import msgspec
 import structlog
 
-from etlsvc.contract import PositiveInt, SourceConfig
+from etlsvc.contract import ByteLimit, Delay, SourceConfig, Timeout
 from etlsvc.errors import ConfigError, SourceError, describe
 
 log = structlog.get_logger()
@@ -43,19 +43,19 @@ class Auth(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class Retry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Retries of a request on connection errors, timeouts, 5xx and 429."""
 
-    attempts: PositiveInt = 5
-    backoff: Annotated[float, msgspec.Meta(ge=0)] = 0.5      # first delay, doubled each time
-    max_backoff: Annotated[float, msgspec.Meta(ge=0)] = 30.0
+    attempts: Annotated[int, msgspec.Meta(ge=1, le=100)] = 5
+    backoff: Delay = 0.5      # first delay, doubled each time
+    max_backoff: Delay = 30.0
     #: A Retry-After longer than this fails the request instead of sleeping.
-    max_retry_after: Annotated[float, msgspec.Meta(ge=0)] = 300.0
+    max_retry_after: Delay = 300.0
 
 
 class Timeouts(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Seconds: to connect, between bytes read, and for a whole request with its body."""
 
-    connect: Annotated[float, msgspec.Meta(gt=0)] = 10.0
-    read: Annotated[float, msgspec.Meta(gt=0)] = 30.0
-    total: Annotated[float, msgspec.Meta(gt=0)] = 120.0
+    connect: Timeout = 10.0
+    read: Timeout = 30.0
+    total: Timeout = 120.0
 
 
 class HttpSource(SourceConfig, kw_only=True):
@@ -66,8 +66,8 @@ class HttpSource(SourceConfig, kw_only=True):
     retry: Retry = Retry()
     timeouts: Timeouts = Timeouts()
     #: Requests per second at most (None: no limit).
-    rate_limit: Annotated[float, msgspec.Meta(gt=0)] | None = None
-    max_response_bytes: PositiveInt = 64 << 20
+    rate_limit: Annotated[float, msgspec.Meta(gt=0, le=1e6)] | None = None
+    max_response_bytes: ByteLimit = 64 << 20
 
 
 def check_url(src: HttpSource, where: str, url: str, key: str) -> None:

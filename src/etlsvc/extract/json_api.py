@@ -26,7 +26,16 @@ import httpx
 import msgspec
 import structlog
 
-from etlsvc.contract import Extraction, Fields, PositiveInt, Prepared, SourceKind
+from etlsvc.contract import (
+    BatchSize,
+    Delay,
+    Extraction,
+    Fields,
+    NonEmpty,
+    NonNegative,
+    Prepared,
+    SourceKind,
+)
 from etlsvc.errors import SourceError
 from etlsvc.extract.http import Fetcher, HttpSource, check_url, check_urls, http_client
 from etlsvc.extract.records import get_path, json_batch, parse_time, text
@@ -48,29 +57,29 @@ class Pagination(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """
 
     style: Literal["none", "page", "offset", "cursor", "next_url", "link_header"] = "none"
-    page_size: PositiveInt | None = None
-    size_param: str = "per_page"      # page style: page size parameter (limit_param for offset)
-    page_param: str = "page"
-    first_page: Annotated[int, msgspec.Meta(ge=0)] = 1
-    offset_param: str = "offset"
-    limit_param: str = "limit"
-    cursor_param: str = "cursor"
-    cursor_path: str = "next_cursor"
-    has_more_path: str | None = None
-    next_url_path: str = "next"
+    page_size: BatchSize | None = None
+    size_param: NonEmpty = "per_page"  # page style: page size parameter (limit_param for offset)
+    page_param: NonEmpty = "page"
+    first_page: NonNegative = 1
+    offset_param: NonEmpty = "offset"
+    limit_param: NonEmpty = "limit"
+    cursor_param: NonEmpty = "cursor"
+    cursor_path: NonEmpty = "next_cursor"
+    has_more_path: NonEmpty | None = None
+    next_url_path: NonEmpty = "next"
     #: A walk stops after this many pages (a guard against an API that never ends).
-    max_pages: PositiveInt = 10_000
+    max_pages: Annotated[int, msgspec.Meta(ge=1, le=10_000_000)] = 10_000
 
 
 class Incremental(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Ask only for items changed since the last run (inclusive high-water mark)."""
 
-    param: str                        # query parameter, e.g. "updated_since"
-    field: str                        # dotted path of the item's change time, e.g. "updated_at"
-    lag_seconds: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    param: NonEmpty                   # query parameter, e.g. "updated_since"
+    field: NonEmpty                   # dotted path of the item's change time, e.g. "updated_at"
+    lag_seconds: Delay = 0.0
     #: Keys seen exactly at the high-water mark, remembered so that the inclusive bound
     #: does not load them twice (at most this many).
-    max_boundary_keys: PositiveInt = 10_000
+    max_boundary_keys: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 10_000
 
 
 class ApiSource(HttpSource, tag="api", kw_only=True):

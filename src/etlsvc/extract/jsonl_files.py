@@ -25,9 +25,11 @@ import structlog
 
 from etlsvc.contract import (
     Batch,
+    BatchSize,
+    ByteLimit,
     Extraction,
     Fields,
-    PositiveInt,
+    NonEmpty,
     Prepared,
     Reject,
     SourceConfig,
@@ -48,11 +50,11 @@ _decode = msgspec.json.decode
 class JsonlSource(SourceConfig, tag="jsonl", kw_only=True):
     """A JSON Lines file, or every file matching a glob."""
 
-    path: str
+    path: NonEmpty
     fields: Fields
-    batch_size: PositiveInt = 10_000
+    batch_size: BatchSize = 10_000
     #: A longer line is one reject (its prefix, length and SHA-256 kept).
-    max_record_bytes: PositiveInt = 1 << 20
+    max_record_bytes: ByteLimit = 1 << 20
 
     kind = "jsonl"
 

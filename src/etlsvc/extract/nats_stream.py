@@ -26,15 +26,17 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import msgspec
 import structlog
 
 from etlsvc import metrics
 from etlsvc.contract import (
+    BatchSize,
     Extraction,
     Fields,
-    PositiveInt,
+    NonEmpty,
     Prepared,
     Preparing,
     Reject,
@@ -53,18 +55,18 @@ LAG_EVERY = 2.0
 class StreamSource(SourceConfig, tag="stream", kw_only=True):
     """A NATS JetStream stream, consumed continuously."""
 
-    servers: Annotated[list[str], msgspec.Meta(min_length=1)] = msgspec.field(
+    servers: Annotated[list[NonEmpty], msgspec.Meta(min_length=1)] = msgspec.field(
         default_factory=lambda: ["nats://127.0.0.1:4222"])
     #: The JetStream stream's name, and optionally a subject filter within it.
-    stream: str
-    subject: str | None = None
+    stream: NonEmpty
+    subject: NonEmpty | None = None
     #: The durable consumer's name (default ``etlsvc-<source name>``).
     durable: str | None = None
     #: Environment variables with the credentials: a token, or a user's password.
     token_env: str | None = None
     user: str | None = None
     password_env: str | None = None
-    batch_size: PositiveInt = 1000
+    batch_size: BatchSize = 1000
     #: Seconds a batch waits to fill up before it is committed as it is.
     max_batch_wait: Annotated[float, msgspec.Meta(gt=0, le=60)] = 0.5
     fields: Fields
@@ -128,6 +130,16 @@ class StreamKind(SourceKind):
                               "`etlsvc serve`; it takes no schedule")
         if src.password_env and not src.user:
             raise ConfigError(f"{where}.user': password_env needs a user")
+        for j, server in enumerate(src.servers):
+            # As nats-py reads it: a bare host:port is nats://host:port.
+            parts = urlsplit(server if "://" in server else f"nats://{server}")
+            try:
+                parts.port  # noqa: B018 - raises on a port that is not a number in range
+            except ValueError as exc:
+                raise ConfigError(f"{where}.servers[{j}]': {exc} in {server!r}") from None
+            if parts.scheme not in ("nats", "tls", "ws", "wss") or not parts.hostname:
+                raise ConfigError(f"{where}.servers[{j}]': not a NATS server URL: {server!r} "
+                                  "(expected nats://host:4222)")
 
     async def batches(self, ex: Extraction) -> AsyncIterator[Prepared]:
         import nats

@@ -29,7 +29,7 @@ import httpx
 import msgspec
 import structlog
 
-from etlsvc.contract import Extraction, Fields, PositiveInt, Prepared, SourceKind, WorkerPool
+from etlsvc.contract import Extraction, Fields, Prepared, SourceKind, WorkerPool
 from etlsvc.errors import SourceError
 from etlsvc.extract.http import Fetcher, HttpSource, check_url, check_urls, http_client
 from etlsvc.extract.records import json_batch, parse_time
@@ -49,7 +49,7 @@ class RssSource(HttpSource, tag="rss", kw_only=True):
     urls: Annotated[list[str], msgspec.Meta(min_length=1)]
     fields: Fields = RSS_FIELDS
     #: Feeds fetched at the same time at most.
-    max_concurrency: PositiveInt = 8
+    max_concurrency: Annotated[int, msgspec.Meta(ge=1, le=256)] = 8
 
     kind = "rss"
 

@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import quote, unquote, urlsplit
 
 import asyncpg
@@ -36,9 +36,9 @@ import msgspec
 import structlog
 
 from etlsvc.contract import (
+    BatchSize,
     Extraction,
     Fields,
-    PositiveInt,
     Prepared,
     Preparing,
     SourceConfig,
@@ -72,9 +72,9 @@ class SqlSource(SourceConfig, tag="sql", kw_only=True):
     #: Column to read incrementally by (a timestamp or an increasing number).
     cursor: str | None = None
     #: Keys remembered at the high-water mark (see the module docstring).
-    max_boundary_keys: PositiveInt = 10_000
+    max_boundary_keys: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 10_000
     fields: Fields
-    batch_size: PositiveInt = 5_000
+    batch_size: BatchSize = 5_000
 
     kind = "sql"
 
