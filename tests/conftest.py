@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -172,6 +173,40 @@ class Env:
             cwd=self.dir,
             env={**os.environ, "ETLSVC_DATABASE_URL": self.database_url, **env},
         )
+
+
+    def cli_peak(self, *args: str, timeout: float = 300) -> tuple[Ran, float]:
+        """``cli(ARGS)``, and the peak RSS (MiB) of the largest process of its tree: the
+        CLI's or one of its worker processes' (wait4 reports the largest of a process and
+        the children it reaped)."""
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "etlsvc", *args, "--config", str(self.dir / "config.toml")],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=self.dir,
+            env={**os.environ, "ETLSVC_DATABASE_URL": self.database_url})
+        # Reaped here, not by Popen (whose wait would take the rusage with it).
+        said: dict[str, str] = {}
+        readers = [threading.Thread(target=lambda k, f: said.__setitem__(k, f.read()),
+                                    args=(k, f)) for k, f in (("out", proc.stdout),
+                                                              ("err", proc.stderr))]
+        for reader in readers:
+            reader.start()
+        deadline = threading.Timer(timeout, proc.kill)
+        deadline.start()
+        _, status, usage = os.wait4(proc.pid, 0)
+        deadline.cancel()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        for reader in readers:
+            reader.join()
+        return Ran(proc.returncode, said["out"], said["err"]), usage.ru_maxrss / 1024
+
+
+@dataclass
+class Ran:
+    """What a finished command said (as subprocess.CompletedProcess, for cli_peak)."""
+
+    returncode: int
+    stdout: str
+    stderr: str
 
 
 @pytest.fixture

@@ -47,7 +47,7 @@ FULL: dict[str, Any] = {
          "rules": {"amount": {"min": 0, "max": 100}, "title": {"required": True}},
          "anomaly": {"window": 20, "min_runs": 5, "threshold": 3.5}},
         {"name": "lines", "kind": "jsonl", "path": "data/*.jsonl.gz", "batch_size": 1000,
-         "max_record_bytes": 1 << 20, "fields": FIELDS},
+         "max_record_bytes": 1 << 20, "max_decompressed_bytes": 1 << 40, "fields": FIELDS},
         {"name": "api", "kind": "api", "url": "http://127.0.0.1:9/items", "schedule": "1h",
          "pagination": {"style": "page", "page_param": "page", "first_page": 1,
                         "page_size": 50, "max_pages": 100},

@@ -42,7 +42,8 @@ def read(path: Path, chunk: int) -> tuple[list[str], list[int], int]:
     lines = at = 0
     while True:
         piece = data[at:at + chunk]
-        prepared, seek = stream.feed(piece)
+        prepared, seek, more = stream.feed(piece)
+        assert not more                   # only a compressed chunk can hold more
         for batch in prepared:
             keys += [line.split(b"\t")[5].decode() for line in batch.payload.splitlines()]
             rejected += [r.position["line"] for r in batch.rejects]

@@ -32,21 +32,16 @@ import structlog
 
 from etlsvc.contract import (
     Batch,
-    BatchSize,
-    ByteLimit,
     Extraction,
-    Fields,
-    NonEmpty,
     OneChar,
     Prepared,
     Reject,
-    SourceConfig,
     SourceKind,
 )
 from etlsvc.errors import ConfigError, SourceError
 from etlsvc.extract import files
 from etlsvc.extract.csv_scan import REJECT_PREFIX, RecordScanner
-from etlsvc.extract.files import CHUNK_SIZE, FilePlan
+from etlsvc.extract.files import CHUNK_SIZE, FilePlan, FileSource
 
 log = structlog.get_logger()
 
@@ -56,18 +51,12 @@ _ASCII_PROBE = "\n\r\"',;|\t#"
 _SURROGATE = re.compile("[\udc80-\udcff]")
 
 
-class CsvSource(SourceConfig, tag="csv", kw_only=True):
+class CsvSource(FileSource, tag="csv", kw_only=True):
     """A CSV file, or every file matching a glob, read as a stream of records."""
 
-    path: NonEmpty
-    fields: Fields
-    batch_size: BatchSize = 10_000
     encoding: str = "utf-8"
     delimiter: OneChar = ","
     quotechar: OneChar = '"'
-    #: A longer record is one reject (its prefix, length and SHA-256 kept); a longer
-    #: header fails the run.
-    max_record_bytes: ByteLimit = 1 << 20
     #: A header with more columns fails the run.
     max_columns: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 10_000
 

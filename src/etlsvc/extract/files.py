@@ -29,20 +29,50 @@ import zlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
 import aiofiles
+import msgspec
 import structlog
 
 from etlsvc import flow
-from etlsvc.contract import Batch, Extraction, Prepared, Preparing, WorkerPool
+from etlsvc.contract import (
+    Batch,
+    BatchSize,
+    ByteLimit,
+    Extraction,
+    Fields,
+    NonEmpty,
+    Prepared,
+    Preparing,
+    SourceConfig,
+    WorkerPool,
+)
 from etlsvc.errors import SourceError
 
 log = structlog.get_logger()
 
 CHUNK_SIZE = 1 << 20
+#: Decompressed bytes the parser gets at a time, and at most per call of the reader.
+INFLATE_STEP = 1 << 20
+INFLATE_PER_CALL = 8 << 20
 _HASH_BLOCK = 1 << 20
 _GZIP_MAGIC = b"\x1f\x8b"
+
+
+class FileSource(SourceConfig, kw_only=True):
+    """What the file kinds' sources have."""
+
+    #: A file, or a glob (files read in name order), relative to the config file.
+    path: NonEmpty
+    fields: Fields
+    batch_size: BatchSize = 10_000
+    #: A longer record (line) is one reject, its prefix, length and SHA-256 kept (a CSV
+    #: header that long fails the run).
+    max_record_bytes: ByteLimit = 1 << 20
+    #: A compressed file that decompresses to more than this fails the run (a
+    #: decompression bomb); memory stays bounded whatever the ratio.
+    max_decompressed_bytes: Annotated[int, msgspec.Meta(ge=1, le=1 << 50)] = 1 << 40
 
 
 @dataclass
@@ -147,14 +177,23 @@ class Parser(Protocol):
 
 
 class FileStream:
-    """In a worker: a file's chunks → (decompressed →) parsed → prepared batches."""
+    """In a worker: a file's chunks → (decompressed →) parsed → prepared batches.
+
+    A compressed chunk is decompressed a piece at a time (``decompress(max_length)``), and
+    one call hands back what at most ``INFLATE_PER_CALL`` decompressed bytes made: a chunk
+    of a decompression bomb (1 MiB of gzip can hold 1 GiB) never sits in memory whole.
+    """
 
     def __init__(self, plan: FilePlan, make_parser: Callable[[FilePlan, bytes], Parser],
-                 prepare: Preparing) -> None:
+                 prepare: Preparing, max_decompressed: int | None = None) -> None:
         self.plan = plan
         self.prepare = prepare
+        self.max_decompressed = max_decompressed
         self._inflate: Any = None
+        self._input = b""                 # compressed bytes not yet decompressed
+        self._ending = False              # the reader is at the end of the file
         self._skip = 0
+        self._inflated = 0                # decompressed bytes of the file so far
         if plan.compressed:
             # Entered from the start: the committed prefix is skipped, and hashed on the way.
             plan.hasher = hashlib.sha256()
@@ -167,38 +206,70 @@ class FileStream:
 
     def _restart(self, skip: int, *, hash_skipped: bool = False) -> None:
         self._inflate = zlib.decompressobj(wbits=31)
+        self._input, self._ending, self._inflated = b"", False, 0
         self._skip = skip
         self._hash_skipped = hash_skipped
 
-    def feed(self, chunk: bytes) -> tuple[list[Prepared], int | None]:
-        """Prepared batches for a chunk of the file (``b""`` at its end), and where the
-        reader must go on from if not right after this chunk."""
-        if self._inflate is not None:
-            data = self._decompress(chunk)
-            if chunk and not data:
-                return [], None
-            chunk = data
-        batches, seek = self.parser.feed(chunk)
-        if seek is not None and self._inflate is not None:
-            # Back to an earlier point: decompress again from the start, up to it (those
-            # bytes are in the parser's fingerprint already).
-            self._restart(seek)
-            seek = 0
-        return [self.prepare(b) for b in batches], seek
-
-    def _decompress(self, chunk: bytes) -> bytes:
-        """The decompressed data of ``chunk`` past the part to skip."""
-        if chunk:
-            data = self._inflate.decompress(chunk)
-            while self._inflate.eof and self._inflate.unused_data:   # concatenated members
-                rest = self._inflate.unused_data
-                self._inflate = zlib.decompressobj(wbits=31)
-                data += self._inflate.decompress(rest)
-        else:
+    def feed(self, chunk: bytes | None) -> tuple[list[Prepared], int | None, bool]:
+        """Prepared batches for a chunk of the file (``b""`` at its end; None: go on with
+        the chunk before), where the reader must go on from if not right after this chunk,
+        and whether the chunk holds more (then the reader calls again with None)."""
+        if self._inflate is None:
+            batches, seek = self.parser.feed(chunk or b"")
+            return [self.prepare(b) for b in batches], seek, False
+        if chunk is not None:
+            self._input += chunk
+            self._ending = not chunk
+        prepared: list[Prepared] = []
+        budget = INFLATE_PER_CALL
+        while budget > 0 and (piece := self._next_piece()) is not None:
+            budget -= len(piece)
+            piece = self._past_skip(piece)
+            if not piece:
+                continue
+            batches, seek = self.parser.feed(piece)
+            prepared += [self.prepare(b) for b in batches]
+            if seek is not None:
+                # Back to an earlier point: decompress again from the start, up to it
+                # (those bytes are in the parser's fingerprint already).
+                self._restart(seek)
+                return prepared, 0, False
+        if budget <= 0:
+            return prepared, None, True
+        if self._ending:
             if not self._inflate.eof:
                 raise SourceError(self.prepare.src.name,
                                   f"{self.plan.path}: the gzip stream is truncated")
-            data = self._inflate.flush()
+            batches, _ = self.parser.feed(b"")
+            prepared += [self.prepare(b) for b in batches]
+        return prepared, None, False
+
+    def _next_piece(self) -> bytes | None:
+        """At most ``INFLATE_STEP`` decompressed bytes of the input held (members
+        concatenated with ``gzip >>`` included); None once it is used up."""
+        while True:
+            if self._inflate.eof:
+                rest = self._inflate.unused_data + self._input
+                if not rest:
+                    return None
+                self._inflate = zlib.decompressobj(wbits=31)
+                self._input = rest
+            if not self._input:
+                return None
+            data = self._inflate.decompress(self._input, INFLATE_STEP)
+            self._input = self._inflate.unconsumed_tail
+            if data:
+                self._inflated += len(data)
+                if self.max_decompressed is not None and self._inflated > self.max_decompressed:
+                    raise SourceError(
+                        self.prepare.src.name,
+                        f"{self.plan.path}: decompresses to more than "
+                        f"{self.max_decompressed:,} bytes (max_decompressed_bytes); "
+                        "raise it if the file is genuine")
+                return data
+
+    def _past_skip(self, data: bytes) -> bytes:
+        """``data`` without the part of the committed prefix it holds (hashed)."""
         if self._skip:
             taken = min(self._skip, len(data))
             if self._hash_skipped:
@@ -210,7 +281,7 @@ class FileStream:
 
 async def read_file(plan: FilePlan, workers: WorkerPool,
                     make_parser: Callable[[FilePlan, bytes], Parser],
-                    prepare: Preparing) -> AsyncIterator[Prepared]:
+                    prepare: Preparing, max_decompressed: int) -> AsyncIterator[Prepared]:
     """Stream one file from ``plan.start``; yield its prepared batches.
 
     Parsing and preparing run in one worker process, which keeps the file's parser from
@@ -219,21 +290,25 @@ async def read_file(plan: FilePlan, workers: WorkerPool,
     if plan.todo <= 0:
         return
     log.info("reading file", file=plan.path, start=plan.start, size=plan.size)
-    async with workers.open(FileStream, plan, make_parser, prepare) as stream, \
+    async with workers.open(FileStream, plan, make_parser, prepare,
+                            max_decompressed) as stream, \
             aiofiles.open(plan.path, "rb") as f:
         await f.seek(0 if plan.compressed else plan.start)
         while True:
-            chunk = await f.read(CHUNK_SIZE)
-            try:
-                prepared, seek = await stream.call("feed", chunk)
-            except (EOFError, zlib.error) as exc:
-                raise SourceError(prepare.src.name, f"{plan.path}: not a valid gzip "
-                                  f"file ({exc})") from exc
-            for item in prepared:
-                yield item
+            chunk: bytes | None = await f.read(CHUNK_SIZE)
+            ended, more = chunk == b"", True
+            while more:
+                try:
+                    prepared, seek, more = await stream.call("feed", chunk)
+                except (EOFError, zlib.error) as exc:
+                    raise SourceError(prepare.src.name, f"{plan.path}: not a valid gzip "
+                                      f"file ({exc})") from exc
+                for item in prepared:
+                    yield item
+                chunk = None
             if seek is not None:          # a malformed record: read on after its line
                 await f.seek(seek)
-            elif not chunk:
+            elif ended:
                 break
 
 
@@ -248,6 +323,8 @@ async def batches(ex: Extraction, pattern: str,
         if plan.todo <= 0:
             log.info("file unchanged since last run", file=plan.path)
     todo = [p for p in plans if p.todo > 0]
-    async for batch in flow.merge((read_file(p, ex.workers, make_parser, ex.preparer)
+    src: FileSource = ex.src
+    async for batch in flow.merge((read_file(p, ex.workers, make_parser, ex.preparer,
+                                             src.max_decompressed_bytes)
                                    for p in todo), ex.parallel_streams):
         yield batch

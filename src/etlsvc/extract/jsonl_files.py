@@ -25,19 +25,14 @@ import structlog
 
 from etlsvc.contract import (
     Batch,
-    BatchSize,
-    ByteLimit,
     Extraction,
-    Fields,
-    NonEmpty,
     Prepared,
     Reject,
-    SourceConfig,
     SourceKind,
 )
 from etlsvc.errors import SourceError
 from etlsvc.extract import files
-from etlsvc.extract.files import FilePlan
+from etlsvc.extract.files import FilePlan, FileSource
 from etlsvc.extract.records import json_batch
 
 log = structlog.get_logger()
@@ -47,14 +42,8 @@ REJECT_PREFIX = 1000
 _decode = msgspec.json.decode
 
 
-class JsonlSource(SourceConfig, tag="jsonl", kw_only=True):
+class JsonlSource(FileSource, tag="jsonl", kw_only=True):
     """A JSON Lines file, or every file matching a glob."""
-
-    path: NonEmpty
-    fields: Fields
-    batch_size: BatchSize = 10_000
-    #: A longer line is one reject (its prefix, length and SHA-256 kept).
-    max_record_bytes: ByteLimit = 1 << 20
 
     kind = "jsonl"
 
@@ -215,20 +204,28 @@ class JsonlKind(SourceKind):
     async def check(self, src: JsonlSource, base_dir: Path) -> str:
         paths = files.find_files(src.name, src.path, base_dir)
         for path in paths:
-            if not await asyncio.to_thread(_first_line_parses, path):
-                raise SourceError(src.name, f"{path}: the first line is not a JSON object")
+            wrong = await asyncio.to_thread(_first_line_wrong, path, src.max_record_bytes)
+            if wrong:
+                raise SourceError(src.name, f"{path}: the first line {wrong}")
         return f"{len(paths)} file(s), first lines are JSON objects"
 
 
-def _first_line_parses(path: str) -> bool:
+def _first_line_wrong(path: str, limit: int) -> str | None:
+    """What is wrong with the file's first non-blank line, if anything. A line is read up
+    to ``limit`` bytes, never whole: the file may be a decompression bomb."""
     with files.open_bytes(path) as f:
-        for line in f:
-            if line.strip():
-                try:
-                    return isinstance(_decode(line.lstrip(codecs.BOM_UTF8)), dict)
-                except msgspec.DecodeError:
-                    return False
-    return True
+        while line := f.readline(limit + 1):
+            if not line.strip():
+                continue
+            if len(line) > limit and not line.endswith(b"\n"):
+                return f"is longer than max_record_bytes ({limit:,})"
+            try:
+                if isinstance(_decode(line.lstrip(codecs.BOM_UTF8)), dict):
+                    return None
+            except msgspec.DecodeError:
+                pass
+            return "is not a JSON object"
+    return None
 
 
 KIND = JsonlKind()
