@@ -61,13 +61,25 @@ async def test_the_key_is_checked_before_the_body_is_read(client, key, body) -> 
 
 
 @pytest.mark.parametrize("body", [b"\xff\xfe\xfa not utf-8", b"[" * 100_000, b"{}}",
-                                  b'{"sources": "a"}', b'{"sources": [], "x": 1}'])
+                                  b'{"sources": "a"}', b'{"sources": [], "x": 1}',
+                                  b'{"sources": ["\xff"]}', b'{"sources": ["a\xc3("]}'])
 async def test_a_bad_body_with_a_good_key_is_a_400(client, pool: asyncpg.Pool, body) -> None:
     r = await client.post("/etl/run", content=body,
                           headers={**KEY, "Content-Type": "application/json"})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["status"] == 400
     assert await pool.fetchval("SELECT count(*) FROM etl_runs") == 0
+
+
+@pytest.mark.parametrize("path", ["/etl/rejects/retry", "/etl/rejects/ignore"])
+@pytest.mark.parametrize("body", [b'{"source": "\xff"}', b'{"source": "a", "ids": [1], '
+                                  b'"x\xff": 1}', b"[" * 100_000,
+                                  b'{"source": "a", "ids": "x"}'])
+async def test_a_bad_rejects_body_is_a_400(client, pool: asyncpg.Pool, path, body) -> None:
+    r = await client.post(path, content=body,
+                          headers={**KEY, "Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["status"] == 400
 
 
 async def test_an_empty_source_list_is_a_400_not_everything(client, pool: asyncpg.Pool) -> None:
@@ -132,3 +144,33 @@ async def test_one_busy_source_starts_none_of_the_others(client, pool: asyncpg.P
     assert r.status_code == 409
     assert r.json()["error"]["running"] == [{"source": "b", "run_id": run_b}]
     assert await pool.fetchval("SELECT count(*) FROM etl_runs WHERE source = 'a'") == 0
+
+
+BODIES = {
+    "not UTF-8 in a string": b'{"sources": ["\xff"], "source": "\xff", "ids": [1]}',
+    "not UTF-8": b"\xff\xfe\xfa",
+    "oversized": b'{"sources": ["' + b"a" * (2 << 20) + b'"]}',
+    "deep": b"[" * 100_000,
+}
+
+
+async def test_no_endpoint_answers_500_to_a_hostile_body(client) -> None:
+    """Every operation of the OpenAPI document (the streams, which never end, aside), with a
+    valid key, each hostile body, as JSON and as text."""
+    schema = (await client.get("/schema/openapi.json")).json()
+    tried = set()
+    for path, operations in schema["paths"].items():
+        if path.endswith(("/stream", "/log")):
+            continue
+        url = path.replace("{run_id}", "1")
+        for method in operations:
+            if method not in ("get", "post", "put", "patch", "delete"):
+                continue
+            for name, body in BODIES.items():
+                for ctype in ("application/json", "text/plain"):
+                    r = await client.request(method.upper(), url, content=body,
+                                             headers={**KEY, "Content-Type": ctype})
+                    assert r.status_code < 500, (method, path, name, ctype, r.text[:300])
+                    tried.add((method, path))
+    assert {("post", "/etl/run"), ("post", "/etl/rejects/retry"),
+            ("post", "/etl/rejects/ignore"), ("get", "/data")} <= tried, tried

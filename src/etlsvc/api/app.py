@@ -205,6 +205,7 @@ def create_litestar(cfg: Config, startup_errors: list[EtlError] | None = None) -
         route_handlers=[*runs.HANDLERS, *data.HANDLERS, *change_feed.HANDLERS,
                         *operations.HANDLERS, *console.HANDLERS],
         guards=[http.check_request],
+        request_class=http.JsonRequest,
         lifespan=[lifespan],
         exception_handlers={HTTPException: _http_error, Exception: _internal_error,
                             RecursionError: _too_deep,
