@@ -302,7 +302,7 @@ async def run_source(cfg: Config, name: str, **kwargs: Any) -> dict[str, Any]:
     async with db.open_database(cfg) as database:
         row = await pipeline.run_source(database, cfg, cfg.source(name), shared_workers(),
                                         **kwargs)
-        await notify.drain()          # as `etlsvc run` does, before the pool closes
+        await notify.drain(database.pool)   # as `etlsvc run` does, before the pool closes
         return row
 
 

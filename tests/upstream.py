@@ -29,6 +29,8 @@ class Reply:
     body: bytes | Any = b""
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0
+    #: Send the body one byte every this many seconds (a receiver that trickles).
+    trickle: float = 0.0
 
     def encoded(self) -> bytes:
         if isinstance(self.body, bytes):
@@ -72,7 +74,16 @@ class Upstream:
                 if "content-length" not in headers:
                     self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                if not reply.trickle:
+                    self.wfile.write(body)
+                    return
+                try:
+                    for i in range(len(body)):
+                        self.wfile.write(body[i:i + 1])
+                        self.wfile.flush()
+                        time.sleep(reply.trickle)
+                except OSError:                     # the client gave up
+                    pass
 
             do_POST = do_GET      # a webhook receiver: the body is recorded
 

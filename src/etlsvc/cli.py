@@ -144,9 +144,11 @@ async def _run(cfg: Config, args: argparse.Namespace) -> int:
                     bar.close()
 
     async with db.open_database(cfg) as database, contextlib.aclosing(workers):
+        # What an earlier process left undelivered goes out with this run's notifications.
+        await notify.resend_undelivered(database.pool, cfg.notify)
         # Sources at once, up to [pipeline] parallel_runs, each on its own connections.
         results = await asyncio.gather(*(run_one(i, s) for i, s in enumerate(selected)))
-        await notify.drain()            # a failure is announced before the process ends
+        await notify.drain(database.pool)   # a failure is announced before the process ends
         try:
             totals = await database.pool.fetch(
                 "SELECT source, count(*) AS n FROM normalized_data WHERE source = ANY($1::text[])"

@@ -86,8 +86,7 @@ async def test_an_anomaly_goes_to_a_slack_hook_and_a_4xx_is_not_retried(
         "rows_read) SELECT 'items', 'csv', 'schedule', 'succeeded', now() - interval '1 day', "
         "now() - interval '1 day' + interval '1 second', 2000 + g FROM generate_series(1, 8) g")
     run = await run_source(cfg, "items")
-    assert run["anomaly"]
-    await notify.drain()
+    assert run["anomaly"]                       # run_source waited for its deliveries
     slack = [r for r in upstream.requests if r.path == "/slack"]
     gone = [r for r in upstream.requests if r.path == "/gone"]
     assert len(slack) == 1 and len(gone) == 1
@@ -115,7 +114,7 @@ async def test_a_stale_source_is_announced_once_however_often_it_is_swept(
         service = Service(cfg, database, None)   # type: ignore[arg-type]
         for _ in range(3):                      # three sweeps (or three replicas)
             await service.announce_stale()
-        await notify.drain()
+        await notify.drain(database.pool)
     posts = [verify(r) for r in upstream.requests]
     assert [(p["event"], p["source"]) for p in posts] == [("stale", "items")]
     assert posts[0]["details"]["last_success"] == success.isoformat()
@@ -150,3 +149,63 @@ async def test_schema_drift_is_announced_once_per_run(
     assert posts[0]["details"]["policy"] == "evolve"
     assert [c["column"] for c in posts[0]["details"]["changes"]] == ["color"]
     assert "new column 'color'" in posts[0]["summary"]
+
+
+TRICKLE = Reply(200, b"x" * 100, trickle=0.5)      # 50 s for the whole answer
+
+
+async def test_a_receiver_that_trickles_is_cut_at_timeout_s_each_attempt(
+        env: Env, pool: asyncpg.Pool, upstream: Upstream) -> None:
+    upstream.route("/hook", lambda r: TRICKLE)
+    env.write_config(csv_source("items", env.dir / "missing.csv", fields=FIELDS),
+                     extra=hooks(f"{upstream.base}/hook", "timeout_s = 1\nmax_attempts = 3"))
+    started = time.monotonic()
+    done = env.cli("run", "items", ETLSVC_HOOK_SECRET=SECRET, timeout=120)
+    took = time.monotonic() - started
+    assert done.returncode == 1
+    # three attempts of 1 s, two short waits, the start and the run: far from 3 × 50 s
+    assert took < 20, took
+    assert len([r for r in upstream.requests if r.method == "POST"]) == 3
+    outcomes = await pool.fetchval("SELECT outcomes FROM etl_notifications")
+    assert outcomes == ["failed after 3 attempt(s): no whole answer within timeout_s (1 s)"]
+
+
+async def test_serve_waits_for_deliveries_at_most_its_grace_and_the_next_process_sends_them(
+        env: Env, pool: asyncpg.Pool, upstream: Upstream,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.integration.test_service import KEY, servers
+
+    monkeypatch.setenv("ETLSVC_HOOK_SECRET", SECRET)
+    monkeypatch.setenv("ETLSVC_API_KEYS", "test-key")
+    replies = {"now": TRICKLE}
+    upstream.route("/hook", lambda r: replies["now"])
+    (env.dir / "ok.csv").write_text("id,title\nk1,t1\n")
+    env.write_config(csv_source("items", env.dir / "missing.csv", fields=FIELDS)
+                     + csv_source("ok", env.dir / "ok.csv", fields=FIELDS),
+                     extra=hooks(f"{upstream.base}/hook", "timeout_s = 60")
+                     + "[server]\nshutdown_grace_s = 2\n")
+    with servers(env) as (server,):
+        import httpx
+        assert httpx.post(f"{server.base}/etl/run", json={"sources": ["items"]},
+                          headers=KEY).status_code == 202
+        deadline = time.monotonic() + 30
+        while not upstream.requests and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert upstream.requests, "no delivery began"
+        started = time.monotonic()
+        assert server.stop() == 0
+        took = time.monotonic() - started
+    assert took < 2 + 3, (took, server.output[-2000:])         # the grace, not 60 s
+    assert "deliveries cut short at shutdown" in server.output
+    row = await pool.fetchrow("SELECT id, outcomes, due_at <= now() AS due "
+                              "FROM etl_notifications")
+    assert row["outcomes"] is None and row["due"], dict(row)
+    # The next process (here a CLI run of another source) sends it, under the same id.
+    replies["now"] = Reply(204)
+    upstream.requests.clear()
+    assert env.cli("run", "ok", ETLSVC_HOOK_SECRET=SECRET).returncode == 0
+    posts = [verify(r) for r in upstream.requests]
+    assert [(p["id"], p["event"], p["source"]) for p in posts] == \
+        [(row["id"], "run_failed", "items")]
+    assert await pool.fetchval("SELECT outcomes FROM etl_notifications") == \
+        ["delivered after 1 attempt(s)"]

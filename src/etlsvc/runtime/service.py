@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import datetime as dt
+import time
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -250,6 +251,7 @@ class Service:
                 await retention.prune_tombstones(self.database.pool,
                                     self.cfg.server.change_feed_retention_days)
                 await self.announce_stale()
+                await notify.resend_undelivered(self.database.pool, self.cfg.notify)
             except Exception as exc:
                 if not db.unavailable(exc):
                     raise
@@ -282,7 +284,9 @@ class Service:
                             once=f"stale:{src.name}:{success.isoformat()}")
 
     async def stop(self, grace: float) -> None:
-        """Stop taking runs; give running ones ``grace`` seconds, then cancel them."""
+        """Stop taking runs; give running ones and webhook deliveries ``grace`` seconds in
+        all, then cancel them (undelivered notifications go to the next process)."""
+        deadline = time.monotonic() + grace
         self.accepting = False
         self._stopping.set()
         self.loop_monitor.stop()
@@ -307,4 +311,4 @@ class Service:
             follower.cancel()
         await asyncio.gather(*self._followers, return_exceptions=True)
         await self.workers.aclose()
-        await notify.drain()
+        await notify.drain(self.database.pool, max(0.0, deadline - time.monotonic()))
