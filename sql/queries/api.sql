@@ -124,21 +124,29 @@ ORDER BY id DESC
 LIMIT $2
 
 -- name: last_runs
--- The latest run and the latest successful run of each source, and whether the latest
--- successful load was anomalous (runtime/anomalies.py).
+-- Per source: its latest load and latest successful load (a load reads its upstream: a reject
+-- retry or a replay is not one, so it neither clears a failing source nor makes one fresh),
+-- whether that successful load was anomalous (runtime/anomalies.py), the run of any kind
+-- running now, and the database's clock, by which every replica judges freshness.
 SELECT DISTINCT ON (source) source, id, status, started_at, finished_at, error,
        (SELECT max(finished_at) FROM etl_runs s
-         WHERE s.source = r.source AND s.status = 'succeeded') AS last_success,
+         WHERE s.source = r.source AND s.status = 'succeeded'
+           AND s.trigger IN ('manual', 'schedule', 'startup', 'stream')) AS last_success,
        (SELECT a.anomaly FROM etl_runs a
          WHERE a.source = r.source AND a.status = 'succeeded'
            AND a.trigger IN ('manual', 'schedule', 'startup', 'stream')
-         ORDER BY a.id DESC LIMIT 1) AS anomaly
+         ORDER BY a.id DESC LIMIT 1) AS anomaly,
+       (SELECT max(g.id) FROM etl_runs g
+         WHERE g.source = r.source AND g.status = 'running') AS running_run,
+       statement_timestamp() AS now
 FROM etl_runs r
+WHERE r.trigger IN ('manual', 'schedule', 'startup', 'stream')
 ORDER BY source, id DESC
 
 -- name: source_stats
 -- Per source: rows in normalized_data, runs, successes, records read and rejected, the
--- throughput of the last successful run, and the schema drift of the last run that had any.
+-- throughput of the last successful load (not a reject retry nor a replay, which read a
+-- handful of rows), and the schema drift of the last run that had any.
 SELECT s.source,
        (SELECT d.notes -> 'drift' FROM etl_runs d
          WHERE d.source = s.source AND d.notes ? 'drift'
@@ -151,6 +159,7 @@ SELECT s.source,
        max(id) AS last_run_id,
        (SELECT round(r.rows_read / greatest(extract(epoch FROM r.finished_at - r.started_at), 0.001))
           FROM etl_runs r WHERE r.source = s.source AND r.status = 'succeeded'
+           AND r.trigger IN ('manual', 'schedule', 'startup', 'stream')
           ORDER BY r.id DESC LIMIT 1) AS last_rows_per_s
 FROM etl_runs s
 GROUP BY s.source

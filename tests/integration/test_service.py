@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -203,10 +203,12 @@ class Server:
 
 
 @contextlib.contextmanager
-def servers(env: Env, count: int = 1) -> Iterator[list[Server]]:
-    """``count`` servers on ``env``'s config, up and answering; stopped at the end."""
+def servers(env: Env, count: int = 1,
+            environs: Sequence[dict[str, str]] = ()) -> Iterator[list[Server]]:
+    """``count`` servers on ``env``'s config, up and answering; stopped at the end. Server
+    ``i`` gets ``environs[i]`` in its environment, if given."""
     started = []
-    for _ in range(count):
+    for i in range(count):
         port = free_port()
         proc = subprocess.Popen(
             [
@@ -221,7 +223,8 @@ def servers(env: Env, count: int = 1) -> Iterator[list[Server]]:
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "ETLSVC_DATABASE_URL": env.database_url},
+            env={**os.environ, "ETLSVC_DATABASE_URL": env.database_url,
+                 **(environs[i] if i < len(environs) else {})},
         )
         started.append(Server(proc, port))
     try:

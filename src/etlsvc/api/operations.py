@@ -20,9 +20,10 @@ from etlsvc.runtime.service import stale
 
 
 async def source_states(request: Request, where: str) -> dict[str, dict[str, Any]]:
-    """Each configured source's last run, last success, and whether it is stale, failing or
-    degraded (what /health and /metrics report). Raises when the database cannot be read
-    (counted in ``etlsvc_db_connection_errors_total`` under ``where``)."""
+    """Each configured source's last load, last successful load, and whether it is stale
+    (by the database's clock), failing or degraded (what /health and /metrics report); a
+    reject retry or a replay is not a load. Raises when the database cannot be read (counted
+    in ``etlsvc_db_connection_errors_total`` under ``where``)."""
     service = service_of(request)
     try:
         last = {r["source"]: dict(r) for r in await read_pool(request).fetch(
@@ -30,7 +31,8 @@ async def source_states(request: Request, where: str) -> dict[str, dict[str, Any
     except Exception:
         metrics.database_error(where)
         raise
-    now = dt.datetime.now(dt.UTC)
+    # Without any run, nothing is judged by the clock.
+    now = next(iter(last.values()))["now"] if last else dt.datetime.now(dt.UTC)
     sources = {}
     for src in service.cfg.sources:
         info = last.get(src.name, {})
@@ -41,7 +43,9 @@ async def source_states(request: Request, where: str) -> dict[str, dict[str, Any
                              "error": info.get("error"),
                              # The last load was unlike the recent ones (runtime/anomalies.py).
                              "degraded": info.get("anomaly") is not None,
-                             "anomaly": info.get("anomaly")}
+                             "anomaly": info.get("anomaly"),
+                             # any run, a retry or a replay included
+                             "running_run": info.get("running_run")}
         if KINDS[src.kind].continuous:
             sources[src.name]["lag"] = metrics.stream_lag.get(src.name)
     return sources
@@ -71,7 +75,7 @@ async def health(request: Request) -> Response[dict[str, Any]]:
                               "degraded_sources": sorted(
                                   n for n, s in sources.items() if s["degraded"]),
                               "running": sorted(n for n, s in sources.items()
-                                                if s["status"] == "running"),
+                                                if s["running_run"]),
                               "sources": sources})
     response = Response(content=body, status_code=200 if healthy else 503)
     if not checks["database"]:

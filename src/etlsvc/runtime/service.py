@@ -269,9 +269,11 @@ class Service:
         ``etl_notifications`` keeps one)."""
         if not self.cfg.notify.webhooks:
             return
-        last = {r["source"]: r["last_success"] for r in await self.database.pool.fetch(
-            db.query("api", "last_runs"))}
-        now = dt.datetime.now(dt.UTC)
+        rows = await self.database.pool.fetch(db.query("api", "last_runs"))
+        last = {r["source"]: r["last_success"] for r in rows}
+        if not rows:
+            return
+        now = rows[0]["now"]            # the database's clock: one for every replica
         for src in self.cfg.sources:
             success = last.get(src.name)
             if stale(src, success, now):

@@ -341,7 +341,7 @@ const LOADS = new Set(["manual", "schedule", "startup", "stream"]);
 
 function card(name, stat, health, runs) {
   const continuous = "lag" in health;
-  const running = health.status === "running" ? health.last_run : null;
+  const running = health.running_run ?? null;      // a load, a retry or a replay
   // Loads only: a retry or a replay reads a handful of rows.
   const done = runs.filter((r) => r.status === "succeeded" && r.rows_read > 0
     && LOADS.has(r.trigger)).reverse();
