@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import random
 import re
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import msgspec
@@ -28,6 +29,7 @@ from etlsvc.errors import DatabaseError
 from etlsvc.logs import redact
 
 log = structlog.get_logger()
+T = TypeVar("T")
 
 #: The largest bigint: the top of every id range (row ids, run ids, positions).
 MAX_ID = 2**63 - 1
@@ -47,6 +49,31 @@ UNAVAILABLE = (OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.I
 def unavailable(exc: BaseException) -> bool:
     """Whether ``exc`` means the database is away rather than that a statement failed."""
     return isinstance(exc, UNAVAILABLE)
+
+
+#: A transaction PostgreSQL rolled back for no fault of its own: it chose it to break a
+#: deadlock with another session (40P01), or could not serialize it with others (40001).
+#: The same transaction, done again, is right.
+TRANSIENT = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
+TRANSIENT_ATTEMPTS = 5
+
+
+async def again_if_transient(transaction: Callable[[], Awaitable[T]], what: str) -> T:
+    """``transaction()`` (which opens and commits its own transaction), done again, up to
+    ``TRANSIENT_ATTEMPTS`` times in all, while it ends in a :data:`TRANSIENT` error."""
+    attempt = 1
+    while True:
+        try:
+            return await transaction()
+        except TRANSIENT as exc:
+            if attempt >= TRANSIENT_ATTEMPTS:
+                raise
+            log.warning(f"{what} rolled back by the database; doing it again",
+                        sqlstate=exc.sqlstate, reason=str(exc).splitlines()[0],
+                        attempt=attempt)
+            # jittered, growing: two sessions that deadlock again would keep doing so
+            await asyncio.sleep(random.uniform(0.05, 0.1) * 2 ** attempt)
+            attempt += 1
 
 
 @contextlib.asynccontextmanager

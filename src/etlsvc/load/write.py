@@ -112,7 +112,19 @@ async def write(conn: asyncpg.Connection, src: SourceConfig, kind: SourceKind, r
 async def commit(conn: asyncpg.Connection, src: SourceConfig, kind: SourceKind, run_id: int,
                  batch: Prepared, previous: asyncio.Task[None] | None = None) -> dict[str, int]:
     """One batch of a run in one transaction: ``write``, then the checkpoint, the shape and
-    the run's counters (after ``previous``, in this order). Returns the batch's counters."""
+    the run's counters (after ``previous``, in this order). Returns the batch's counters.
+
+    A transaction the database rolls back to break a deadlock (an operator's transaction
+    that locks the same rows in another order) or for a serialization failure is done again:
+    nothing of it was kept, so the batch goes again from its checkpoint, in the same run."""
+    return await db.again_if_transient(
+        lambda: _commit_once(conn, src, kind, run_id, batch, previous),
+        f"a batch of {src.name} ({batch.stream})")
+
+
+async def _commit_once(conn: asyncpg.Connection, src: SourceConfig, kind: SourceKind,
+                       run_id: int, batch: Prepared,
+                       previous: asyncio.Task[None] | None) -> dict[str, int]:
     async with db.failing_fast(conn), conn.transaction():
         written = await write(conn, src, kind, run_id,
                               Copied(batch.payload, batch.valid, batch.distinct_keys),

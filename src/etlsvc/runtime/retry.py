@@ -53,13 +53,18 @@ async def retry(database: Database, src: Source, *, run_id: int | None = None,
             after = 0
             try:
                 while True:
-                    async with conn.transaction():
-                        taken = await conn.fetch(db.query("rejects", "take_open"), src.name,
-                                                 after, chunk, run_id, ids)
-                        if not taken:
-                            break
-                        after = taken[-1]["id"]
-                        await _retry_chunk(conn, src, retry_id, taken)
+                    async def one_chunk(after: int = after) -> list[asyncpg.Record]:
+                        async with conn.transaction():
+                            taken = await conn.fetch(db.query("rejects", "take_open"),
+                                                     src.name, after, chunk, run_id, ids)
+                            if taken:
+                                await _retry_chunk(conn, src, retry_id, taken)
+                            return taken
+
+                    taken = await db.again_if_transient(one_chunk, "a chunk of the retry")
+                    if not taken:
+                        break
+                    after = taken[-1]["id"]
             except (EtlError, asyncpg.PostgresError, OSError) as exc:
                 error = f"retry stopped: {exc}"
             row = await runs.finish(conn, retry_id, "failed" if error else "succeeded", error)
