@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
+import socket
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -248,3 +250,80 @@ def crash_mid_stream(tmp_path: Path, stream: str, total: int) -> None:
             assert cluster.value("SELECT count(*) FROM normalized_data") == total
         finally:
             cluster.server.stop()
+
+
+@contextlib.contextmanager
+def absent_server(how: str) -> Iterator[str]:
+    """The URL of a NATS server that is not there: a port that refuses connections, or
+    one that accepts them and never says a word."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    url = f"nats://127.0.0.1:{sock.getsockname()[1]}"
+    if how == "refused":
+        sock.close()
+        yield url
+        return
+    sock.listen(16)
+    try:
+        yield url
+    finally:
+        sock.close()
+
+
+def absent_source(url: str) -> str:
+    return stream_source("s", "S", extra="connect_timeout_s = 2").replace(
+        f'servers = ["{NATS}"]', f'servers = ["{url}"]')
+
+
+@pytest.mark.parametrize("how", ["refused", "silent"])
+def test_run_and_check_end_within_the_connect_timeout_when_nats_is_absent(
+        env: Env, how: str) -> None:
+    with absent_server(how) as url:
+        env.write_config(absent_source(url))
+        started = time.monotonic()
+        run = env.cli("run", "s", timeout=60)
+        took = time.monotonic() - started
+        said = run.stdout + run.stderr
+        assert run.returncode == 1, said[-2000:]
+        assert took < 2 + 8, took                  # the timeout, the start and the end
+        assert f"cannot reach NATS at {url} within connect_timeout_s (2 s)" in said
+        assert "Traceback" not in said and "encountered error" not in said
+        started = time.monotonic()
+        check = env.cli("check", timeout=60)
+        assert check.returncode == 1 and time.monotonic() - started < 2 + 8
+        assert (f"FAIL source 's': cannot reach NATS at {url} within connect_timeout_s (2 s)"
+                in check.stderr), check.stderr
+        assert "Traceback" not in check.stderr
+
+
+async def test_serve_shows_an_absent_nats_as_failing_and_logs_once(
+        env: Env, pool: asyncpg.Pool) -> None:
+    with absent_server("silent") as url:
+        env.write_config(absent_source(url).replace("connect_timeout_s = 2",
+                                                    "connect_timeout_s = 1"))
+        with servers(env) as (server,):
+            deadline = time.monotonic() + 30
+            seen: dict[str, Any] = {}
+            while time.monotonic() < deadline:
+                seen = httpx.get(f"{server.base}/health", timeout=5).json()["data"]
+                if seen["sources"]["s"]["failing"]:
+                    break
+                time.sleep(0.1)
+            assert seen["failing_sources"] == ["s"], seen
+            assert "cannot reach NATS" in seen["sources"]["s"]["error"]
+            # Failed runs in a row: 1 s of trying, then 1 s, 2 s, 4 s of backoff.
+            while await pool.fetchval("SELECT count(*) FROM etl_runs WHERE status = "
+                                      "'failed'") < 3 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            # /metrics says so too (between a retry's start and its failure, a second
+            # later, the source is running, in both).
+            failing = 'etlsvc_source_failing{source="s"} 1.0'
+            while failing not in (metrics := httpx.get(
+                    f"{server.base}/metrics", headers=KEY, timeout=5).text) and \
+                    time.monotonic() < deadline:
+                time.sleep(0.2)
+        assert await pool.fetchval("SELECT count(*) FROM etl_runs WHERE status = 'failed'") >= 3
+        assert failing in metrics
+        out = server.output
+        assert out.count("stream run failed; starting again") == 1, out[-3000:]
+        assert "Traceback" not in out and "encountered error" not in out

@@ -65,7 +65,7 @@ FULL: dict[str, Any] = {
          "max_boundary_keys": 1000, "fields": FIELDS},
         {"name": "events", "kind": "stream", "servers": ["nats://127.0.0.1:4222"],
          "stream": "EVENTS", "subject": "events.>", "batch_size": 1000,
-         "max_batch_wait": 0.5, "fields": FIELDS},
+         "max_batch_wait": 0.5, "connect_timeout_s": 5.0, "fields": FIELDS},
     ],
 }
 

@@ -15,6 +15,10 @@
   sequence. ``raw_stream_data`` keeps the payload, the stream name and the sequence.
 * The consumer's lag (messages not yet delivered plus delivered but not yet committed) is
   in ``/health`` and ``/metrics`` (``etlsvc_stream_lag_messages``).
+* A server that cannot be reached for ``connect_timeout_s`` (at the start, or mid-stream
+  while the client reconnects) fails the run with one line: ``run`` and ``check`` end there,
+  and ``serve`` starts the source again with backoff, failing meanwhile in ``/health``. The
+  connection's state changes are logged once each, not every reconnect attempt.
 """
 
 from __future__ import annotations
@@ -69,6 +73,8 @@ class StreamSource(SourceConfig, tag="stream", kw_only=True):
     batch_size: BatchSize = 1000
     #: Seconds a batch waits to fill up before it is committed as it is.
     max_batch_wait: Annotated[float, msgspec.Meta(gt=0, le=60)] = 0.5
+    #: Seconds the server may be unreachable (at connect, or mid-stream) before the run fails.
+    connect_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 5.0
     fields: Fields
 
     kind = "stream"
@@ -90,6 +96,64 @@ def _credentials(src: StreamSource) -> dict[str, Any]:
     if src.user:
         out["user"] = src.user
     return out
+
+
+class _Link:
+    """A source's NATS connection: how it is doing, each change logged once (nats-py
+    reports every failed attempt, every 2 s, to ``error_cb``)."""
+
+    def __init__(self, src: StreamSource) -> None:
+        self.src = src
+        self.nc: Any = None
+        self.last_error: BaseException | None = None
+        self.lost_at: float | None = None
+
+    async def connect(self, *, reconnect: bool) -> Any:
+        """Connected within ``connect_timeout_s``, else SourceError. nats-py keeps trying a
+        first connection for ever (even with ``max_reconnect_attempts = 0``): the time is
+        bounded here."""
+        import nats
+
+        src = self.src
+        try:
+            async with asyncio.timeout(src.connect_timeout_s):
+                self.nc = await nats.connect(
+                    servers=src.servers, connect_timeout=min(src.connect_timeout_s, 5.0),
+                    allow_reconnect=reconnect, max_reconnect_attempts=-1 if reconnect else 0,
+                    error_cb=self._error, disconnected_cb=self._lost,
+                    reconnected_cb=self._back, **_credentials(src))
+        except SourceError:
+            raise
+        except Exception as exc:
+            cause = self.last_error or exc
+            raise SourceError(src.name, f"cannot reach NATS at {', '.join(src.servers)} "
+                              f"within connect_timeout_s ({src.connect_timeout_s:g} s): "
+                              f"{describe(cause) or type(cause).__name__}") from None
+        return self.nc
+
+    def check(self) -> None:
+        """SourceError once the connection has been lost for ``connect_timeout_s``."""
+        if self.lost_at is not None and (
+                time.monotonic() - self.lost_at > self.src.connect_timeout_s):
+            cause = self.last_error
+            raise SourceError(self.src.name, "NATS unreachable for more than "
+                              f"connect_timeout_s ({self.src.connect_timeout_s:g} s)"
+                              + (f": {describe(cause) or type(cause).__name__}"
+                                 if cause else ""))
+
+    async def _error(self, exc: BaseException) -> None:
+        self.last_error = exc            # said in the failure, if it comes to that
+
+    async def _lost(self) -> None:
+        if self.nc is not None and self.lost_at is None:
+            self.lost_at = time.monotonic()
+            log.warning("NATS connection lost; reconnecting", source=self.src.name)
+
+    async def _back(self) -> None:
+        if self.lost_at is not None:
+            log.info("NATS connection back", source=self.src.name,
+                     after_s=round(time.monotonic() - self.lost_at, 1))
+        self.lost_at, self.last_error = None, None
 
 
 def prepare_messages(preparer: Preparing, stream: str, payloads: list[bytes], seqs: list[int],
@@ -142,19 +206,13 @@ class StreamKind(SourceKind):
                                   "(expected nats://host:4222)")
 
     async def batches(self, ex: Extraction) -> AsyncIterator[Prepared]:
-        import nats
         from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
         from nats.js.errors import NotFoundError
 
         src: StreamSource = ex.src
         last = int((ex.checkpoints.get(src.stream) or {}).get("seq", 0))
-        try:
-            nc = await nats.connect(servers=src.servers, connect_timeout=5,
-                                    max_reconnect_attempts=-1, allow_reconnect=True,
-                                    **_credentials(src))
-        except Exception as exc:
-            raise SourceError(src.name, f"cannot connect to NATS at "
-                              f"{', '.join(src.servers)}: {describe(exc)}") from exc
+        link = _Link(src)
+        nc = await link.connect(reconnect=True)
         try:
             js = nc.jetstream()
             # The checkpoint is the truth: the consumer delivers from the message after it.
@@ -177,23 +235,32 @@ class StreamKind(SourceKind):
             sub = await js.subscribe_bind(src.stream, config, src.consumer, cb=inbox.put,
                                           manual_ack=True)
             log.info("consuming", stream=src.stream, consumer=src.consumer, after_seq=last)
-            async for prepared in self._consume(ex, src, sub, inbox, last):
+            async for prepared in self._consume(ex, src, link, sub, inbox, last):
                 yield prepared
         finally:
             with contextlib.suppress(Exception):
                 await nc.close()
 
-    async def _consume(self, ex: Extraction, src: StreamSource, sub: Any, inbox: _Inbox,
-                       last: int) -> AsyncIterator[Prepared]:
+    async def _consume(self, ex: Extraction, src: StreamSource, link: _Link, sub: Any,
+                       inbox: _Inbox, last: int) -> AsyncIterator[Prepared]:
         lag_read = 0.0
         while ex.stopping is None or not ex.stopping.is_set():
             msgs = await inbox.take(src.max_batch_wait)
-            if not msgs or time.monotonic() - lag_read > LAG_EVERY:
-                info = await sub.consumer_info()
-                metrics.set_stream_lag(src.name, info.num_pending + info.num_ack_pending)
-                lag_read = time.monotonic()
-                if not msgs and ex.stopping is None and not info.num_pending and not inbox.msgs:
-                    return                    # `etlsvc run`: caught up
+            link.check()
+            # While reconnecting there is no lag to read (the request would time out).
+            if link.lost_at is None and (not msgs or time.monotonic() - lag_read > LAG_EVERY):
+                try:
+                    info = await sub.consumer_info()
+                except Exception:
+                    if link.lost_at is None:
+                        raise
+                    info = None               # lost meanwhile: link.check() decides
+                if info is not None:
+                    metrics.set_stream_lag(src.name, info.num_pending + info.num_ack_pending)
+                    lag_read = time.monotonic()
+                    if (not msgs and ex.stopping is None and not info.num_pending
+                            and not inbox.msgs):
+                        return                # `etlsvc run`: caught up
             if not msgs:
                 continue
             seqs = list(map(_sequence, msgs))
@@ -212,10 +279,7 @@ class StreamKind(SourceKind):
             yield prepared
 
     async def check(self, src: StreamSource, base_dir: Path) -> str:
-        import nats
-
-        nc = await nats.connect(servers=src.servers, connect_timeout=5,
-                                max_reconnect_attempts=0, **_credentials(src))
+        nc = await _Link(src).connect(reconnect=False)
         try:
             info = await nc.jetstream().stream_info(src.stream)
         finally:

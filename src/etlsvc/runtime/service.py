@@ -161,6 +161,7 @@ class Service:
         (waiting while another replica holds it), execute it, and after a failure start
         again with backoff."""
         delay = 1.0
+        failing: str | None = None          # the error of the failed runs in a row
         while self.accepting:
             try:
                 [claimed] = await pipeline.claim(self.database, [src], trigger="stream",
@@ -182,10 +183,16 @@ class Service:
             finally:
                 self.running.pop(claimed.id, None)
             if row["status"] != "failed":
-                delay = 1.0
+                if failing:
+                    log.info("stream source running again", source=src.name)
+                delay, failing = 1.0, None
             elif self.accepting:
-                log.warning("stream run failed; starting again", source=src.name,
-                            delay_s=delay)
+                # One line when the reason changes, not one per attempt (the run's own
+                # "run finished" line says each).
+                if row["error"] != failing:
+                    log.warning("stream run failed; starting again with backoff",
+                                source=src.name, error=row["error"], delay_s=delay)
+                failing = row["error"]
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, 60.0)
 
