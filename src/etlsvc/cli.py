@@ -179,7 +179,7 @@ async def _rejects(cfg: Config, args: argparse.Namespace) -> int:
           f"{row['rows_valid']:,} loaded (resolved), {row['rows_rejected']:,} still open",
           file=sys.stderr)
     if row.get("error"):
-        print(f"{src.name}: {row['error']}", file=sys.stderr)
+        print(_naming(src.name, row["error"]), file=sys.stderr)
     return EXIT_OK if row["status"] == "succeeded" else EXIT_FAILED
 
 
@@ -240,11 +240,14 @@ async def _serve(cfg: Config, args: argparse.Namespace) -> int:
     # Here, not at the top: litestar and the HTTP app cost every other command (run, check,
     # logs, the image's HEALTHCHECK) about a quarter of a second that only serve needs.
     from etlsvc.api.app import create_app
+    # With it: the HTTP side of serve only.
+    from etlsvc.api.protocol import with_header_timeout
 
     startup_errors: list[EtlError] = []
     config = uvicorn.Config(
         create_app(cfg, startup_errors), host=args.host or cfg.server.host,
         port=args.port or cfg.server.port,
+        http=with_header_timeout(cfg.server.request_header_timeout_s),
         log_config=None, access_log=False, lifespan="on", server_header=False,
         timeout_graceful_shutdown=int(cfg.server.shutdown_grace_s) + 5)
     server = _Server(config)
@@ -293,6 +296,11 @@ class _Server(uvicorn.Server):
         self.should_exit = True
 
 
+def _naming(source: str, error: str) -> str:
+    """``source: error``, unless the error names the source already (a SourceError)."""
+    return error if error.startswith(f"source {source!r}: ") else f"{source}: {error}"
+
+
 class _ProgressBar:
     """tqdm bar over the bytes of a run, with rows and rows/s."""
 
@@ -330,4 +338,4 @@ def _print_summary(rows: list[dict[str, Any]], totals: dict[str, int]) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip(), file=sys.stderr)
     for r in rows:
         if r.get("error"):
-            print(f"{r['source']}: {r['error']}", file=sys.stderr)
+            print(_naming(r["source"], r["error"]), file=sys.stderr)

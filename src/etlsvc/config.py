@@ -95,6 +95,10 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: orchestrator's kill timeout (compose's stop_grace_period, Kubernetes'
     #: terminationGracePeriodSeconds).
     shutdown_grace_s: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 20.0
+    #: Seconds a connection may take to send a request's head (line and headers), from
+    #: when it opens or its last answer was sent; then it is closed (idle and slowloris
+    #: connections would otherwise stay open for ever). Keep-alive idle time is 5 s.
+    request_header_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 10.0
 
 
 class PipelineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

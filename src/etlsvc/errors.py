@@ -19,9 +19,15 @@ Invalid *records* are not exceptions: they are data, stored in ``etl_rejects``.
 from __future__ import annotations
 
 
+def one_line(text: str) -> str:
+    """``text`` on one line: a PostgreSQL error's ``DETAIL:`` and ``HINT:`` lines, say,
+    joined with ``; `` (a log line and a run's error stay one line each)."""
+    return "; ".join(part.strip() for part in text.strip().splitlines() if part.strip())
+
+
 def describe(exc: BaseException) -> str:
     """``Type: message`` of a driver or library exception, for one-line error messages."""
-    text = str(exc).strip()
+    text = one_line(str(exc))
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 

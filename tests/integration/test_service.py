@@ -568,3 +568,44 @@ async def test_every_read_endpoint_uses_the_read_pool(env: Env, pool: asyncpg.Po
                 assert r.status_code == 200, (path, r.text)
         finally:
             service.database = real
+
+
+def closed_by_server(sock: socket.socket, within: float) -> bool:
+    """Whether the server closes ``sock`` within ``within`` seconds."""
+    sock.settimeout(within)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+async def test_idle_and_slowloris_connections_are_closed_at_the_header_timeout(
+    env: Env, pool: asyncpg.Pool
+) -> None:
+    env.write_config("", extra="[server]\nrequest_header_timeout_s = 1")
+    with servers(env) as (server,):
+        address = ("127.0.0.1", server.port)
+        idle = [socket.create_connection(address) for _ in range(20)]
+        slow = socket.create_connection(address)
+        kept = socket.create_connection(address)      # one whole request, then nothing
+        kept.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        started = time.monotonic()
+        for byte in b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 20:
+            try:
+                slow.send(bytes([byte]))               # a header byte every 0.1 s
+            except OSError:
+                break
+            time.sleep(0.1)
+        try:
+            assert all(closed_by_server(s, 3) for s in idle)
+            assert closed_by_server(slow, 3)
+            assert time.monotonic() - started < 1 + 5
+            answer = kept.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 ") and closed_by_server(kept, 8)
+        finally:
+            for s in [*idle, slow, kept]:
+                s.close()
+        # The server is fine and answers whole requests.
+        assert httpx.get(f"{server.base}/data", timeout=5).status_code == 200

@@ -13,7 +13,7 @@ import pytest
 
 from etlsvc import db
 from etlsvc.runtime import replay
-from tests.conftest import Env, run_source
+from tests.conftest import Env, log_events, run_source
 
 MARIADB = "mysql://root@127.0.0.1:3306"
 T0 = dt.datetime(2024, 5, 1, 12, 0, tzinfo=dt.UTC)
@@ -205,3 +205,22 @@ async def test_a_mariadb_table_streams_and_loads_incrementally_by_an_id(
     assert (second["rows_read"], second["rows_inserted"]) == (1, 1)
     state = await pool.fetchval("SELECT state FROM etl_checkpoints")
     assert (state["hwm"], state["boundary"]) == (12_001, ["12001"])
+
+
+async def test_a_database_error_with_a_hint_is_one_line_naming_the_source_once(
+    env: Env, pool: asyncpg.Pool
+) -> None:
+    # lower(integer) does not exist: PostgreSQL adds a HINT line about explicit casts
+    env.write_config(sql_source(
+        "hinted", f'url = "{env.database_url}"\nquery = "SELECT lower(1) AS id"',
+        fields='source_id = "id"'))
+    done = env.cli("run", "hinted")
+    assert done.returncode == 1
+    error = await pool.fetchval("SELECT error FROM etl_runs WHERE source = 'hinted'")
+    assert "\n" not in error and "; HINT: " in error, error
+    assert "function lower(integer) does not exist" in error
+    said = [line for line in done.stderr.splitlines() if "lower(integer)" in line]
+    assert said == [error], done.stderr           # once, whole, the source named once
+    assert error.startswith("source 'hinted': ") and error.count("hinted") == 1
+    for event in log_events(done.stdout) + log_events(done.stderr):
+        assert "\n" not in str(event.get("error", ""))

@@ -33,7 +33,7 @@ FULL: dict[str, Any] = {
     "server": {"host": "127.0.0.1", "port": 8000, "rate_limit_per_minute": 1200,
                "read_statement_timeout_ms": 5000, "public_read": True,
                "change_feed_retention_days": 7.0, "maintenance_every_s": 3600.0,
-               "shutdown_grace_s": 20.0},
+               "shutdown_grace_s": 20.0, "request_header_timeout_s": 10.0},
     "pipeline": {"workers": 0, "worker_niceness": 10, "connections_per_run": 2,
                  "parallel_streams": 4, "parallel_runs": 4},
     "notify": {"webhooks": [{"url": "http://127.0.0.1:9/hook", "events": ["run_failed"],

@@ -63,9 +63,24 @@ class CsvSource(FileSource, tag="csv", kw_only=True):
     kind = "csv"
 
 
-def _codec(encoding: str, head: bytes) -> tuple[str, int]:
-    """The codec to decode with and the length of the byte-order mark to skip."""
+_WIDE_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32 LE", "utf-32"),
+              (codecs.BOM_UTF32_BE, "UTF-32 BE", "utf-32"),
+              (codecs.BOM_UTF16_LE, "UTF-16 LE", "utf-16"),
+              (codecs.BOM_UTF16_BE, "UTF-16 BE", "utf-16"))
+
+
+def _codec(src: CsvSource, path: str, head: bytes) -> tuple[str, int]:
+    """The codec to decode with and the length of the byte-order mark to skip. A UTF-16 or
+    UTF-32 byte-order mark under another encoding fails the run, naming the setting (read
+    as UTF-8, every other byte would be a NUL)."""
+    encoding = src.encoding
     name = codecs.lookup(encoding).name
+    if not name.startswith(("utf-16", "utf-32")):
+        for bom, said, family in _WIDE_BOMS:
+            if head.startswith(bom):
+                raise SourceError(src.name, f"{path}: starts with a {said} byte-order mark, "
+                                  f"but encoding = {encoding!r}; set encoding = "
+                                  f'"{family}" for this source')
     if name in ("utf-8", "utf-8-sig"):
         return "utf-8", 3 if head.startswith(codecs.BOM_UTF8) else 0
     for family, boms in (("utf-32", ((codecs.BOM_UTF32_LE, "utf-32-le"),
@@ -448,7 +463,7 @@ def read_header(src: CsvSource, path: str) -> list[str]:
     """The header of a file (its first non-blank record), for ``etlsvc check``."""
     with files.open_bytes(path) as f:
         head = f.read(min(src.max_record_bytes, 1 << 20))
-    codec, bom = _codec(src.encoding, head)
+    codec, bom = _codec(src, path, head)
     text = head[bom:].decode(codec, "replace")
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=src.delimiter,
                         quotechar=src.quotechar)
@@ -457,7 +472,7 @@ def read_header(src: CsvSource, path: str) -> list[str]:
 
 def make_parser(src: CsvSource, plan: FilePlan, head: bytes) -> CsvParser:
     """The parser of one file, given its first bytes (for the byte-order mark)."""
-    codec, bom = _codec(src.encoding, head)
+    codec, bom = _codec(src, plan.path, head)
     return CsvParser(src, plan, codec, bom)
 
 

@@ -309,7 +309,20 @@ async def read_file(plan: FilePlan, workers: WorkerPool,
             if seek is not None:          # a malformed record: read on after its line
                 await f.seek(seek)
             elif ended:
+                _check_not_truncated(plan, prepare.src.name, await f.tell(),
+                                     os.fstat(f.fileno()).st_size)
                 break
+
+
+def _check_not_truncated(plan: FilePlan, source: str, position: int, size: int) -> None:
+    """SourceError if the file ends before where it was read to: it was truncated in place
+    while being read (``copytruncate`` log rotation). What it held past the point read went
+    to the rotated copy, which this source does not read: the run must not look whole."""
+    if not plan.compressed and size < position:
+        raise SourceError(source, f"{plan.path}: truncated while being read (now {size:,} "
+                          f"bytes, {position:,} read; copytruncate log rotation?): what it "
+                          "held after the records loaded is not loaded; the next run reads "
+                          "the file from its start")
 
 
 async def batches(ex: Extraction, pattern: str,

@@ -23,7 +23,14 @@ from etlsvc import db, flow, metrics
 from etlsvc.config import Config, Source
 from etlsvc.contract import COUNTERS, Extraction, Prepared
 from etlsvc.db import Database
-from etlsvc.errors import DatabaseLost, EtlError, SourceBusy, SourceError, describe
+from etlsvc.errors import (
+    DatabaseLost,
+    EtlError,
+    SourceBusy,
+    SourceError,
+    describe,
+    one_line,
+)
 from etlsvc.extract import kind_of
 from etlsvc.load import batches, checkpoint, normalize, shapes
 from etlsvc.runtime import anomalies, notify, runs
@@ -203,7 +210,7 @@ async def _execute(cfg: Config, run: ClaimedRun, workers: Workers,
         finally:
             beating.cancel()
             sharing.cancel()
-        error = error or runs.error_rate_exceeded(src, progress.counts)
+        error = one_line(error) if error else runs.error_rate_exceeded(src, progress.counts)
         row = await _finish(run, progress, error)
         seconds = time.monotonic() - started
         metrics.observe_run(row, seconds)
