@@ -240,6 +240,7 @@ async def _serve(cfg: Config, args: argparse.Namespace) -> int:
     # Here, not at the top: litestar and the HTTP app cost every other command (run, check,
     # logs, the image's HEALTHCHECK) about a quarter of a second that only serve needs.
     from etlsvc.api.app import create_app
+
     # With it: the HTTP side of serve only.
     from etlsvc.api.protocol import with_header_timeout
 

@@ -169,13 +169,60 @@ async def _rows(src: SqlSource, engine: str, url: str, sql: str,
         user=unquote(parts.username or ""), password=unquote(parts.password or ""),
         database=parts.path.lstrip("/") or None, connect_timeout=30)
     try:
+        # Reading is paused between batches (below): the server must not give up on a
+        # result whose client waits for a slow commit (net_write_timeout is 60 s).
+        async with conn.cursor() as setup:
+            await setup.execute("SET SESSION net_write_timeout = 3600")
         cursor = conn.cursor(SSCursor)
         await cursor.execute(sql, args or None)
         columns = [d[0] for d in cursor.description]
-        yield columns, cursor.fetchmany
+        yield columns, _Paced(conn, cursor).fetch
         await cursor.close()
     finally:
         conn.close()
+
+
+class _Paced:
+    """``fetchmany`` of asyncmy's unbuffered cursor, with the socket read at the pace the
+    rows are taken.
+
+    asyncmy's protocol copies whatever the server sends into a receive buffer that grows
+    without limit: while batches commit, a whole 1,000,000-row result (hundreds of MiB)
+    piles up there. Here, between fetches, reading stops once ``HIGH`` bytes wait, and
+    resumes for the next fetch; TCP's window then holds the server back. Reading is never
+    paused during a fetch, which may need more bytes to finish a row.
+    """
+
+    HIGH = 4 << 20
+
+    def __init__(self, conn: Any, cursor: Any) -> None:
+        self.cursor = cursor
+        self.transport = conn._transport
+        self.proto = conn._proto
+        self.fetching = False
+        received = self.proto.buffer_updated
+
+        def buffer_updated(nbytes: int) -> None:
+            received(nbytes)
+            if not self.fetching:
+                self._pause_if_full()
+
+        # asyncio looks the callback up on the protocol at each read: the instance's wins
+        self.proto.buffer_updated = buffer_updated
+
+    def _pause_if_full(self) -> None:
+        if self.proto.length - self.proto.pos > self.HIGH and self.transport.is_reading():
+            self.transport.pause_reading()
+
+    async def fetch(self, size: int) -> list[Any]:
+        self.fetching = True
+        if not self.transport.is_reading():
+            self.transport.resume_reading()
+        try:
+            return await self.cursor.fetchmany(size)
+        finally:
+            self.fetching = False
+            self._pause_if_full()
 
 
 def engine_of(src: SqlSource, url: str) -> str:
