@@ -1,6 +1,9 @@
-"""Quickstart: serve the sample API and feeds on 127.0.0.1:8765, then `etlsvc run` everything.
+"""Quickstart: serve the sample API and feeds on 127.0.0.1:8765, then `etlsvc run` everything
+(or, with ``serve``, `etlsvc serve` for as long as it runs: *Run now* in the console then
+finds the samples' upstream too).
 
 usage: python samples/quickstart.py [etlsvc run arguments…]
+       python samples/quickstart.py serve [etlsvc serve arguments…]
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ def main() -> int:
         return 1
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        return cli.main(["run", "--config", str(HERE.parent / "config.toml"), *sys.argv[1:]])
+        args = sys.argv[1:]
+        command, rest = ("serve", args[1:]) if args[:1] == ["serve"] else ("run", args)
+        return cli.main([command, "--config", str(HERE.parent / "config.toml"), *rest])
     finally:
         server.shutdown()
 
