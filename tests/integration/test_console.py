@@ -152,6 +152,7 @@ async def test_console_drives_a_run_rejects_data_and_lineage_in_a_browser(
         counters = dict(zip(await page.locator("dl.counters dt").all_text_contents(),
                             await page.locator("dl.counters dd").all_text_contents()))
         assert counters["Read"] == f"{row['rows_read']:,}"
+        assert counters["Lines"] == f"{row['lines_read']:,}" and "Pages" not in counters
         assert counters["Rejected"] == f"{row['rows_rejected']:,}" and row["rows_rejected"] > 0
         await expect(page.locator("table.parts td.part")).to_have_text(str(big))
         await expect(page.locator("pre.log")).to_contain_text("run finished")
@@ -164,6 +165,10 @@ async def test_console_drives_a_run_rejects_data_and_lineage_in_a_browser(
 
         # A failed run: its reason on the runs page, Re-run on it, then Re-run all failed.
         await visit(page, "#/", "article.card[data-source=broken]", "overview-before-failure")
+        broken = page.locator("article.card[data-source=broken]")
+        await expect(broken.locator("dd").nth(1)).to_have_text("no runs yet")
+        await expect(page.locator("p.summary")).to_contain_text(re.compile(
+            r"p99 read latency (—|\d+(\.\d)? ms)$"))
         await page.locator("article.card[data-source=broken]").get_by_role(
             "button", name="Run now").click()
         await expect(page.locator("h1 .badge")).to_have_text("failed")
@@ -179,6 +184,12 @@ async def test_console_drives_a_run_rejects_data_and_lineage_in_a_browser(
         assert [r["status"] for r in await pool.fetch(
             "SELECT status FROM etl_runs WHERE source = 'broken'")] == ["failed"] * 3
         await expect(page.locator("#flash")).to_contain_text("(broken)")
+        # Never loaded, failing: the overview says so, and does not call the service ok.
+        await visit(page, "#/", "article.card[data-source=broken]", "overview-failing")
+        await expect(broken.locator("dd").nth(1)).to_have_text("never loaded")
+        await expect(broken.locator("header .badge")).to_have_text("failed")
+        await expect(page.locator("p.summary .badge")).to_have_text("degraded")
+        await expect(page.locator("p.summary")).to_contain_text("1 failing")
 
         # Rejects: open one, see its original record, retry it (still invalid), ignore it.
         await visit(page, "#/rejects?source=catalog", "tr.reject", "rejects")
@@ -219,7 +230,19 @@ async def test_console_drives_a_run_rejects_data_and_lineage_in_a_browser(
         assert ids == sorted(ids) and len(set(ids)) == 150
         assert ids == [r["id"] for r in await pool.fetch(
             "SELECT id FROM normalized_data WHERE source = 'catalog' ORDER BY id LIMIT 150")]
-        await page.get_by_role("button", name="← Previous").click()
+        third = page.url
+        await page.get_by_role("link", name="← Previous").click()
+        await expect(first_id.first).to_have_text(str(pages[1][0]))
+        # Opened from a link (no history before it), Previous still goes a page back.
+        await page.goto("about:blank")
+        await page.goto(third)
+        await expect(first_id.first).to_have_text(str(pages[2][0]))
+        await page.get_by_role("link", name="← Previous").click()
+        await expect(first_id.first).to_have_text(str(pages[1][0]))
+        await page.get_by_role("link", name="← Previous").click()
+        await expect(first_id.first).to_have_text(str(pages[0][0]))
+        await expect(page.get_by_role("link", name="← Previous")).to_have_count(0)
+        await page.get_by_role("link", name="Next →").click()
         await expect(first_id.first).to_have_text(str(pages[1][0]))
 
         # Lineage: a record → its raw record → the run that loaded it.

@@ -40,6 +40,7 @@ function link(hash, text) {
 
 const numbers = new Intl.NumberFormat("en");
 const num = (n) => (n == null ? "—" : numbers.format(n));
+const ms = (x) => (x == null ? "—" : `${x < 10 ? x.toFixed(1) : Math.round(x)} ms`);
 const pct = (x) => (x == null ? "—" : `${(100 * x).toFixed(x < 0.001 && x > 0 ? 3 : 1)} %`);
 
 function time(ts) {
@@ -324,13 +325,16 @@ async function overview(ctx) {
     }
     const cards = names.map((name) =>
       card(name, stats.data.sources[name], health.data.sources[name] ?? {}, recent[name]));
-    const status = health.data.status;
+    // /health stays 200 with failing sources (unless told otherwise): the summary does not
+    // call the service ok beside them.
+    const failingNow = health.data.failing_sources.length;
+    const status = health.data.status === "ok" && !failingNow ? "ok" : "degraded";
     show(ctx, h("h1", {}, "Overview"),
-      h("p", { class: "summary" }, "Service ", badge(status === "ok" ? "ok" : "degraded"),
+      h("p", { class: "summary" }, "Service ", badge(status),
         ` · database ${health.data.checks.database ? "up" : "down"}`,
         ` · ${health.data.running.length} running`,
         ` · ${health.data.failing_sources.length} failing`,
-        ` · p99 read latency ${stats.data.api_latency?.p99_ms ?? "—"} ms`),
+        ` · p99 read latency ${ms(stats.data.api_latency?.p99_ms)}`),
       h("div", { class: "cards" }, cards));
   }
   await load();
@@ -348,7 +352,9 @@ function card(name, stat, health, runs) {
   const state = running ? "running" : health.stale ? "stale" : health.status;
   const rows = [
     ["Last success", h("span", { title: time(health.last_success) }, ago(health.last_success))],
-    ["Freshness", health.stale ? h("span", { class: "bad" }, "stale") : "fresh"],
+    ["Freshness", health.stale ? h("span", { class: "bad" }, "stale")
+      : health.last_success ? "fresh"
+        : health.status ? h("span", { class: "bad" }, "never loaded") : "no runs yet"],
     ["Rows", num(stat.rows)],
     ["Reject rate", pct(stat.error_rate)],
     continuous ? ["Consumer lag", `${num(health.lag)} messages`]
@@ -480,6 +486,9 @@ function logLine(e) {
     `${(e.timestamp ?? "").slice(11, 23)} ${(e.level ?? "").padEnd(7)} ${e.event} ${rest}`);
 }
 
+const PAGED = new Set(["api", "rss"]);
+const LINED = new Set(["csv", "jsonl"]);
+
 function runDetail(run) {
   const done = run.status !== "running";
   const s = seconds(run);
@@ -489,7 +498,9 @@ function runDetail(run) {
     ["Rejected", num(run.rows_rejected)], ["Inserted", num(run.rows_inserted)],
     ["Updated", num(run.rows_updated)], ["Unchanged", num(run.rows_unchanged)],
     ["Bytes", `${bytes(run.bytes_read)}${run.bytes_total ? ` of ${bytes(run.bytes_total)}` : ""}`],
-    ["Pages", num(run.pages_read)], ["Lines", num(run.lines_read)],
+    // pages of APIs and feeds, lines of files: a figure a kind cannot have is left out
+    ...(PAGED.has(run.kind) ? [["Pages", num(run.pages_read)]] : []),
+    ...(LINED.has(run.kind) ? [["Lines", num(run.lines_read)]] : []),
     ["Duration", duration(s)],
     ["Rows/s", s ? num(Math.round(run.rows_read / Math.max(s, 0.001))) : "—"],
     ["Trigger", run.trigger], ["Started", time(run.started_at)],
@@ -628,6 +639,9 @@ const DATA_FILTERS = ["source", "kind", "category", "event_from", "event_to", "u
 async function dataView(ctx, params) {
   const filter = Object.fromEntries(DATA_FILTERS.map((k) => [k, params.get(k)]));
   const cursor = params.get("cursor");
+  // The cursors of the pages before this one, in the address itself: Previous works on a
+  // page opened from a link, where the browser's history has nothing before it.
+  const trail = (params.get("trail") || "").split(",").filter((c, i, all) => c || i < all.length - 1);
   const page = await api(hashWith("/data", { limit: 50, ...filter, cursor }));
   const form = h("form", { class: "filters", onsubmit: (e) => {
     e.preventDefault();
@@ -649,9 +663,11 @@ async function dataView(ctx, params) {
         h("td", { class: "time" }, time(r.updated_at))))))),
     page.data.length ? null : h("p", { class: "muted" }, "No records match."),
     h("p", { class: "pager" },
-      cursor ? h("button", { type: "button", onclick: () => history.back() }, "← Previous") : null,
+      cursor ? link(hashWith("#/data", { ...filter, cursor: trail.at(-1) || null,
+        trail: trail.slice(0, -1).join(",") || null }), "← Previous") : null,
       cursor ? link(hashWith("#/data", filter), "First page") : null,
-      more ? link(hashWith("#/data", { ...filter, cursor: next }), "Next →") : null));
+      more ? link(hashWith("#/data", { ...filter, cursor: next,
+        trail: cursor ? [...trail, cursor].slice(-100).join(",") : "," }), "Next →") : null));
 }
 
 async function recordView(ctx, params, id) {
