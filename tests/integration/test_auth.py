@@ -68,3 +68,47 @@ def test_serve_with_a_malformed_key_list_exits_2_without_echoing_it(env: Env) ->
     assert result.returncode == 2, result.stderr
     assert "ETLSVC_API_KEYS entry 1 (ops)" in result.stderr
     assert "hunter2" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("public", [False, True])
+async def test_health_shows_details_only_to_whom_may_read(
+        env: Env, tmp_path, monkeypatch: pytest.MonkeyPatch, public: bool) -> None:
+    from tests.conftest import run_source
+
+    monkeypatch.setenv("ETLSVC_API_KEYS", KEYS)
+    cfg = env.config(csv_source("a", tmp_path / "missing.csv", fields='source_id = "id"'),
+                     extra=f"[server]\npublic_read = {str(public).lower()}")
+    await run_source(cfg, "a")                    # fails, naming the file's absolute path
+    async with AsyncTestClient(app=create_app(cfg)) as c:
+        anyone = (await c.get("/health")).json()["data"]
+        reader = (await c.get("/health", headers=bearer("r-secret"))).json()["data"]
+    assert anyone["failing_sources"] == reader["failing_sources"] == ["a"]
+    assert str(tmp_path) in reader["sources"]["a"]["error"]
+    if public:
+        assert anyone == {**reader, "sources": anyone["sources"]}
+        assert str(tmp_path) in anyone["sources"]["a"]["error"]
+    else:
+        assert anyone["sources"] == {"a": {"status": "failed", "stale": False,
+                                           "failing": True, "degraded": False}}
+        assert str(tmp_path) not in str(anyone)
+
+
+async def test_the_openapi_document_says_which_operations_take_a_key(client) -> None:
+    doc = (await client.get("/schema/openapi.json")).json()
+    assert doc["components"]["securitySchemes"]["apiKey"] == {
+        "type": "http", "scheme": "bearer", "description": doc["components"][
+            "securitySchemes"]["apiKey"]["description"]}
+    run = doc["paths"]["/etl/run"]["post"]
+    assert run["security"] == [{"apiKey": []}]
+    assert run["requestBody"]["required"] is False           # the body is optional
+    assert doc["paths"]["/data"]["get"]["security"] == [{}, {"apiKey": []}]
+    assert "security" not in doc["paths"]["/health"]["get"]
+    for path, operations in doc["paths"].items():
+        for method, operation in operations.items():
+            for status, response in operation.get("responses", {}).items():
+                for example in response.get("content", {}).get(
+                        "application/json", {}).get("examples", {}).values():
+                    if "error" in example["value"]:
+                        # a real example of this very status, not generated filler
+                        assert example["value"]["error"]["status"] == int(status), (
+                            method, path, status)

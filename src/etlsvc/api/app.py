@@ -21,6 +21,7 @@ from litestar import Litestar, MediaType, Request, Response
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import Components, SecurityScheme
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from etlsvc import __version__, db, logtail, metrics
@@ -103,12 +104,6 @@ def _error(request: Request, status: int, code: str, message: str,
                     status_code=status, media_type=MediaType.JSON)
 
 
-_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-          405: "method_not_allowed", 409: "conflict", 413: "payload_too_large",
-          415: "unsupported_media_type", 422: "unprocessable", 429: "too_many_requests",
-          503: "unavailable"}
-
-
 def _http_error(request: Request, exc: HTTPException) -> Response[dict[str, Any]]:
     if isinstance(exc, http.ApiError):
         return _error(request, exc.status_code, exc.code, exc.detail, **exc.details)
@@ -119,7 +114,7 @@ def _http_error(request: Request, exc: HTTPException) -> Response[dict[str, Any]
             f"{p['key']}: {p['message']}" for p in problems) if problems else exc.detail,
             problems=problems)
     status = exc.status_code
-    response = _error(request, status, _CODES.get(status, "error"), exc.detail)
+    response = _error(request, status, http.ERROR_CODES.get(status, "error"), exc.detail)
     if exc.headers:                         # e.g. Allow on a 405
         response.headers.update(exc.headers)
     return response
@@ -200,7 +195,7 @@ def create_litestar(cfg: Config, startup_errors: list[EtlError] | None = None) -
             raise
 
     auth.configured_keys()          # a malformed ETLSVC_API_KEYS is a config error now
-    return Litestar(
+    app = Litestar(
         state=State({"public_read": cfg.server.public_read}),
         route_handlers=[*runs.HANDLERS, *data.HANDLERS, *change_feed.HANDLERS,
                         *operations.HANDLERS, *console.HANDLERS],
@@ -214,7 +209,37 @@ def create_litestar(cfg: Config, startup_errors: list[EtlError] | None = None) -
         request_max_body_size=MAX_BODY,
         openapi_config=OpenAPIConfig(
             title="etlsvc", version=__version__, path="/schema",
-            render_plugins=console.DOCS_PLUGINS),
+            render_plugins=console.DOCS_PLUGINS,
+            components=Components(security_schemes={"apiKey": SecurityScheme(
+                type="http", scheme="bearer",
+                description="An API key of ETLSVC_API_KEYS: Authorization: Bearer <key>. "
+                            "Read endpoints need one only with server.public_read = false; "
+                            "run control needs the run scope.")})),
         debug=False,
         logging_config=None,
     )
+    _document(app)
+    return app
+
+
+def _document(app: Litestar) -> None:
+    """What Litestar's generated OpenAPI document cannot say by itself: which operations
+    take a key (Swagger UI's *Authorize* then works), and that ``POST /etl/run``'s body is
+    optional (Litestar marks every body required)."""
+    schema = app.openapi_schema
+    for route in app.routes:
+        for handler in getattr(route, "route_handlers", ()):
+            scope = handler.opt.get("scope")
+            path_item = schema.paths.get(route.path_format) if schema.paths else None
+            if scope is None or path_item is None:
+                continue
+            for method in handler.http_methods:
+                operation = getattr(path_item, method.lower(), None)
+                if operation is None:
+                    continue
+                # a read endpoint answers without a key while public_read is on
+                operation.security = [{"apiKey": []}] if scope != "read" else [
+                    {}, {"apiKey": []}]
+    run = schema.paths["/etl/run"].post if schema.paths else None
+    if run is not None and run.request_body is not None:
+        run.request_body.required = False

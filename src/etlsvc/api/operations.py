@@ -14,7 +14,15 @@ from litestar.params import FromQuery, QueryParameter
 from litestar.response import ServerSentEvent
 
 from etlsvc import db, logtail, metrics
-from etlsvc.api.http import READ, WRITE_ERRORS, envelope, error_responses, read_pool, service_of
+from etlsvc.api.http import (
+    READ,
+    WRITE_ERRORS,
+    envelope,
+    error_responses,
+    may_read,
+    read_pool,
+    service_of,
+)
 from etlsvc.extract import KINDS
 from etlsvc.runtime.service import stale
 
@@ -77,6 +85,13 @@ async def health(request: Request) -> Response[dict[str, Any]]:
                               "running": sorted(n for n, s in sources.items()
                                                 if s["running_run"]),
                               "sources": sources})
+    if not may_read(request):
+        # Anyone may ask /health (probes carry no key); with public_read off, only states:
+        # errors and anomalies can name files, hosts and values.
+        body["data"]["sources"] = {n: {k: s[k] for k in ("status", "stale", "failing",
+                                                           "degraded")}
+                                   for n, s in sources.items()}
+        body["data"]["checks"].pop("database_error", None)
     response = Response(content=body, status_code=200 if healthy else 503)
     if not checks["database"]:
         response.headers["Retry-After"] = "2"
