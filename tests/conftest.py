@@ -402,3 +402,16 @@ def descendants(pid: int) -> set[int]:
         todo += list(kids - found)
         found |= kids
     return found
+
+
+@pytest.fixture
+def cluster() -> Iterator[Any]:
+    """A PostgreSQL cluster of the test's own (tests/clusters.py), to stop, kill or freeze."""
+    from tests.clusters import Cluster, scratch_dir
+
+    with scratch_dir() as folder:
+        c = Cluster(folder / "pg")
+        try:
+            yield c
+        finally:
+            c.server.stop()

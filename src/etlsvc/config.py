@@ -99,6 +99,9 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: when it opens or its last answer was sent; then it is closed (idle and slowloris
     #: connections would otherwise stay open for ever). Keep-alive idle time is 5 s.
     request_header_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 10.0
+    #: Seconds a request may take to begin its answer (waiting for a pooled connection and
+    #: the query included); then 503 with Retry-After. Streams, once begun, are not cut.
+    request_deadline_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 6.0
 
 
 class PipelineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

