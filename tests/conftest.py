@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -178,26 +179,39 @@ class Env:
     def cli_peak(self, *args: str, timeout: float = 300) -> tuple[Ran, float]:
         """``cli(ARGS)``, and the peak RSS (MiB) of the largest process of its tree: the
         CLI's or one of its worker processes' (wait4 reports the largest of a process and
-        the children it reaped)."""
+        the children it reaped).
+
+        The CLI is started by a small launcher, which forks it and reports its wait4:
+        Linux counts in a process's peak the memory of the image it replaced at exec, so
+        a CLI started straight from this (by then large) test process would report this
+        process's size."""
         proc = subprocess.Popen(
-            [sys.executable, "-m", "etlsvc", *args, "--config", str(self.dir / "config.toml")],
+            [sys.executable, "-c", _LAUNCHER, sys.executable, "-m", "etlsvc", *args,
+             "--config", str(self.dir / "config.toml")],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=self.dir,
+            start_new_session=True,
             env={**os.environ, "ETLSVC_DATABASE_URL": self.database_url})
-        # Reaped here, not by Popen (whose wait would take the rusage with it).
-        said: dict[str, str] = {}
-        readers = [threading.Thread(target=lambda k, f: said.__setitem__(k, f.read()),
-                                    args=(k, f)) for k, f in (("out", proc.stdout),
-                                                              ("err", proc.stderr))]
-        for reader in readers:
-            reader.start()
-        deadline = threading.Timer(timeout, proc.kill)
+        deadline = threading.Timer(timeout, lambda: os.killpg(proc.pid, signal.SIGKILL))
         deadline.start()
-        _, status, usage = os.wait4(proc.pid, 0)
-        deadline.cancel()
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        for reader in readers:
-            reader.join()
-        return Ran(proc.returncode, said["out"], said["err"]), usage.ru_maxrss / 1024
+        try:
+            out, err = proc.communicate()
+        finally:
+            deadline.cancel()
+        err, _, peak = err.rpartition(_PEAK)
+        return Ran(proc.returncode, out, err), int(peak) / 1024
+
+
+#: The launcher of ``cli_peak``: fork, exec the command, wait4, report ru_maxrss (KiB).
+_PEAK = "\n@@peak-rss-kib "
+_LAUNCHER = f"""
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+sys.stderr.write({_PEAK!r} + str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
 
 
 @dataclass
