@@ -2,7 +2,8 @@
 
 Owns the two shapes of overlap the pipeline uses: ``prefetch`` (the next batch is prepared
 while this one commits) and ``merge`` (several streams of a source — the files of a glob —
-read at once, their batches interleaved as they come).
+read at once, their batches interleaved as they come); and ``abandon``, for work that is
+given up on without waiting for it to end.
 """
 
 from __future__ import annotations
@@ -72,3 +73,11 @@ async def merge(sources: Iterable[AsyncIterator[T]], limit: int,
         for task in running:
             task.cancel()
         await asyncio.gather(*running, return_exceptions=True)
+
+
+def abandon(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` without waiting for it to end: its cancellation may itself wait (giving
+    a connection back to the pool needs the database, which may be stalled). Its outcome is
+    retrieved when it ends, so that asyncio logs nothing about it."""
+    task.cancel()
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())

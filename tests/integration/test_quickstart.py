@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.conftest import REPO, Env
-from tests.integration.test_service import free_port
+from tests.integration.test_service import Server, free_port
 
 KEY = {"Authorization": "Bearer demo"}
 
@@ -36,13 +36,8 @@ async def test_quickstart_serve_runs_every_sample_source_and_stops_on_sigterm(
         env={**os.environ, "ETLSVC_DATABASE_URL": env.database_url, "ETLSVC_API_KEYS": "demo"})
     base = f"http://127.0.0.1:{port}"
     try:
+        Server(proc, port).wait_up()
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                httpx.get(f"{base}/health", timeout=1)
-                break
-            except httpx.TransportError:
-                time.sleep(0.1)
         started = httpx.post(f"{base}/etl/run", json={"sources": ["orders", "news"]},
                              headers=KEY, timeout=10)
         assert started.status_code == 202, started.text

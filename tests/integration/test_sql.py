@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from decimal import Decimal
 from typing import Any
 
@@ -143,9 +144,11 @@ def test_bad_sql_source_settings_are_config_errors(env: Env, settings: str, mess
     assert "secret" not in result.stderr
 
 
-@pytest.fixture
-async def upstream_mariadb() -> AsyncIterator[str]:
-    """A fresh database on the machine's MariaDB (127.0.0.1:3306, root); its name."""
+@asynccontextmanager
+async def mariadb_database(*setup: str) -> AsyncIterator[str]:
+    """A fresh database on the machine's MariaDB (127.0.0.1:3306, root), made by ``setup``
+    (statements, ``{db}`` for its name), dropped at the end; its name. Skips the test
+    without a MariaDB."""
     asyncmy = pytest.importorskip("asyncmy")
     try:
         conn = await asyncmy.connect(host="127.0.0.1", port=3306, user="root", password="",
@@ -155,15 +158,24 @@ async def upstream_mariadb() -> AsyncIterator[str]:
     name = f"etlsvc_test_{uuid.uuid4().hex[:10]}"
     async with conn.cursor() as cur:
         await cur.execute(f"CREATE DATABASE {name}")
-        await cur.execute(f"CREATE TABLE {name}.items (id INT PRIMARY KEY, name VARCHAR(50), "
-                          "amount DECIMAL(10,2), updated_at DATETIME(6), raw BLOB, "
-                          "`item.note` TEXT)")
+        for statement in setup:
+            await cur.execute(statement.format(db=name))
     try:
         yield name
     finally:
         async with conn.cursor() as cur:
             await cur.execute(f"DROP DATABASE {name}")
         conn.close()
+
+
+@pytest.fixture
+async def upstream_mariadb() -> AsyncIterator[str]:
+    """A fresh database on the machine's MariaDB with an empty ``items``; its name."""
+    async with mariadb_database(
+            "CREATE TABLE {db}.items (id INT PRIMARY KEY, name VARCHAR(50), "
+            "amount DECIMAL(10,2), updated_at DATETIME(6), raw BLOB, `item.note` TEXT)"
+    ) as name:
+        yield name
 
 
 async def add_mariadb(db: str, rows: list[tuple[Any, ...]]) -> None:

@@ -3,14 +3,13 @@ rows of about 120 bytes load with the process tree's peak RSS under 150 MiB."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
 
 from tests.conftest import Env
-from tests.integration.test_sql import MARIADB, sql_source
+from tests.integration.test_sql import MARIADB, mariadb_database, sql_source
 
 pytestmark = pytest.mark.slow
 
@@ -21,27 +20,13 @@ ROWS = 1_000_000
 async def big_table() -> AsyncIterator[str]:
     """A database with ``items``: ROWS rows of about 120 bytes (the Sequence engine makes
     them on the server)."""
-    asyncmy = pytest.importorskip("asyncmy")
-    try:
-        conn = await asyncmy.connect(host="127.0.0.1", port=3306, user="root", password="",
-                                     connect_timeout=3, autocommit=True)
-    except Exception as exc:
-        pytest.skip(f"no MariaDB on 127.0.0.1:3306 ({exc})")
-    name = f"etlsvc_big_{uuid.uuid4().hex[:10]}"
-    async with conn.cursor() as cur:
-        await cur.execute(f"CREATE DATABASE {name}")
-        await cur.execute(f"CREATE TABLE {name}.items (id INT PRIMARY KEY, name VARCHAR(50), "
-                          "amount DECIMAL(10,2), updated_at DATETIME(6), note VARCHAR(100))")
-        await cur.execute(
-            f"INSERT INTO {name}.items SELECT seq, CONCAT('item ', seq), seq / 100, "
+    async with mariadb_database(
+            "CREATE TABLE {db}.items (id INT PRIMARY KEY, name VARCHAR(50), "
+            "amount DECIMAL(10,2), updated_at DATETIME(6), note VARCHAR(100))",
+            "INSERT INTO {db}.items SELECT seq, CONCAT('item ', seq), seq / 100, "
             "TIMESTAMP'2026-01-01 00:00:00' + INTERVAL seq SECOND, REPEAT('n', 60) "
-            f"FROM {name}.seq_1_to_{ROWS}")
-    try:
+            f"FROM {{db}}.seq_1_to_{ROWS}") as name:
         yield name
-    finally:
-        async with conn.cursor() as cur:
-            await cur.execute(f"DROP DATABASE {name}")
-        conn.close()
 
 
 @pytest.mark.parametrize("cursor", [None, "updated_at"])

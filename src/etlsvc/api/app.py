@@ -25,7 +25,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from etlsvc import __version__, db, logtail, metrics
+from etlsvc import __version__, db, flow, logtail, metrics
 from etlsvc.api import auth, change_feed, changes, console, data, http, operations, runs
 from etlsvc.config import Config
 from etlsvc.errors import EtlError
@@ -116,34 +116,33 @@ def deadlines(app: ASGIApp, seconds: float) -> ASGIApp:
             if work.done():
                 work.result()
                 return
-            work.cancel()
-            work.add_done_callback(_retrieved)
+            flow.abandon(work)
             metrics.request_cut(why)
             if why == "client_gone":
                 return
             log.warning("request past its deadline", path=scope["path"], deadline_s=seconds)
-            body = msgspec.json.encode(http.error_body(
-                scope, 503, "deadline", f"no answer within {seconds:g} s (the database is "
-                "slow or not answering); retry shortly"))
-            await send({"type": "http.response.start", "status": 503, "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", b"%d" % len(body)), (b"retry-after", RETRY_AFTER.encode())]})
-            await send({"type": "http.response.body", "body": body})
+            await _send_error(send, scope, 503, "deadline", f"no answer within {seconds:g} s "
+                              "(the database is slow or not answering); retry shortly",
+                              RETRY_AFTER)
         finally:
             timer.cancel()
             for task in (listener, cutting):
                 task.cancel()
             if not work.done():          # this task itself was cancelled (shutdown)
-                work.cancel()
-                work.add_done_callback(_retrieved)
+                flow.abandon(work)
 
     return middleware
 
 
-def _retrieved(task: asyncio.Task[Any]) -> None:
-    """Done callback of a request cut short: its outcome is of no one's interest now."""
-    if not task.cancelled():
-        task.exception()
+async def _send_error(send: Send, scope: Scope, status: int, code: str, message: str,
+                      retry_after: str) -> None:
+    """Answer with the error envelope and ``Retry-After`` from an ASGI middleware (which
+    answers before Litestar, or in its place)."""
+    body = msgspec.json.encode(http.error_body(scope, status, code, message))
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)),
+        (b"retry-after", retry_after.encode())]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def rate_limited(app: ASGIApp, per_minute: int,
@@ -168,13 +167,9 @@ def rate_limited(app: ASGIApp, per_minute: int,
         if seen <= per_minute:
             await app(scope, receive, send)
             return
-        body = msgspec.json.encode(http.error_body(
-            scope, 429, "too_many_requests", f"more than {per_minute} requests in a minute "
-            f"from {client or 'this client'}; retry in a moment"))
-        await send({"type": "http.response.start", "status": 429, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)),
-            (b"retry-after", b"%d" % (60 - int(now) % 60))]})
-        await send({"type": "http.response.body", "body": body})
+        await _send_error(send, scope, 429, "too_many_requests", f"more than {per_minute} "
+                          f"requests in a minute from {client or 'this client'}; retry in a "
+                          "moment", str(60 - int(now) % 60))
 
     return middleware
 

@@ -14,7 +14,7 @@ from litestar import Request, Response, get
 from litestar.params import FromQuery, QueryParameter
 from litestar.response import ServerSentEvent
 
-from etlsvc import db, logtail, metrics
+from etlsvc import db, flow, logtail, metrics
 from etlsvc.api.http import (
     READ,
     WRITE_ERRORS,
@@ -78,8 +78,7 @@ async def health(request: Request) -> Response[dict[str, Any]]:
     await asyncio.wait({reading}, timeout=HEALTH_DB_S)
     try:
         if not reading.done():
-            reading.cancel()
-            reading.add_done_callback(lambda t: t.cancelled() or t.exception())
+            flow.abandon(reading)
             raise TimeoutError
         sources = reading.result()
         checks["database"] = True

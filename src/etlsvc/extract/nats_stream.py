@@ -128,7 +128,7 @@ class _Link:
             cause = self.last_error or exc
             raise SourceError(src.name, f"cannot reach NATS at {', '.join(src.servers)} "
                               f"within connect_timeout_s ({src.connect_timeout_s:g} s): "
-                              f"{describe(cause) or type(cause).__name__}") from None
+                              f"{describe(cause)}") from None
         return self.nc
 
     def check(self) -> None:
@@ -138,7 +138,7 @@ class _Link:
             cause = self.last_error
             raise SourceError(self.src.name, "NATS unreachable for more than "
                               f"connect_timeout_s ({self.src.connect_timeout_s:g} s)"
-                              + (f": {describe(cause) or type(cause).__name__}"
+                              + (f": {describe(cause)}"
                                  if cause else ""))
 
     async def _error(self, exc: BaseException) -> None:
