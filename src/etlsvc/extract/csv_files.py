@@ -63,35 +63,32 @@ class CsvSource(FileSource, tag="csv", kw_only=True):
     kind = "csv"
 
 
-_WIDE_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32 LE", "utf-32"),
-              (codecs.BOM_UTF32_BE, "UTF-32 BE", "utf-32"),
-              (codecs.BOM_UTF16_LE, "UTF-16 LE", "utf-16"),
-              (codecs.BOM_UTF16_BE, "UTF-16 BE", "utf-16"))
+#: The byte-order marks of the wide encodings and the codec each names, UTF-32 first (its
+#: little-endian mark begins with UTF-16's).
+_WIDE_BOMS = ((codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be"),
+              (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))
 
 
 def _codec(src: CsvSource, path: str, head: bytes) -> tuple[str, int]:
     """The codec to decode with and the length of the byte-order mark to skip. A UTF-16 or
     UTF-32 byte-order mark under another encoding fails the run, naming the setting (read
     as UTF-8, every other byte would be a NUL)."""
-    encoding = src.encoding
-    name = codecs.lookup(encoding).name
+    name = codecs.lookup(src.encoding).name
+    if name in ("utf-16", "utf-32"):         # the byte order from the mark, else LE
+        for bom, codec in _WIDE_BOMS:
+            if codec.startswith(name) and head.startswith(bom):
+                return codec, len(bom)
+        return f"{name}-le", 0
     if not name.startswith(("utf-16", "utf-32")):
-        for bom, said, family in _WIDE_BOMS:
+        for bom, codec in _WIDE_BOMS:
             if head.startswith(bom):
-                raise SourceError(src.name, f"{path}: starts with a {said} byte-order mark, "
-                                  f"but encoding = {encoding!r}; set encoding = "
-                                  f'"{family}" for this source')
+                family, order = codec[:6], codec[7:]
+                raise SourceError(src.name, f"{path}: starts with a {family.upper()} "
+                                  f"{order.upper()} byte-order mark, but encoding = "
+                                  f'{src.encoding!r}; set encoding = "{family}" for this '
+                                  "source")
     if name in ("utf-8", "utf-8-sig"):
         return "utf-8", 3 if head.startswith(codecs.BOM_UTF8) else 0
-    for family, boms in (("utf-32", ((codecs.BOM_UTF32_LE, "utf-32-le"),
-                                     (codecs.BOM_UTF32_BE, "utf-32-be"))),
-                         ("utf-16", ((codecs.BOM_UTF16_LE, "utf-16-le"),
-                                     (codecs.BOM_UTF16_BE, "utf-16-be")))):
-        if name == family:
-            for bom, codec in boms:
-                if head.startswith(bom):
-                    return codec, len(bom)
-            return f"{family}-le", 0
     return name, 0
 
 
