@@ -81,14 +81,18 @@ def deadlines(app: ASGIApp, seconds: float) -> ASGIApp:
         if scope["type"] != "http":
             await app(scope, receive, send)
             return
+        loop = asyncio.get_running_loop()
         inbox: asyncio.Queue[Message] = asyncio.Queue()
         answering = False
-        cut = asyncio.Event()
-        why = "deadline"
+        cut: asyncio.Future[str] = loop.create_future()     # its result: why
+
+        def cut_short(why: str) -> None:
+            if not answering and not cut.done():
+                cut.set_result(why)
 
         async def send_marked(message: Message) -> None:
             nonlocal answering
-            if cut.is_set():            # answered already: the cancelled work says nothing
+            if cut.done():              # answered already: the cancelled work says nothing
                 return
             answering = True
             await send(message)
@@ -96,27 +100,23 @@ def deadlines(app: ASGIApp, seconds: float) -> ASGIApp:
         async def listen() -> None:
             # The app reads its messages from the inbox; this task sees a disconnect as
             # soon as the server reports it, whether or not the app reads its body.
-            nonlocal why
             while True:
                 message = await receive()
                 await inbox.put(message)
                 if message["type"] == "http.disconnect":
-                    if not answering:
-                        why = "client_gone"
-                        cut.set()
+                    cut_short("client_gone")
                     return
 
-        loop = asyncio.get_running_loop()
         work = asyncio.create_task(app(scope, inbox.get, send_marked))
         listener = asyncio.create_task(listen())
-        timer = loop.call_later(seconds, lambda: answering or cut.set())
-        cutting = asyncio.create_task(cut.wait())
+        timer = loop.call_later(seconds, cut_short, "deadline")
         try:
-            await asyncio.wait({work, cutting}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({work, cut}, return_when=asyncio.FIRST_COMPLETED)
             if work.done():
                 work.result()
                 return
             flow.abandon(work)
+            why = cut.result()
             metrics.request_cut(why)
             if why == "client_gone":
                 return
@@ -126,8 +126,7 @@ def deadlines(app: ASGIApp, seconds: float) -> ASGIApp:
                               RETRY_AFTER)
         finally:
             timer.cancel()
-            for task in (listener, cutting):
-                task.cancel()
+            listener.cancel()
             if not work.done():          # this task itself was cancelled (shutdown)
                 flow.abandon(work)
 
