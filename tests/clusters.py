@@ -27,9 +27,11 @@ class Cluster:
     """A PostgreSQL cluster of this test's own, to stop, kill and start again. With a
     ``port``, it also listens on 127.0.0.1 (``tcp_dsn``), as replication needs."""
 
-    def __init__(self, folder: Path, port: int | None = None) -> None:
-        self.server = (EmbeddedPostgres(folder, port=port, listen="127.0.0.1") if port
-                       else EmbeddedPostgres(folder))
+    def __init__(self, folder: Path, port: int | None = None,
+                 settings: dict[str, str] | None = None) -> None:
+        self.server = (EmbeddedPostgres(folder, port=port, listen="127.0.0.1",
+                                        settings=settings) if port
+                       else EmbeddedPostgres(folder, settings=settings))
         self.port = port
         self.dsn = self.start()
 

@@ -8,3 +8,9 @@ INSERT INTO etl_checkpoints (source, stream, state, run_id) VALUES ($1, $2, $3, 
 ON CONFLICT (source, stream) DO UPDATE
     SET state = EXCLUDED.state, run_id = EXCLUDED.run_id, updated_at = now()
 
+
+-- name: forget
+-- Every checkpoint of a source: its next run starts from the beginning (a change source:
+-- with a new slot and snapshot, after `etlsvc cdc drop-slot`).
+-- params: $1 source
+DELETE FROM etl_checkpoints WHERE source = $1

@@ -13,15 +13,20 @@
 --         tags, event_time (NULL: not mapped), $14 separator of tags given as one string
 -- The values placeholder: the casts of title … event_time from the raw record, made by the fields' compiled
 -- rules (transform/rules.FieldCheck.sql): what validation checked is what is cast.
+-- A change kind (SourceKind.changes): {op} is ", r.op" and {live} "WHERE op <> 3": a key
+-- whose last change is a delete is not written here (delete_gone removes it), and a mapped
+-- column an update did not send keeps the value normalized_data has (transform/mapping.py).
 WITH src AS (
-    SELECT {distinct} id, run_id, key, record
+    SELECT {distinct} id, run_id, key, record {op_out}
     FROM (
-        SELECT r.id, r.run_id, r.record #>> $6::text[] AS key, r.record
+        SELECT r.id, r.run_id, r.record #>> $6::text[] AS key, r.record {op}
         FROM {raw_table} r
         WHERE r.source = $1 AND r.id > $3 AND r.id <= $4 AND r.id <> ALL ($5::bigint[]) {this_transaction}
     ) s
     WHERE key <> ''
     {order}
+), live AS (
+    SELECT id, run_id, key, record FROM src {live}
 ), up AS (
     INSERT INTO normalized_data AS n
         (kind, source, source_id, title, description, category, amount, url, tags, event_time,
@@ -29,7 +34,7 @@ WITH src AS (
     SELECT $2, $1, key,
            {values},
            '{raw_table}', id, run_id
-    FROM src
+    FROM live
     ON CONFLICT (source, source_id) DO UPDATE SET
         title = EXCLUDED.title, description = EXCLUDED.description,
         category = EXCLUDED.category, amount = EXCLUDED.amount, url = EXCLUDED.url,
@@ -45,6 +50,27 @@ WITH src AS (
 SELECT count(*) FILTER (WHERE inserted) AS inserted,
        count(*) FILTER (WHERE NOT inserted) AS updated
 FROM up
+
+-- name: delete_gone
+-- A change kind's deletes: the keys of the raw rows selected (as in upsert) whose last change
+-- is a delete leave normalized_data (the delete trigger of 0005_change_feed.sql leaves
+-- their tombstones and raises the data version).
+-- params: $1 source, $2 raw ids above, $3 raw ids up to, $4 raw ids to skip (bigint[]),
+--         $5 JSON path of source_id (text[])
+WITH last AS (
+    SELECT DISTINCT ON (key) key, op
+    FROM (
+        SELECT r.id, r.record #>> $5::text[] AS key, r.op
+        FROM {raw_table} r
+        WHERE r.source = $1 AND r.id > $2 AND r.id <= $3 AND r.id <> ALL ($4::bigint[]) {this_transaction}
+    ) s
+    ORDER BY key, id DESC
+), gone AS (
+    DELETE FROM normalized_data n USING last
+    WHERE last.op = 3 AND n.source = $1 AND n.source_id = last.key
+    RETURNING 1
+)
+SELECT count(*) FROM gone
 
 -- name: bump_version
 -- Raise the data version of a source and kind (sql/migrations/0005_change_feed.sql), after

@@ -65,12 +65,12 @@ UPDATE etl_runs SET bytes_total = $2 WHERE id = $1
 -- name: add
 -- Counters of one committed batch, in the batch's transaction.
 -- params: $1 run id, $2 read, $3 valid, $4 rejected, $5 inserted, $6 updated, $7 unchanged,
---         $8 bytes, $9 pages, $10 lines
+--         $8 bytes, $9 pages, $10 lines, $11 deleted
 UPDATE etl_runs SET rows_read = rows_read + $2, rows_valid = rows_valid + $3,
        rows_rejected = rows_rejected + $4, rows_inserted = rows_inserted + $5,
        rows_updated = rows_updated + $6, rows_unchanged = rows_unchanged + $7,
        bytes_read = bytes_read + $8, pages_read = pages_read + $9,
-       lines_read = lines_read + $10, heartbeat_at = now()
+       lines_read = lines_read + $10, rows_deleted = rows_deleted + $11, heartbeat_at = now()
 WHERE id = $1
 
 -- name: finish

@@ -23,8 +23,10 @@ import uvicorn
 from etlsvc import __version__, db, logtail
 from etlsvc.config import Config, Source, config_path, load_config
 from etlsvc.errors import ConfigError, EtlError, SourceBusy
+from etlsvc.extract import pg_cdc
+from etlsvc.load import checkpoint
 from etlsvc.logs import configure_logging
-from etlsvc.runtime import notify, pipeline, replay, retention, retry
+from etlsvc.runtime import notify, pipeline, replay, retention, retry, runs
 from etlsvc.runtime.workers import from_config
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -82,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="lowest level shown")
     logs.add_argument("--run-id", type=int, default=None, help="only this run")
     logs.add_argument("--source", default=None, help="only this source")
+    cdc = sub.add_parser("cdc", parents=[common], help="manage a change source's replication "
+                         "slot")
+    cdc_sub = cdc.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    drop = cdc_sub.add_parser("drop-slot", parents=[common],
+                              help="drop the source's replication slot and forget its "
+                                   "checkpoints: its next run makes a new slot and snapshot")
+    drop.add_argument("source", metavar="SOURCE")
     sub.add_parser("migrate", parents=[common], help="apply database migrations")
     sub.add_parser("check", parents=[common], help="check config and database connectivity")
     health = sub.add_parser("health", parents=[common],
@@ -183,6 +192,22 @@ async def _rejects(cfg: Config, args: argparse.Namespace) -> int:
     return EXIT_OK if row["status"] == "succeeded" else EXIT_FAILED
 
 
+async def _cdc(cfg: Config, args: argparse.Namespace) -> int:
+    src = cfg.source(args.source)
+    if not isinstance(src, pg_cdc.PgCdcSource):
+        raise ConfigError(f"source {src.name!r} is of kind {src.kind}, not a change source "
+                          "(pg_cdc)")
+    async with db.open_database(cfg) as database, database.pool.acquire() as conn, \
+            runs.source_lock(conn, src.name):
+        # Under the source's lock: no run of it reads the slot meanwhile.
+        dropped = await pg_cdc.drop_slot(src)
+        forgotten = await checkpoint.forget(conn, src.name)
+    print(f"{src.name}: replication slot {src.slot_name} "
+          f"{'dropped' if dropped else 'was not there'}; {forgotten} checkpoint(s) forgotten: "
+          "the next run makes a new slot and snapshots the tables again", file=sys.stderr)
+    return EXIT_OK
+
+
 async def _purge(cfg: Config, args: argparse.Namespace) -> int:
     sources = [cfg.source(n) for n in args.sources] if args.sources else None
     if sources and (none := [s.name for s in sources if s.retention_days is None]):
@@ -282,7 +307,7 @@ async def _health(cfg: Config, args: argparse.Namespace) -> int:
 
 
 _COMMANDS = {"serve": _serve, "run": _run, "replay": _replay, "rejects": _rejects, "purge": _purge,
-             "migrate": _migrate, "check": _check, "health": _health}
+             "migrate": _migrate, "check": _check, "health": _health, "cdc": _cdc}
 
 
 class _Server(uvicorn.Server):

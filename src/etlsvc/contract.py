@@ -70,7 +70,10 @@ FieldType = Literal["text", "number", "timestamp", "url", "enum", "array"]
 
 #: A run's counters, as ``etl_runs`` holds them (each batch adds its own).
 COUNTERS = ("rows_read", "rows_valid", "rows_rejected", "rows_inserted", "rows_updated",
-            "rows_unchanged", "bytes_read", "pages_read", "lines_read")
+            "rows_unchanged", "bytes_read", "pages_read", "lines_read", "rows_deleted")
+
+#: A change kind's ``op`` position: what happened to the row (a snapshot's rows are inserts).
+OP_INSERT, OP_UPDATE, OP_DELETE = 1, 2, 3
 
 
 class Rule(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -219,6 +222,16 @@ class Batch:
     checkpoint: str | None = None
     #: JSON kinds: the records' top-level keys with their types (transform/drift.py).
     shape: dict[str, str] = field(default_factory=dict)
+    #: Each row's own stream (a change kind's table), when the rows are of several.
+    row_streams: list[str] | None = None
+    #: Per row, what validation leaves alone: ``None`` the whole row (a delete: only its
+    #: key matters), else the columns that were not sent (an unchanged TOASTed value).
+    unchecked: list[tuple[str, ...] | None] | None = None
+    #: Streams whose rows leave ``normalized_data`` before this batch's (a TRUNCATE).
+    clear: list[str] = field(default_factory=list)
+    #: (stream, snapshot id): after this batch, the stream's rows that the snapshot did not
+    #: read leave ``normalized_data`` (the snapshot of a table is complete).
+    sweep: list[tuple[str, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -242,6 +255,9 @@ class Prepared:
     part: str = ""
     #: Called once the batch is committed (a stream acknowledges its messages then).
     after_commit: Callable[[], Awaitable[Any]] | None = None
+    #: Resolved when the batch has committed, or failed with its error: for a kind that
+    #: must not read on before then (a change kind confirms its slot's position).
+    committed: asyncio.Future[None] | None = None
     #: CRC-32s of the valid rows' keys (array of uint32): batches that share a key never
     #: commit at the same time.
     key_hashes: bytes = b""
@@ -252,14 +268,18 @@ class Prepared:
     drift: list[dict[str, Any]] = field(default_factory=list)
     #: ``shape`` is the stream's shape now (accepted): columns it lacks are forgotten.
     whole_shape: bool = False
+    #: A change kind's TRUNCATEs and finished snapshots (see ``Batch``).
+    clear: list[str] = field(default_factory=list)
+    sweep: list[tuple[str, int]] = field(default_factory=list)
 
-    def counts(self, inserted: int, updated: int) -> dict[str, int]:
+    def counts(self, inserted: int, updated: int, deleted: int = 0) -> dict[str, int]:
         """The run's counters for this batch once committed."""
         return {"rows_read": self.rows_read, "rows_valid": self.valid,
                 "rows_rejected": len(self.rejects), "rows_inserted": inserted,
-                "rows_updated": updated, "rows_unchanged": self.valid - inserted - updated,
+                "rows_updated": updated,
+                "rows_unchanged": max(0, self.valid - inserted - updated - deleted),
                 "bytes_read": self.bytes_read, "pages_read": self.pages,
-                "lines_read": self.lines}
+                "lines_read": self.lines, "rows_deleted": deleted}
 
 
 class Checkpoints(dict[str, dict[str, Any]]):
@@ -340,6 +360,10 @@ class SourceKind:
     record: ClassVar[Literal["columns", "paths"]] = "paths"
     #: A continuous kind runs as a long-lived task in ``serve``, not per run.
     continuous: ClassVar[bool] = False
+    #: The kind reads a database's log: its raw rows are changes, with an ``op`` position
+    #: (OP_INSERT, OP_UPDATE, OP_DELETE): a key's last change wins, a delete removes the
+    #: row, and a mapped column an update did not send keeps its value.
+    changes: ClassVar[bool] = False
 
     # ``src: Any`` in these three: each kind takes its own config struct (a subclass of
     # SourceConfig); typed SourceConfig here, those narrower overrides would be unsound.

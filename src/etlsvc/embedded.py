@@ -68,12 +68,14 @@ class EmbeddedPostgres:
     """One embedded server in ``data_dir``; ``start()`` returns its DSN, ``stop()`` stops it."""
 
     def __init__(self, data_dir: Path, version: int = 18, *, port: int = _PORT,
-                 listen: str = "") -> None:
-        """``listen``: TCP addresses to listen on as well (default: the socket only)."""
+                 listen: str = "", settings: dict[str, str] | None = None) -> None:
+        """``listen``: TCP addresses to listen on as well (default: the socket only);
+        ``settings``: more server settings (``-c name=value``), such as ``wal_level``."""
         self.data_dir = data_dir
         self.version = version
         self.port = port
         self.listen = listen
+        self.settings = settings or {}
         self.proc: subprocess.Popen[bytes] | None = None
         self._tmp_socket_dir: str | None = None
 
@@ -98,7 +100,8 @@ class EmbeddedPostgres:
                  "-c", f"listen_addresses={self.listen}",
                  "-c", f"unix_socket_directories={socket_dir}",
                  "-c", "unix_socket_permissions=0700", "-c", "fsync=on",
-                 "-c", "max_connections=100", "-c", "shared_buffers=128MB"],
+                 "-c", "max_connections=100", "-c", "shared_buffers=128MB",
+                 *(arg for k, v in self.settings.items() for arg in ("-c", f"{k}={v}"))],
                 stdin=subprocess.DEVNULL, stdout=logfile, stderr=logfile,
                 preexec_fn=_child_setup, start_new_session=True)
         finally:

@@ -28,6 +28,15 @@ LOOP_LAG = Histogram("etlsvc_event_loop_lag_seconds", "How late the event loop r
 POOL_SIZE = Gauge("etlsvc_db_pool_connections", "Database pool connections", ["pool", "state"])
 STREAM_LAG = Gauge("etlsvc_stream_lag_messages", "Messages of a stream source not yet "
                    "committed (not delivered, or delivered and not yet committed)", ["source"])
+CDC_LAG_BYTES = Gauge("etlsvc_cdc_lag_bytes", "WAL between a change source's replication "
+                      "slot's confirmed position and the source's current position",
+                      ["source", "slot"])
+CDC_LAG_SECONDS = Gauge("etlsvc_cdc_lag_seconds", "How old the last change applied was when "
+                        "applied (0 when caught up)", ["source", "slot"])
+CDC_RETAINED = Gauge("etlsvc_cdc_retained_wal_bytes", "WAL the replication slot keeps on the "
+                     "source database's disk", ["source", "slot"])
+CDC_MAX_RETAINED = Gauge("etlsvc_cdc_max_retained_wal_bytes", "The source's max_retained_wal",
+                         ["source", "slot"])
 REQUESTS_CUT = Counter("etlsvc_http_requests_cut_total", "Requests cancelled before their "
                        "answer: past the deadline (answered 503) or their client gone",
                        ["reason"])
@@ -42,6 +51,8 @@ FAILING = Gauge("etlsvc_source_failing", "1 when the source's last run failed or
                 "interrupted", ["source"])
 #: The last lag reading of each stream source (for /health).
 stream_lag: dict[str, int] = {}
+#: The last reading of each change source's slot (for /health).
+cdc_slots: dict[str, dict[str, Any]] = {}
 
 _recent: collections.deque[float] = collections.deque(maxlen=2000)
 
@@ -58,6 +69,20 @@ def set_stream_lag(source: str, lag: int) -> None:
     """Record a stream source's consumer lag."""
     stream_lag[source] = lag
     STREAM_LAG.labels(source).set(lag)
+
+
+def set_cdc_lag(source: str, slot: str, lag_bytes: int, lag_seconds: float,
+                retained_bytes: int, max_retained_bytes: int) -> None:
+    """Record a change source's slot: its lag and the WAL it retains."""
+    cdc_slots[source] = {"slot": slot, "lag_bytes": lag_bytes,
+                         "lag_seconds": round(lag_seconds, 3),
+                         "retained_wal_bytes": retained_bytes,
+                         "max_retained_wal_bytes": max_retained_bytes,
+                         "over_max_retained_wal": retained_bytes > max_retained_bytes}
+    CDC_LAG_BYTES.labels(source, slot).set(lag_bytes)
+    CDC_LAG_SECONDS.labels(source, slot).set(lag_seconds)
+    CDC_RETAINED.labels(source, slot).set(retained_bytes)
+    CDC_MAX_RETAINED.labels(source, slot).set(max_retained_bytes)
 
 
 def request_cut(reason: str) -> None:

@@ -93,7 +93,9 @@ async def test_every_named_query_prepares_against_the_schema(pool: asyncpg.Pool)
     raw table where it names one; the filter table of GET /data condition by condition."""
     src = msgspec.convert({"name": "s", "kind": "csv", "path": "x",
                            "fields": {"source_id": "id"}}, Source)
-    fill = {"{distinct}": "", "{order}": "", "{this_transaction}": "", "{values}": values_sql(src),
+    fill = {"{distinct}": "", "{order}": "", "{this_transaction}": "", "{op}": "",
+            "{op_out}": "", "{live}": "", "{values}": values_sql(src),
+            "{raw_table}": "raw_csv_data", "{stream_column}": "file",
             "{column}": "url", "{filters}": " AND category = $3", "{source}": "$4"}
     prepared = 0
     async with pool.acquire() as conn, conn.transaction():

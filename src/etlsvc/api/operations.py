@@ -58,7 +58,15 @@ async def source_states(request: Request, where: str) -> dict[str, dict[str, Any
                              "anomaly": info.get("anomaly"),
                              # any run, a retry or a replay included
                              "running_run": info.get("running_run")}
-        if KINDS[src.kind].continuous:
+        if KINDS[src.kind].changes:
+            slot = metrics.cdc_slots.get(src.name)
+            sources[src.name]["slot"] = slot
+            if slot and slot["over_max_retained_wal"]:
+                sources[src.name]["failing"] = True
+                sources[src.name]["error"] = (
+                    f"replication slot {slot['slot']} retains {slot['retained_wal_bytes']} "
+                    f"bytes of WAL, over max_retained_wal ({slot['max_retained_wal_bytes']})")
+        elif KINDS[src.kind].continuous:
             sources[src.name]["lag"] = metrics.stream_lag.get(src.name)
     return sources
 

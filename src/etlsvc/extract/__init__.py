@@ -8,12 +8,20 @@ from __future__ import annotations
 from typing import Any
 
 from etlsvc.contract import SourceKind
-from etlsvc.extract import csv_files, json_api, jsonl_files, nats_stream, rss_feeds, sql_tables
+from etlsvc.extract import (
+    csv_files,
+    json_api,
+    jsonl_files,
+    nats_stream,
+    pg_cdc,
+    rss_feeds,
+    sql_tables,
+)
 
 #: Every kind of source, by name.
 KINDS: dict[str, SourceKind] = {k.name: k for k in (
     csv_files.KIND, json_api.KIND, rss_feeds.KIND, jsonl_files.KIND, sql_tables.KIND,
-    nats_stream.KIND,
+    nats_stream.KIND, pg_cdc.KIND,
 )}
 
 

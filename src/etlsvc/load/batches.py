@@ -102,6 +102,10 @@ class Preparer:
         batch.positions = list(compress(batch.positions, keep))
         if batch.records is not None:
             batch.records = list(compress(batch.records, keep))
+        if batch.row_streams is not None:
+            batch.row_streams = list(compress(batch.row_streams, keep))
+        if batch.unchecked is not None:
+            batch.unchecked = list(compress(batch.unchecked, keep))
 
     @staticmethod
     def _drop_csv_values(batch: Batch, acting: list[drift.Change],
@@ -124,18 +128,25 @@ class Preparer:
         if validator.missing and batch.rows:
             raise SourceError(self.src.name, self.kind.missing(self.src, batch.stream,
                                                                batch.columns))
-        return validator.check(batch.rows)
+        bad = validator.check(batch.rows)
+        if bad and batch.unchecked is not None:
+            # A delete needs only its key; a column an update did not send keeps its value.
+            unchecked = batch.unchecked
+            bad = {i: p for i, p in bad.items()
+                   if unchecked[i] is not None and p.column not in unchecked[i]}
+        return bad
 
     def prepare(self, batch: Batch, bad: dict[int, Problem]) -> Prepared:
         """``batch`` without its ``bad`` rows (which become rejects), encoded for COPY."""
         kind = self.kind
         rejects = batch.rejects
         keep = None
+        streams = batch.row_streams
         if bad:
             keep = [True] * len(batch.rows)
             for i, problem in bad.items():
                 keep[i] = False
-                rejects.append(Reject.of(batch.stream,
+                rejects.append(Reject.of(batch.stream if streams is None else streams[i],
                                          dict(zip(kind.position_keys, batch.positions[i])),
                                          self._original(batch, i), problem))
             rejects.sort(key=lambda r: tuple(r.position.values()))
@@ -147,7 +158,10 @@ class Preparer:
             records: Iterable[bytes] = raw.encode_records(batch.columns, rows)
         else:
             records = batch.records if keep is None else list(compress(batch.records, keep))
-        payload = raw.payload(self.run_id, self.src.name, batch.stream, positions, keys,
+        if streams is not None and keep is not None:
+            streams = list(compress(streams, keep))
+        payload = raw.payload(self.run_id, self.src.name,
+                              batch.stream if streams is None else streams, positions, keys,
                               records, received=batch.records is not None)
         hashes = set(map(zlib.crc32, map(str.encode, keys)))
         unique = unique_fields(self.src)
@@ -159,7 +173,8 @@ class Preparer:
                         len(set(keys)) == len(keys),
                         rejects, batch.rows_read, batch.bytes_read, batch.state,
                         pages=batch.pages, lines=batch.lines_read, part=batch.stream,
-                        key_hashes=array("I", hashes).tobytes(), unique_checks=bool(unique))
+                        key_hashes=array("I", hashes).tobytes(), unique_checks=bool(unique),
+                        clear=batch.clear, sweep=batch.sweep)
 
     @staticmethod
     def _original(batch: Batch, i: int) -> Any:
@@ -241,9 +256,19 @@ class Committer:
         return conn
 
     async def _commit(self, batch: Prepared, previous: asyncio.Task[None] | None) -> None:
-        conn = await self._connection()
         try:
-            counts = await write.commit(conn, self.src, self.kind, self.run_id, batch, previous)
-        finally:
-            self._idle.append(conn)
-        await self.on_commit(batch, counts)
+            conn = await self._connection()
+            try:
+                counts = await write.commit(conn, self.src, self.kind, self.run_id, batch,
+                                            previous)
+            finally:
+                self._idle.append(conn)
+            await self.on_commit(batch, counts)
+        except BaseException as exc:
+            if batch.committed is not None and not batch.committed.done():
+                batch.committed.set_exception(
+                    exc if isinstance(exc, Exception) else asyncio.CancelledError())
+                batch.committed.exception()     # retrieved: the run's error is raised
+            raise
+        if batch.committed is not None and not batch.committed.done():
+            batch.committed.set_result(None)

@@ -28,10 +28,40 @@ async def upsert(conn: asyncpg.Connection, src: SourceConfig, kind: SourceKind, 
     ``this_transaction``: only the raw rows this transaction wrote (a batch's load). The
     data version is the caller's to raise (``bump_version``) when rows were written.
     """
-    sql = _upsert_sql(kind.raw_table, distinct_keys, this_transaction, values_sql(src))
+    sql = _upsert_sql(kind.raw_table, distinct_keys, this_transaction,
+                      values_sql(src, keep_absent=kind.changes), kind.changes)
     row = await conn.fetchrow(sql, src.name, kind.name, above, upto, skip or [],
                               *paths(src, kind), src.tags_separator)
     return row["inserted"], row["updated"]
+
+
+async def delete_gone(conn: asyncpg.Connection, src: SourceConfig, kind: SourceKind, *,
+                      above: int, upto: int = db.MAX_ID, skip: list[int] | None = None,
+                      this_transaction: bool = False) -> int:
+    """A change kind's deletes among raw rows ``above < id <= upto``: the keys whose last
+    change is a delete leave ``normalized_data``; returns how many rows did."""
+    sql = (db.query("normalize", "delete_gone").replace("{raw_table}", kind.raw_table)
+           .replace("{this_transaction}", _THIS_TRANSACTION if this_transaction else ""))
+    return await conn.fetchval(sql, src.name, above, upto, skip or [], paths(src, kind)[0])
+
+
+async def clear(conn: asyncpg.Connection, src: SourceConfig, kind: SourceKind,
+                streams: list[str]) -> int:
+    """A TRUNCATE: the source's normalized rows of ``streams`` leave; returns how many."""
+    return await conn.fetchval(_kind_sql("cdc", "clear", kind), src.name, streams)
+
+
+async def sweep(conn: asyncpg.Connection, src: SourceConfig, kind: SourceKind, stream: str,
+                snapshot: int, run_id: int) -> int:
+    """A finished snapshot of ``stream``: the source's normalized rows of it that the
+    snapshot did not read leave; returns how many."""
+    return await conn.fetchval(_kind_sql("cdc", "sweep", kind), src.name, stream, snapshot,
+                               run_id, paths(src, kind)[0])
+
+
+def _kind_sql(file: str, name: str, kind: SourceKind) -> str:
+    return (db.query(file, name).replace("{raw_table}", kind.raw_table)
+            .replace("{stream_column}", kind.stream_column))
 
 
 async def unique_conflicts(conn: asyncpg.Connection, src: SourceConfig, kind: SourceKind, *,
@@ -97,10 +127,13 @@ async def next_raw_id(conn: asyncpg.Connection, raw_table: str) -> int:
 
 
 @cache
-def _upsert_sql(table: str, distinct_keys: bool, this_transaction: bool, values: str) -> str:
+def _upsert_sql(table: str, distinct_keys: bool, this_transaction: bool, values: str,
+                changes: bool) -> str:
     dedupe = ("", "") if distinct_keys else ("DISTINCT ON (key)", "ORDER BY key, id DESC")
+    ops = (", r.op", ", op", "WHERE op <> 3") if changes else ("", "", "")
     return (db.query("normalize", "upsert").replace("{raw_table}", table)
             .replace("{values}", values)
+            .replace("{op}", ops[0]).replace("{op_out}", ops[1]).replace("{live}", ops[2])
             .replace("{distinct}", dedupe[0]).replace("{order}", dedupe[1])
             .replace("{this_transaction}", _THIS_TRANSACTION if this_transaction else ""))
 

@@ -54,10 +54,11 @@ def _copy_text(value: str) -> str:
             .replace("\r", "\\r"))
 
 
-def payload(run_id: int, source: str, stream: str, positions: list[tuple[int, ...]],
-            keys: list[str], records: Iterable[bytes], *, received: bool = False) -> bytes:
+def payload(run_id: int, source: str, stream: str | list[str],
+            positions: list[tuple[int, ...]], keys: list[str], records: Iterable[bytes], *,
+            received: bool = False) -> bytes:
     """COPY (text format) payload of a batch's kept rows: run, source, stream, positions,
-    key and record per row.
+    key and record per row (``stream``: one for all, or each row's own).
 
     Every value is encoded by C code (bytes formatting of tuples zipped in C). Usually the
     only escaping COPY's text format needs is doubling backslashes, done once on the whole
@@ -68,6 +69,8 @@ def payload(run_id: int, source: str, stream: str, positions: list[tuple[int, ..
     if not keys:
         return b""
     records = list(records)
+    if isinstance(stream, list):
+        return _payload_per_stream(run_id, source, stream, positions, keys, records)
     one_by_one = (_has_breaks([stream, *keys]) or
                   (received and _has_breaks_bytes(records)))
     if one_by_one:
@@ -80,6 +83,21 @@ def payload(run_id: int, source: str, stream: str, positions: list[tuple[int, ..
     lines = map(fmt, zip(*zip(*positions), map(str.encode, keys), records))
     out = b"".join(lines)
     return out if one_by_one else out.replace(b"\\", b"\\\\")
+
+
+def _payload_per_stream(run_id: int, source: str, streams: list[str],
+                        positions: list[tuple[int, ...]], keys: list[str],
+                        records: list[bytes]) -> bytes:
+    """``payload`` with each row's stream (a change kind's table), every value escaped (a
+    ``json`` column's text keeps its line breaks)."""
+    width = len(positions[0])
+    prefix = f"{run_id}\t{_copy_text(source)}\t".encode().replace(b"%", b"%%")
+    fmt = (prefix + b"%b\t" + b"%d\t" * width + b"%b\t%b\n").__mod__
+    streams_b = [_copy_text(s).encode() for s in streams]
+    keys_b = [_copy_text(k).encode() for k in keys]
+    records = [r.replace(b"\\", b"\\\\").replace(b"\t", b"\\t").replace(b"\n", b"\\n")
+               .replace(b"\r", b"\\r") for r in records]
+    return b"".join(map(fmt, zip(streams_b, *zip(*positions), keys_b, records)))
 
 
 def _has_breaks(texts: list[str]) -> bool:

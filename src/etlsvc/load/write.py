@@ -6,7 +6,8 @@ chunk of a replay (``write``):
 1. COPY the rows into the kind's raw table (a replay's rows are there already);
 2. the ``unique`` rules: a row whose value another key holds is a conflict; rows this
    transaction copied leave the raw table (a reject is never in it);
-3. the upsert into ``normalized_data`` of the rest;
+3. the upsert into ``normalized_data`` of the rest; for a change kind, the TRUNCATEs before
+   it, and after it the deletes and the end of a table's snapshot (``sweep``);
 4. the rejects, with the conflicts (a retry marks its own rejects instead: ``rejects=None``);
 5. after the stream's previous batch has committed (``previous``), the data version.
 
@@ -61,21 +62,31 @@ class Conflict:
 class Written:
     inserted: int = 0
     updated: int = 0
+    deleted: int = 0
     conflicts: list[Conflict] = field(default_factory=list)
 
 
 async def write(conn: asyncpg.Connection, src: SourceConfig, kind: SourceKind, run_id: int,
                 rows: Copied | Stored, *, rejects: list[Reject] | None,
                 unique_checks: bool = True,
-                previous: asyncio.Task[None] | None = None) -> Written:
+                previous: asyncio.Task[None] | None = None,
+                clear: list[str] | None = None,
+                sweep: list[tuple[str, int]] | None = None) -> Written:
     """Steps 1–5 of the module docstring, inside the caller's transaction.
 
     ``rejects``: inserted with the conflicts (None: neither; the caller records the
     conflicts). ``unique_checks`` False: the caller knows the source has no unique rule.
     ``previous``: the commit of the stream's batch before; if it failed, this raises and
-    the caller's transaction rolls back.
+    the caller's transaction rolls back. ``clear``, ``sweep``: a change kind's TRUNCATEs
+    and finished snapshots (``contract.Batch``).
     """
     written = Written()
+    if (clear or sweep) and previous is not None:
+        # They look at the rows earlier batches wrote: those must be committed first.
+        await asyncio.shield(previous)
+        previous = None
+    if clear:
+        written.deleted += await normalize.clear(conn, src, kind, clear)
     if isinstance(rows, Copied):
         above = await normalize.next_raw_id(conn, kind.raw_table)
         await raw.copy(conn, kind.raw_table, kind.copy_columns, rows.payload)
@@ -98,12 +109,19 @@ async def write(conn: asyncpg.Connection, src: SourceConfig, kind: SourceKind, r
         written.inserted, written.updated = await normalize.upsert(
             conn, src, kind, above=above, upto=upto, skip=skip, this_transaction=this_transaction,
             distinct_keys=isinstance(rows, Copied) and rows.distinct_keys)
+        if kind.changes:
+            written.deleted += await normalize.delete_gone(
+                conn, src, kind, above=above, upto=upto, skip=skip,
+                this_transaction=this_transaction)
     if rejects is not None:
         await raw.insert_rejects(conn, run_id, src.name,
                                  [*rejects, *(c.reject for c in written.conflicts)])
+    for stream, snapshot in sweep or ():      # after the rejects: a rejected key stays
+        written.deleted += await normalize.sweep(conn, src, kind, stream, snapshot, run_id)
     if previous is not None:
         await asyncio.shield(previous)    # raises if it failed: this one rolls back
     # Last, so that concurrent batches of a source queue on its row lock in one order.
+    # (A delete raised it in its trigger already.)
     if written.inserted or written.updated:
         await normalize.bump_version(conn, src, kind)
     return written
@@ -129,14 +147,14 @@ async def _commit_once(conn: asyncpg.Connection, src: SourceConfig, kind: Source
         written = await write(conn, src, kind, run_id,
                               Copied(batch.payload, batch.valid, batch.distinct_keys),
                               rejects=batch.rejects, unique_checks=batch.unique_checks,
-                              previous=previous)
+                              previous=previous, clear=batch.clear, sweep=batch.sweep)
         await checkpoint.write(conn, src.name, batch.stream, batch.state, run_id)
         await shapes.record(conn, src.name, batch.stream, run_id, batch.shape,
                             batch.whole_shape)
         if written.conflicts:
             batch = replace(batch, valid=batch.valid - len(written.conflicts),
                             rejects=[*batch.rejects, *(c.reject for c in written.conflicts)])
-        counts = batch.counts(written.inserted, written.updated)
+        counts = batch.counts(written.inserted, written.updated, written.deleted)
         await add_counts(conn, run_id, counts)
     return counts
 

@@ -26,14 +26,26 @@ def paths(src: SourceConfig, kind: SourceKind) -> list[list[str] | None]:
     return out
 
 
-def values_sql(src: SourceConfig) -> str:
+def values_sql(src: SourceConfig, keep_absent: bool = False) -> str:
     """The casts of title … event_time from the raw record, in normalize.sql's parameter
     order ($7 …), made by the compiled rules of each field (its column's default when the
-    field is not mapped)."""
+    field is not mapped).
+
+    ``keep_absent`` (a change kind): a mapped column the record lacks (an update that did
+    not send an unchanged TOASTed value) keeps the value ``normalized_data`` has; the
+    lookup runs only for such a record."""
     checks = checks_of(src)
-    return ",\n           ".join(
-        (checks.get(field) or FieldCheck(field, default_type(field), Rule())).sql(f"${7 + j}")
-        for j, field in enumerate(NORMALIZED_FIELDS[1:]))
+    mapped = src.fields.mapped()
+    out = []
+    for j, field in enumerate(NORMALIZED_FIELDS[1:]):
+        param = f"${7 + j}"
+        cast = (checks.get(field) or FieldCheck(field, default_type(field), Rule())).sql(param)
+        if keep_absent and field in mapped:
+            cast = (f"CASE WHEN record ? ({param}::text[])[1] THEN {cast} ELSE (SELECT "
+                    f"c.{field} FROM normalized_data c WHERE c.source = $1 AND "
+                    "c.source_id = key) END")
+        out.append(cast)
+    return ",\n           ".join(out)
 
 
 def unique_fields(src: SourceConfig) -> list[str]:

@@ -1,0 +1,35 @@
+-- Statements of the change kinds (pg_cdc, mysql_cdc) that no other kind needs; the write
+-- path (load/write.py) runs them in a batch's transaction. {raw_table} and {stream_column}
+-- are the kind's.
+
+-- name: clear
+-- A TRUNCATE of source tables: every normalized row of the source that came from them
+-- leaves (its tombstone is left by the delete trigger).
+-- params: $1 source, $2 streams (text[]: the tables)
+WITH gone AS (
+    DELETE FROM normalized_data n USING {raw_table} r
+    WHERE n.source = $1 AND n.raw_table = '{raw_table}' AND r.id = n.raw_id
+      AND r.{stream_column} = ANY ($2::text[])
+    RETURNING 1
+)
+SELECT count(*) FROM gone
+
+-- name: sweep
+-- A table's snapshot is complete: its normalized rows whose key the snapshot did not read
+-- (nor rejected, in this run) are gone from the source and leave. Only a snapshot that
+-- restarted (after a crash, or a slot made again) can find any.
+-- params: $1 source, $2 stream (the table), $3 snapshot id, $4 run id,
+--         $5 JSON path of source_id (text[])
+WITH gone AS (
+    DELETE FROM normalized_data n USING {raw_table} r
+    WHERE n.source = $1 AND n.raw_table = '{raw_table}' AND r.id = n.raw_id
+      AND r.{stream_column} = $2
+      AND NOT EXISTS (SELECT 1 FROM {raw_table} k
+                      WHERE k.source = $1 AND k.snapshot = $3 AND k.source_key = n.source_id
+                        AND k.{stream_column} = $2)
+      AND NOT EXISTS (SELECT 1 FROM etl_rejects j
+                      WHERE j.run_id = $4 AND j.source = $1 AND j.stream = $2
+                        AND j.record #>> $5::text[] = n.source_id)
+    RETURNING 1
+)
+SELECT count(*) FROM gone

@@ -1,0 +1,311 @@
+"""Kind pg_cdc: a PostgreSQL cluster of the tests' own with wal_level = logical, its
+changes read from a replication slot: snapshot then stream, deletes, TOAST, TRUNCATE,
+schema changes, exactly once under kill -9, a restarted source, a slot dropped."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+import pytest
+
+from tests.clusters import Cluster, scratch_dir
+from tests.conftest import Env, run_source
+
+
+@pytest.fixture(scope="module")
+def logical() -> Iterator[Cluster]:
+    """A cluster with wal_level = logical, for every test of this module."""
+    with scratch_dir() as folder:
+        c = Cluster(folder / "pg", settings={"wal_level": "logical",
+                                              "max_replication_slots": "20"})
+        try:
+            yield c
+        finally:
+            c.server.stop()
+
+
+class Upstream:
+    """A fresh database on the logical cluster: the source of one test."""
+
+    def __init__(self, cluster: Cluster, name: str) -> None:
+        self.cluster = cluster
+        self.name = name
+        self.url = cluster.dsn.replace("/postgres?", f"/{name}?")
+
+    async def connect(self) -> asyncpg.Connection:
+        return await asyncpg.connect(self.url)
+
+    async def execute(self, sql: str, *args: Any) -> None:
+        conn = await self.connect()
+        try:
+            await conn.execute(sql, *args)
+        finally:
+            await conn.close()
+
+    async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        conn = await self.connect()
+        try:
+            return await conn.fetch(sql, *args)
+        finally:
+            await conn.close()
+
+
+@pytest.fixture
+async def upstream_db(logical: Cluster, monkeypatch: pytest.MonkeyPatch
+                      ) -> AsyncIterator[Upstream]:
+    name = f"up_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(logical.dsn)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    up = Upstream(logical, name)
+    monkeypatch.setenv("CDC_URL", up.url)
+    try:
+        yield up
+    finally:
+        for _ in range(50):     # a killed etlsvc's backend may hold its slot a moment
+            try:
+                await admin.execute("SELECT pg_drop_replication_slot(slot_name) FROM "
+                                    "pg_replication_slots WHERE database = $1", name)
+                break
+            except asyncpg.ObjectInUseError:
+                await asyncio.sleep(0.1)
+        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+def cdc_source(name: str, extra: str = "", tables: str = '["items"]',
+               fields: str = 'source_id = "id"\ntitle = "name"\namount = "amount"') -> str:
+    return f"""
+[[sources]]
+name = "{name}"
+kind = "pg_cdc"
+url_env = "CDC_URL"
+tables = {tables}
+batch_size = 500
+{extra}
+[sources.fields]
+{fields}
+"""
+
+
+ITEMS = ("CREATE TABLE items (id bigint PRIMARY KEY, name text, amount numeric, "
+         "big text, note jsonb, at timestamptz)")
+
+
+async def normalized(pool: asyncpg.Pool, source: str) -> dict[str, tuple[Any, ...]]:
+    return {r["source_id"]: (r["title"], r["amount"]) for r in await pool.fetch(
+        "SELECT source_id, title, amount FROM normalized_data WHERE source = $1", source)}
+
+
+async def upstream_rows(up: Upstream, table: str = "items") -> dict[str, tuple[Any, ...]]:
+    return {str(r["id"]): (r["name"], r["amount"]) for r in await up.fetch(
+        f"SELECT id, name, amount FROM {table}")}
+
+
+async def test_snapshot_then_stream_with_writes_during_the_snapshot(
+        env: Env, pool: asyncpg.Pool, upstream_db: Upstream) -> None:
+    up = upstream_db
+    await up.execute(ITEMS)
+    await up.execute("INSERT INTO items (id, name, amount) SELECT g, 'item ' || g, g "
+                     "FROM generate_series(1, 20000) g")
+    cfg = env.config(cdc_source("cdc"))
+    writing = asyncio.Event()
+    rng = random.Random(7)
+
+    async def writer() -> int:
+        conn = await up.connect()
+        done = 0
+        try:
+            writing.set()
+            for n in range(400):
+                async with conn.transaction():
+                    for _ in range(rng.randint(1, 10)):
+                        key = rng.randint(1, 25000)
+                        what = rng.random()
+                        if what < 0.2:
+                            await conn.execute("DELETE FROM items WHERE id = $1", key)
+                        elif what < 0.6:
+                            await conn.execute("UPDATE items SET name = $2, amount = amount + 1 "
+                                               "WHERE id = $1", key, f"changed {n}")
+                        else:
+                            await conn.execute(
+                                "INSERT INTO items (id, name, amount) VALUES ($1, $2, $3) "
+                                "ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name", key,
+                                f"new {n}", key)
+                        done += 1
+                await asyncio.sleep(0.002)
+        finally:
+            await conn.close()
+        return done
+
+    task = asyncio.create_task(writer())
+    await writing.wait()
+    first = await run_source(cfg, "cdc")
+    assert first["status"] == "succeeded", first["error"]
+    changes = await task
+    assert changes > 1000
+    second = await run_source(cfg, "cdc")
+    assert second["status"] == "succeeded", second["error"]
+    assert await normalized(pool, "cdc") == {
+        k: (name, Decimal(amount)) for k, (name, amount) in (await upstream_rows(up)).items()}
+    # Every streamed change once: no (lsn, seq) twice.
+    assert await pool.fetchval(
+        "SELECT count(*) = count(DISTINCT (lsn, seq)) FROM raw_pg_cdc_data WHERE snapshot = 0")
+    # The slot was advanced to the checkpoint.
+    state = await pool.fetchval("SELECT state FROM etl_checkpoints WHERE stream = 'wal'")
+    slot = await up.fetch("SELECT (confirmed_flush_lsn - '0/0'::pg_lsn)::bigint AS lsn "
+                          "FROM pg_replication_slots WHERE slot_name = 'etlsvc_cdc'")
+    assert slot[0]["lsn"] == state["lsn"]
+
+
+async def test_deletes_updates_toast_key_changes_and_truncate(
+        env: Env, pool: asyncpg.Pool, upstream_db: Upstream) -> None:
+    up = upstream_db
+    await up.execute(ITEMS)
+    big = "x" * 100_000          # TOASTed: an update that leaves it alone does not send it
+    await up.execute("INSERT INTO items (id, name, amount, big, note, at) SELECT g, 'item ' || g, "
+                     "g, $1, '{\"a\": [1, 2]}', '2024-05-01 12:00:00+00' "
+                     "FROM generate_series(1, 10) g", big)
+    cfg = env.config(cdc_source(
+        "cdc", fields='source_id = "id"\ntitle = "name"\namount = "amount"\n'
+                     'description = "big"\nevent_time = "at"'))
+    assert (await run_source(cfg, "cdc"))["status"] == "succeeded"
+    assert await pool.fetchval("SELECT count(*) FROM normalized_data "
+                               "WHERE description = $1", big) == 10
+    await up.execute("UPDATE items SET name = 'renamed' WHERE id = 1")        # big not sent
+    await up.execute("DELETE FROM items WHERE id = 2")
+    await up.execute("UPDATE items SET id = 100 WHERE id = 3")               # key changed
+    await up.execute("INSERT INTO items (id, name, amount) VALUES (11, 'eleven', 11)")
+    run = await run_source(cfg, "cdc")
+    assert run["status"] == "succeeded", run["error"]
+    assert (run["rows_inserted"], run["rows_updated"], run["rows_deleted"]) == (2, 1, 2)
+    row = await pool.fetchrow("SELECT title, description, event_time FROM normalized_data "
+                              "WHERE source_id = '1'")
+    assert row["title"] == "renamed" and row["description"] == big
+    assert row["event_time"].isoformat() == "2024-05-01T12:00:00+00:00"
+    ids = {r["source_id"] for r in await pool.fetch("SELECT source_id FROM normalized_data")}
+    assert ids == {"1", *map(str, range(4, 12)), "100"}
+    assert {r["source_id"] for r in await pool.fetch("SELECT source_id FROM data_tombstones")} \
+        == {"2", "3"}
+    raw = await pool.fetchrow("SELECT record, op FROM raw_pg_cdc_data WHERE source_key = '4'")
+    assert raw["record"] == {"id": 4, "name": "item 4", "amount": 4, "big": big,
+                             "note": {"a": [1, 2]}, "at": "2024-05-01T12:00:00+00:00"}
+    # TRUNCATE, then rows again in the same transaction: only those stay.
+    await up.execute("BEGIN; INSERT INTO items (id, name, amount) VALUES (50, 'gone', 1); "
+                     "TRUNCATE items; INSERT INTO items (id, name, amount) VALUES "
+                     "(7, 'after', 7); COMMIT")
+    run = await run_source(cfg, "cdc")
+    assert run["status"] == "succeeded", run["error"]
+    assert await normalized(pool, "cdc") == {"7": ("after", Decimal(7))}
+
+
+async def test_schema_changes_go_through_the_drift_policy(
+        env: Env, pool: asyncpg.Pool, upstream_db: Upstream) -> None:
+    up = upstream_db
+    await up.execute(ITEMS)
+    await up.execute("INSERT INTO items (id, name, amount) VALUES (1, 'one', 1)")
+    cfg = env.config(cdc_source("cdc", 'schema_drift = "freeze"'))
+    assert (await run_source(cfg, "cdc"))["status"] == "succeeded"
+    await up.execute("ALTER TABLE items ADD COLUMN color text")
+    await up.execute("INSERT INTO items (id, name, amount, color) VALUES (2, 'two', 2, 'red')")
+    run = await run_source(cfg, "cdc")
+    assert run["status"] == "failed"
+    assert "schema drift" in run["error"] and "color" in run["error"]
+    assert set(await normalized(pool, "cdc")) == {"1"}       # nothing of it loaded
+    evolve = env.config(cdc_source("cdc", 'schema_drift = "evolve"'))
+    run = await run_source(evolve, "cdc")
+    assert run["status"] == "succeeded", run["error"]
+    assert set(await normalized(pool, "cdc")) == {"1", "2"}
+    assert {c["column"] for c in run["notes"]["drift"]} == {"color"}
+
+
+async def test_a_table_without_replica_identity_and_a_wrong_wal_level_are_clear_errors(
+        env: Env, pool: asyncpg.Pool, upstream_db: Upstream, database_url: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    await upstream_db.execute("CREATE TABLE items (id bigint, name text, amount numeric)")
+    cfg = env.config(cdc_source("cdc"))
+    run = await run_source(cfg, "cdc")
+    assert run["status"] == "failed"
+    assert "public.items has no replica identity" in run["error"]
+    assert "REPLICA IDENTITY FULL" in run["error"]
+    await upstream_db.execute("ALTER TABLE items REPLICA IDENTITY FULL")
+    assert (await run_source(cfg, "cdc"))["status"] == "succeeded"
+    # The shared server has wal_level = replica.
+    shared = await asyncpg.connect(database_url)
+    level = await shared.fetchval("SHOW wal_level")
+    await shared.close()
+    if level != "logical":
+        monkeypatch.setenv("CDC_URL", database_url)
+        run = await run_source(cfg, "cdc")
+        assert run["status"] == "failed"
+        assert f"wal_level is '{level}' on the source" in run["error"]
+
+
+async def test_a_slot_dropped_behind_its_back_stops_the_source_until_drop_slot(
+        env: Env, pool: asyncpg.Pool, upstream_db: Upstream) -> None:
+    up = upstream_db
+    await up.execute(ITEMS)
+    await up.execute("INSERT INTO items (id, name, amount) SELECT g, 'item ' || g, g "
+                     "FROM generate_series(1, 100) g")
+    env.write_config(cdc_source("cdc"))
+    cfg = env.config(cdc_source("cdc"))
+    assert (await run_source(cfg, "cdc"))["status"] == "succeeded"
+    await up.execute("SELECT pg_drop_replication_slot('etlsvc_cdc')")
+    await up.execute("DELETE FROM items WHERE id <= 10")         # lost with the slot
+    await up.execute("UPDATE items SET name = 'later' WHERE id = 50")
+    run = await run_source(cfg, "cdc")
+    assert run["status"] == "failed"
+    assert "replication slot 'etlsvc_cdc' does not exist" in run["error"]
+    assert "etlsvc cdc drop-slot cdc" in run["error"]
+    assert len(await normalized(pool, "cdc")) == 100               # nothing skipped silently
+    ran = env.cli("cdc", "drop-slot", "cdc", CDC_URL=up.url)
+    assert ran.returncode == 0, ran.stderr
+    assert "was not there" in ran.stderr and "checkpoint(s) forgotten" in ran.stderr
+    run = await run_source(cfg, "cdc")
+    assert run["status"] == "succeeded", run["error"]
+    assert await normalized(pool, "cdc") == {
+        k: (name, Decimal(amount)) for k, (name, amount) in (await upstream_rows(up)).items()}
+    # A slot moved past the checkpoint by someone else is refused too.
+    await up.execute("INSERT INTO items (id, name, amount) VALUES (1000, 'x', 1)")
+    await up.execute("SELECT pg_replication_slot_advance('etlsvc_cdc', pg_current_wal_lsn())")
+    run = await run_source(cfg, "cdc")
+    assert run["status"] == "failed" and "past this source's checkpoint" in run["error"]
+
+
+async def test_a_source_restarted_mid_stream_is_followed(
+        env: Env, pool: asyncpg.Pool, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The source database of the test's own, stopped and started while `etlsvc run`
+    streams: the run reconnects and the table equals the source."""
+    with scratch_dir() as folder:
+        own = Cluster(folder / "pg", settings={"wal_level": "logical"})
+        try:
+            up = Upstream(own, "postgres")
+            monkeypatch.setenv("CDC_URL", up.url)
+            await up.execute("CREATE TABLE items (id bigint PRIMARY KEY, name text, "
+                             "amount numeric)")
+            await up.execute("INSERT INTO items SELECT g, 'item', g FROM "
+                             "generate_series(1, 100) g")
+            cfg = env.config(cdc_source("cdc", "reconnect_timeout_s = 30"))
+            assert (await run_source(cfg, "cdc"))["status"] == "succeeded"
+            for k in range(60):
+                await up.execute("INSERT INTO items SELECT g, 'more', g FROM "
+                                 "generate_series($1::int, $1::int + 499) g", 101 + 500 * k)
+                await up.execute("UPDATE items SET name = $2 WHERE id = $1", k + 1, f"u{k}")
+            running = asyncio.create_task(run_source(cfg, "cdc"))
+            while not await pool.fetchval("SELECT count(*) FROM raw_pg_cdc_data "
+                                          "WHERE snapshot = 0"):
+                await asyncio.sleep(0.01)
+            await asyncio.to_thread(own.stop_fast)
+            await asyncio.sleep(1)
+            await asyncio.to_thread(own.start)
+            run = await running
+            assert run["status"] == "succeeded", run["error"]
+            assert await normalized(pool, "cdc") == {
+                k: (n, Decimal(a)) for k, (n, a) in (await upstream_rows(up)).items()}
+        finally:
+            own.server.stop()
