@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,10 +18,13 @@ from decimal import Decimal
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
 
 from tests.clusters import Cluster, scratch_dir
 from tests.conftest import Env, run_source
+
+CHROMIUM = os.environ.get("ETLSVC_CHROMIUM", "/usr/bin/chromium")
 
 
 @pytest.fixture(scope="module")
@@ -416,3 +420,133 @@ async def test_a_source_restarted_mid_stream_is_followed(
                 k: (n, Decimal(a)) for k, (n, a) in (await upstream_rows(up)).items()}
         finally:
             own.server.stop()
+
+
+async def test_serve_streams_and_shows_the_slot_in_health_metrics_and_the_console(
+        env: Env, upstream_db: Upstream) -> None:
+    """Under `etlsvc serve` the source streams by itself; a transaction left open on the
+    source pins the slot's WAL past max_retained_wal, and /health calls the source failing,
+    /metrics carries the gauges the alerts use, and the console's card shows it."""
+    from tests.integration.test_service import KEY, servers
+
+    up = upstream_db
+    await up.execute(ITEMS)
+    await up.execute("CREATE TABLE other (id serial PRIMARY KEY, pad text)")
+    await up.execute("INSERT INTO items (id, name, amount) SELECT g, 'item ' || g, g "
+                     "FROM generate_series(1, 10) g")
+    env.write_config(cdc_source("cdc", extra='max_retained_wal = "64kB"\npoll_interval_s = 0.1'))
+    with servers(env, environs=[{"CDC_URL": up.url}]) as (server,):
+        async def data() -> dict[str, str]:
+            rows = httpx.get(f"{server.base}/data", params={"source": "cdc", "limit": 100},
+                             headers=KEY).json()["data"]
+            return {r["source_id"]: r["title"] for r in rows}
+
+        async def until(check: Any, what: str) -> Any:
+            for _ in range(200):
+                if found := await check():
+                    return found
+                await asyncio.sleep(0.1)
+            raise AssertionError(f"{what}: not within 20 s\n{server.proc.pid}")
+
+        await until(lambda: _eq(data(), 10), "the snapshot's 10 rows")
+        held = await up.connect()        # an open transaction with an xid pins restart_lsn
+        await held.execute("BEGIN; INSERT INTO other (pad) VALUES ('held')")
+        try:
+            await up.execute("UPDATE items SET name = 'streamed' WHERE id = 3")
+            await up.execute("INSERT INTO other (pad) SELECT repeat('x', 1000) "
+                             "FROM generate_series(1, 200)")          # ~200 kB of WAL
+            await until(lambda: _title(data(), "3", "streamed"), "the streamed update")
+
+            async def over() -> dict[str, Any] | None:
+                body = httpx.get(f"{server.base}/health", headers=KEY).json()
+                cdc = body["data"]["sources"]["cdc"]
+                return cdc if cdc["failing"] else None
+
+            health = await until(over, "/health failing over max_retained_wal")
+            slot = health["slot"]
+            assert slot["slot"] == "etlsvc_cdc" and slot["over_max_retained_wal"]
+            assert slot["retained_wal_bytes"] > 64 * 1024 == slot["max_retained_wal_bytes"]
+            assert "over max_retained_wal" in health["error"]
+            # Caught up: the WAL of a table it does not capture is not lag.
+            assert slot["lag_bytes"] < 16 * 1024 and slot["lag_seconds"] == 0
+            metrics = httpx.get(f"{server.base}/metrics", headers=KEY).text
+            for gauge in ("lag_bytes", "lag_seconds", "retained_wal_bytes",
+                          "max_retained_wal_bytes"):
+                assert f'etlsvc_cdc_{gauge}{{slot="etlsvc_cdc",source="cdc"}}' in metrics
+            if not shutil.which(CHROMIUM):
+                pytest.skip(f"no Chromium at {CHROMIUM}: the console's card is not checked")
+            from playwright.async_api import async_playwright, expect
+            async with async_playwright() as p:
+                browser = await p.chromium.launch(executable_path=CHROMIUM,
+                                                  args=["--no-sandbox"])
+                page = await browser.new_page()
+                await page.goto(f"{server.base}/console#/")
+                await page.click("#key-button")
+                await page.fill("#key-input", "test-key")
+                await page.click("dialog button[value=save]")
+                card = page.locator('article[data-source="cdc"]')
+                await expect(card.locator("dd span.bad", has_text="WAL retained")).to_be_visible()
+                await expect(card).to_contain_text("Slot lag")
+                await expect(card).to_contain_text("streaming")
+                assert await card.locator("button").count() == 0     # no "Run now"
+                await browser.close()
+        finally:
+            await held.execute("ROLLBACK")
+            await held.close()
+
+
+async def test_a_table_added_to_the_publication_mid_stream_is_snapshotted_then_streamed(
+        env: Env, pool: asyncpg.Pool, upstream_db: Upstream) -> None:
+    """`publication = …`: a table added to it while `serve` streams is read in a snapshot
+    of its own when its first change arrives (its rows from before included), then
+    streamed; the other table's changes go on."""
+    from tests.integration.test_service import KEY, servers
+
+    up = upstream_db
+    await up.execute(ITEMS)
+    await up.execute("INSERT INTO items (id, name, amount) SELECT g, 'item ' || g, g "
+                     "FROM generate_series(1, 10) g")
+    await up.execute("CREATE PUBLICATION pub FOR TABLE items")
+    env.write_config(cdc_source("cdc", tables="[]", extra='publication = "pub"\n'
+                                'poll_interval_s = 0.1').replace("tables = []\n", ""))
+    with servers(env, environs=[{"CDC_URL": up.url}]) as (server,):
+        async def rows() -> dict[str, str]:
+            page = httpx.get(f"{server.base}/data", params={"source": "cdc", "limit": 1000},
+                             headers=KEY).json()["data"]
+            return {r["source_id"]: r["title"] for r in page}
+
+        for _ in range(200):
+            if len(await rows()) == 10:
+                break
+            await asyncio.sleep(0.1)
+        await up.execute("CREATE TABLE extra (id bigint PRIMARY KEY, name text, amount int)")
+        await up.execute("INSERT INTO extra SELECT g, 'extra ' || g, g "
+                         "FROM generate_series(1001, 1050) g")     # before: the snapshot's
+        await up.execute("ALTER PUBLICATION pub ADD TABLE extra")
+        await up.execute("UPDATE extra SET name = 'streamed' WHERE id = 1001")
+        await up.execute("INSERT INTO extra VALUES (1051, 'late', 1)")
+        await up.execute("UPDATE items SET name = 'still streamed' WHERE id = 2")
+        await up.execute("DELETE FROM extra WHERE id = 1002")
+        want = {str(k): f"item {k}" for k in range(1, 11)} | {
+            str(k): f"extra {k}" for k in range(1001, 1051)} | {
+            "2": "still streamed", "1001": "streamed", "1051": "late"}
+        del want["1002"]
+        for _ in range(200):
+            if (got := await rows()) == want:
+                break
+            await asyncio.sleep(0.1)
+        assert got == want
+        runs = httpx.get(f"{server.base}/etl/runs", params={"source": "cdc"},
+                         headers=KEY).json()["data"]
+        assert [r["status"] for r in runs] == ["running"]        # one run throughout
+    # extra's rows from before it was added came from a snapshot of its own.
+    assert await pool.fetchval("SELECT count(*) FROM raw_pg_cdc_data WHERE "
+                               "relation = 'public.extra' AND snapshot <> 0") >= 49
+
+
+async def _eq(rows: Any, n: int) -> bool:
+    return len(await rows) == n
+
+
+async def _title(rows: Any, key: str, title: str) -> bool:
+    return (await rows).get(key) == title

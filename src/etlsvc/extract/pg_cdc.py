@@ -437,8 +437,11 @@ class _Reader:
             raise self.fail(self.gone_message())
         seconds = 0.0 if caught_up or committed_at is None else max(
             0.0, (dt.datetime.now(dt.UTC) - committed_at).total_seconds())
+        lag = row["lag"] or 0
+        if caught_up:       # read up to idle_upto, with no change of ours: not behind there
+            lag = max(0, min(lag, row["current"] - self.idle_upto))
         over = (row["retained"] or 0) > self.src.max_retained_bytes
-        metrics.set_cdc_lag(self.src.name, self.src.slot_name, row["lag"] or 0, seconds,
+        metrics.set_cdc_lag(self.src.name, self.src.slot_name, lag, seconds,
                             row["retained"] or 0, self.src.max_retained_bytes)
         if over:
             log.error("replication slot retains more WAL than max_retained_wal",
@@ -476,7 +479,7 @@ WHERE t.pubname = $1
 ORDER BY 1, 2
 """
 _SLOT_SQL = """
-SELECT confirmed_flush_lsn AS confirmed, wal_status,
+SELECT confirmed_flush_lsn AS confirmed, wal_status, pg_current_wal_lsn() AS current,
        (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint AS lag,
        (pg_current_wal_lsn() - restart_lsn)::bigint AS retained
 FROM pg_replication_slots WHERE slot_name = $1

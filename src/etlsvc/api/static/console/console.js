@@ -344,7 +344,8 @@ async function overview(ctx) {
 const LOADS = new Set(["manual", "schedule", "startup", "stream"]);
 
 function card(name, stat, health, runs) {
-  const continuous = "lag" in health;
+  // A stream reports its consumer lag; a change source (pg_cdc) its replication slot.
+  const continuous = "lag" in health || "slot" in health;
   const running = health.running_run ?? null;      // a load, a retry or a replay
   // Loads only: a retry or a replay reads a handful of rows.
   const done = runs.filter((r) => r.status === "succeeded" && r.rows_read > 0
@@ -354,10 +355,12 @@ function card(name, stat, health, runs) {
     ["Last success", h("span", { title: time(health.last_success) }, ago(health.last_success))],
     ["Freshness", health.stale ? h("span", { class: "bad" }, "stale")
       : health.last_success ? "fresh"
+        : continuous && running ? "streaming"
         : health.status ? h("span", { class: "bad" }, "never loaded") : "no runs yet"],
     ["Rows", num(stat.rows)],
     ["Reject rate", pct(stat.error_rate)],
-    continuous ? ["Consumer lag", `${num(health.lag)} messages`]
+    "slot" in health ? ["Slot lag", slotLag(health.slot)]
+      : continuous ? ["Consumer lag", `${num(health.lag)} messages`]
       : ["Next run", stat.next_run_at ? h("span", { title: time(stat.next_run_at) },
         ago(stat.next_run_at)) : "not scheduled"],
   ];
@@ -379,6 +382,13 @@ function card(name, stat, health, runs) {
   if (!continuous) actions.append(runButton([name], "Run now"));
   body.append(actions);
   return body;
+}
+
+function slotLag(slot) {
+  if (!slot) return "not read yet";
+  const retained = `WAL retained ${bytes(slot.retained_wal_bytes)} of ${bytes(slot.max_retained_wal_bytes)}`;
+  return h("span", { class: slot.over_max_retained_wal ? "bad" : "" },
+    `${bytes(slot.lag_bytes)} · ${slot.lag_seconds} s · ${retained}`);
 }
 
 function runButton(sources, text) {
