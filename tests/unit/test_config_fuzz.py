@@ -67,6 +67,11 @@ FULL: dict[str, Any] = {
         {"name": "events", "kind": "stream", "servers": ["nats://127.0.0.1:4222"],
          "stream": "EVENTS", "subject": "events.>", "batch_size": 1000,
          "max_batch_wait": 0.5, "connect_timeout_s": 5.0, "fields": FIELDS},
+        {"name": "changes", "kind": "pg_cdc", "url": "postgresql://cdc@127.0.0.1:5432/shop",
+         "password_env": "CDC_PASSWORD", "tables": ["orders", "billing.invoices"],
+         "slot": "etlsvc_changes", "batch_size": 5000, "changes_per_read": 100_000,
+         "poll_interval_s": 0.5, "max_retained_wal": "10GB", "reconnect_timeout_s": 60.0,
+         "fields": FIELDS},
     ],
 }
 

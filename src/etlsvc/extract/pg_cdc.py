@@ -100,14 +100,14 @@ class PgCdcSource(SourceConfig, tag="pg_cdc", kw_only=True):
     """Tables of a PostgreSQL database, from its write-ahead log."""
 
     url: str = ""
-    url_env: str | None = None
-    password_env: str | None = None
+    url_env: NonEmpty | None = None
+    password_env: NonEmpty | None = None
     #: Tables to capture (``name`` or ``schema.name``); etlsvc keeps a publication of them.
     tables: tuple[NonEmpty, ...] = ()
     #: Or an existing publication (its tables, as it says).
-    publication: str | None = None
+    publication: NonEmpty | None = None
     #: The replication slot's name (default ``etlsvc_<source>``).
-    slot: str | None = None
+    slot: NonEmpty | None = None
     fields: Fields
     batch_size: BatchSize = 5_000
     #: Changes one read of the slot decodes at most (whole transactions).
