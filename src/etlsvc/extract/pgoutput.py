@@ -107,11 +107,11 @@ def decode(data: bytes, relations: Relations) -> Any:
         if tag == b"B":
             (lsn,), (ts,), (xid,) = (_I64.unpack_from(data, 1), _I64.unpack_from(data, 9),
                                      _U32.unpack_from(data, 17))
-            return Begin(lsn, _timestamp(ts), xid)
+            return Begin(lsn, timestamp(ts), xid)
         if tag == b"C":
             (commit,), (end,), (ts,) = (_I64.unpack_from(data, 2), _I64.unpack_from(data, 10),
                                         _I64.unpack_from(data, 18))
-            return Commit(commit, end, _timestamp(ts))
+            return Commit(commit, end, timestamp(ts))
         if tag == b"R":
             rel = _relation(data)
             relations.by_oid[rel.oid] = rel
@@ -129,8 +129,24 @@ def decode(data: bytes, relations: Relations) -> Any:
     raise DecodeError(f"unknown pgoutput message {tag!r}")
 
 
-def _timestamp(micros: int) -> dt.datetime:
+def timestamp(micros: int) -> dt.datetime:
+    """A commit timestamp of the protocol (microseconds since 2000-01-01 UTC)."""
     return _PG_EPOCH + dt.timedelta(microseconds=micros)
+
+
+def begin_fields(data: bytes) -> tuple[int, int]:
+    """A Begin message's (xid, commit timestamp in microseconds): what the reader needs of
+    it, without the objects :func:`decode` makes (one per source transaction)."""
+    if len(data) < 21 or data[:1] != b"B":
+        raise DecodeError(f"malformed pgoutput message {data[:1]!r}: not a Begin")
+    return _U32.unpack_from(data, 17)[0], _I64.unpack_from(data, 9)[0]
+
+
+def commit_end_lsn(data: bytes) -> int:
+    """A Commit message's end LSN (the position after the transaction)."""
+    if len(data) < 26 or data[:1] != b"C":
+        raise DecodeError(f"malformed pgoutput message {data[:1]!r}: not a Commit")
+    return _I64.unpack_from(data, 10)[0]
 
 
 def _string(data: bytes, at: int) -> tuple[str, int]:

@@ -64,6 +64,13 @@ def _start(parent: int, niceness: int) -> None:
     # cycle, yet every young-generation collection (one per 700 new objects by default)
     # walks the survivors: a tenth of a worker's CPU. Collections stay on, just rarer.
     gc.set_threshold(_GC_YOUNG, 10, 10)
+    # The code the work will use, imported now, and set aside from the collector: an
+    # older-generation collection walks every object alive, and those are most of them
+    # (a fifth of building a batch of single-row changes, measured).
+    import etlsvc.extract
+    # (and the loader's side of a batch, which the kinds' prepare step calls)
+    import etlsvc.load.batches  # noqa: F401
+    gc.freeze()
     if niceness:
         os.nice(niceness)
 
