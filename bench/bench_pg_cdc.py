@@ -45,7 +45,6 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 from bench_csv import fresh_db  # noqa: E402
 from bench_stream import free_port  # noqa: E402
-
 from etlsvc.embedded import EmbeddedPostgres, bin_dir  # noqa: E402
 
 ROWS = 100_000

@@ -68,6 +68,7 @@ def _start(parent: int, niceness: int) -> None:
     # older-generation collection walks every object alive, and those are most of them
     # (a fifth of building a batch of single-row changes, measured).
     import etlsvc.extract
+
     # (and the loader's side of a batch, which the kinds' prepare step calls)
     import etlsvc.load.batches  # noqa: F401
     gc.freeze()
