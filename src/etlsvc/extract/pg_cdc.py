@@ -72,8 +72,6 @@ from etlsvc import metrics
 from etlsvc.contract import (
     OP_DELETE,
     OP_INSERT,
-    OP_UPDATE,
-    Batch,
     BatchSize,
     Extraction,
     Fields,
@@ -84,11 +82,11 @@ from etlsvc.contract import (
     SourceKind,
 )
 from etlsvc.errors import ConfigError, SourceError, describe
-from etlsvc.extract import pgoutput
-from etlsvc.extract.records import project, text
+from etlsvc.extract import changes, pgoutput
+from etlsvc.extract.changes import awaited, drop, prepare_records, update_rows
+from etlsvc.extract.records import text
 from etlsvc.extract.sql_tables import connection_url
 from etlsvc.logs import redact
-from etlsvc.transform.drift import shape_of_items
 
 log = structlog.get_logger()
 
@@ -99,7 +97,6 @@ _TABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?$")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|kB|KB|MB|GB|TB)?\s*$")
 _UNITS = {None: 1, "B": 1, "kB": 1 << 10, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30,
           "TB": 1 << 40}
-_encode = msgspec.json.Encoder(decimal_format="number").encode
 #: Advance an idle slot once this much WAL (with none of its changes) is behind it.
 IDLE_ADVANCE_BYTES = 1 << 20
 
@@ -268,39 +265,15 @@ def _rows_of(change: pgoutput.Change, key_column: str, types: dict[str, int],
         return [(OP_DELETE, old or {})]
     assert change.new is not None
     new = values(change.new)
-    out = []
-    if old is not None and old.get(key_column) is not None and \
-            text(old.get(key_column)) != text(new.get(key_column)):
-        out.append((OP_DELETE, old))            # the key changed: the old one is gone
-        old = None
     if any(v is pgoutput.UNCHANGED for v in new.values()):
         before = latest.get((table, text(new.get(key_column)) or ""), {})
         for c, v in new.items():
             if v is pgoutput.UNCHANGED:
                 if old is not None and old.get(c) is not pgoutput.UNCHANGED and c in old:
-                    new[c] = old[c]
+                    new[c] = old[c]             # the same row's value before the update
                 elif c in before:
                     new[c] = before[c]
-    out.append((OP_UPDATE, new))
-    return out
-
-
-def prepare_records(preparer: Preparing, stream: str, streams: list[str],
-                    positions: list[tuple[int, ...]], records: list[dict[str, Any]],
-                    unchecked: list[tuple[str, ...] | None], *, state: dict[str, Any],
-                    clear: list[str] | None = None,
-                    sweep: list[tuple[str, int]] | None = None) -> Prepared:
-    """In a worker: records of changes (or of a snapshot) → a prepared batch."""
-    src = preparer.src
-    raws = [_encode(r) for r in records]
-    items = [msgspec.json.decode(r) for r in raws]    # as the SQL will see them
-    columns = list(dict.fromkeys(src.fields.mapped().values()))
-    whole = [item for item, u in zip(items, unchecked) if u == ()]
-    batch = Batch(stream, columns, project(items, columns, flat=True), positions, raws,
-                  rows_read=len(items), bytes_read=sum(map(len, raws)), state=state,
-                  shape=shape_of_items(whole), row_streams=streams, unchecked=unchecked,
-                  clear=clear or [], sweep=sweep or [])
-    return preparer(batch)
+    return update_rows(old, new, key_column)
 
 
 def _is_lost(exc: BaseException) -> bool:
@@ -465,9 +438,8 @@ class _Reader:
                       max_retained_wal=self.src.max_retained_wal)
 
 
-RECOVERY = ("To recover: `etlsvc cdc drop-slot {source}` (it forgets the checkpoint), then "
-            "run the source again: it makes a new slot and snapshots its tables, and rows "
-            "deleted meanwhile leave.")
+RECOVERY = changes.RECOVERY.replace("{slot}", " and drops the slot; `etlsvc cdc drop-slot "
+                                    "{source}` does the same")
 
 
 def _lsn(value: int) -> str:
@@ -560,7 +532,7 @@ class PgCdcKind(SourceKind):
                 lsn = await reader.create_slot()
                 log.info("replication slot created", slot=src.slot_name, lsn=_lsn(lsn))
                 reader.lsn = lsn
-                first = _awaited(await ex.workers.run(partial(
+                first = awaited(await ex.workers.run(partial(
                     prepare_records, ex.preparer, WAL, [], [], [], [],
                     state={"lsn": lsn, "xid": 0, "slot": src.slot_name})))
                 yield first
@@ -625,7 +597,7 @@ class PgCdcKind(SourceKind):
                 yield await ex.workers.run(partial(
                     prepare_records, ex.preparer, table, [table] * len(rows), positions,
                     records, [()] * len(rows), state={**state, "rows": rows_done}))
-        done = _awaited(await ex.workers.run(partial(
+        done = awaited(await ex.workers.run(partial(
             prepare_records, ex.preparer, table, [], [], [], [],
             state={**state, "done": True, "rows": rows_done}, sweep=[(table, snapshot_id)])))
         yield done
@@ -647,7 +619,7 @@ class PgCdcKind(SourceKind):
 
         async def built() -> Prepared:
             task, txn = building.popleft()
-            prepared = _awaited(await task)
+            prepared = awaited(await task)
             reader.lsn, reader.last_txn = txn.end_lsn, txn     # yielded: past it on a re-read
             return prepared
 
@@ -693,7 +665,7 @@ class PgCdcKind(SourceKind):
                         raise reader.fail(reader.gone_message())
                     if upto - (slot["confirmed"] or 0) >= IDLE_ADVANCE_BYTES and got == 0:
                         # WAL without a change of ours: move the slot past it (checkpoint first).
-                        idle = _awaited(await ex.workers.run(partial(
+                        idle = awaited(await ex.workers.run(partial(
                             prepare_records, ex.preparer, WAL, [], [], [], [],
                             state={"lsn": reader.idle_upto, "xid": 0})))
                         yield idle
@@ -708,7 +680,7 @@ class PgCdcKind(SourceKind):
                 except SourceError:
                     raise
                 except Exception as exc:
-                    _drop(building)
+                    drop(building)
                     if not _is_lost(exc):
                         raise
                     deadline = deadline or time.monotonic() + src.reconnect_timeout_s
@@ -722,7 +694,7 @@ class PgCdcKind(SourceKind):
                     with contextlib.suppress(SourceError):
                         await reader.connect()
         finally:
-            _drop(building)     # the run stopped early: nothing waits for them
+            drop(building)     # the run stopped early: nothing waits for them
 
     @staticmethod
     async def _table_info(reader: _Reader, table: str) -> dict[str, Any]:
@@ -794,21 +766,6 @@ class PgCdcKind(SourceKind):
                  f"slot {src.slot_name} not made yet")
         return (f"postgresql publication {src.publication_name}: "
                 f"{', '.join(reader.tables)}; {where}")
-
-
-def _drop(building: deque[tuple[asyncio.Future[Prepared], Txn]]) -> None:
-    """Give up the batches being built (the read failed: they are read again)."""
-    while building:
-        task, _ = building.popleft()
-        if task.done() and not task.cancelled():
-            task.exception()            # retrieved: not logged as never retrieved
-        task.cancel()
-
-
-def _awaited(prepared: Prepared) -> Prepared:
-    """``prepared`` with a future its commit resolves (``Prepared.committed``)."""
-    prepared.committed = asyncio.get_running_loop().create_future()
-    return prepared
 
 
 def _table_of(data: bytes, relations: dict[int, pgoutput.Relation]) -> str | None:

@@ -109,10 +109,6 @@ async def write(conn: asyncpg.Connection, src: SourceConfig, kind: SourceKind, r
         written.inserted, written.updated = await normalize.upsert(
             conn, src, kind, above=above, upto=upto, skip=skip, this_transaction=this_transaction,
             distinct_keys=isinstance(rows, Copied) and rows.distinct_keys)
-        if kind.changes:
-            written.deleted += await normalize.delete_gone(
-                conn, src, kind, above=above, upto=upto, skip=skip,
-                this_transaction=this_transaction)
     if rejects is not None:
         await raw.insert_rejects(conn, run_id, src.name,
                                  [*rejects, *(c.reject for c in written.conflicts)])
@@ -120,6 +116,13 @@ async def write(conn: asyncpg.Connection, src: SourceConfig, kind: SourceKind, r
         written.deleted += await normalize.sweep(conn, src, kind, stream, snapshot, run_id)
     if previous is not None:
         await asyncio.shield(previous)    # raises if it failed: this one rolls back
+    if kind.changes and left != 0:
+        # After the batch before has committed: a delete's trigger raises the data version,
+        # and a batch holding that row lock while it waits for the one before, which
+        # needs the lock too, would wait for ever (PostgreSQL cannot see the cycle).
+        written.deleted += await normalize.delete_gone(
+            conn, src, kind, above=above, upto=upto, skip=skip,
+            this_transaction=this_transaction)
     # Last, so that concurrent batches of a source queue on its row lock in one order.
     # (A delete raised it in its trigger already.)
     if written.inserted or written.updated:
