@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -106,3 +108,53 @@ def wait_for(check: Callable[[], Any], timeout: float = 60, every: float = 0.05)
             return value
         time.sleep(every)
     raise AssertionError(f"timed out waiting for {check}")
+
+
+MARIADBD = shutil.which("mariadbd") or (
+    "/usr/sbin/mariadbd" if Path("/usr/sbin/mariadbd").exists() else None)
+
+
+class MariaDB:
+    """A MariaDB server of the test's own (the machine's ``mariadbd``) with the binary log
+    on, row-based, with column names: what kind mysql_cdc needs. On 127.0.0.1:``port``,
+    user root without a password."""
+
+    def __init__(self, folder: Path, port: int, settings: dict[str, str] | None = None) -> None:
+        assert MARIADBD is not None
+        self.folder = folder
+        self.port = port
+        self.settings = {"log-bin": str(folder / "binlog"), "server-id": "1",
+                         "binlog-format": "ROW", "binlog-row-image": "FULL",
+                         "binlog-row-metadata": "FULL", **(settings or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+        subprocess.run(["mariadb-install-db", "--no-defaults", f"--datadir={folder / 'data'}",
+                        "--user=root", "--auth-root-authentication-method=normal",
+                        "--skip-test-db"], check=True, capture_output=True)
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"mysql://root@127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        folder = self.folder
+        self.proc = subprocess.Popen(
+            [MARIADBD, "--no-defaults", f"--datadir={folder / 'data'}", f"--port={self.port}",
+             "--bind-address=127.0.0.1", f"--socket={folder / 'sock'}", "--user=root",
+             "--skip-name-resolve", "--innodb-buffer-pool-size=32M",
+             f"--log-error={folder / 'error.log'}", f"--pid-file={folder / 'pid'}",
+             *(f"--{k}={v}" for k, v in self.settings.items())],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        wait_for(lambda: self._answers(), timeout=60)
+
+    def _answers(self) -> bool:
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def stop(self) -> None:
+        """A clean shutdown (SIGTERM), waited for."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=60)
+        self.proc = None

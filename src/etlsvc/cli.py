@@ -23,7 +23,7 @@ import uvicorn
 from etlsvc import __version__, db, logtail
 from etlsvc.config import Config, Source, config_path, load_config
 from etlsvc.errors import ConfigError, EtlError, SourceBusy
-from etlsvc.extract import pg_cdc
+from etlsvc.extract import mysql_cdc, pg_cdc
 from etlsvc.load import checkpoint
 from etlsvc.logs import configure_logging
 from etlsvc.runtime import notify, pipeline, replay, retention, retry, runs
@@ -84,12 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
                       help="lowest level shown")
     logs.add_argument("--run-id", type=int, default=None, help="only this run")
     logs.add_argument("--source", default=None, help="only this source")
-    cdc = sub.add_parser("cdc", parents=[common], help="manage a change source's replication "
-                         "slot")
+    cdc = sub.add_parser("cdc", parents=[common], help="manage a change source's position "
+                         "in its database's log")
     cdc_sub = cdc.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    reset = cdc_sub.add_parser("reset", parents=[common],
+                               help="forget the source's checkpoints (and drop its replication "
+                                    "slot, pg_cdc): its next run snapshots the tables anew")
+    reset.add_argument("source", metavar="SOURCE")
     drop = cdc_sub.add_parser("drop-slot", parents=[common],
-                              help="drop the source's replication slot and forget its "
-                                   "checkpoints: its next run makes a new slot and snapshot")
+                              help="pg_cdc: drop the source's replication slot and forget its "
+                                   "checkpoints (as reset)")
     drop.add_argument("source", metavar="SOURCE")
     sub.add_parser("migrate", parents=[common], help="apply database migrations")
     sub.add_parser("check", parents=[common], help="check config and database connectivity")
@@ -194,17 +198,23 @@ async def _rejects(cfg: Config, args: argparse.Namespace) -> int:
 
 async def _cdc(cfg: Config, args: argparse.Namespace) -> int:
     src = cfg.source(args.source)
-    if not isinstance(src, pg_cdc.PgCdcSource):
+    slot = isinstance(src, pg_cdc.PgCdcSource)
+    if not (slot or isinstance(src, mysql_cdc.MysqlCdcSource)) or (
+            args.action == "drop-slot" and not slot):
         raise ConfigError(f"source {src.name!r} is of kind {src.kind}, not a change source "
-                          "(pg_cdc)")
+                          f"({'pg_cdc' if args.action == 'drop-slot' else 'pg_cdc, mysql_cdc'})")
     async with db.open_database(cfg) as database, database.pool.acquire() as conn, \
             runs.source_lock(conn, src.name):
-        # Under the source's lock: no run of it reads the slot meanwhile.
-        dropped = await pg_cdc.drop_slot(src)
+        # Under the source's lock: no run of it reads the log meanwhile.
+        what = ""
+        if isinstance(src, pg_cdc.PgCdcSource):
+            dropped = await pg_cdc.drop_slot(src)
+            what = f"replication slot {src.slot_name} " \
+                   f"{'dropped' if dropped else 'was not there'}; "
         forgotten = await checkpoint.forget(conn, src.name)
-    print(f"{src.name}: replication slot {src.slot_name} "
-          f"{'dropped' if dropped else 'was not there'}; {forgotten} checkpoint(s) forgotten: "
-          "the next run makes a new slot and snapshots the tables again", file=sys.stderr)
+    print(f"{src.name}: {what}{forgotten} checkpoint(s) forgotten: the next run "
+          f"{'makes a new slot and ' if slot else ''}snapshots the tables again",
+          file=sys.stderr)
     return EXIT_OK
 
 

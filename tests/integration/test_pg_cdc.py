@@ -5,13 +5,13 @@ schema changes, exactly once under kill -9, a restarted source, a slot dropped."
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import os
 import random
 import shutil
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
@@ -88,11 +88,12 @@ async def upstream_db(logical: Cluster, monkeypatch: pytest.MonkeyPatch
 
 
 def cdc_source(name: str, extra: str = "", tables: str = '["items"]',
-               fields: str = 'source_id = "id"\ntitle = "name"\namount = "amount"') -> str:
+               fields: str = 'source_id = "id"\ntitle = "name"\namount = "amount"',
+               kind: str = "pg_cdc") -> str:
     return f"""
 [[sources]]
 name = "{name}"
-kind = "pg_cdc"
+kind = "{kind}"
 url_env = "CDC_URL"
 tables = {tables}
 batch_size = 500
@@ -353,28 +354,8 @@ async def test_kill9_twice_during_a_stream_of_100000_changes_exactly_once_and_wh
 
     writing = asyncio.create_task(writer())
     reading = asyncio.create_task(reader())
-    kills = 0
     try:
-        while not writing.done() or kills < 2:
-            log = (env.dir / "run.log").open("w")
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "etlsvc", "run", "cdc", "--config",
-                 str(env.dir / "config.toml")], cwd=env.dir, start_new_session=True,
-                stdout=log, stderr=subprocess.STDOUT,
-                env={**os.environ, "ETLSVC_DATABASE_URL": env.database_url, "CDC_URL": up.url})
-            log.close()
-            started = time.monotonic()
-            while proc.poll() is None and time.monotonic() - started < 3 + kills:
-                await asyncio.sleep(0.1)
-            if proc.poll() is None and kills < 2 and await pool.fetchval(
-                    "SELECT count(*) FROM raw_pg_cdc_data WHERE snapshot = 0"):
-                os.killpg(proc.pid, signal.SIGKILL)
-                kills += 1
-            await asyncio.to_thread(proc.wait)
-            assert proc.returncode in (0, -9), (env.dir / "run.log").read_text()[-2000:]
-        await writing
-        ran = env.cli("run", "cdc", CDC_URL=up.url)
-        assert ran.returncode == 0, ran.stderr
+        kills = await run_killed_twice(env, pool, "raw_pg_cdc_data", up.url, writing)
     finally:
         reading.cancel()
         writing.cancel()
@@ -386,6 +367,37 @@ async def test_kill9_twice_during_a_stream_of_100000_changes_exactly_once_and_wh
     # Exactly once: no change was loaded twice.
     assert await pool.fetchval(
         "SELECT count(*) = count(DISTINCT (lsn, seq)) FROM raw_pg_cdc_data WHERE snapshot = 0")
+
+
+async def run_killed_twice(env: Env, pool: asyncpg.Pool, raw_table: str, url: str,
+                           writing: asyncio.Task[None]) -> int:
+    """`etlsvc run cdc` again and again while ``writing`` writes, each killed -9 as soon
+    as it has loaded a batch of the stream (twice), then once more to the end: the kills."""
+    async def streamed() -> int:
+        return await pool.fetchval(f"SELECT count(*) FROM {raw_table} WHERE snapshot = 0")
+
+    kills = 0
+    for _ in range(300):
+        if writing.done() and kills >= 2:
+            break
+        before = await streamed()
+        with (env.dir / "run.log").open("w") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "etlsvc", "run", "cdc", "--config",
+                 str(env.dir / "config.toml")], cwd=env.dir, start_new_session=True,
+                stdout=log, stderr=subprocess.STDOUT,
+                env={**os.environ, "ETLSVC_DATABASE_URL": env.database_url, "CDC_URL": url})
+        while proc.poll() is None and await streamed() == before:
+            await asyncio.sleep(0.01)
+        if proc.poll() is None and kills < 2:
+            os.killpg(proc.pid, signal.SIGKILL)
+            kills += 1
+        await asyncio.to_thread(proc.wait)
+        assert proc.returncode in (0, -9), (env.dir / "run.log").read_text()[-2000:]
+    await writing
+    ran = env.cli("run", "cdc", CDC_URL=url)
+    assert ran.returncode == 0, ran.stderr
+    return kills
 
 
 async def test_a_source_restarted_mid_stream_is_followed(
@@ -411,11 +423,13 @@ async def test_a_source_restarted_mid_stream_is_followed(
             while not await pool.fetchval("SELECT count(*) FROM raw_pg_cdc_data "
                                           "WHERE snapshot = 0"):
                 await asyncio.sleep(0.01)
+            stopped_at = dt.datetime.now(dt.UTC)
             await asyncio.to_thread(own.stop_fast)
             await asyncio.sleep(1)
             await asyncio.to_thread(own.start)
             run = await running
             assert run["status"] == "succeeded", run["error"]
+            assert run["finished_at"] > stopped_at          # it was streaming across it
             assert await normalized(pool, "cdc") == {
                 k: (n, Decimal(a)) for k, (n, a) in (await upstream_rows(up)).items()}
         finally:

@@ -133,3 +133,47 @@ def test_a_malformed_database_url_is_one_line_naming_the_key_without_the_passwor
     assert "\n" not in line
     assert "key 'database.url' (or ETLSVC_DATABASE_URL)" in line and expected in line, line
     assert "hunter2" not in line
+
+
+def change_source(kind: str, keys: str) -> str:
+    return f"""
+[[sources]]
+name = "shop"
+kind = "{kind}"
+{keys}
+[sources.fields]
+source_id = "id"
+"""
+
+
+@pytest.mark.parametrize(("kind", "keys", "expected"), [
+    ("pg_cdc", 'url = "postgresql://etl:secret@db/shop"\ntables = ["orders"]',
+     "sources[0].url': no password in the config file"),
+    ("pg_cdc", 'url_env = "U"', "sources[0].tables': set tables"),
+    ("pg_cdc", 'url_env = "U"\ntables = ["orders"]\npublication = "p"',
+     "sources[0].tables': set tables"),
+    ("pg_cdc", 'url_env = "U"\ntables = ["orders"]\nschedule = "5m"',
+     "sources[0].schedule': a pg_cdc source runs continuously"),
+    ("pg_cdc", 'url_env = "U"\ntables = ["orders"]\nmax_retained_wal = "lots"',
+     "sources[0].max_retained_wal': not a size"),
+    ("pg_cdc", 'url_env = "U"\ntables = ["orders"]\nslot = "Etl-Slot"',
+     "sources[0].slot': a slot name is 1-63 lower-case"),
+    ("mysql_cdc", 'url = "mysql://etl:secret@db/shop"\ntables = ["orders"]',
+     "sources[0].url': no password in the config file"),
+    ("mysql_cdc", 'url = "postgresql://etl@db/shop"\ntables = ["orders"]',
+     "sources[0].url': expected mysql://"),
+    ("mysql_cdc", 'url = "mysql://etl@db"\ntables = ["orders"]',
+     "sources[0].url': name the database in the URL"),
+    ("mysql_cdc", 'url_env = "U"', "sources[0].tables': name the tables to capture"),
+    ("mysql_cdc", 'url_env = "U"\ntables = ["orders; DROP"]',
+     "sources[0].tables[0]': not a plain table name"),
+    ("mysql_cdc", 'url_env = "U"\ntables = ["orders"]\nschedule = "5m"',
+     "sources[0].schedule': a mysql_cdc source runs continuously"),
+    ("mysql_cdc", 'url_env = "U"\ntables = ["orders"]\nserver_id = 0',
+     "server_id"),
+])
+def test_a_change_source_mistake_is_one_error_naming_the_key(
+        tmp_path: Path, kind: str, keys: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, change_source(kind, keys)), environ={})
+    assert expected in str(caught.value) and "secret" not in str(caught.value)

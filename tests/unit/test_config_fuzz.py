@@ -72,6 +72,10 @@ FULL: dict[str, Any] = {
          "slot": "etlsvc_changes", "batch_size": 5000, "changes_per_read": 100_000,
          "poll_interval_s": 0.5, "max_retained_wal": "10GB", "reconnect_timeout_s": 60.0,
          "fields": FIELDS},
+        {"name": "binlog", "kind": "mysql_cdc", "url": "mysql://cdc@127.0.0.1:3306/shop",
+         "password_env": "CDC_PASSWORD", "tables": ["orders", "billing.invoices"],
+         "server_id": 4242, "batch_size": 5000, "poll_interval_s": 0.5,
+         "reconnect_timeout_s": 60.0, "fields": FIELDS},
     ],
 }
 

@@ -12,6 +12,7 @@ from etlsvc.extract import (
     csv_files,
     json_api,
     jsonl_files,
+    mysql_cdc,
     nats_stream,
     pg_cdc,
     rss_feeds,
@@ -21,7 +22,7 @@ from etlsvc.extract import (
 #: Every kind of source, by name.
 KINDS: dict[str, SourceKind] = {k.name: k for k in (
     csv_files.KIND, json_api.KIND, rss_feeds.KIND, jsonl_files.KIND, sql_tables.KIND,
-    nats_stream.KIND, pg_cdc.KIND,
+    nats_stream.KIND, pg_cdc.KIND, mysql_cdc.KIND,
 )}
 
 

@@ -176,13 +176,13 @@ async def _rows(src: SqlSource, engine: str, url: str, sql: str,
         cursor = conn.cursor(SSCursor)
         await cursor.execute(sql, args or None)
         columns = [d[0] for d in cursor.description]
-        yield columns, _Paced(conn, cursor).fetch
+        yield columns, Paced(conn, cursor).fetch
         await cursor.close()
     finally:
         conn.close()
 
 
-class _Paced:
+class Paced:
     """``fetchmany`` of asyncmy's unbuffered cursor, with the socket read at the pace the
     rows are taken.
 
