@@ -137,3 +137,25 @@ ORDER BY id
 -- The index the unique_conflicts check of a field ({column}) looks values up with: made on
 -- first use, since which fields are unique is config, not schema.
 CREATE INDEX IF NOT EXISTS normalized_data_{column}_md5_idx ON normalized_data (source, md5({column}))
+
+-- name: detect_gone
+-- deletes = "detect": after a whole read (run $2), the source's normalized keys that the
+-- read neither loaded nor rejected are gone from it, and leave, unless they are more than
+-- $4 (max_delete_fraction) of the source's rows: then none leaves. The delete trigger of
+-- 0005_change_feed.sql leaves their tombstones. Returns (gone, total, deleted).
+-- params: $1 source, $2 run id, $3 JSON path of source_id (text[]), $4 fraction
+WITH gone AS (
+    SELECT n.source_id FROM normalized_data n WHERE n.source = $1
+    EXCEPT
+    SELECT r.source_key FROM {raw_table} r WHERE r.source = $1 AND r.run_id = $2
+    EXCEPT
+    SELECT j.record #>> $3::text[] FROM etl_rejects j WHERE j.run_id = $2 AND j.source = $1
+), counts AS (
+    SELECT (SELECT count(*) FROM gone) AS gone,
+           (SELECT count(*) FROM normalized_data WHERE source = $1) AS total
+), deleted AS (
+    DELETE FROM normalized_data n USING gone g, counts c
+    WHERE n.source = $1 AND n.source_id = g.source_id AND c.gone <= $4::float8 * c.total
+    RETURNING 1
+)
+SELECT c.gone, c.total, (SELECT count(*) FROM deleted) AS deleted FROM counts c

@@ -343,6 +343,9 @@ def _check(cfg: Config, path: Path) -> None:
             raise ConfigError(f"{where}.fields.source_id': every source needs its natural key "
                               "mapped")
         kind_of(src).check_config(src, where)
+        if src.deletes == "detect" and (why := kind_of(src).whole_read(src)):
+            raise ConfigError(f"{where}.deletes': \"detect\" needs every key at each run, "
+                              f"but {why}")
         checks = compile_rules(src.fields.mapped(), src.rules, src.tags_separator,
                                f"{where}.rules")
         checked = [v for f, v in src.fields.mapped().items() if not checks[f].trivial]

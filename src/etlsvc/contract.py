@@ -166,6 +166,12 @@ class SourceConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     retention_days: Days | None = None
     #: What a new, missing or retyped column does (``transform/drift.py``).
     schema_drift: Literal["evolve", "freeze", "discard_row", "discard_value"] = "evolve"
+    #: ``detect``: after a complete, successful read, the source's keys it did not see are
+    #: deleted (for the kinds read whole at each run; ``SourceKind.whole_read``).
+    deletes: Literal["keep", "detect"] = "keep"
+    #: The share of the source's rows one run may delete so; past it the run fails, deleting
+    #: nothing (an export cut short must not empty the table).
+    max_delete_fraction: Rate = 0.5
 
     kind: ClassVar[str]
 
@@ -373,6 +379,11 @@ class SourceKind:
     def batches(self, ex: Extraction) -> AsyncIterator[Prepared]:
         """The source's batches from its checkpoints on, ready for the database."""
         raise NotImplementedError
+
+    def whole_read(self, src: Any) -> str | None:
+        """Why a run of ``src`` does not read the whole source (so ``deletes = "detect"``
+        cannot say what is gone); None if it does (from the start: no checkpoint counts)."""
+        return f"a {self.name} source is not read whole at each run"
 
     async def check(self, src: Any, base_dir: Path) -> str:
         """What ``etlsvc check`` says of the source; SourceError if it cannot be read."""

@@ -177,3 +177,33 @@ def test_a_change_source_mistake_is_one_error_naming_the_key(
     with pytest.raises(ConfigError) as caught:
         load_config(write(tmp_path, change_source(kind, keys)), environ={})
     assert expected in str(caught.value) and "secret" not in str(caught.value)
+
+
+@pytest.mark.parametrize(("source", "expected"), [
+    ('kind = "sql"\nurl_env = "U"\ntable = "t"\ncursor = "updated_at"',
+     "a sql source with a cursor reads only the rows past its mark"),
+    ('kind = "api"\nurl = "http://127.0.0.1:9/x"\n[sources.incremental]\nparam = "since"\n'
+     'field = "updated_at"', "an incremental API source reads only what changed"),
+    ('kind = "rss"\nurls = ["http://127.0.0.1:9/feed.xml"]',
+     "a rss source is not read whole at each run"),
+    ('kind = "pg_cdc"\nurl_env = "U"\ntables = ["t"]', "a pg_cdc source is not read whole"),
+])
+def test_deletes_detect_is_refused_where_a_run_does_not_read_every_key(
+        tmp_path: Path, source: str, expected: str) -> None:
+    head, _, table = source.partition("\n[")
+    text = f'[[sources]]\nname = "s"\n{head}\ndeletes = "detect"\n' + (
+        f"[{table}\n" if table else "") + '[sources.fields]\nsource_id = "id"\n'
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text), environ={})
+    assert "sources[0].deletes'" in str(caught.value) and expected in str(caught.value)
+
+
+@pytest.mark.parametrize("source", [
+    'kind = "sql"\nurl_env = "U"\ntable = "t"', 'kind = "jsonl"\npath = "x.jsonl"',
+    'kind = "csv"\npath = "x.csv"', 'kind = "api"\nurl = "http://127.0.0.1:9/x"'])
+def test_deletes_detect_is_taken_where_each_run_reads_every_key(
+        tmp_path: Path, source: str) -> None:
+    text = (f'[[sources]]\nname = "s"\n{source}\ndeletes = "detect"\n'
+            'max_delete_fraction = 0.2\n[sources.fields]\nsource_id = "id"\n')
+    src = load_config(write(tmp_path, text), environ={}).source("s")
+    assert src.deletes == "detect" and src.max_delete_fraction == 0.2

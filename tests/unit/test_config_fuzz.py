@@ -44,6 +44,7 @@ FULL: dict[str, Any] = {
         {"name": "files", "kind": "csv", "path": "data/*.csv", "schedule": "5m",
          "batch_size": 10_000, "max_error_rate": 0.05, "encoding": "utf-8", "delimiter": ",",
          "max_record_bytes": 1 << 20, "retention_days": 30.0, "schema_drift": "evolve",
+         "deletes": "detect", "max_delete_fraction": 0.5,
          "fields": FIELDS,
          "rules": {"amount": {"min": 0, "max": 100}, "title": {"required": True}},
          "anomaly": {"window": 20, "min_runs": 5, "threshold": 3.5}},

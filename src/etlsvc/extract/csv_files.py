@@ -484,6 +484,9 @@ class CsvKind(SourceKind):
     position_keys = ("line", "byte_offset")
     record = "columns"
 
+    def whole_read(self, src: CsvSource) -> str | None:
+        return None             # with deletes = "detect", every file from its start
+
     def check_config(self, src: CsvSource, where: str) -> None:
         try:
             codecs.lookup(src.encoding)

@@ -302,6 +302,10 @@ class ApiKind(SourceKind):
     position_columns = ("page", "item_index")
     position_keys = ("page", "index")
 
+    def whole_read(self, src: ApiSource) -> str | None:
+        return ("an incremental API source reads only what changed since its last run"
+                if src.incremental else None)
+
     def check_config(self, src: ApiSource, where: str) -> None:
         check_url(src, where, src.url, "url")
 

@@ -197,6 +197,9 @@ class JsonlKind(SourceKind):
     position_columns = ("line", "byte_offset")
     position_keys = JsonlParser.POSITION_KEYS
 
+    def whole_read(self, src: JsonlSource) -> str | None:
+        return None             # with deletes = "detect", every file from its start
+
     def batches(self, ex: Extraction) -> AsyncIterator[Prepared]:
         src: JsonlSource = ex.src
         return files.batches(ex, src.path, functools.partial(JsonlParser, src))

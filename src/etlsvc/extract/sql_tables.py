@@ -256,6 +256,10 @@ class SqlKind(SourceKind):
     position_keys = ("row",)
     record = "columns"
 
+    def whole_read(self, src: SqlSource) -> str | None:
+        return ("a sql source with a cursor reads only the rows past its mark"
+                if src.cursor else None)
+
     def check_config(self, src: SqlSource, where: str) -> None:
         if bool(src.url) == bool(src.url_env):
             raise ConfigError(f"{where}.url': set url (with password_env for its password) "

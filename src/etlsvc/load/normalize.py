@@ -59,6 +59,15 @@ async def sweep(conn: asyncpg.Connection, src: SourceConfig, kind: SourceKind, s
                                run_id, paths(src, kind)[0])
 
 
+async def detect_gone(conn: asyncpg.Connection, src: SourceConfig, kind: SourceKind,
+                      run_id: int) -> tuple[int, int, int]:
+    """``deletes = "detect"``: the source's keys run ``run_id`` did not read leave (none if
+    they are over ``max_delete_fraction``); returns (gone, total, deleted)."""
+    row = await conn.fetchrow(_kind_sql("normalize", "detect_gone", kind), src.name, run_id,
+                              paths(src, kind)[0], src.max_delete_fraction)
+    return row["gone"], row["total"], row["deleted"]
+
+
 def _kind_sql(file: str, name: str, kind: SourceKind) -> str:
     return (db.query(file, name).replace("{raw_table}", kind.raw_table)
             .replace("{stream_column}", kind.stream_column))

@@ -32,7 +32,7 @@ from etlsvc.errors import (
     one_line,
 )
 from etlsvc.extract import kind_of
-from etlsvc.load import batches, checkpoint, normalize, shapes
+from etlsvc.load import batches, checkpoint, normalize, shapes, write
 from etlsvc.runtime import anomalies, notify, runs
 from etlsvc.runtime.workers import Workers
 
@@ -211,6 +211,11 @@ async def _execute(cfg: Config, run: ClaimedRun, workers: Workers,
             beating.cancel()
             sharing.cancel()
         error = one_line(error) if error else runs.error_rate_exceeded(src, progress.counts)
+        if error is None and src.deletes == "detect":
+            try:
+                error = await _detect_deletes(run, progress)
+            except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
+                error = f"detecting deletes failed (nothing deleted): {describe(exc)}"
         row = await _finish(run, progress, error)
         seconds = time.monotonic() - started
         metrics.observe_run(row, seconds)
@@ -222,6 +227,25 @@ async def _execute(cfg: Config, run: ClaimedRun, workers: Workers,
             rows_per_s=round(row["rows_read"] / seconds) if seconds else None,
             **{k: row[k] for k in COUNTERS})
         return row
+
+
+async def _detect_deletes(run: ClaimedRun, progress: Progress) -> str | None:
+    """After a whole, successful read: the keys it did not see leave (``deletes =
+    "detect"``), with the run's counter, in one transaction; the error if too many would."""
+    src = run.src
+    async with run.conn.transaction():
+        gone, total, deleted = await normalize.detect_gone(run.conn, src, kind_of(src), run.id)
+        if deleted:
+            await write.add_counts(run.conn, run.id, {"rows_deleted": deleted})
+    progress.counts["rows_deleted"] += deleted
+    if gone and not deleted:
+        return (f"deletes = \"detect\": this read lacks {gone:,} of the source's {total:,} "
+                f"rows ({gone / total:.0%}), over max_delete_fraction "
+                f"({src.max_delete_fraction:g}), so none was deleted (a partial export?); "
+                "raise max_delete_fraction if they really went")
+    if deleted:
+        log.info("keys gone from the source deleted", deleted=deleted, total=total)
+    return None
 
 
 async def _load(cfg: Config, run: ClaimedRun, workers: Workers, progress: Progress,
@@ -262,7 +286,8 @@ async def _commit_batches(cfg: Config, run: ClaimedRun, workers: Workers, progre
     ex = Extraction(
         src, progress.run_id,
         await checkpoint.read(conn, src.name, run_id=progress.run_id,
-                              full_refresh=run.full_refresh),
+                              # deletes = "detect" needs every key: read from the start
+                              full_refresh=run.full_refresh or src.deletes == "detect"),
         cfg.resolve("."), workers,
         batches.Preparer(src, progress.run_id, await shapes.known(conn, src.name)), progress.warn,
         set_total, progress.notes, run.stopping, cfg.pipeline.parallel_streams)
