@@ -178,8 +178,11 @@ class ClaimedRun:
                 if not db.unavailable(exc):
                     raise
                 if conn is not None:
-                    conn.terminate()
-                    await self.database.pool.release(conn)
+                    # asyncpg gives a pooled connection back by itself when the server
+                    # closes it: then the proxy is detached and there is nothing to end.
+                    with contextlib.suppress(asyncpg.InterfaceError):
+                        conn.terminate()
+                        await self.database.pool.release(conn)
                 problem = DatabaseLost(f"database connection lost: {describe(exc)}")
             if time.monotonic() + delay > deadline:
                 raise problem
