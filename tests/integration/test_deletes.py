@@ -5,13 +5,16 @@ fails saying so."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import asyncpg
 import pytest
 
-from tests.conftest import Env, csv_source, run_source
+from tests.conftest import Env, api_source, csv_source, run_source
+from tests.integration.test_jsonl import jsonl_source
 from tests.integration.test_sql import T0, add_pg, orders, sql_source, upstream_pg  # noqa: F401
+from tests.upstream import Reply, Upstream
 
 FIELDS = 'source_id = "id"\ntitle = "title"\namount = "amount"'
 
@@ -84,3 +87,31 @@ async def test_a_sql_table_read_whole_deletes_rows_deleted_upstream(
     assert run["rows_deleted"] == 10
     assert set(await keys(pool, "pg")) == {str(i) for i in range(1, 101) if i % 10}
     assert await tombstones(pool, "pg") == {str(i) for i in range(10, 101, 10)}
+
+
+async def test_a_jsonl_export_and_an_api_read_whole_delete_what_they_no_longer_hold(
+        env: Env, pool: asyncpg.Pool, tmp_path: Path, upstream: Upstream) -> None:
+    path = tmp_path / "export.jsonl"
+    items = {k: {"id": k, "title": f"item {k}", "amount": k} for k in range(1, 11)}
+    body = {"items": list(items.values())}
+    upstream.route("/items", lambda r: Reply(body=body["items"]))
+    path.write_text("".join(json.dumps(i) + "\n" for i in items.values()))
+    cfg = env.config(
+        jsonl_source("lines", path, fields=FIELDS, extra='deletes = "detect"')
+        + api_source("api", f"{upstream.base}/items", FIELDS, 'deletes = "detect"'))
+    for name in ("lines", "api"):
+        assert (await run_source(cfg, name))["status"] == "succeeded"
+    del items[3], items[7]
+    path.write_text("".join(json.dumps(i) + "\n" for i in items.values()))
+    body["items"] = list(items.values())
+    for name in ("lines", "api"):
+        run = await run_source(cfg, name)
+        assert run["status"] == "succeeded", run["error"]
+        assert run["rows_deleted"] == 2
+        assert set(await keys(pool, name)) == {str(k) for k in items}
+        assert await tombstones(pool, name) == {"3", "7"}
+    # An upstream that fails mid-read deletes nothing.
+    upstream.route("/items", lambda r: Reply(503, b"maintenance"))
+    run = await run_source(cfg, "api")
+    assert run["status"] == "failed" and run["rows_deleted"] == 0
+    assert len(await keys(pool, "api")) == 8
