@@ -606,6 +606,12 @@ class MysqlCdcKind(SourceKind):
                     if not _is_lost(exc.__cause__ if isinstance(exc, SourceError) else exc):
                         if isinstance(exc, SourceError):
                             raise
+                        if getattr(exc, "args", (None,))[:1] == (1236,):
+                            # The server cannot send from there: purged while streaming.
+                            raise server.fail(
+                                f"the server cannot send the binlog from {position.file}:"
+                                f"{position.pos}: {describe(exc)}. "
+                                + RECOVERY.format(source=src.name)) from exc
                         raise server.fail(f"reading the binlog failed: {describe(exc)}") \
                             from exc
                     deadline = deadline or time.monotonic() + src.reconnect_timeout_s
