@@ -334,7 +334,9 @@ def _check(cfg: Config, path: Path) -> None:
             raise ConfigError(f"{where}.name': duplicate source name {src.name!r}")
         seen.add(src.name)
         if src.schedule:
-
+            if kind_of(src).continuous:
+                raise ConfigError(f"{where}.schedule': a {src.kind} source runs continuously "
+                                  "in `etlsvc serve`; it takes no schedule")
             try:
                 parse_schedule(src.schedule)
             except ConfigError as exc:

@@ -501,9 +501,6 @@ class MysqlCdcKind(SourceKind):
             if not parts.path.strip("/") and any("." not in t for t in src.tables):
                 raise ConfigError(f"{where}.url': name the database in the URL "
                                   "(mysql://user@host/db), or each table as database.table")
-        if src.schedule:
-            raise ConfigError(f"{where}.schedule': a mysql_cdc source runs continuously in "
-                              "`etlsvc serve`; it takes no schedule")
         if not src.tables:
             raise ConfigError(f"{where}.tables': name the tables to capture")
         for j, table in enumerate(src.tables):

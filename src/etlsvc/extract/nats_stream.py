@@ -189,9 +189,6 @@ class StreamKind(SourceKind):
     continuous = True
 
     def check_config(self, src: StreamSource, where: str) -> None:
-        if src.schedule:
-            raise ConfigError(f"{where}.schedule': a stream source runs continuously in "
-                              "`etlsvc serve`; it takes no schedule")
         if src.password_env and not src.user:
             raise ConfigError(f"{where}.user': password_env needs a user")
         for j, server in enumerate(src.servers):

@@ -504,9 +504,6 @@ class PgCdcKind(SourceKind):
         if src.url and "@" in src.url and ":" in src.url.split("@")[0].split("//", 1)[-1]:
             raise ConfigError(f"{where}.url': no password in the config file: put it in an "
                               "environment variable named by password_env")
-        if src.schedule:
-            raise ConfigError(f"{where}.schedule': a pg_cdc source runs continuously in "
-                              "`etlsvc serve`; it takes no schedule")
         if bool(src.tables) == bool(src.publication):
             raise ConfigError(f"{where}.tables': set tables (etlsvc keeps a publication of "
                               "them) or publication (an existing one), one of them")
