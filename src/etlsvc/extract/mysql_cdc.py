@@ -69,7 +69,7 @@ from etlsvc.contract import (
 from etlsvc.errors import ConfigError, SourceError, describe
 from etlsvc.extract import changes
 from etlsvc.extract.changes import awaited, drop, prepare_records, update_rows
-from etlsvc.extract.sql_tables import Paced, connection_url
+from etlsvc.extract.sql_tables import Paced, check_credentials, connection_url
 from etlsvc.logs import redact
 
 log = structlog.get_logger()
@@ -488,16 +488,11 @@ class MysqlCdcKind(SourceKind):
     changes = True
 
     def check_config(self, src: MysqlCdcSource, where: str) -> None:
-        if bool(src.url) == bool(src.url_env):
-            raise ConfigError(f"{where}.url': set url (with password_env for its password) "
-                              "or url_env (a variable holding the whole URL), not both")
+        check_credentials(src, where)
         if src.url:
             parts = urlsplit(src.url)
             if parts.scheme not in ("mysql", "mariadb"):
                 raise ConfigError(f"{where}.url': expected mysql://, got {redact(src.url)!r}")
-            if parts.password:
-                raise ConfigError(f"{where}.url': no password in the config file: put it in "
-                                  "an environment variable named by password_env")
             if not parts.path.strip("/") and any("." not in t for t in src.tables):
                 raise ConfigError(f"{where}.url': name the database in the URL "
                                   "(mysql://user@host/db), or each table as database.table")

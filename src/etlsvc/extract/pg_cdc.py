@@ -85,7 +85,7 @@ from etlsvc.errors import ConfigError, SourceError, describe
 from etlsvc.extract import changes, pgoutput
 from etlsvc.extract.changes import awaited, drop, prepare_records, update_rows
 from etlsvc.extract.records import text
-from etlsvc.extract.sql_tables import connection_url
+from etlsvc.extract.sql_tables import check_credentials, connection_url
 from etlsvc.logs import redact
 
 log = structlog.get_logger()
@@ -496,14 +496,9 @@ class PgCdcKind(SourceKind):
     changes = True
 
     def check_config(self, src: PgCdcSource, where: str) -> None:
-        if bool(src.url) == bool(src.url_env):
-            raise ConfigError(f"{where}.url': set url (with password_env for its password) "
-                              "or url_env (a variable holding the whole URL), not both")
+        check_credentials(src, where)
         if src.url and not src.url.startswith(("postgresql://", "postgres://")):
             raise ConfigError(f"{where}.url': expected postgresql://, got {redact(src.url)!r}")
-        if src.url and "@" in src.url and ":" in src.url.split("@")[0].split("//", 1)[-1]:
-            raise ConfigError(f"{where}.url': no password in the config file: put it in an "
-                              "environment variable named by password_env")
         if bool(src.tables) == bool(src.publication):
             raise ConfigError(f"{where}.tables': set tables (etlsvc keeps a publication of "
                               "them) or publication (an existing one), one of them")

@@ -104,6 +104,17 @@ def connection_url(src: SqlSource) -> str:
     return src.url
 
 
+def check_credentials(src: Any, where: str) -> None:
+    """The keys of a database source's credentials (kinds sql, pg_cdc, mysql_cdc): ``url``
+    or ``url_env``, one of them, and no password in ``url`` (``password_env`` names it)."""
+    if bool(src.url) == bool(src.url_env):
+        raise ConfigError(f"{where}.url': set url (with password_env for its password) "
+                          "or url_env (a variable holding the whole URL), not both")
+    if src.url and urlsplit(src.url).password is not None:
+        raise ConfigError(f"{where}.url': no password in the config file: put it in an "
+                          "environment variable named by password_env")
+
+
 def _quote(name: str, engine: str) -> str:
     q = '"' if engine == "postgresql" else "`"
     return ".".join(f"{q}{part}{q}" for part in name.split("."))
@@ -261,16 +272,10 @@ class SqlKind(SourceKind):
                 if src.cursor else None)
 
     def check_config(self, src: SqlSource, where: str) -> None:
-        if bool(src.url) == bool(src.url_env):
-            raise ConfigError(f"{where}.url': set url (with password_env for its password) "
-                              "or url_env (a variable holding the whole URL), not both")
-        if src.url:
-            if urlsplit(src.url).scheme.split("+")[0] not in _SCHEMES:
-                raise ConfigError(f"{where}.url': expected postgresql:// or mysql://, got "
-                                  f"{redact(src.url)!r}")
-            if urlsplit(src.url).password:
-                raise ConfigError(f"{where}.url': no password in the config file: put it in "
-                                  "an environment variable named by password_env")
+        check_credentials(src, where)
+        if src.url and urlsplit(src.url).scheme.split("+")[0] not in _SCHEMES:
+            raise ConfigError(f"{where}.url': expected postgresql:// or mysql://, got "
+                              f"{redact(src.url)!r}")
         if bool(src.table) == bool(src.query):
             raise ConfigError(f"{where}.table': set table or query (one of them)")
         for key in ("table", "cursor"):
