@@ -198,23 +198,23 @@ async def _rejects(cfg: Config, args: argparse.Namespace) -> int:
 
 async def _cdc(cfg: Config, args: argparse.Namespace) -> int:
     src = cfg.source(args.source)
-    slot = isinstance(src, pg_cdc.PgCdcSource)
-    if not (slot or isinstance(src, mysql_cdc.MysqlCdcSource)) or (
-            args.action == "drop-slot" and not slot):
+    kinds = (pg_cdc.PgCdcSource,) if args.action == "drop-slot" else (
+        pg_cdc.PgCdcSource, mysql_cdc.MysqlCdcSource)
+    if not isinstance(src, kinds):
         raise ConfigError(f"source {src.name!r} is of kind {src.kind}, not a change source "
-                          f"({'pg_cdc' if args.action == 'drop-slot' else 'pg_cdc, mysql_cdc'})")
+                          f"({', '.join(k.kind for k in kinds)})")
+    what = next_run = ""
     async with db.open_database(cfg) as database, database.pool.acquire() as conn, \
             runs.source_lock(conn, src.name):
         # Under the source's lock: no run of it reads the log meanwhile.
-        what = ""
         if isinstance(src, pg_cdc.PgCdcSource):
             dropped = await pg_cdc.drop_slot(src)
             what = f"replication slot {src.slot_name} " \
                    f"{'dropped' if dropped else 'was not there'}; "
+            next_run = "makes a new slot and "
         forgotten = await checkpoint.forget(conn, src.name)
     print(f"{src.name}: {what}{forgotten} checkpoint(s) forgotten: the next run "
-          f"{'makes a new slot and ' if slot else ''}snapshots the tables again",
-          file=sys.stderr)
+          f"{next_run}snapshots the tables again", file=sys.stderr)
     return EXIT_OK
 
 

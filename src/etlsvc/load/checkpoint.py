@@ -35,7 +35,6 @@ async def write(conn: asyncpg.Connection, source: str, stream: str, state: dict[
     await conn.execute(db.query("checkpoints", "write"), source, stream, state, run_id)
 
 
-
 async def forget(conn: asyncpg.Connection, source: str) -> int:
     """Drop every checkpoint of ``source``; returns how many there were."""
     status = await conn.execute(db.query("checkpoints", "forget"), source)

@@ -40,8 +40,8 @@ async def delete_gone(conn: asyncpg.Connection, src: SourceConfig, kind: SourceK
                       this_transaction: bool = False) -> int:
     """A change kind's deletes among raw rows ``above < id <= upto``: the keys whose last
     change is a delete leave ``normalized_data``; returns how many rows did."""
-    sql = (db.query("normalize", "delete_gone").replace("{raw_table}", kind.raw_table)
-           .replace("{this_transaction}", _THIS_TRANSACTION if this_transaction else ""))
+    sql = _kind_sql("normalize", "delete_gone", kind).replace(
+        "{this_transaction}", _THIS_TRANSACTION if this_transaction else "")
     return await conn.fetchval(sql, src.name, above, upto, skip or [], paths(src, kind)[0])
 
 

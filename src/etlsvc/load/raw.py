@@ -54,6 +54,12 @@ def _copy_text(value: str) -> str:
             .replace("\r", "\\r"))
 
 
+def _copy_bytes(value: bytes) -> bytes:
+    """``_copy_text`` of a record's bytes."""
+    return (value.replace(b"\\", b"\\\\").replace(b"\t", b"\\t").replace(b"\n", b"\\n")
+            .replace(b"\r", b"\\r"))
+
+
 def payload(run_id: int, source: str, stream: str | list[str],
             positions: list[tuple[int, ...]], keys: list[str], records: Iterable[bytes], *,
             received: bool = False) -> bytes:
@@ -75,8 +81,7 @@ def payload(run_id: int, source: str, stream: str | list[str],
                   (received and _has_breaks_bytes(records)))
     if one_by_one:
         stream, keys = _copy_text(stream), list(map(_copy_text, keys))
-        records = [r.replace(b"\\", b"\\\\").replace(b"\t", b"\\t")
-                   .replace(b"\n", b"\\n").replace(b"\r", b"\\r") for r in records]
+        records = list(map(_copy_bytes, records))
     width = len(positions[0])
     prefix = f"{run_id}\t{source}\t{stream}\t".encode().replace(b"%", b"%%")
     fmt = (prefix + b"%d\t" * width + b"%b\t%b\n").__mod__
@@ -95,9 +100,8 @@ def _payload_per_stream(run_id: int, source: str, streams: list[str],
     fmt = (prefix + b"%b\t" + b"%d\t" * width + b"%b\t%b\n").__mod__
     streams_b = [_copy_text(s).encode() for s in streams]
     keys_b = [_copy_text(k).encode() for k in keys]
-    records = [r.replace(b"\\", b"\\\\").replace(b"\t", b"\\t").replace(b"\n", b"\\n")
-               .replace(b"\r", b"\\r") for r in records]
-    return b"".join(map(fmt, zip(streams_b, *zip(*positions), keys_b, records)))
+    return b"".join(map(fmt, zip(streams_b, *zip(*positions), keys_b,
+                                 map(_copy_bytes, records))))
 
 
 def _has_breaks(texts: list[str]) -> bool:
