@@ -6,17 +6,22 @@ in the source's log is gone."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, TypeVar
 
 import msgspec
+import structlog
 
 from etlsvc.contract import OP_DELETE, OP_UPDATE, Batch, Prepared, Preparing
+from etlsvc.errors import describe
 from etlsvc.extract.records import project, text
 from etlsvc.transform.drift import shape_of_items
 
+log = structlog.get_logger()
 _encode = msgspec.json.Encoder(decimal_format="number").encode
+T = TypeVar("T")
 
 
 def prepare_records(preparer: Preparing, stream: str, streams: list[str],
@@ -58,13 +63,48 @@ def awaited(prepared: Prepared) -> Prepared:
     return prepared
 
 
-def drop(building: deque[tuple[asyncio.Future[Prepared], Any]]) -> None:
-    """Give up the batches being built (the read failed: they are read again)."""
-    while building:
-        task, _ = building.popleft()
-        if task.done() and not task.cancelled():
-            task.exception()            # retrieved: not logged as never retrieved
-        task.cancel()
+class Building(Generic[T]):
+    """Batches being built in a worker, oldest first, each with what it ends at (its last
+    transaction): one builds while the reader reads the next (it halved the time of 1M
+    single-row changes), and they are handed on in order."""
+
+    def __init__(self) -> None:
+        self._queue: deque[tuple[asyncio.Future[Prepared], T]] = deque()
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def add(self, build: Awaitable[Prepared], end: T) -> None:
+        self._queue.append((asyncio.ensure_future(build), end))
+
+    async def next(self) -> tuple[Prepared, T]:
+        """The oldest batch once built (with the future its commit resolves), and its end."""
+        task, end = self._queue.popleft()
+        return awaited(await task), end
+
+    def drop(self) -> None:
+        """Give up the batches being built (the read failed: they are read again; or the
+        run stopped: nothing waits for them)."""
+        while self._queue:
+            task, _ = self._queue.popleft()
+            if task.done() and not task.cancelled():
+                task.exception()            # retrieved: not logged as never retrieved
+            task.cancel()
+
+
+async def wait_to_reconnect(deadline: float | None, reconnect_timeout_s: float,
+                            exc: BaseException,
+                            fail: Callable[[str], Exception]) -> float:
+    """After the source's connection was lost (``exc``): the deadline of this outage
+    (``reconnect_timeout_s`` from its start), raised as ``fail(…)`` once past, else a second's
+    wait before the next attempt."""
+    deadline = deadline or time.monotonic() + reconnect_timeout_s
+    if time.monotonic() > deadline:
+        raise fail(f"the source database was unreachable for more than reconnect_timeout_s "
+                   f"({reconnect_timeout_s:g} s): {describe(exc)}") from exc
+    log.warning("source connection lost; reconnecting", error=describe(exc))
+    await asyncio.sleep(1)
+    return deadline
 
 
 RECOVERY = ("To recover: `etlsvc cdc reset {source}` (it forgets the checkpoints{slot}), "

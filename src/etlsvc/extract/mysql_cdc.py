@@ -42,7 +42,6 @@ import re
 import threading
 import time
 import zlib
-from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -68,7 +67,13 @@ from etlsvc.contract import (
 )
 from etlsvc.errors import ConfigError, SourceError, describe
 from etlsvc.extract import changes
-from etlsvc.extract.changes import awaited, drop, prepare_records, update_rows
+from etlsvc.extract.changes import (
+    Building,
+    awaited,
+    prepare_records,
+    update_rows,
+    wait_to_reconnect,
+)
 from etlsvc.extract.sql_tables import Paced, check_credentials, connection_url
 from etlsvc.logs import redact
 
@@ -571,29 +576,33 @@ class MysqlCdcKind(SourceKind):
         src = server.src
         key = src.fields.source_id
         assert key is not None
-        position = start
+        server.position = start
         deadline: float | None = None
-        building: deque[tuple[asyncio.Future[Prepared], Txn]] = deque()
+        building: Building[Txn] = Building()
+
+        async def built() -> Prepared:
+            prepared, txn = await building.next()
+            server.position, server.last_at = txn.end, txn.timestamp   # past it on a re-read
+            return prepared
+
         try:
             while ex.stopping is None or not ex.stopping.is_set():
                 try:
-                    async for txns in self._pass(server, position, tables):
-                        building.append((asyncio.ensure_future(ex.workers.run(
-                            build_changes, ex.preparer, txns, snapshots, key)), txns[-1]))
+                    async for txns in self._pass(server, server.position, tables):
+                        building.add(ex.workers.run(build_changes, ex.preparer, txns,
+                                                    snapshots, key), txns[-1])
                         if len(building) > 1:       # one builds while the next is read
-                            yield await self._built(building, server)
-                            position = server.position
+                            yield await built()
                     while building:
-                        yield await self._built(building, server)
-                        position = server.position
+                        yield await built()
                     deadline = None
-                    await server.lag(position)
+                    await server.lag(server.position)
                     if ex.stopping is None:
                         return                          # `etlsvc run`: caught up
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(ex.stopping.wait(), src.poll_interval_s)
                 except Exception as exc:
-                    drop(building)
+                    building.drop()
                     # (A SourceError of a lost connection is one too: a pass's connect.)
                     if not _is_lost(exc.__cause__ if isinstance(exc, SourceError) else exc):
                         if isinstance(exc, SourceError):
@@ -601,29 +610,15 @@ class MysqlCdcKind(SourceKind):
                         if getattr(exc, "args", (None,))[:1] == (1236,):
                             # The server cannot send from there: purged while streaming.
                             raise server.fail(
-                                f"the server cannot send the binlog from {position.file}:"
-                                f"{position.pos}: {describe(exc)}. "
+                                f"the server cannot send the binlog from {server.position.file}"
+                                f":{server.position.pos}: {describe(exc)}. "
                                 + RECOVERY.format(source=src.name)) from exc
                         raise server.fail(f"reading the binlog failed: {describe(exc)}") \
                             from exc
-                    deadline = deadline or time.monotonic() + src.reconnect_timeout_s
-                    if time.monotonic() > deadline:
-                        raise server.fail(
-                            "the source server was unreachable for more than "
-                            f"reconnect_timeout_s ({src.reconnect_timeout_s:g} s): "
-                            f"{describe(exc)}") from exc
-                    log.warning("source connection lost; reconnecting", error=describe(exc))
-                    await asyncio.sleep(1)
+                    deadline = await wait_to_reconnect(deadline, src.reconnect_timeout_s, exc,
+                                                       server.fail)
         finally:
-            drop(building)
-
-    @staticmethod
-    async def _built(building: deque[tuple[asyncio.Future[Prepared], Txn]],
-                     server: _Server) -> Prepared:
-        task, txn = building.popleft()
-        prepared = awaited(await task)
-        server.position, server.last_at = txn.end, txn.timestamp
-        return prepared
+            building.drop()
 
     async def _pass(self, server: _Server, start: Position,
                     tables: frozenset[str]) -> AsyncIterator[list[Txn]]:
