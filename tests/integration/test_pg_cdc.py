@@ -256,6 +256,25 @@ async def test_a_table_without_replica_identity_and_a_wrong_wal_level_are_clear_
         assert f"wal_level is '{level}' on the source" in run["error"]
 
 
+
+async def test_an_idle_slot_moves_past_wal_without_changes_of_its_tables(
+        env: Env, pool: asyncpg.Pool, upstream_db: Upstream) -> None:
+    """Writes to a table the source does not capture: the slot is moved past them (the
+    checkpoint first), so an idle source never pins the source's WAL."""
+    up = upstream_db
+    await up.execute(ITEMS)
+    await up.execute("CREATE TABLE other (id serial PRIMARY KEY, pad text)")
+    cfg = env.config(cdc_source("cdc"))
+    assert (await run_source(cfg, "cdc"))["status"] == "succeeded"
+    await up.execute("INSERT INTO other (pad) SELECT repeat('x', 1000) "
+                     "FROM generate_series(1, 3000)")                     # ~3 MB of WAL
+    (before,) = await up.fetch("SELECT (pg_current_wal_lsn() - '0/0')::bigint AS lsn")
+    assert (await run_source(cfg, "cdc"))["status"] == "succeeded"
+    slot = await up.fetch("SELECT (confirmed_flush_lsn - '0/0'::pg_lsn)::bigint AS lsn "
+                          "FROM pg_replication_slots WHERE slot_name = 'etlsvc_cdc'")
+    state = await pool.fetchval("SELECT state FROM etl_checkpoints WHERE stream = 'wal'")
+    assert slot[0]["lsn"] >= before["lsn"] and slot[0]["lsn"] == state["lsn"]
+
 async def test_a_slot_dropped_behind_its_back_stops_the_source_until_drop_slot(
         env: Env, pool: asyncpg.Pool, upstream_db: Upstream) -> None:
     up = upstream_db

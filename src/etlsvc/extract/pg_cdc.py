@@ -423,10 +423,11 @@ class _Reader:
         except asyncpg.UndefinedObjectError as exc:
             raise self.fail(self.gone_message()) from exc
 
-    async def lag(self, caught_up: bool, committed_at: dt.datetime | None) -> None:
-        """The slot's lag and retained WAL, to ``/health`` and ``/metrics``; loud when over
-        ``max_retained_wal``."""
-        row = await self.slot_row()
+    async def lag(self, caught_up: bool, committed_at: dt.datetime | None,
+                  row: asyncpg.Record | None = None) -> None:
+        """The slot's lag and retained WAL (``row``: the slot as just read), to ``/health``
+        and ``/metrics``; loud when over ``max_retained_wal``."""
+        row = row or await self.slot_row()
         if row is None:
             raise self.fail(self.gone_message())
         seconds = 0.0 if caught_up or committed_at is None else max(
@@ -652,11 +653,10 @@ class PgCdcKind(SourceKind):
                         await reader.advance(reader.lsn)
                         continue
                     # Nothing to read: caught up.
-                    upto = await reader.conn.fetchval("SELECT pg_current_wal_lsn()")
                     slot = await reader.slot_row()
                     if slot is None:
                         raise reader.fail(reader.gone_message())
-                    if upto - (slot["confirmed"] or 0) >= IDLE_ADVANCE_BYTES and got == 0:
+                    if (slot["lag"] or 0) >= IDLE_ADVANCE_BYTES:
                         # WAL without a change of ours: move the slot past it (checkpoint first).
                         idle = awaited(await ex.workers.run(partial(
                             prepare_records, ex.preparer, WAL, [], [], [], [],
@@ -665,7 +665,8 @@ class PgCdcKind(SourceKind):
                         await idle.committed
                         reader.lsn = reader.idle_upto
                         await reader.advance(reader.lsn)
-                    await reader.lag(True, None)
+                        slot = None                     # moved: read it again
+                    await reader.lag(True, None, slot)
                     if ex.stopping is None:
                         return                          # `etlsvc run`: caught up
                     with contextlib.suppress(TimeoutError):
