@@ -28,15 +28,12 @@ def prepare_records(preparer: Preparing, stream: str, streams: list[str],
                     positions: list[tuple[int, ...]], records: list[dict[str, Any]],
                     unchecked: list[tuple[str, ...] | None], *, state: dict[str, Any],
                     clear: list[str] | None = None,
-                    sweep: list[tuple[str, int]] | None = None,
-                    value: Callable[[Any], Any] | None = None) -> Prepared:
+                    sweep: list[tuple[str, int]] | None = None) -> Prepared:
     """In a worker: records of changes (or of a snapshot) → a prepared batch. ``streams``
     names each row's table; ``unchecked`` the columns a row lacks (None: a delete, not
-    validated); ``value`` makes what msgspec cannot encode JSON (a kind's own types)."""
+    validated)."""
     src = preparer.src
-    encode = _encode if value is None else msgspec.json.Encoder(
-        decimal_format="number", enc_hook=value).encode
-    raws = [encode(r) for r in records]
+    raws = [_encode(r) for r in records]
     items = [msgspec.json.decode(r) for r in raws]    # as the SQL will see them
     columns = list(dict.fromkeys(src.fields.mapped().values()))
     whole = [item for item, u in zip(items, unchecked) if u == ()]
