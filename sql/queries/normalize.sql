@@ -13,64 +13,77 @@
 --         tags, event_time (NULL: not mapped), $14 separator of tags given as one string
 -- The values placeholder: the casts of title … event_time from the raw record, made by the fields' compiled
 -- rules (transform/rules.FieldCheck.sql): what validation checked is what is cast.
--- A change kind (SourceKind.changes): {op} is ", r.op" and {live} "WHERE op <> 3": a key
+-- A change kind (SourceKind.changes): {op} is ", r.op" and {live} "AND op <> 3": a key
 -- whose last change is a delete is not written here (delete_gone removes it), and a mapped
 -- column an update did not send keeps the value normalized_data has (transform/mapping.py).
+-- {version} is the kind's source version of a raw row (SourceKind.version_sql), kept in
+-- source_version. A backfill's batch ({guard} and {tombstone}, else empty; $15 its read
+-- point) leaves a row alone whose live version its read did not see, and does not bring
+-- back a row whose delete its read did not see.
 WITH src AS (
-    SELECT {distinct} id, run_id, key, record {op_out}
+    SELECT {distinct} id, run_id, key, record, version {op_out}
     FROM (
-        SELECT r.id, r.run_id, r.record #>> $6::text[] AS key, r.record {op}
+        SELECT r.id, r.run_id, r.record #>> $6::text[] AS key, r.record, {version} AS version {op}
         FROM {raw_table} r
         WHERE r.source = $1 AND r.id > $3 AND r.id <= $4 AND r.id <> ALL ($5::bigint[]) {this_transaction}
     ) s
     WHERE key <> ''
     {order}
 ), live AS (
-    SELECT id, run_id, key, record FROM src {live}
+    SELECT id, run_id, key, record, version FROM src WHERE true {live} {tombstone}
 ), up AS (
     INSERT INTO normalized_data AS n
         (kind, source, source_id, title, description, category, amount, url, tags, event_time,
-         raw_table, raw_id, run_id)
+         raw_table, raw_id, run_id, source_version)
     SELECT $2, $1, key,
            {values},
-           '{raw_table}', id, run_id
+           '{raw_table}', id, run_id, version
     FROM live
     ON CONFLICT (source, source_id) DO UPDATE SET
         title = EXCLUDED.title, description = EXCLUDED.description,
         category = EXCLUDED.category, amount = EXCLUDED.amount, url = EXCLUDED.url,
         tags = EXCLUDED.tags, event_time = EXCLUDED.event_time, kind = EXCLUDED.kind,
         raw_table = EXCLUDED.raw_table, raw_id = EXCLUDED.raw_id, run_id = EXCLUDED.run_id,
+        source_version = EXCLUDED.source_version,
         updated_at = now(), changed_xid = pg_current_xact_id()
     WHERE (n.title, n.description, n.category, n.amount, n.url, n.tags, n.event_time)
           IS DISTINCT FROM
           (EXCLUDED.title, EXCLUDED.description, EXCLUDED.category, EXCLUDED.amount,
-           EXCLUDED.url, EXCLUDED.tags, EXCLUDED.event_time)
+           EXCLUDED.url, EXCLUDED.tags, EXCLUDED.event_time) {guard}
     RETURNING (xmax = 0) AS inserted
 )
 SELECT count(*) FILTER (WHERE inserted) AS inserted,
        count(*) FILTER (WHERE NOT inserted) AS updated
 FROM up
 
--- name: delete_gone
--- A change kind's deletes: the keys of the raw rows selected (as in upsert) whose last change
--- is a delete leave normalized_data (the delete trigger of 0005_change_feed.sql leaves
--- their tombstones and raises the data version).
+-- name: mark_gone
+-- A change kind's deletes, first step: the keys of the raw rows selected (as in upsert)
+-- whose last change is a delete take that change's source version ({version}), which the
+-- delete trigger of 0015_backfill.sql keeps in their tombstones. Returns their ids, for
+-- delete_ids (a statement cannot update and delete the same row).
 -- params: $1 source, $2 raw ids above, $3 raw ids up to, $4 raw ids to skip (bigint[]),
 --         $5 JSON path of source_id (text[])
 WITH last AS (
-    SELECT DISTINCT ON (key) key, op
+    SELECT DISTINCT ON (key) key, op, version
     FROM (
-        SELECT r.id, r.record #>> $5::text[] AS key, r.op
+        SELECT r.id, r.record #>> $5::text[] AS key, r.op, {version} AS version
         FROM {raw_table} r
         WHERE r.source = $1 AND r.id > $2 AND r.id <= $3 AND r.id <> ALL ($4::bigint[]) {this_transaction}
     ) s
     ORDER BY key, id DESC
-), gone AS (
-    DELETE FROM normalized_data n USING last
+), marked AS (
+    UPDATE normalized_data n SET source_version = last.version
+    FROM last
     WHERE last.op = 3 AND n.source = $1 AND n.source_id = last.key
-    RETURNING 1
+    RETURNING n.id
 )
-SELECT count(*) FROM gone
+SELECT coalesce(array_agg(id), '{}') FROM marked
+
+-- name: delete_ids
+-- The second step: they leave normalized_data (the delete trigger of 0005_change_feed.sql
+-- leaves their tombstones and raises the data version).
+-- params: $1 ids (bigint[])
+DELETE FROM normalized_data WHERE id = ANY ($1::bigint[])
 
 -- name: bump_version
 -- Raise the data version of a source and kind (sql/migrations/0005_change_feed.sql), after

@@ -238,6 +238,10 @@ class Batch:
     #: (stream, snapshot id): after this batch, the stream's rows that the snapshot did not
     #: read leave ``normalized_data`` (the snapshot of a table is complete).
     sweep: list[tuple[str, int]] = field(default_factory=list)
+    #: A backfill's batch: what its rows were read at (``SourceKind.seen_sql``'s ``$15``:
+    #: a pg_cdc snapshot, a binlog position; "" where each row carries its own version). A
+    #: row whose live version that read did not see is left alone. None: a live batch.
+    read_point: str | None = None
 
 
 @dataclass
@@ -277,6 +281,8 @@ class Prepared:
     #: A change kind's TRUNCATEs and finished snapshots (see ``Batch``).
     clear: list[str] = field(default_factory=list)
     sweep: list[tuple[str, int]] = field(default_factory=list)
+    #: A backfill's batch (see ``Batch``).
+    read_point: str | None = None
 
     def counts(self, inserted: int, updated: int, deleted: int = 0) -> dict[str, int]:
         """The run's counters for this batch once committed."""
@@ -370,6 +376,15 @@ class SourceKind:
     #: (OP_INSERT, OP_UPDATE, OP_DELETE): a key's last change wins, a delete removes the
     #: row, and a mapped column an update did not send keeps its value.
     changes: ClassVar[bool] = False
+    #: SQL of a raw row's (``r``) source version, kept in ``normalized_data.source_version``
+    #: (see sql/migrations/0015_backfill.sql); NULL: the kind has none.
+    version_sql: ClassVar[str] = "NULL::bigint"
+    #: SQL saying whether a backfill's read saw the live version ``{v}`` (``{new}``: the
+    #: backfilled row's own version; ``$15``: the batch's ``read_point``). None: the kind
+    #: has no version, and a backfilled row overwrites what is there (last write wins).
+    seen_sql: ClassVar[str | None] = None
+    #: What ``--from``/``--to`` of a backfill are (None: the kind has no backfill).
+    backfill_range: ClassVar[str | None] = None
 
     # ``src: Any`` in these three: each kind takes its own config struct (a subclass of
     # SourceConfig); typed SourceConfig here, those narrower overrides would be unsound.

@@ -491,6 +491,10 @@ class MysqlCdcKind(SourceKind):
     record = "columns"
     continuous = True
     changes = True
+    # A streamed row's version is the binlog position after its transaction; a backfill
+    # reads in a consistent snapshot whose binlog position says exactly what it saw.
+    version_sql = "CASE WHEN r.snapshot = 0 THEN r.binlog_file << 32 | r.binlog_pos END"
+    seen_sql = "{v} <= $15::bigint"
 
     def check_config(self, src: MysqlCdcSource, where: str) -> None:
         check_credentials(src, where)

@@ -172,12 +172,19 @@ class Snapshot:
 
     def saw(self, xid32: int) -> bool:
         """Whether the (committed) transaction ``xid32`` was visible to the snapshot."""
-        xid = (self.xmax & ~0xFFFFFFFF) | xid32       # the 64-bit xid near xmax
-        if xid > self.xmax + (1 << 31):
-            xid -= 1 << 32
-        elif xid < self.xmax - (1 << 31):
-            xid += 1 << 32
+        xid = widen(xid32, self.xmax)
         return xid < self.xmin or (xid < self.xmax and xid not in self.xip)
+
+
+def widen(xid32: int, near: int) -> int:
+    """The 64-bit transaction id whose low 32 bits are ``xid32`` (as pgoutput sends it),
+    nearest the 64-bit ``near`` (the source's next xid when it was read)."""
+    xid = (near & ~0xFFFFFFFF) | xid32
+    if xid > near + (1 << 31):
+        xid -= 1 << 32
+    elif xid < near - (1 << 31):
+        xid += 1 << 32
+    return xid
 
 
 @dataclass(slots=True)
@@ -190,6 +197,8 @@ class Txn:
     #: transaction was a tenth of the reader's time with single-row transactions).
     committed_us: int
     end_lsn: int = 0
+    #: The 64-bit xid (``xid`` is its low 32 bits): the source version of its changes.
+    xid64: int = 0
     changes: list[bytes] = field(default_factory=list)
     truncates: list[tuple[int, list[str]]] = field(default_factory=list)
 
@@ -237,7 +246,7 @@ def build_changes(preparer: Preparing, txns: list[Txn], relations: dict[int, Any
                 if op != OP_DELETE and key is not None:
                     latest[(table, key)] = record
                 streams.append(table)
-                positions.append((txn.end_lsn, seq, op, 0))
+                positions.append((txn.end_lsn, seq, op, 0, txn.xid64))
                 records.append(record)
                 unchecked.append(None if op == OP_DELETE else missing)
                 dropped.append(False)
@@ -495,11 +504,15 @@ class PgCdcKind(SourceKind):
     config = PgCdcSource
     raw_table = "raw_pg_cdc_data"
     stream_column = "relation"
-    position_columns = ("lsn", "seq", "op", "snapshot")
-    position_keys = ("lsn", "seq", "op", "snapshot")
+    position_columns = ("lsn", "seq", "op", "snapshot", "xid")
+    position_keys = ("lsn", "seq", "op", "snapshot", "xid")
     record = "columns"
     continuous = True
     changes = True
+    # A row's version is its last change's transaction; a backfill's read is a snapshot,
+    # which saw that transaction or not (exact, unlike an LSN taken beside the snapshot).
+    version_sql = "NULLIF(r.xid, 0)"
+    seen_sql = "pg_visible_in_snapshot({v}::text::xid8, $15::pg_snapshot)"
 
     def check_config(self, src: PgCdcSource, where: str) -> None:
         check_credentials(src, where)
@@ -589,7 +602,7 @@ class PgCdcKind(SourceKind):
             while rows := await cursor.fetch(src.batch_size):
                 records = [{c: pgoutput.json_value(types.get(c, 25), v)
                             for c, v in zip(columns, row)} for row in rows]
-                positions = [(0, rows_done + i + 1, OP_INSERT, snapshot_id)
+                positions = [(0, rows_done + i + 1, OP_INSERT, snapshot_id, 0)
                              for i in range(len(rows))]
                 rows_done += len(rows)
                 yield await ex.workers.run(partial(
@@ -703,7 +716,8 @@ class PgCdcKind(SourceKind):
         src, conn = reader.src, reader.conn
         if conn is None:
             raise ConnectionError("not connected to the source")
-        upto = await conn.fetchval("SELECT pg_current_wal_lsn()")
+        upto, next_xid = await conn.fetchrow(
+            "SELECT pg_current_wal_lsn(), pg_snapshot_xmax(pg_current_snapshot())::text::bigint")
         reader.idle_upto = upto
         cache = pgoutput.Relations(relations)
         txns: list[Txn] = []
@@ -722,6 +736,7 @@ class PgCdcKind(SourceKind):
                     size += 1
                 elif tag == b"B":
                     txn = Txn(*pgoutput.begin_fields(data))
+                    txn.xid64 = widen(txn.xid, next_xid)
                 elif tag == b"C":
                     assert txn is not None
                     txn.end_lsn = pgoutput.commit_end_lsn(data)

@@ -244,15 +244,40 @@ def engine_of(src: SqlSource, url: str) -> str:
     return _SCHEMES[scheme]
 
 
+#: raw_sql_data.version of a row without one (0015_backfill.sql).
+NO_VERSION = -(1 << 63)
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+def version_of(value: Any) -> int:
+    """A cursor value as a row's source version: an integer as it is, a time in
+    microseconds since 1970 (a naive one taken as UTC); NO_VERSION for anything else."""
+    if isinstance(value, bool):
+        return NO_VERSION
+    if isinstance(value, int):
+        return value if -(1 << 63) < value < (1 << 63) else NO_VERSION
+    if isinstance(value, dt.datetime):
+        aware = value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+        return (aware - _EPOCH) // dt.timedelta(microseconds=1)
+    if isinstance(value, dt.date):
+        return (value - _EPOCH.date()) // dt.timedelta(microseconds=1)
+    return NO_VERSION
+
+
 def prepare_rows(preparer: Preparing, relation: str, columns: list[str],
                  rows: list[tuple[Any, ...]], first: int, state: dict[str, Any],
-                 keep: list[bool]) -> Prepared:
-    """In a worker: rows of the source's result → records → a prepared batch."""
+                 keep: list[bool], read_point: str | None = None) -> Prepared:
+    """In a worker: rows of the source's result → records → a prepared batch (each row's
+    version its cursor value; ``read_point``: a backfill's batch)."""
     raws = [_encode(dict(zip(columns, row))) for row in rows]
     items = list(map(msgspec.json.decode, raws))     # as the SQL will see them: JSON values
+    cursor = preparer.src.cursor                      # type: ignore[attr-defined]
+    at = columns.index(cursor) if cursor in columns else None
     batch = json_batch(preparer.src, relation, items, raws,
-                       [(first + i,) for i in range(len(rows))], SqlKind.position_keys,
+                       [(first + i, NO_VERSION if at is None else version_of(row[at]))
+                        for i, row in enumerate(rows)], SqlKind.position_keys,
                        keep=keep, state=state, bytes_read=sum(map(len, raws)), flat=True)
+    batch.read_point = read_point
     return preparer(batch)
 
 
@@ -263,9 +288,13 @@ class SqlKind(SourceKind):
     config = SqlSource
     raw_table = "raw_sql_data"
     stream_column = "relation"
-    position_columns = ("row_number",)
-    position_keys = ("row",)
+    position_columns = ("row_number", "version")
+    position_keys = ("row", "version")
     record = "columns"
+    # A row's version is its cursor value: a backfilled row older than the live one (by
+    # the cursor) is left alone. Without a cursor, the last write wins.
+    version_sql = f"NULLIF(r.version, {NO_VERSION})"
+    seen_sql = "{v} <= {new}"
 
     def whole_read(self, src: SqlSource) -> str | None:
         return ("a sql source with a cursor reads only the rows past its mark"

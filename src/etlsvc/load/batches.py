@@ -174,7 +174,8 @@ class Preparer:
                         rejects, batch.rows_read, batch.bytes_read, batch.state,
                         pages=batch.pages, lines=batch.lines_read, part=batch.stream,
                         key_hashes=array("I", hashes).tobytes(), unique_checks=bool(unique),
-                        clear=batch.clear, sweep=batch.sweep)
+                        clear=batch.clear, sweep=batch.sweep,
+                        read_point=batch.read_point)
 
     @staticmethod
     def _original(batch: Batch, i: int) -> Any:
@@ -196,8 +197,11 @@ class Committer:
 
     def __init__(self, database: Database, conn: asyncpg.Connection, src: SourceConfig,
                  kind: SourceKind, run_id: int, width: int,
-                 on_commit: Callable[[Prepared, dict[str, int]], Awaitable[None]]) -> None:
+                 on_commit: Callable[[Prepared, dict[str, int]], Awaitable[None]],
+                 checkpoints: str | None = None) -> None:
         self.database = database
+        #: The key of the run's checkpoints (a backfill's; None: the source's name).
+        self.checkpoints = checkpoints
         self.src = src
         self.kind = kind
         self.run_id = run_id
@@ -260,7 +264,7 @@ class Committer:
             conn = await self._connection()
             try:
                 counts = await write.commit(conn, self.src, self.kind, self.run_id, batch,
-                                            previous)
+                                            previous, self.checkpoints)
             finally:
                 self._idle.append(conn)
             await self.on_commit(batch, counts)

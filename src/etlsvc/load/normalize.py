@@ -21,17 +21,22 @@ from etlsvc.transform.mapping import paths, unique_fields, values_sql
 
 async def upsert(conn: asyncpg.Connection, src: SourceConfig, kind: SourceKind, *,
                  above: int, upto: int = db.MAX_ID, skip: list[int] | None = None,
-                 distinct_keys: bool = False, this_transaction: bool = False) -> tuple[int, int]:
+                 distinct_keys: bool = False, this_transaction: bool = False,
+                 read_point: str | None = None) -> tuple[int, int]:
     """Normalize raw rows ``above < id <= upto`` of ``src``; return (inserted, updated).
 
     ``distinct_keys``: the caller knows no two of these rows share a natural key.
     ``this_transaction``: only the raw rows this transaction wrote (a batch's load). The
     data version is the caller's to raise (``bump_version``) when rows were written.
+    ``read_point``: a backfill's batch (``Batch.read_point``): a row whose live version it
+    did not see is left alone (where the kind has versions).
     """
-    sql = _upsert_sql(kind.raw_table, distinct_keys, this_transaction,
-                      values_sql(src, keep_absent=kind.changes), kind.changes)
+    seen = kind.seen_sql if read_point is not None else None
+    sql = upsert_sql(kind, distinct_keys, this_transaction,
+                      values_sql(src, keep_absent=kind.changes), seen)
+    point = [read_point] if seen is not None and "$15" in seen else []
     row = await conn.fetchrow(sql, src.name, kind.name, above, upto, skip or [],
-                              *paths(src, kind), src.tags_separator)
+                              *paths(src, kind), src.tags_separator, *point)
     return row["inserted"], row["updated"]
 
 
@@ -39,23 +44,27 @@ async def delete_gone(conn: asyncpg.Connection, src: SourceConfig, kind: SourceK
                       above: int, upto: int = db.MAX_ID, skip: list[int] | None = None,
                       this_transaction: bool = False) -> int:
     """A change kind's deletes among raw rows ``above < id <= upto``: the keys whose last
-    change is a delete leave ``normalized_data``; returns how many rows did."""
-    sql = _kind_sql("normalize", "delete_gone", kind).replace(
+    change is a delete leave ``normalized_data`` (their tombstones keep the delete's source
+    version); returns how many rows did."""
+    sql = kind_sql("normalize", "mark_gone", kind).replace(
         "{this_transaction}", _THIS_TRANSACTION if this_transaction else "")
-    return await conn.fetchval(sql, src.name, above, upto, skip or [], paths(src, kind)[0])
+    ids = await conn.fetchval(sql, src.name, above, upto, skip or [], paths(src, kind)[0])
+    if ids:
+        await conn.execute(db.query("normalize", "delete_ids"), ids)
+    return len(ids)
 
 
 async def clear(conn: asyncpg.Connection, src: SourceConfig, kind: SourceKind,
                 streams: list[str]) -> int:
     """A TRUNCATE: the source's normalized rows of ``streams`` leave; returns how many."""
-    return await conn.fetchval(_kind_sql("cdc", "clear", kind), src.name, streams)
+    return await conn.fetchval(kind_sql("cdc", "clear", kind), src.name, streams)
 
 
 async def sweep(conn: asyncpg.Connection, src: SourceConfig, kind: SourceKind, stream: str,
                 snapshot: int, run_id: int) -> int:
     """A finished snapshot of ``stream``: the source's normalized rows of it that the
     snapshot did not read leave; returns how many."""
-    return await conn.fetchval(_kind_sql("cdc", "sweep", kind), src.name, stream, snapshot,
+    return await conn.fetchval(kind_sql("cdc", "sweep", kind), src.name, stream, snapshot,
                                run_id, paths(src, kind)[0])
 
 
@@ -63,14 +72,24 @@ async def detect_gone(conn: asyncpg.Connection, src: SourceConfig, kind: SourceK
                       run_id: int) -> tuple[int, int, int]:
     """``deletes = "detect"``: the source's keys run ``run_id`` did not read leave (none if
     they are over ``max_delete_fraction``); returns (gone, total, deleted)."""
-    row = await conn.fetchrow(_kind_sql("normalize", "detect_gone", kind), src.name, run_id,
+    row = await conn.fetchrow(kind_sql("normalize", "detect_gone", kind), src.name, run_id,
                               paths(src, kind)[0], src.max_delete_fraction)
     return row["gone"], row["total"], row["deleted"]
 
 
-def _kind_sql(file: str, name: str, kind: SourceKind) -> str:
-    return (db.query(file, name).replace("{raw_table}", kind.raw_table)
-            .replace("{stream_column}", kind.stream_column))
+def kind_sql(file: str, name: str, kind: SourceKind) -> str:
+    """A named statement with the kind's placeholders filled (``kind_sql_of``)."""
+    return kind_sql_of(db.query(file, name), kind)
+
+
+def kind_sql_of(statement: str, kind: SourceKind) -> str:
+    """``statement`` with the kind's placeholders filled: its raw table, stream and
+    position columns, source version, and a change kind's ``op`` (see normalize.sql)."""
+    ops = (", r.op", ", op", "AND op <> 3") if kind.changes else ("", "", "")
+    return (statement.replace("{raw_table}", kind.raw_table)
+            .replace("{stream_column}", kind.stream_column)
+            .replace("{position}", kind.position_sql).replace("{version}", kind.version_sql)
+            .replace("{op}", ops[0]).replace("{op_out}", ops[1]).replace("{live}", ops[2]))
 
 
 async def unique_conflicts(conn: asyncpg.Connection, src: SourceConfig, kind: SourceKind, *,
@@ -83,8 +102,7 @@ async def unique_conflicts(conn: asyncpg.Connection, src: SourceConfig, kind: So
     path = dict(zip(NORMALIZED_FIELDS, paths(src, kind)))
     found: dict[int, Problem] = {}
     for field in unique_fields(src):
-        sql = (db.query("normalize", "unique_conflicts").replace("{raw_table}", kind.raw_table)
-               .replace("{column}", field)
+        sql = (kind_sql("normalize", "unique_conflicts", kind).replace("{column}", field)
                .replace("{this_transaction}", _THIS_TRANSACTION if this_transaction else ""))
         for row in await conn.fetch(sql, src.name, above, upto, [*(skip or []), *found],
                                     path["source_id"], path[field]):
@@ -98,10 +116,7 @@ async def as_rejects(conn: asyncpg.Connection, kind: SourceKind, problems: dict[
     """The raw rows ``problems`` names as rejects with their position and record, by raw id.
     ``take``: they leave the raw table (rows a load or retry just copied: a reject is never
     in it); otherwise they stay (a replay's rows, which it does not own)."""
-    sql = (db.query("normalize", "take_raw" if take else "raw_as_rejects")
-           .replace("{raw_table}", kind.raw_table)
-           .replace("{stream_column}", kind.stream_column)
-           .replace("{position}", kind.position_sql))
+    sql = kind_sql("normalize", "take_raw" if take else "raw_as_rejects", kind)
     rows = await conn.fetch(sql, list(problems))
     return {row["id"]: Reject.of(row["stream"], row["position"], row["record"],
                                  problems[row["id"]])
@@ -111,8 +126,7 @@ async def as_rejects(conn: asyncpg.Connection, kind: SourceKind, problems: dict[
 async def copied_ids(conn: asyncpg.Connection, src: SourceConfig, kind: SourceKind,
                      above: int) -> list[int]:
     """The ids of the raw rows this transaction copied above ``above``, in copy order."""
-    rows = await conn.fetch(db.query("normalize", "copied_ids")
-                            .replace("{raw_table}", kind.raw_table), src.name, above)
+    rows = await conn.fetch(kind_sql("normalize", "copied_ids", kind), src.name, above)
     return [r["id"] for r in rows]
 
 
@@ -136,14 +150,22 @@ async def next_raw_id(conn: asyncpg.Connection, raw_table: str) -> int:
 
 
 @cache
-def _upsert_sql(table: str, distinct_keys: bool, this_transaction: bool, values: str,
-                changes: bool) -> str:
+def upsert_sql(kind: SourceKind, distinct_keys: bool, this_transaction: bool, values: str,
+               seen: str | None) -> str:
+    """The upsert of normalize.sql for the kind; ``seen``: as a backfill's batch."""
     dedupe = ("", "") if distinct_keys else ("DISTINCT ON (key)", "ORDER BY key, id DESC")
-    ops = (", r.op", ", op", "WHERE op <> 3") if changes else ("", "", "")
-    return (db.query("normalize", "upsert").replace("{raw_table}", table)
-            .replace("{values}", values)
-            .replace("{op}", ops[0]).replace("{op_out}", ops[1]).replace("{live}", ops[2])
+    guard = tombstone = ""
+    if seen is not None:
+        guard = ("AND (n.source_version IS NULL OR " +
+                 seen.replace("{v}", "n.source_version").replace("{new}",
+                                                                 "EXCLUDED.source_version") + ")")
+        tombstone = ("AND NOT EXISTS (SELECT 1 FROM data_tombstones t WHERE t.source = $1 "
+                     "AND t.source_id = src.key AND t.source_version IS NOT NULL AND NOT " +
+                     seen.replace("{v}", "t.source_version").replace("{new}", "src.version") +
+                     ")")
+    return (kind_sql("normalize", "upsert", kind).replace("{values}", values)
             .replace("{distinct}", dedupe[0]).replace("{order}", dedupe[1])
+            .replace("{guard}", guard).replace("{tombstone}", tombstone)
             .replace("{this_transaction}", _THIS_TRANSACTION if this_transaction else ""))
 
 

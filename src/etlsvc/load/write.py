@@ -71,14 +71,15 @@ async def write(conn: asyncpg.Connection, src: SourceConfig, kind: SourceKind, r
                 unique_checks: bool = True,
                 previous: asyncio.Task[None] | None = None,
                 clear: list[str] | None = None,
-                sweep: list[tuple[str, int]] | None = None) -> Written:
+                sweep: list[tuple[str, int]] | None = None,
+                read_point: str | None = None) -> Written:
     """Steps 1–5 of the module docstring, inside the caller's transaction.
 
     ``rejects``: inserted with the conflicts (None: neither; the caller records the
     conflicts). ``unique_checks`` False: the caller knows the source has no unique rule.
     ``previous``: the commit of the stream's batch before; if it failed, this raises and
     the caller's transaction rolls back. ``clear``, ``sweep``: a change kind's TRUNCATEs
-    and finished snapshots (``contract.Batch``).
+    and finished snapshots, ``read_point`` a backfill's (``contract.Batch``).
     """
     written = Written()
     if (clear or sweep) and previous is not None:
@@ -108,7 +109,8 @@ async def write(conn: asyncpg.Connection, src: SourceConfig, kind: SourceKind, r
     if left != 0:
         written.inserted, written.updated = await normalize.upsert(
             conn, src, kind, above=above, upto=upto, skip=skip, this_transaction=this_transaction,
-            distinct_keys=isinstance(rows, Copied) and rows.distinct_keys)
+            distinct_keys=isinstance(rows, Copied) and rows.distinct_keys,
+            read_point=read_point)
     if rejects is not None:
         await raw.insert_rejects(conn, run_id, src.name,
                                  [*rejects, *(c.reject for c in written.conflicts)])
@@ -131,27 +133,33 @@ async def write(conn: asyncpg.Connection, src: SourceConfig, kind: SourceKind, r
 
 
 async def commit(conn: asyncpg.Connection, src: SourceConfig, kind: SourceKind, run_id: int,
-                 batch: Prepared, previous: asyncio.Task[None] | None = None) -> dict[str, int]:
+                 batch: Prepared, previous: asyncio.Task[None] | None = None,
+                 checkpoints: str | None = None) -> dict[str, int]:
     """One batch of a run in one transaction: ``write``, then the checkpoint, the shape and
     the run's counters (after ``previous``, in this order). Returns the batch's counters.
+    ``checkpoints``: the key the run's checkpoints are kept under (a backfill's; default
+    the source's name).
 
     A transaction the database rolls back to break a deadlock (an operator's transaction
     that locks the same rows in another order) or for a serialization failure is done again:
     nothing of it was kept, so the batch goes again from its checkpoint, in the same run."""
     return await db.again_if_transient(
-        lambda: _commit_once(conn, src, kind, run_id, batch, previous),
+        lambda: _commit_once(conn, src, kind, run_id, batch, previous, checkpoints),
         f"a batch of {src.name} ({batch.stream})")
 
 
 async def _commit_once(conn: asyncpg.Connection, src: SourceConfig, kind: SourceKind,
                        run_id: int, batch: Prepared,
-                       previous: asyncio.Task[None] | None) -> dict[str, int]:
+                       previous: asyncio.Task[None] | None,
+                       checkpoints: str | None) -> dict[str, int]:
     async with db.failing_fast(conn), conn.transaction():
         written = await write(conn, src, kind, run_id,
                               Copied(batch.payload, batch.valid, batch.distinct_keys),
                               rejects=batch.rejects, unique_checks=batch.unique_checks,
-                              previous=previous, clear=batch.clear, sweep=batch.sweep)
-        await checkpoint.write(conn, src.name, batch.stream, batch.state, run_id)
+                              previous=previous, clear=batch.clear, sweep=batch.sweep,
+                              read_point=batch.read_point)
+        await checkpoint.write(conn, checkpoints or src.name, batch.stream, batch.state,
+                               run_id)
         await shapes.record(conn, src.name, batch.stream, run_id, batch.shape,
                             batch.whole_shape)
         if written.conflicts:

@@ -17,7 +17,6 @@ from typing import Any
 import asyncpg
 import structlog
 
-from etlsvc import db
 from etlsvc.config import Source
 from etlsvc.contract import COUNTERS, Reject
 from etlsvc.db import Database
@@ -71,9 +70,7 @@ async def _replay(conn: asyncpg.Connection, src: Source, run_id: int, chunk: int
     kind = kind_of(src)
 
     def sql(name: str) -> str:
-        return (db.query("replay", name).replace("{raw_table}", kind.raw_table)
-                .replace("{stream_column}", kind.stream_column)
-                .replace("{position}", kind.position_sql))
+        return normalize.kind_sql("replay", name, kind)
 
     key_path = paths(src, kind)[0]
     await normalize.ensure_unique_indexes(conn, src)
