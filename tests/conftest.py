@@ -44,6 +44,7 @@ TABLES = (
     "data_tombstones",
     "data_feed_state",
     "data_versions",
+    "etl_backfills",
 )
 
 
@@ -221,6 +222,17 @@ class Ran:
     returncode: int
     stdout: str
     stderr: str
+
+
+@pytest.fixture
+async def upstream_pg(pool: asyncpg.Pool) -> AsyncIterator[str]:
+    """A schema of the test database playing the upstream PostgreSQL; its name."""
+    schema = f"up_{uuid.uuid4().hex[:8]}"
+    await pool.execute(f"CREATE SCHEMA {schema}; CREATE TABLE {schema}.orders ("
+                       "id bigint PRIMARY KEY, name text, amount numeric(10, 2), "
+                       "updated_at timestamptz, note jsonb)")
+    yield schema
+    await pool.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 @pytest.fixture

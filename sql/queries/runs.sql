@@ -5,10 +5,11 @@ VALUES ($1, $2, $3, $4, $5, $6)
 RETURNING id
 
 -- name: running_of
--- The running runs of a source, and whether their heartbeat is older than $2 seconds.
--- params: $1 source, $2 seconds
+-- The running runs of a source (backfills' if $3, else the others), and whether their
+-- heartbeat is older than $2 seconds.
+-- params: $1 source, $2 seconds, $3 backfill runs
 SELECT id, host, pid, heartbeat_at < now() - make_interval(secs => $2) AS stale
-FROM etl_runs WHERE source = $1 AND status = 'running'
+FROM etl_runs WHERE source = $1 AND status = 'running' AND (trigger = 'backfill') = $3
 
 -- name: interrupt
 -- A run whose process is gone (the caller holds the source's lock).
@@ -31,7 +32,8 @@ RETURNING id
 
 -- name: running_all
 -- Every running run, and whether its heartbeat is older than $1 seconds.
-SELECT id, source, host, pid, heartbeat_at < now() - make_interval(secs => $1) AS stale
+SELECT id, source, trigger = 'backfill' AS backfill, host, pid,
+       heartbeat_at < now() - make_interval(secs => $1) AS stale
 FROM etl_runs WHERE status = 'running'
 
 -- name: heartbeat
@@ -55,8 +57,10 @@ SELECT id FROM (
 WHERE started_at > now() - make_interval(secs => $2)
 
 -- name: running
--- params: $1 source
-SELECT id FROM etl_runs WHERE source = $1 AND status = 'running' ORDER BY id DESC LIMIT 1
+-- params: $1 source, $2 backfill runs (else the others)
+SELECT id FROM etl_runs
+WHERE source = $1 AND status = 'running' AND (trigger = 'backfill') = $2
+ORDER BY id DESC LIMIT 1
 
 -- name: set_total
 -- params: $1 run id, $2 bytes to read

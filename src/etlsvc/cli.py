@@ -1,4 +1,5 @@
-"""The ``etlsvc`` command: run, replay, rejects, purge, serve, migrate, check, logs.
+"""The ``etlsvc`` command: run, backfill, replay, rejects, purge, serve, migrate, check,
+logs, cdc, health.
 
 Owns argument parsing, exit codes (0 success, 1 a run or check failed, 2 bad usage or
 config) and what a person at a terminal sees: a progress bar and a summary table on stderr,
@@ -26,7 +27,7 @@ from etlsvc.errors import ConfigError, EtlError, SourceBusy
 from etlsvc.extract import mysql_cdc, pg_cdc
 from etlsvc.load import checkpoint
 from etlsvc.logs import configure_logging
-from etlsvc.runtime import notify, pipeline, replay, retention, retry, runs
+from etlsvc.runtime import backfill, notify, pipeline, replay, retention, retry, runs
 from etlsvc.runtime.workers import from_config
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -54,6 +55,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--full-refresh", action="store_true",
                      help="ignore checkpoints and read everything again")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    fill = sub.add_parser("backfill", parents=[common],
+                          help="read a range of a source again, beside its live run, without "
+                               "moving its cursor or slot (again: goes on where it stopped)")
+    fill.add_argument("source", nargs="?", metavar="SOURCE")
+    fill.add_argument("--from", dest="start", default=None, metavar="X",
+                      help="start of the range, inclusive (what it is depends on the kind: "
+                           "see README)")
+    fill.add_argument("--to", dest="end", default=None, metavar="Y",
+                      help="end of the range, inclusive")
+    fill.add_argument("--table", default=None, metavar="TABLE",
+                      help="pg_cdc, mysql_cdc: the table (default: the source's only one)")
+    fill.add_argument("--list", action="store_true", help="list backfills (of SOURCE)")
+    fill.add_argument("--cancel", type=int, default=None, metavar="ID",
+                      help="stop backfill ID (a running one stops within a second)")
+    fill.add_argument("--no-progress", action="store_true", help="no progress bar")
     replay = sub.add_parser("replay", parents=[common],
                             help="normalize a source again from its raw rows")
     replay.add_argument("source", metavar="SOURCE")
@@ -170,6 +186,56 @@ async def _run(cfg: Config, args: argparse.Namespace) -> int:
             totals = []
     _print_summary(results, {r["source"]: r["n"] for r in totals})
     return EXIT_OK if all(r["status"] == "succeeded" for r in results) else EXIT_FAILED
+
+
+async def _backfill(cfg: Config, args: argparse.Namespace) -> int:
+    if args.cancel is not None or args.list:
+        async with db.open_database(cfg) as database:
+            if args.cancel is not None:
+                row = await backfill.cancel(database.pool, args.cancel)
+                print(f"backfill {row['id']} of {row['source']}: " + (
+                    "cancelled" if row["status"] == "cancelled" else
+                    "cancel asked; it stops within a second"), file=sys.stderr)
+                return EXIT_OK
+            rows = await backfill.listing(database.pool, args.source)
+        for row in rows:
+            print(_backfill_line(row))
+        return EXIT_OK
+    if args.source is None:
+        raise ConfigError("etlsvc backfill: name the SOURCE (or --list, --cancel ID)")
+    src = cfg.source(args.source)
+    workers = from_config(cfg.pipeline)
+    bar = _ProgressBar(f"{src.name} backfill", 0) if (
+        not args.no_progress and sys.stderr.isatty()) else None
+    async with db.open_database(cfg) as database, contextlib.aclosing(workers):
+        made = await backfill.create(database.pool, src, stream=args.table, start=args.start,
+                                     end=args.end)
+        if made["runs"]:
+            print(f"backfill {made['id']} of {src.name} ({made['range']}) goes on where it "
+                  "stopped", file=sys.stderr)
+        try:
+            row = await backfill.run(database, cfg, src, made["id"], workers,
+                                     bar.update if bar else None)
+        finally:
+            if bar:
+                bar.close()
+        await notify.drain(database.pool)
+    print(_backfill_line(row), file=sys.stderr)
+    if row.get("error"):
+        print(_naming(src.name, row["error"]), file=sys.stderr)
+    return EXIT_OK if row["status"] == "succeeded" else EXIT_FAILED
+
+
+def _backfill_line(row: dict[str, Any]) -> str:
+    """One backfill in a line: id, source, range, status and counts."""
+    p = row["progress"] or {}
+    counts = ", ".join(f"{p[k]:,} {k.removeprefix('rows_')}" for k in (
+        "rows_read", "rows_inserted", "rows_updated", "rows_unchanged", "rows_rejected")
+        if k in p)
+    done = f", {p['fraction']:.0%} done" if p.get("fraction") is not None and \
+        row["status"] != "succeeded" else ""
+    return (f"backfill {row['id']} of {row['source']} ({row['range']}): {row['status']}"
+            f"{': ' + counts if counts else ''}{done}")
 
 
 async def _replay(cfg: Config, args: argparse.Namespace) -> int:
@@ -317,7 +383,8 @@ async def _health(cfg: Config, args: argparse.Namespace) -> int:
 
 
 _COMMANDS = {"serve": _serve, "run": _run, "replay": _replay, "rejects": _rejects, "purge": _purge,
-             "migrate": _migrate, "check": _check, "health": _health, "cdc": _cdc}
+             "migrate": _migrate, "check": _check, "health": _health, "cdc": _cdc,
+             "backfill": _backfill}
 
 
 class _Server(uvicorn.Server):

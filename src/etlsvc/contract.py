@@ -39,6 +39,8 @@ from typing import Annotated, Any, ClassVar, Literal, Protocol, TypeVar
 
 import msgspec
 
+from etlsvc.errors import BackfillError
+
 T = TypeVar("T")
 
 #: The columns of ``normalized_data`` a source can map its fields to.
@@ -325,6 +327,18 @@ class WorkerPool(Protocol):
              *args: Any) -> AbstractAsyncContextManager[WorkerHandle]: ...
 
 
+@dataclass(frozen=True)
+class Backfill:
+    """A range of a source to read again (``runtime/backfill.py``): what ``start`` and
+    ``end`` are (inclusive; None: open) is the kind's (``SourceKind.backfill_range``)."""
+
+    id: int
+    #: The table of a change kind (None: the kind's one range).
+    stream: str | None
+    start: str | None
+    end: str | None
+
+
 @dataclass
 class Extraction:
     """What a kind's ``batches`` gets for one run of one source."""
@@ -350,6 +364,9 @@ class Extraction:
     stopping: asyncio.Event | None = None
     #: Streams of the source read at once at most (the files of a glob).
     parallel_streams: int = 1
+    #: A backfill's run: read this range only (its checkpoints are the backfill's own,
+    #: and the live position is not touched); its batches carry a ``read_point``.
+    backfill: Backfill | None = None
 
     async def prepare(self, batch: Batch) -> Prepared:
         """``preparer(batch)`` in a worker process."""
@@ -403,6 +420,15 @@ class SourceKind:
     async def check(self, src: Any, base_dir: Path) -> str:
         """What ``etlsvc check`` says of the source; SourceError if it cannot be read."""
         raise NotImplementedError
+
+    def check_backfill(self, src: Any, stream: str | None, start: str | None,
+                       end: str | None) -> str | None:
+        """The stream a backfill of ``src`` reads (None: the kind's one range), its range
+        checked; BackfillError (code ``bad_range``) if it is not one."""
+        if stream is not None:
+            raise BackfillError(f"a {self.name} source's backfill takes no table",
+                                "bad_range")
+        return None
 
     def missing(self, src: Any, stream: str, columns: list[str]) -> str:
         """The reason a batch fails when mapped columns are not among ``columns``."""

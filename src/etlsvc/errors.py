@@ -10,6 +10,7 @@ at the boundary where they happen, and kept as ``__cause__``.
   x SourceError          a source cannot be read (carries ``source``)
   x SourceBusy           sources already running in some process (carries their run ids)
     x TickTaken          a scheduler tick whose run another replica already made
+  x BackfillError        a backfill that cannot be made, found or run as asked
   x WorkerDied           a worker process died under a task (killed, out of memory)
   x DatabaseLost         a run's database stayed away past database.reconnect_timeout
 
@@ -41,6 +42,15 @@ class ConfigError(EtlError):
 
 class DatabaseError(EtlError):
     """The database could not be reached or used."""
+
+
+class BackfillError(EtlError):
+    """A backfill cannot be made, found or run as asked (its range, its kind, another one
+    of the source open or running); ``code`` names the case for the API."""
+
+    def __init__(self, message: str, code: str = "backfill") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class SourceError(EtlError):

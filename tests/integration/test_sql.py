@@ -33,17 +33,6 @@ kind = "sql"
 """
 
 
-@pytest.fixture
-async def upstream_pg(pool: asyncpg.Pool) -> AsyncIterator[str]:
-    """A schema of the test database playing the upstream PostgreSQL; its name."""
-    schema = f"up_{uuid.uuid4().hex[:8]}"
-    await pool.execute(f"CREATE SCHEMA {schema}; CREATE TABLE {schema}.orders ("
-                       "id bigint PRIMARY KEY, name text, amount numeric(10, 2), "
-                       "updated_at timestamptz, note jsonb)")
-    yield schema
-    await pool.execute(f"DROP SCHEMA {schema} CASCADE")
-
-
 async def add_pg(pool: asyncpg.Pool, schema: str, rows: list[tuple[Any, ...]]) -> None:
     await pool.executemany(
         f"INSERT INTO {schema}.orders VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO UPDATE "

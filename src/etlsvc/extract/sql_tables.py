@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from decimal import Decimal
@@ -44,7 +45,7 @@ from etlsvc.contract import (
     SourceConfig,
     SourceKind,
 )
-from etlsvc.errors import ConfigError, SourceError, describe
+from etlsvc.errors import BackfillError, ConfigError, SourceError, describe
 from etlsvc.extract.records import json_batch, text
 from etlsvc.logs import redact
 
@@ -120,15 +121,64 @@ def _quote(name: str, engine: str) -> str:
     return ".".join(f"{q}{part}{q}" for part in name.split("."))
 
 
-def select(src: SqlSource, engine: str, since: bool) -> str:
-    """The SELECT of a run: the table or query, from the mark on, in cursor order."""
+def select(src: SqlSource, engine: str, since: bool, until: bool = False) -> str:
+    """The SELECT of a run: the table or query, from the mark on (and up to a backfill's
+    end), in cursor order."""
     base = (f"SELECT * FROM {_quote(src.table, engine)}" if src.table else
             f"SELECT * FROM ({src.query}) AS etlsvc_rows")
     if src.cursor is None:
         return base
     column = _quote(src.cursor, engine)
-    where = f" WHERE {column} >= {'$1' if engine == 'postgresql' else '%s'}" if since else ""
-    return f"SELECT * FROM ({base}) AS etlsvc_src{where} ORDER BY {column}"
+    bounds = [op for op, wanted in ((">=", since), ("<=", until)) if wanted]
+    where = " AND ".join(f"{column} {op} {f'${i}' if engine == 'postgresql' else '%s'}"
+                         for i, op in enumerate(bounds, 1))
+    return (f"SELECT * FROM ({base}) AS etlsvc_src{' WHERE ' + where if where else ''} "
+            f"ORDER BY {column}")
+
+
+def _typed(value: Any, type_name: str) -> Any:
+    """A backfill's bound (text) as asyncpg must be given a parameter of the column's type
+    (PostgreSQL; MySQL compares text itself). ValueError if it is not one."""
+    if not isinstance(value, str) or type_name in ("text", "varchar", "bpchar", "name"):
+        return value
+    if type_name in ("int2", "int4", "int8"):
+        return int(value)
+    if type_name in ("numeric", "float4", "float8"):
+        return Decimal(value) if type_name == "numeric" else float(value)
+    if type_name in ("timestamptz", "timestamp"):
+        moment = dt.datetime.fromisoformat(value)
+        if type_name == "timestamptz" and moment.tzinfo is None:
+            return moment.replace(tzinfo=dt.UTC)
+        return moment
+    if type_name == "date":
+        return dt.date.fromisoformat(value)
+    if type_name == "uuid":
+        return uuid.UUID(value)
+    raise ValueError(f"a backfill cannot give a bound of a {type_name} column")
+
+
+def fraction(start: str | None, end: str | None, at: Any) -> float | None:
+    """How far ``at`` is from ``start`` to ``end`` where all three are numbers or times
+    (a backfill's progress); None otherwise."""
+    if start is None or end is None or at is None:
+        return None
+    for parse in (float, _moment):
+        try:
+            low, high, here = parse(start), parse(end), parse(at)
+        except (TypeError, ValueError):
+            continue
+        return min(1.0, max(0.0, (here - low) / (high - low))) if high > low else None
+    return None
+
+
+def _moment(value: Any) -> float:
+    if isinstance(value, dt.datetime):
+        moment = value
+    elif isinstance(value, dt.date):
+        moment = dt.datetime.combine(value, dt.time())
+    else:
+        moment = dt.datetime.fromisoformat(str(value))
+    return (moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)).timestamp()
 
 
 def _mark_value(state: dict[str, Any]) -> Any:
@@ -166,6 +216,11 @@ async def _rows(src: SqlSource, engine: str, url: str, sql: str,
                                           encoder=str, decoder=msgspec.json.decode)
             async with conn.transaction(isolation="repeatable_read", readonly=True):
                 statement = await conn.prepare(sql)
+                try:
+                    args = [_typed(a, t.name) for a, t in zip(args, statement.get_parameters(),
+                                                              strict=True)]
+                except ValueError as exc:
+                    raise SourceError(src.name, f"{src.cursor}: {exc}") from None
                 cursor = await statement.cursor(*args)
                 yield [a.name for a in statement.get_attributes()], cursor.fetch
         finally:
@@ -291,6 +346,8 @@ class SqlKind(SourceKind):
     position_columns = ("row_number", "version")
     position_keys = ("row", "version")
     record = "columns"
+    backfill_range = ("values of the cursor column (of the key column, for a source "
+                      "without a cursor), inclusive")
     # A row's version is its cursor value: a backfilled row older than the live one (by
     # the cursor) is left alone. Without a cursor, the last write wins.
     version_sql = f"NULLIF(r.version, {NO_VERSION})"
@@ -313,20 +370,43 @@ class SqlKind(SourceKind):
                 raise ConfigError(f"{where}.{key}': not a plain column or table name: "
                                   f"{value!r}")
 
+    def check_backfill(self, src: SqlSource, stream: str | None, start: str | None,
+                       end: str | None) -> str | None:
+        super().check_backfill(src, stream, start, end)
+        if start is not None and end is not None and start != end:
+            for parse in (float, _moment):
+                try:
+                    low, high = parse(start), parse(end)
+                except ValueError:
+                    continue
+                if low > high:
+                    raise BackfillError(f"--from {start} is after --to {end}", "bad_range")
+                break
+        return None
+
     async def batches(self, ex: Extraction) -> AsyncIterator[Prepared]:
         src: SqlSource = ex.src
+        bf = ex.backfill
+        if bf is not None:
+            # A range of the cursor column (of the key column without one), read like a
+            # live run from a mark, up to the range's end.
+            src = msgspec.structs.replace(src, cursor=src.cursor or src.fields.source_id)
         url = connection_url(src)
         engine = engine_of(src, url)
         state = ex.checkpoints.get(src.relation) or {}
         since = src.cursor is not None and state.get("hwm") is not None
-        sql = select(src, engine, since)
-        log.info("reading", relation=src.relation, since=state.get("hwm") if since else None)
         # The mark this read starts from, and the keys loaded exactly at it already.
         mark = _mark_value(state) if since else None
         boundary = set(state.get("boundary", [])) if since else set()
+        if bf is not None and not since and bf.start is not None:
+            since, mark = True, bf.start
+        until = bf is not None and bf.end is not None
+        sql = select(src, engine, since, until)
+        args = [*([mark] if since else []), *([bf.end] if bf and until else [])]
+        log.info("reading", relation=src.relation, since=mark,
+                 until=bf.end if bf and until else None, backfill=bf.id if bf else None)
         try:
-            async with _rows(src, engine, url, sql, [mark] if since else []) as (
-                    columns, fetch):
+            async with _rows(src, engine, url, sql, args) as (columns, fetch):
                 self._check_columns(src, columns)
                 cursor_col = columns.index(src.cursor) if src.cursor else None
                 key_col = columns.index(src.fields.source_id)
@@ -336,8 +416,12 @@ class SqlKind(SourceKind):
                     keep = [not (r[cursor_col] == mark and text(r[key_col]) in boundary)
                             for r in rows] if boundary else [True] * len(rows)
                     state = self._advance(src, state, rows, cursor_col, key_col)
+                    if bf is not None:
+                        state = {**state, "at": state.get("hwm"),
+                                 "fraction": fraction(bf.start, bf.end, state.get("hwm"))}
                     yield await ex.workers.run(prepare_rows, ex.preparer, src.relation,
-                                               columns, rows, first, state, keep)
+                                               columns, rows, first, state, keep,
+                                               None if bf is None else "")
                     first += len(rows)
         except (asyncpg.PostgresError, OSError) as exc:
             raise SourceError(src.name, f"{engine} query failed: {describe(exc)}") from exc

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +21,7 @@ import structlog
 
 from etlsvc import db, flow, metrics
 from etlsvc.config import Config, Source
-from etlsvc.contract import COUNTERS, Extraction, Prepared
+from etlsvc.contract import COUNTERS, Backfill, Extraction, Prepared
 from etlsvc.db import Database
 from etlsvc.errors import (
     DatabaseLost,
@@ -39,6 +39,8 @@ from etlsvc.runtime.workers import Workers
 log = structlog.get_logger()
 
 
+#: Seconds between looks at whether a cancellable run (a backfill) was cancelled.
+CANCEL_EVERY = 1.0
 #: A run's notes keep the outcome of this many parts (files, pages, feeds) at most.
 MAX_PARTS = 1000
 PART_COUNTERS = ("batches", "rows_read", "rows_valid", "rows_rejected", "rows_inserted",
@@ -57,6 +59,8 @@ class Progress:
     warnings: list[str] = field(default_factory=list)
     #: What the source's kind reports (stored in the run's notes, e.g. each feed's outcome).
     notes: dict[str, Any] = field(default_factory=dict)
+    #: The checkpoint state of the last batch committed (where the run is).
+    position: dict[str, Any] = field(default_factory=dict)
 
     def warn(self, message: str) -> None:
         log.warning(message)
@@ -95,12 +99,14 @@ async def run_source(database: Database, cfg: Config, src: Source, workers: Work
 
 
 async def claim(database: Database, sources: list[Source], *, trigger: str,
-                full_refresh: bool, tick_s: float = 0.0) -> list[ClaimedRun]:
+                full_refresh: bool, tick_s: float = 0.0,
+                backfill: Backfill | None = None) -> list[ClaimedRun]:
     """Take every source's lock and create their run rows, or none of them.
 
     SourceBusy, naming every source that is running, if any is (TickTaken: a scheduled run
     started less than ``tick_s`` ago); the runs have ids from here on, and
-    ``ClaimedRun.execute`` does the work and lets go.
+    ``ClaimedRun.execute`` does the work and lets go. ``backfill``: a backfill's run of its
+    one source, under the source's backfill lock (beside a live run).
     """
     held: list[tuple[Source, asyncpg.Connection]] = []
     busy: dict[str, int | None] = {}
@@ -109,7 +115,7 @@ async def claim(database: Database, sources: list[Source], *, trigger: str,
             conn = await database.pool.acquire()
             held.append((src, conn))
             try:
-                await runs.take_lock(conn, src.name)
+                await runs.take_lock(conn, src.name, backfill=backfill is not None)
             except SourceBusy as exc:
                 held.pop()
                 busy |= exc.running
@@ -118,18 +124,20 @@ async def claim(database: Database, sources: list[Source], *, trigger: str,
             raise SourceBusy(busy)
         return [ClaimedRun(await runs.start(conn, src.name, src.kind, trigger, full_refresh,
                                             database.reconnect_timeout, tick_s),
-                           src, trigger, full_refresh, database, conn) for src, conn in held]
+                           src, trigger, full_refresh, database, conn, backfill=backfill)
+                for src, conn in held]
     except BaseException:
         for src, conn in held:
-            await _release(database, src, conn)
+            await _release(database, src, conn, backfill is not None)
         raise
 
 
-async def _release(database: Database, src: Source, conn: asyncpg.Connection) -> None:
+async def _release(database: Database, src: Source, conn: asyncpg.Connection,
+                   backfill: bool) -> None:
     """Release the source's lock and the connection (a dead one is just dropped)."""
     with contextlib.suppress(*db.UNAVAILABLE):
         if not conn.is_closed():
-            await runs.unlock(conn, src.name)
+            await runs.unlock(conn, src.name, backfill=backfill)
     with contextlib.suppress(*db.UNAVAILABLE):
         await database.pool.release(conn)
 
@@ -146,6 +154,16 @@ class ClaimedRun:
     conn: asyncpg.Connection
     #: Set when the service stops: a continuous source's run then ends its batches.
     stopping: asyncio.Event | None = None
+    #: A backfill's run: its range, checkpoints of its own, its own lock.
+    backfill: Backfill | None = None
+    #: Polled every CANCEL_EVERY seconds while the run loads: True ends it (cancelled).
+    cancelled: Callable[[], Awaitable[bool]] | None = None
+
+    @property
+    def checkpoint_key(self) -> str:
+        """The key of the run's checkpoints: the source's, or its backfill's own."""
+        return (f"{self.src.name}#backfill:{self.backfill.id}" if self.backfill else
+                self.src.name)
 
     async def execute(self, cfg: Config, workers: Workers,
                       on_progress: ProgressCallback | None = None) -> dict[str, Any]:
@@ -153,18 +171,18 @@ class ClaimedRun:
         try:
             return await _execute(cfg, self, workers, on_progress)
         finally:
-            await _release(self.database, self.src, self.conn)
+            await _release(self.database, self.src, self.conn, self.backfill is not None)
 
     async def reconnect(self, deadline: float) -> dict[str, Any]:
         """A new connection holding the source's lock again, with backoff until ``deadline``
         (monotonic); return the run's row as committed. DatabaseLost past the deadline."""
-        await _release(self.database, self.src, self.conn)
+        await _release(self.database, self.src, self.conn, self.backfill is not None)
         delay = 0.2
         while True:
             conn = None
             try:
                 conn = await self.database.pool.acquire(timeout=5)
-                await runs.take_lock(conn, self.src.name)
+                await runs.take_lock(conn, self.src.name, backfill=self.backfill is not None)
                 row = await runs.resume(conn, self.id)
                 self.conn = conn
                 return row
@@ -202,7 +220,8 @@ async def _execute(cfg: Config, run: ClaimedRun, workers: Workers,
                                                        progress.outcomes))
         error = None
         try:
-            await _load(cfg, run, workers, progress, on_progress)
+            if not await _load_unless_cancelled(cfg, run, workers, progress, on_progress):
+                error = "cancelled by the operator (each batch committed before stays)"
         except (EtlError, OSError, UnicodeError) as exc:
             error = str(exc)
         except asyncpg.PostgresError as exc:      # a statement failed: say which error
@@ -214,7 +233,7 @@ async def _execute(cfg: Config, run: ClaimedRun, workers: Workers,
             beating.cancel()
             sharing.cancel()
         error = one_line(error) if error else runs.error_rate_exceeded(src, progress.counts)
-        if error is None and src.deletes == "detect":
+        if error is None and src.deletes == "detect" and run.backfill is None:
             try:
                 error = await _detect_deletes(run, progress)
             except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
@@ -222,7 +241,8 @@ async def _execute(cfg: Config, run: ClaimedRun, workers: Workers,
         row = await _finish(run, progress, error)
         seconds = time.monotonic() - started
         metrics.observe_run(row, seconds)
-        row["anomaly"] = await _compare_with_recent(run, row)
+        # A backfill's run reads what its range holds: not comparable with the live runs.
+        row["anomaly"] = None if run.backfill else await _compare_with_recent(run, row)
         _announce(cfg, run, row)
         (log.error if error else log.info)(
             "run finished", status=row["status"], error=error,
@@ -249,6 +269,39 @@ async def _detect_deletes(run: ClaimedRun, progress: Progress) -> str | None:
     if deleted:
         log.info("keys gone from the source deleted", deleted=deleted, total=total)
     return None
+
+
+async def _load_unless_cancelled(cfg: Config, run: ClaimedRun, workers: Workers,
+                                 progress: Progress,
+                                 on_progress: ProgressCallback | None) -> bool:
+    """``_load``; False if the run was cancelled (``ClaimedRun.cancelled``) first: the
+    batch committing then rolls back whole, as at a crash."""
+    if run.cancelled is None:
+        await _load(cfg, run, workers, progress, on_progress)
+        return True
+    loading = asyncio.create_task(_load(cfg, run, workers, progress, on_progress))
+    try:
+        while True:
+            done, _ = await asyncio.wait([loading], timeout=CANCEL_EVERY)
+            if done:
+                loading.result()
+                return True
+            try:
+                stop = await run.cancelled()
+            except Exception as exc:      # the database is away: the load deals with that
+                log.debug("could not look for a cancel", error=describe(exc))
+                continue
+            if stop:
+                log.info("run cancelled by the operator")
+                loading.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await loading
+                return False
+    finally:
+        if not loading.done():        # this task itself was cancelled (the service stops)
+            loading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loading
 
 
 async def _load(cfg: Config, run: ClaimedRun, workers: Workers, progress: Progress,
@@ -288,17 +341,19 @@ async def _commit_batches(cfg: Config, run: ClaimedRun, workers: Workers, progre
 
     ex = Extraction(
         src, progress.run_id,
-        await checkpoint.read(conn, src.name, run_id=progress.run_id,
+        await checkpoint.read(conn, run.checkpoint_key, run_id=progress.run_id,
                               # deletes = "detect" needs every key: read from the start
-                              full_refresh=run.full_refresh or src.deletes == "detect"),
+                              full_refresh=run.full_refresh or (
+                                  src.deletes == "detect" and run.backfill is None)),
         cfg.resolve("."), workers,
         batches.Preparer(src, progress.run_id, await shapes.known(conn, src.name)), progress.warn,
-        set_total, progress.notes, run.stopping, cfg.pipeline.parallel_streams)
+        set_total, progress.notes, run.stopping, cfg.pipeline.parallel_streams, run.backfill)
 
     async def committed(batch: Prepared, counts: dict[str, int]) -> None:
         for k, v in counts.items():
             progress.counts[k] += v
         progress.outcome(batch.part, counts)
+        progress.position = batch.state
         for change in batch.drift:
             seen = progress.notes.setdefault("drift", [])
             if change not in seen:            # each change once per run
@@ -314,7 +369,8 @@ async def _commit_batches(cfg: Config, run: ClaimedRun, workers: Workers, progre
             on_progress(progress)
 
     committer = batches.Committer(run.database, conn, src, kind, progress.run_id,
-                                  cfg.pipeline.connections_per_run, committed)
+                                  cfg.pipeline.connections_per_run, committed,
+                                  run.checkpoint_key)
     try:
         async for batch in flow.prefetch(kind.batches(ex)):
             await committer.submit(batch)

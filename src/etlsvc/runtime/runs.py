@@ -35,21 +35,23 @@ SWEEP_EVERY = 30.0
 HOST = socket.gethostname()
 
 
-def _key(source: str) -> str:
-    return f"etlsvc:source:{source}"
+def _key(source: str, backfill: bool) -> str:
+    # A backfill has a lock of its own: it runs beside the source's live run, one at a time.
+    return f"etlsvc:{'backfill' if backfill else 'source'}:{source}"
 
 
-async def try_lock(conn: asyncpg.Connection, source: str) -> bool:
-    """Take the source's advisory lock if it is free."""
-    return await db.try_lock(conn, _key(source))
+async def try_lock(conn: asyncpg.Connection, source: str, *, backfill: bool = False) -> bool:
+    """Take the source's advisory lock (``backfill``: its backfills') if it is free."""
+    return await db.try_lock(conn, _key(source, backfill))
 
 
-async def unlock(conn: asyncpg.Connection, source: str) -> None:
-    await db.unlock(conn, _key(source))
+async def unlock(conn: asyncpg.Connection, source: str, *, backfill: bool = False) -> None:
+    await db.unlock(conn, _key(source, backfill))
 
 
-async def take_lock(conn: asyncpg.Connection, source: str) -> None:
-    """Take the source's advisory lock, or raise SourceBusy with the id of the run holding it.
+async def take_lock(conn: asyncpg.Connection, source: str, *, backfill: bool = False) -> None:
+    """Take the source's advisory lock (``backfill``: its backfills'), or raise SourceBusy
+    with the id of the run holding it.
 
     A holder that has just taken the lock may not have written its run row yet, and one
     whose run was quick may have let go already: this waits up to 2 s for either, so that a
@@ -57,9 +59,10 @@ async def take_lock(conn: asyncpg.Connection, source: str) -> None:
     """
     running = None
     for _ in range(40):
-        if await try_lock(conn, source):
+        if await try_lock(conn, source, backfill=backfill):
             return
-        if (running := await conn.fetchval(db.query("runs", "running"), source)) is not None:
+        if (running := await conn.fetchval(db.query("runs", "running"), source,
+                                           backfill)) is not None:
             break
         await asyncio.sleep(0.05)
     raise SourceBusy({source: running})
@@ -94,7 +97,8 @@ def stale_after(reconnect_timeout: float) -> float:
 
 async def start(conn: asyncpg.Connection, source: str, kind: str, trigger: str,
                 full_refresh: bool, reconnect_timeout: float, tick_s: float = 0.0) -> int:
-    """Create this run's row and return its id. Call while holding the source's lock.
+    """Create this run's row and return its id. Call while holding the source's lock (a
+    backfill's: the source's backfill lock; its runs are apart from the live ones).
 
     A row left 'running' is interrupted first if its process is gone (same host, no such
     pid) or silent for longer than a reconnect can take; otherwise its process is waiting
@@ -107,7 +111,7 @@ async def start(conn: asyncpg.Connection, source: str, kind: str, trigger: str,
     if tick_s and (done := await conn.fetchval(db.query("runs", "this_tick"), source, tick_s)):
         raise TickTaken(source, done)
     for r in await conn.fetch(db.query("runs", "running_of"), source,
-                              stale_after(reconnect_timeout)):
+                              stale_after(reconnect_timeout), trigger == "backfill"):
         if not (r["stale"] or _process_gone(r["host"], r["pid"])):
             raise SourceBusy({source: r["id"]})
         await conn.execute(db.query("runs", "interrupt"), r["id"])
@@ -193,7 +197,8 @@ async def sweep(pool: asyncpg.Pool, reconnect_timeout: float,
                 own: set[int] = frozenset()) -> list[int]:
     """Mark ``interrupted`` every running run whose process is gone; return their ids.
 
-    A run qualifies when nobody holds its source's lock (its connection is gone) and its
+    A run qualifies when nobody holds its source's lock (a backfill's: the source's backfill
+    lock), so its connection is gone, and its
     process is known dead (same host, no such pid) or has been silent for longer than a
     reconnect can take. ``own`` are this process's runs, never swept.
     """
@@ -205,13 +210,13 @@ async def sweep(pool: asyncpg.Pool, reconnect_timeout: float,
         if r["id"] in own or not (r["stale"] or earlier or _process_gone(r["host"], r["pid"])):
             continue
         async with pool.acquire() as conn:
-            if not await try_lock(conn, r["source"]):
+            if not await try_lock(conn, r["source"], backfill=r["backfill"]):
                 continue
             try:
                 if await conn.fetchval(db.query("runs", "interrupt"), r["id"]):
                     swept.append(r["id"])
             finally:
-                await unlock(conn, r["source"])
+                await unlock(conn, r["source"], backfill=r["backfill"])
     if swept:
         log.warning("runs of processes that are gone marked interrupted", runs=swept)
     return swept
