@@ -3,7 +3,13 @@ leaving the live position alone and never overwriting a newer live change."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import os
+import signal
+import subprocess
+import sys
+import time
 from typing import Any
 
 import asyncpg
@@ -78,3 +84,132 @@ async def test_a_sql_backfill_reloads_its_range_and_leaves_newer_live_rows_and_t
     second = await run_backfill(cfg, "pg", start=str(T0 + dt.timedelta(seconds=1)),
                                 end=str(T0 + dt.timedelta(seconds=3)))
     assert second["id"] != row["id"] and second["progress"]["rows_unchanged"] == 300
+
+
+async def fill_orders(pool: asyncpg.Pool, schema: str, n: int) -> None:
+    """``n`` orders, updated_at = T0 + id seconds."""
+    await pool.execute(
+        f"INSERT INTO {schema}.orders SELECT i, 'order ' || i, i / 4.0, "
+        "$1::timestamptz + make_interval(secs => i) FROM generate_series(1, $2) i", T0, n)
+
+
+async def test_backfill_over_http_beside_the_live_run_with_its_errors_and_cancel(
+    env: Env, pool: asyncpg.Pool, upstream_pg: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from litestar.testing import AsyncTestClient
+
+    from etlsvc.api.app import create_app
+
+    monkeypatch.setenv("UPSTREAM_URL", env.database_url)
+    monkeypatch.setenv("ETLSVC_API_KEYS", "test-key")
+    key = {"Authorization": "Bearer test-key"}
+    await fill_orders(pool, upstream_pg, 60_000)
+    cfg = env.config(sql_source("pg", f'url_env = "UPSTREAM_URL"\ntable = "{upstream_pg}.orders"'
+                                      '\ncursor = "updated_at"\nbatch_size = 500') +
+                     '[[sources]]\nname = "feed"\nkind = "rss"\nurls = ["http://127.0.0.1:9/"]\n')
+    async with AsyncTestClient(app=create_app(cfg)) as client:
+        assert (await client.post("/etl/backfill", json={"source": "pg"})).status_code == 401
+        rss = await client.post("/etl/backfill", json={"source": "feed"}, headers=key)
+        assert rss.status_code == 422 and rss.json()["error"]["code"] == "no_backfill"
+        backwards = await client.post("/etl/backfill", headers=key, json={
+            "source": "pg", "from": "2024-06-01", "to": "2024-05-01"})
+        assert backwards.status_code == 422, backwards.text
+        # The live run and a backfill of the whole range at once.
+        live = await client.post("/etl/run", json={"sources": ["pg"]}, headers=key)
+        assert live.status_code == 202
+        made = await client.post("/etl/backfill", json={"source": "pg"}, headers=key)
+        assert made.status_code == 202, made.text
+        bf = made.json()["data"]
+        other = await client.post("/etl/backfill", headers=key,
+                                  json={"source": "pg", "from": "1"})
+        assert other.status_code == 409 and other.json()["error"]["code"] == "backfill_open"
+        # The same range again is the same backfill.
+        same = await client.post("/etl/backfill", json={"source": "pg"}, headers=key)
+        assert same.json()["data"]["id"] == bf["id"]
+        deadline = time.monotonic() + 120
+        while True:
+            row = (await client.get(f"/etl/backfill/{bf['id']}")).json()["data"]
+            if row["status"] not in ("pending", "running") or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        assert row["status"] == "succeeded", row
+        assert row["progress"]["rows_read"] == 60_000 and row["progress"]["fraction"] == 1.0
+        listed = (await client.get("/etl/backfill", params={"source": "pg"})).json()["data"]
+        assert [b["id"] for b in listed] == [bf["id"]]
+        cancel = await client.post(f"/etl/backfill/{bf['id']}/cancel", headers=key)
+        assert cancel.status_code == 409 and cancel.json()["error"]["code"] == "backfill_over"
+        missing = await client.get("/etl/backfill/999999")
+        assert missing.status_code == 404
+    runs = await pool.fetch("SELECT trigger, status, started_at, finished_at FROM etl_runs "
+                            "ORDER BY id")
+    assert [(r["trigger"], r["status"]) for r in runs] == [
+        ("manual", "succeeded"), ("backfill", "succeeded")]
+    # They ran at the same time: the backfill started before the live run ended.
+    assert runs[1]["started_at"] < runs[0]["finished_at"]
+    assert await pool.fetchval("SELECT count(*) FROM normalized_data") == 60_000
+
+
+def backfill_cli(env: Env, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "etlsvc", "backfill", *args, "--config",
+         str(env.dir / "config.toml")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=env.dir,
+        env={**os.environ, "ETLSVC_DATABASE_URL": env.database_url})
+
+
+async def wait_for_rows(pool: asyncpg.Pool, at_least: int, timeout: float = 60) -> int:
+    """The rows the open backfill's current run has committed, once at least ``at_least``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = await pool.fetchval(
+            "SELECT r.rows_read FROM etl_backfills b JOIN etl_runs r ON r.id = b.run_id "
+            "WHERE b.status = 'running'")
+        if done is not None and done >= at_least:
+            return done
+        await asyncio.sleep(0.05)
+    raise AssertionError("the backfill did not get going")
+
+
+async def test_a_killed_backfill_goes_on_where_it_stopped_and_a_cancelled_one_ends(
+    env: Env, pool: asyncpg.Pool, upstream_pg: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    n = 200_000
+    await fill_orders(pool, upstream_pg, n)
+    env.write_config(sql_source("pg", f'url = "{env.database_url}"\n'
+                                      f'table = "{upstream_pg}.orders"\ncursor = "updated_at"'
+                                      '\nbatch_size = 1000'))
+    start, end = str(T0 + dt.timedelta(seconds=1)), str(T0 + dt.timedelta(seconds=n))
+    first = backfill_cli(env, "pg", "--from", start, "--to", end)
+    done = await wait_for_rows(pool, 20_000)
+    first.send_signal(signal.SIGKILL)
+    first.wait(30)
+    [bf] = await pool.fetch("SELECT * FROM etl_backfills")
+    assert bf["status"] == "running"            # its process is gone: it goes on when asked
+    # Asked again (the same range): the same backfill, from its checkpoint.
+    again = backfill_cli(env, "pg", "--from", start, "--to", end)
+    _, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err
+    assert f"backfill {bf['id']} of pg" in err and "goes on where it stopped" in err
+    row = await pool.fetchrow("SELECT * FROM etl_backfills WHERE id = $1", bf["id"])
+    assert row["status"] == "succeeded" and len(row["runs"]) == 2
+    runs = await pool.fetch("SELECT status, rows_read FROM etl_runs WHERE id = ANY($1) "
+                            "ORDER BY id", row["runs"])
+    assert runs[0]["status"] == "interrupted" and runs[0]["rows_read"] >= done
+    # Every row of the range read once over the two runs: whole batches, none twice.
+    assert sum(r["rows_read"] for r in runs) == n == row["progress"]["rows_read"]
+    assert await pool.fetchval("SELECT count(*) FROM normalized_data") == n
+
+    # A cancel stops a running backfill within a second or two; what it committed stays.
+    third = backfill_cli(env, "pg", "--from", start, "--to", end)
+    await wait_for_rows(pool, 10_000)
+    [running] = await pool.fetch("SELECT id FROM etl_backfills WHERE status = 'running'")
+    asked = time.monotonic()
+    cancel = env.cli("backfill", "--cancel", str(running["id"]))
+    assert cancel.returncode == 0, cancel.stderr
+    third.communicate(timeout=60)
+    assert third.returncode == 1 and time.monotonic() - asked < 10
+    row = await pool.fetchrow("SELECT * FROM etl_backfills WHERE id = $1", running["id"])
+    assert row["status"] == "cancelled" and 0 < row["progress"]["rows_read"] < n
+    assert "cancelled by the operator" in row["error"]
+    listed = env.cli("backfill", "--list", "pg")
+    assert f"backfill {running['id']} of pg" in listed.stdout and "cancelled" in listed.stdout

@@ -26,7 +26,17 @@ from litestar.openapi.spec import Components, SecurityScheme
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from etlsvc import __version__, db, flow, logtail, metrics
-from etlsvc.api import auth, change_feed, changes, console, data, http, operations, runs
+from etlsvc.api import (
+    auth,
+    backfills,
+    change_feed,
+    changes,
+    console,
+    data,
+    http,
+    operations,
+    runs,
+)
 from etlsvc.config import Config
 from etlsvc.errors import EtlError
 from etlsvc.runtime import workers
@@ -273,8 +283,8 @@ def create_litestar(cfg: Config, startup_errors: list[EtlError] | None = None) -
     auth.configured_keys()          # a malformed ETLSVC_API_KEYS is a config error now
     app = Litestar(
         state=State({"public_read": cfg.server.public_read}),
-        route_handlers=[*runs.HANDLERS, *data.HANDLERS, *change_feed.HANDLERS,
-                        *operations.HANDLERS, *console.HANDLERS],
+        route_handlers=[*runs.HANDLERS, *backfills.HANDLERS, *data.HANDLERS,
+                        *change_feed.HANDLERS, *operations.HANDLERS, *console.HANDLERS],
         guards=[http.check_request],
         request_class=http.JsonRequest,
         lifespan=[lifespan],

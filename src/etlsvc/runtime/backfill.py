@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -69,10 +70,12 @@ async def create(pool: asyncpg.Pool, src: Source, *, stream: str | None, start: 
 
 
 async def run(database: Database, cfg: Config, src: Source, backfill_id: int,
-              workers: Workers, on_progress: pipeline.ProgressCallback | None = None
+              workers: Workers, on_progress: pipeline.ProgressCallback | None = None,
+              on_claimed: Callable[[pipeline.ClaimedRun], None] | None = None
               ) -> dict[str, Any]:
     """Run the backfill to its end (or its cancel, or a failure); return its row.
-    BackfillError if it is running elsewhere or is over already."""
+    BackfillError if it is running elsewhere or is over already. ``on_claimed``: told of
+    the run once it is claimed (the service counts it among its runs)."""
     pool = database.pool
     row = await pool.fetchrow(db.query("backfills", "get"), backfill_id)
     if row is None:
@@ -88,6 +91,8 @@ async def run(database: Database, cfg: Config, src: Source, backfill_id: int,
     except SourceBusy as exc:
         raise BackfillError(f"source {src.name!r}: a backfill is running already "
                             f"(run {exc.run_id})", "backfill_running") from None
+    if on_claimed:
+        on_claimed(claimed)
     await pool.execute(db.query("backfills", "started"), bf.id, claimed.id)
     log.info("backfill running", source=src.name, backfill=bf.id, run_id=claimed.id,
              range=describe(row))

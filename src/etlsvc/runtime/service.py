@@ -22,9 +22,9 @@ from apscheduler.triggers.interval import IntervalTrigger
 from etlsvc import db, metrics
 from etlsvc.config import Config, Source
 from etlsvc.db import Database
-from etlsvc.errors import SourceBusy, TickTaken
+from etlsvc.errors import BackfillError, SourceBusy, TickTaken
 from etlsvc.extract import kind_of
-from etlsvc.runtime import notify, pipeline, retention, runs
+from etlsvc.runtime import backfill, notify, pipeline, retention, runs
 from etlsvc.runtime.workers import Workers
 from etlsvc.schedule import MISFIRE_GRACE_S, parse_schedule, schedule_seconds, tick_window
 
@@ -95,6 +95,8 @@ class Service:
     #: Set at stop: the runs of continuous sources end their batches.
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
     _followers: list[asyncio.Task[None]] = field(default_factory=list)
+    #: This process's backfills by id (their runs are in ``running`` once claimed).
+    _backfills: dict[int, asyncio.Task[None]] = field(default_factory=dict)
 
     def start_scheduler(self) -> None:
         """Add a job per scheduled source and start the scheduler on the running loop."""
@@ -204,7 +206,8 @@ class Service:
             raise SourceBusy(dict.fromkeys((s.name for s in sources), None))
         # This process's own runs, even while one waits for a lost database (its lock is
         # gone with the connection, so the database cannot tell).
-        here = {r.claimed.src.name: i for i, r in self.running.items()}
+        here = {r.claimed.src.name: i for i, r in self.running.items()
+                if r.claimed.backfill is None}
         if busy := {s.name: here[s.name] for s in sources if s.name in here}:
             raise SourceBusy(busy)
         # stop() waits for claims under way: once one is done, its runs are registered.
@@ -248,6 +251,49 @@ class Service:
         except Exception:    # never "Task exception was never retrieved"
             log.exception("run failed outside its own error handling", run_id=claimed.id)
 
+    def start_backfill(self, src: Source, backfill_id: int) -> None:
+        """Run the backfill in the background (nothing if it runs elsewhere already)."""
+        if not self.accepting or backfill_id in self._backfills:
+            return
+        task = asyncio.create_task(self._backfill(src, backfill_id),
+                                   name=f"backfill {backfill_id}")
+        self._backfills[backfill_id] = task
+        task.add_done_callback(lambda _: self._backfills.pop(backfill_id, None))
+
+    async def _backfill(self, src: Source, backfill_id: int) -> None:
+        me = asyncio.current_task()
+        assert me is not None
+        claimed: list[int] = []
+
+        def register(run: pipeline.ClaimedRun) -> None:
+            claimed.append(run.id)
+            self.running[run.id] = Running(me, run)
+
+        try:
+            await backfill.run(self.database, self.cfg, src, backfill_id, self.workers,
+                               on_claimed=register)
+        except BackfillError as exc:    # running elsewhere, or over: nothing to do here
+            log.info("backfill not taken up here", backfill=backfill_id, reason=str(exc))
+        except asyncio.CancelledError:
+            log.warning("backfill stopped with the service; the next start goes on with it",
+                        backfill=backfill_id)
+            raise
+        except Exception as exc:
+            if not db.unavailable(exc):
+                log.exception("backfill failed outside its own error handling",
+                              backfill=backfill_id)
+        finally:
+            for run_id in claimed:
+                self.running.pop(run_id, None)
+
+    async def take_up_backfills(self) -> None:
+        """Start the backfills left pending or running by a process that is gone (each
+        resumes from its checkpoints); one running elsewhere is left to it."""
+        names = {s.name: s for s in self.cfg.sources}
+        for row in await backfill.open_ones(self.database.pool):
+            if row["source"] in names and row["id"] not in self._backfills:
+                self.start_backfill(names[row["source"]], row["id"])
+
     async def sweep_forever(self, every: float = runs.SWEEP_EVERY) -> None:
         """Mark runs of processes that are gone ``interrupted`` and prune the change feed's
         old tombstones: now, then periodically."""
@@ -255,6 +301,7 @@ class Service:
             try:
                 await runs.sweep(self.database.pool, self.database.reconnect_timeout,
                                  own=set(self.running))
+                await self.take_up_backfills()
                 await retention.prune_tombstones(self.database.pool,
                                     self.cfg.server.change_feed_retention_days)
                 await self.announce_stale()
@@ -307,6 +354,9 @@ class Service:
         # for that, so that it is waited for too (else its row would stay 'running').
         if self._claims:
             await asyncio.wait(self._claims, timeout=5)
+        for task in list(self._backfills.values()):    # not claimed yet: nothing to wait for
+            if not any(r.task is task for r in self.running.values()):
+                task.cancel()
         tasks = {r.task: run_id for run_id, r in self.running.items()}
         if tasks:
             log.info("waiting for running runs", runs=list(self.running), grace_s=grace)
