@@ -14,9 +14,17 @@ from typing import Any, Generic, TypeVar
 import msgspec
 import structlog
 
-from etlsvc.contract import OP_DELETE, OP_UPDATE, Batch, Prepared, Preparing
-from etlsvc.errors import describe
+from etlsvc.contract import (
+    OP_DELETE,
+    OP_UPDATE,
+    Backfill,
+    Batch,
+    Prepared,
+    Preparing,
+)
+from etlsvc.errors import BackfillError, describe
 from etlsvc.extract.records import project, text
+from etlsvc.extract.sql_tables import fraction
 from etlsvc.transform.drift import shape_of_items
 
 log = structlog.get_logger()
@@ -28,10 +36,11 @@ def prepare_records(preparer: Preparing, stream: str, streams: list[str],
                     positions: list[tuple[int, ...]], records: list[dict[str, Any]],
                     unchecked: list[tuple[str, ...] | None], *, state: dict[str, Any],
                     clear: list[str] | None = None,
-                    sweep: list[tuple[str, int]] | None = None) -> Prepared:
+                    sweep: list[tuple[str, int]] | None = None,
+                    read_point: str | None = None) -> Prepared:
     """In a worker: records of changes (or of a snapshot) → a prepared batch. ``streams``
     names each row's table; ``unchecked`` the columns a row lacks (None: a delete, not
-    validated)."""
+    validated); ``read_point``: a backfill's."""
     src = preparer.src
     raws = [_encode(r) for r in records]
     items = [msgspec.json.decode(r) for r in raws]    # as the SQL will see them
@@ -40,8 +49,31 @@ def prepare_records(preparer: Preparing, stream: str, streams: list[str],
     batch = Batch(stream, columns, project(items, columns, flat=True), positions, raws,
                   rows_read=len(items), bytes_read=sum(map(len, raws)), state=state,
                   shape=shape_of_items(whole), row_streams=streams, unchecked=unchecked,
-                  clear=clear or [], sweep=sweep or [])
+                  clear=clear or [], sweep=sweep or [], read_point=read_point)
     return preparer(batch)
+
+
+def backfill_state(bf: Backfill, rows: int, last_key: Any) -> dict[str, Any]:
+    """The checkpoint of a change kind's backfill after a batch: the key it goes on after
+    (a table's rows are read in key order), and its progress."""
+    after = text(last_key)
+    return {"after": after, "rows": rows, "at": after,
+            "fraction": fraction(bf.start, bf.end, after)}
+
+
+def backfill_table(src: Any, stream: str | None, tables: list[str]) -> str:
+    """The table a change kind's backfill reads: ``stream``, one of ``tables`` (the
+    source's, qualified), or the only one; BackfillError otherwise."""
+    if stream is None:
+        if len(tables) != 1:
+            raise BackfillError(f"source {src.name!r} has several tables: name one with "
+                                f"--table ({', '.join(tables) or 'those of its publication'})",
+                                "bad_range")
+        return tables[0]
+    if tables and stream not in tables:
+        raise BackfillError(f"source {src.name!r} does not capture table {stream} "
+                            f"(its tables: {', '.join(tables)})", "bad_range")
+    return stream
 
 
 def update_rows(old: dict[str, Any] | None, new: dict[str, Any],

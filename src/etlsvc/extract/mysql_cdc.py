@@ -494,7 +494,7 @@ class MysqlCdcKind(SourceKind):
     # A streamed row's version is the binlog position after its transaction; a backfill
     # reads in a consistent snapshot whose binlog position says exactly what it saw.
     version_sql = "CASE WHEN r.snapshot = 0 THEN r.binlog_file << 32 | r.binlog_pos END"
-    seen_sql = "{v} <= $15::bigint"
+    seen_sql = "{v} <= $15::text::bigint"
 
     def check_config(self, src: MysqlCdcSource, where: str) -> None:
         check_credentials(src, where)

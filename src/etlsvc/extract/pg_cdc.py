@@ -71,6 +71,7 @@ from etlsvc import metrics
 from etlsvc.contract import (
     OP_DELETE,
     OP_INSERT,
+    Backfill,
     BatchSize,
     Extraction,
     Fields,
@@ -512,7 +513,13 @@ class PgCdcKind(SourceKind):
     # A row's version is its last change's transaction; a backfill's read is a snapshot,
     # which saw that transaction or not (exact, unlike an LSN taken beside the snapshot).
     version_sql = "NULLIF(r.xid, 0)"
-    seen_sql = "pg_visible_in_snapshot({v}::text::xid8, $15::pg_snapshot)"
+    seen_sql = "pg_visible_in_snapshot({v}::text::xid8, $15::text::pg_snapshot)"
+    backfill_range = "values of a table's key column (fields.source_id), inclusive"
+
+    def check_backfill(self, src: PgCdcSource, stream: str | None, start: str | None,
+                       end: str | None) -> str | None:
+        return changes.backfill_table(src, None if stream is None else qualified(stream),
+                                      [qualified(t) for t in src.tables])
 
     def check_config(self, src: PgCdcSource, where: str) -> None:
         check_credentials(src, where)
@@ -538,6 +545,10 @@ class PgCdcKind(SourceKind):
         await reader.connect()
         try:
             await reader.check_source()
+            if ex.backfill is not None:
+                async for prepared in self._backfill(ex, reader, ex.backfill):
+                    yield prepared
+                return
             wal = ex.checkpoints.get(WAL)
             if wal is None:
                 lsn = await reader.create_slot()
@@ -587,10 +598,7 @@ class PgCdcKind(SourceKind):
         snapshot_id = time.time_ns() // 1000
         info = reader.tables[table]
         columns = info["columns"]
-        types = dict(await conn.fetch(
-            "SELECT a.attname::text, a.atttypid::int FROM pg_attribute a "
-            "WHERE a.attrelid = $1::regclass AND a.attnum > 0 AND NOT a.attisdropped",
-            _quote(table)))
+        types = await _column_types(conn, table)
         select = ("SELECT " + ", ".join(f"{_quote(c)}::text" for c in columns) +
                   f" FROM {_quote(table)}")
         log.info("snapshot of a table", table=table, snapshot=snapshot_id)
@@ -615,6 +623,46 @@ class PgCdcKind(SourceKind):
         await done.committed
         reader.snapshots[table] = Snapshot.parse(snap)
         log.info("snapshot of a table done", table=table, rows=rows_done)
+
+    async def _backfill(self, ex: Extraction, reader: _Reader,
+                        bf: Backfill) -> AsyncIterator[Prepared]:
+        """A key range of a table in a repeatable-read snapshot, in key order, from the
+        key after the checkpoint's; the slot is not touched. Each batch's read point is the
+        snapshot: a row whose live change it did not see is left alone."""
+        src, conn = reader.src, reader.conn
+        assert conn is not None and bf.stream is not None
+        table = bf.stream
+        if table not in reader.tables:
+            raise reader.fail(f"table {table} is not in publication {src.publication_name!r}")
+        columns = reader.tables[table]["columns"]
+        key = src.fields.source_id
+        assert key is not None
+        types = await _column_types(conn, table)
+        key_type = await conn.fetchval("SELECT format_type($1::oid, NULL)", types[key])
+        state = ex.checkpoints.get(table) or {}
+        bounds = [(op, value) for op, value in ((">=", bf.start), ("<=", bf.end),
+                                                (">", state.get("after"))) if value is not None]
+        where = " AND ".join(f"{_quote(key)} {op} ${i}::text::{key_type}"
+                             for i, (op, _) in enumerate(bounds, 1))
+        select = ("SELECT " + ", ".join(f"{_quote(c)}::text" for c in columns) +
+                  f" FROM {_quote(table)}{' WHERE ' + where if where else ''} "
+                  f"ORDER BY {_quote(key)}")
+        at = columns.index(key)
+        done = int(state.get("rows", 0))
+        log.info("backfill of a table", table=table, start=bf.start, end=bf.end,
+                 after=state.get("after"))
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            snap = await conn.fetchval("SELECT pg_current_snapshot()::text")
+            cursor = await (await conn.prepare(select)).cursor(*(v for _, v in bounds))
+            while rows := await cursor.fetch(src.batch_size):
+                records = [{c: pgoutput.json_value(types.get(c, 25), v)
+                            for c, v in zip(columns, row)} for row in rows]
+                positions = [(0, done + i + 1, OP_INSERT, -bf.id, 0) for i in range(len(rows))]
+                done += len(rows)
+                yield await ex.workers.run(partial(
+                    prepare_records, ex.preparer, table, [table] * len(rows), positions,
+                    records, [()] * len(rows), read_point=snap,
+                    state=changes.backfill_state(bf, done, rows[-1][at])))
 
     async def _stream(self, ex: Extraction, reader: _Reader) -> AsyncIterator[Prepared]:
         """Whole transactions from the slot, batch by batch, for ever (``serve``) or until
@@ -770,6 +818,14 @@ class PgCdcKind(SourceKind):
                  f"slot {src.slot_name} not made yet")
         return (f"postgresql publication {src.publication_name}: "
                 f"{', '.join(reader.tables)}; {where}")
+
+
+async def _column_types(conn: asyncpg.Connection, table: str) -> dict[str, int]:
+    """A table's columns and their type oids."""
+    return dict(await conn.fetch(
+        "SELECT a.attname::text, a.atttypid::int FROM pg_attribute a "
+        "WHERE a.attrelid = $1::regclass AND a.attnum > 0 AND NOT a.attisdropped",
+        _quote(table)))
 
 
 def _table_of(data: bytes, relations: dict[int, pgoutput.Relation]) -> str | None:
