@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -213,3 +214,49 @@ async def test_a_killed_backfill_goes_on_where_it_stopped_and_a_cancelled_one_en
     assert "cancelled by the operator" in row["error"]
     listed = env.cli("backfill", "--list", "pg")
     assert f"backfill {running['id']} of pg" in listed.stdout and "cancelled" in listed.stdout
+
+
+async def backfill_held_while(pool: asyncpg.Pool, cfg: Any, name: str, stream: str,
+                              meanwhile: Callable[[], Awaitable[dict[str, Any]]],
+                              **bounds: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run a backfill of ``name`` whose first batch, once read (its snapshot taken), is held
+    before its checkpoint (a row of the same key, inserted and not committed here) while
+    ``meanwhile`` runs (changes at the source, and the live run that applies them first),
+    then let it finish. (what meanwhile returned, the backfill's row)."""
+    async with db.open_database(cfg) as database:
+        made = await backfill.create(database.pool, cfg.source(name), stream=None, **bounds)
+    async with pool.acquire() as holder:
+        hold = holder.transaction()
+        await hold.start()
+        try:
+            await holder.execute("INSERT INTO etl_checkpoints (source, stream, state, run_id) "
+                                 "VALUES ($1, $2, '{}', 0)", f"{name}#backfill:{made['id']}",
+                                 stream)
+            task = asyncio.create_task(run_backfill(cfg, name, **bounds))
+            deadline = time.monotonic() + 60
+            while not await pool.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock' AND query LIKE '%INSERT INTO etl_checkpoints%'"):
+                assert time.monotonic() < deadline and not task.done()
+                await asyncio.sleep(0.01)
+            live = await meanwhile()
+        finally:
+            await hold.rollback()              # the backfill goes on
+    return live, await task
+
+
+async def assert_backfill_left_alone(pool: asyncpg.Pool, raw_table: str, newer: str,
+                                     deleted: str, old_title: str) -> None:
+    """The backfill read ``newer`` (as ``old_title``) and ``deleted`` after the live run had
+    written their change (its raw rows are later; a backfill's have snapshot < 0), and
+    left the newer row alone and did not bring the deleted one back."""
+    rows = await pool.fetch(f"SELECT id, source_key, snapshot < 0 AS backfill, record FROM "
+                            f"{raw_table} WHERE source_key = ANY($1) AND snapshot <= 0",
+                            [newer, deleted])
+    last = {(r["source_key"], r["backfill"]): r for r in rows}
+    for key in (newer, deleted):
+        assert last[(key, True)]["id"] > last[(key, False)]["id"], key
+    assert last[(newer, True)]["record"]["name"] == old_title
+    titles = dict(await pool.fetch("SELECT source_id, title FROM normalized_data "
+                                   "WHERE source_id = ANY($1)", [newer, deleted]))
+    assert titles == {newer: "newer"}

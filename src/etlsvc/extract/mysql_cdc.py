@@ -56,6 +56,7 @@ from etlsvc import metrics
 from etlsvc.contract import (
     OP_DELETE,
     OP_INSERT,
+    Backfill,
     BatchSize,
     Extraction,
     Fields,
@@ -303,13 +304,14 @@ def build_changes(preparer: Preparing, txns: list[Txn], snapshots: dict[str, tup
 
 def snapshot_records(preparer: Preparing, table: str, columns: list[str], kinds: list[str],
                      rows: list[tuple[Any, ...]], first: int, snapshot_id: int,
-                     state: dict[str, Any]) -> Prepared:
-    """In a worker: rows a snapshot read → a prepared batch (values made as the binlog's)."""
+                     state: dict[str, Any], read_point: str | None = None) -> Prepared:
+    """In a worker: rows a snapshot (or a backfill: ``read_point``) read → a prepared
+    batch (values made as the binlog's)."""
     records = [{c: _snapshot_value(v, k) for c, k, v in zip(columns, kinds, row)}
                for row in rows]
     positions = [(0, 0, first + i, OP_INSERT, snapshot_id) for i in range(len(rows))]
     return prepare_records(preparer, table, [table] * len(rows), positions, records,
-                           [()] * len(rows), state=state)
+                           [()] * len(rows), state=state, read_point=read_point)
 
 
 def _snapshot_value(v: Any, data_type: str) -> Any:
@@ -495,6 +497,13 @@ class MysqlCdcKind(SourceKind):
     # reads in a consistent snapshot whose binlog position says exactly what it saw.
     version_sql = "CASE WHEN r.snapshot = 0 THEN r.binlog_file << 32 | r.binlog_pos END"
     seen_sql = "{v} <= $15::text::bigint"
+    backfill_range = "values of a table's key column (fields.source_id), inclusive"
+
+    def check_backfill(self, src: MysqlCdcSource, stream: str | None, start: str | None,
+                       end: str | None) -> str | None:
+        server = _Server(src)
+        return changes.backfill_table(src, None if stream is None else server.qualified(stream),
+                                      [server.qualified(t) for t in src.tables])
 
     def check_config(self, src: MysqlCdcSource, where: str) -> None:
         check_credentials(src, where)
@@ -515,6 +524,10 @@ class MysqlCdcKind(SourceKind):
         src: MysqlCdcSource = ex.src
         server = _Server(src)
         await server.check()
+        if ex.backfill is not None:
+            async for prepared in self._backfill(ex, server, ex.backfill):
+                yield prepared
+            return
         tables = [server.qualified(t) for t in src.tables]
         state = ex.checkpoints.get(BINLOG)
         if state is not None:
@@ -571,6 +584,45 @@ class MysqlCdcKind(SourceKind):
         yield end
         await end.committed
         log.info("snapshot of a table done", table=table, rows=done)
+
+    async def _backfill(self, ex: Extraction, server: _Server,
+                        bf: Backfill) -> AsyncIterator[Prepared]:
+        """A key range of a table in a consistent snapshot, in key order, from the key after
+        the checkpoint's; the binlog position is not touched. Each batch's read point is
+        the binlog position the snapshot saw: a row whose live change is past it is left
+        alone."""
+        from asyncmy.cursors import SSCursor
+
+        src = server.src
+        table, key = bf.stream, src.fields.source_id
+        assert table is not None and key is not None
+        if table not in server.tables:
+            raise server.fail(f"table {table} is not among the source's tables")
+        state = ex.checkpoints.get(table) or {}
+        bounds = [(op, value) for op, value in ((">=", bf.start), ("<=", bf.end),
+                                                (">", state.get("after"))) if value is not None]
+        where = " AND ".join(f"`{key}` {op} %s" for op, _ in bounds)
+        schema, _, bare = table.partition(".")
+        done = int(state.get("rows", 0))
+        log.info("backfill of a table", table=table, start=bf.start, end=bf.end,
+                 after=state.get("after"))
+        async with server.snapshot() as (conn, at):
+            number, pos = at.key
+            cursor = conn.cursor(SSCursor)
+            await cursor.execute(f"SELECT * FROM `{schema}`.`{bare}`"
+                                 f"{' WHERE ' + where if where else ''} ORDER BY `{key}`",
+                                 [v for _, v in bounds] or None)
+            columns = [d[0] for d in cursor.description]
+            kinds = [server.tables[table].get(c, "") for c in columns]
+            paced, at_key = Paced(conn, cursor), columns.index(key)
+            while rows := await paced.fetch(src.batch_size):
+                yield await ex.workers.run(partial(
+                    snapshot_records, ex.preparer, table, columns, kinds, list(rows),
+                    done + 1, -bf.id, changes.backfill_state(bf, done + len(rows),
+                                                             rows[-1][at_key]),
+                    str(number << 32 | pos)))
+                done += len(rows)
+            await cursor.close()
 
     async def _stream(self, ex: Extraction, server: _Server, start: Position,
                       tables: frozenset[str],
