@@ -382,3 +382,38 @@ async def test_a_server_restarted_mid_stream_is_followed(
                 k: (n, Decimal(a)) for k, (n, a) in (await upstream_rows(up)).items()}
         finally:
             own.stop()
+
+
+async def test_a_backfill_of_a_key_range_never_undoes_a_newer_live_change(
+        env: Env, pool: asyncpg.Pool, upstream: Upstream) -> None:
+    from tests.integration.test_backfill import assert_backfill_left_alone, backfill_held_while
+
+    up, n = upstream, 20_000
+    await up.execute(ITEMS)
+    values = ", ".join(f"({i}, 'item {i}', {i})" for i in range(1, n + 1))
+    await up.execute(f"INSERT INTO items (id, name, amount) VALUES {values}")
+    cfg = env.config(cdc_source("my").replace("batch_size = 500", "batch_size = 1000"))
+    assert (await run_source(cfg, "my"))["status"] == "succeeded"
+    await pool.execute("UPDATE normalized_data SET title = 'damaged' "
+                       "WHERE source = 'my' AND source_id::int BETWEEN 15000 AND 15004")
+    binlog = "SELECT state FROM etl_checkpoints WHERE source = 'my' AND stream = 'binlog'"
+    positions: list[Any] = []
+
+    async def meanwhile() -> dict[str, Any]:
+        await up.execute(f"UPDATE items SET name = 'newer' WHERE id = {n - 1}",
+                         f"DELETE FROM items WHERE id = {n}")
+        ran = await run_source(cfg, "my")
+        positions.append(await pool.fetchval(binlog))
+        return ran
+
+    live, row = await backfill_held_while(pool, cfg, "my", f"{up.name}.items", meanwhile,
+                                          start="1", end=str(n))
+    assert (live["rows_updated"], live["rows_deleted"]) == (1, 1), live
+    assert row["status"] == "succeeded", row["error"]
+    await assert_backfill_left_alone(pool, "raw_mysql_cdc_data", str(n - 1), str(n),
+                                     f"item {n - 1}")
+    items = await normalized(pool, "my")
+    assert len(items) == n - 1 and all(items[str(i)][0] == f"item {i}"
+                                       for i in range(15000, 15005))
+    assert (row["progress"]["rows_read"], row["progress"]["rows_updated"]) == (n, 5)
+    assert [await pool.fetchval(binlog)] == positions       # the live position did not move
