@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -18,7 +19,7 @@ import pytest
 
 from etlsvc import db
 from etlsvc.runtime import backfill
-from tests.conftest import Env, run_source, shared_workers
+from tests.conftest import Env, csv_source, run_source, shared_workers
 from tests.integration.test_sql import add_pg, orders, sql_source
 
 T0 = dt.datetime(2024, 5, 1, 12, 0, tzinfo=dt.UTC)
@@ -260,3 +261,43 @@ async def assert_backfill_left_alone(pool: asyncpg.Pool, raw_table: str, newer: 
     titles = dict(await pool.fetch("SELECT source_id, title FROM normalized_data "
                                    "WHERE source_id = ANY($1)", [newer, deleted]))
     assert titles == {newer: "newer"}
+
+
+async def test_a_file_backfill_reads_again_the_files_modified_in_its_dates(
+    env: Env, pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    folder = tmp_path / "drops"
+    folder.mkdir()
+    for day in (1, 2, 3):
+        path = folder / f"day{day}.csv"
+        path.write_text("id,title\n" + "".join(f"{day}-{i},row {day}-{i}\n" for i in range(500)))
+        stamp = dt.datetime(2024, 5, day, 12, tzinfo=dt.UTC).timestamp()
+        os.utime(path, (stamp, stamp))
+    cfg = env.config(csv_source("drops", folder / "day*.csv", fields='source_id = "id"\n'
+                                'title = "title"', extra="batch_size = 100"))
+    assert (await run_source(cfg, "drops"))["rows_inserted"] == 1500
+    live = await pool.fetch("SELECT stream, state FROM etl_checkpoints ORDER BY stream")
+    await pool.execute("UPDATE normalized_data SET title = 'damaged'")
+    bad = env.cli("backfill", "drops", "--from", "2024-05-03", "--to", "2024-05-01")
+    assert bad.returncode == 1 and "--from 2024-05-03 is after --to 2024-05-01" in bad.stderr
+    bad = env.cli("backfill", "drops", "--from", "May 2nd")
+    assert bad.returncode == 1 and "--from/--to: " in bad.stderr
+
+    row = await run_backfill(cfg, "drops", start="2024-05-02", end="2024-05-02")
+    assert row["status"] == "succeeded", row["error"]
+    assert (row["progress"]["rows_read"], row["progress"]["rows_updated"]) == (500, 500)
+    titles = {r["title"] for r in await pool.fetch(
+        "SELECT title FROM normalized_data WHERE source_id LIKE '2-%'")}
+    assert titles == {f"row 2-{i}" for i in range(500)}
+    assert await pool.fetchval("SELECT count(*) FROM normalized_data "
+                               "WHERE title = 'damaged'") == 1000
+    # A time range: from noon of the 3rd on.
+    row = await run_backfill(cfg, "drops", start="2024-05-03T12:00:00")
+    assert row["progress"]["rows_updated"] == 500
+    assert await pool.fetch("SELECT stream, state FROM etl_checkpoints WHERE source = 'drops' "
+                            "ORDER BY stream") == live
+    # A range no file was modified in reads nothing, and says so.
+    empty = await run_backfill(cfg, "drops", start="2025-01-01")
+    assert empty["status"] == "succeeded" and empty["progress"]["rows_read"] == 0
+    notes = await pool.fetchval("SELECT notes FROM etl_runs WHERE id = $1", empty["run_id"])
+    assert "no file of" in notes["warnings"][0]

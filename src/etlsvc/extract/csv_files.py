@@ -36,7 +36,6 @@ from etlsvc.contract import (
     OneChar,
     Prepared,
     Reject,
-    SourceKind,
 )
 from etlsvc.errors import ConfigError, SourceError
 from etlsvc.extract import files
@@ -473,7 +472,7 @@ def make_parser(src: CsvSource, plan: FilePlan, head: bytes) -> CsvParser:
     return CsvParser(src, plan, codec, bom)
 
 
-class CsvKind(SourceKind):
+class CsvKind(files.FileKind):
     """CSV files; see the module docstring."""
 
     name = "csv"

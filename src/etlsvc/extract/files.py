@@ -12,6 +12,8 @@ parser in a worker process. Shared by the file kinds (``csv``, ``jsonl``).
   still decides between resuming and reading it again from the start). It is read on every
   run (members appended with ``gzip >> file`` are found), and its size for progress comes
   from its gzip trailer, so progress is an estimate.
+* A backfill (``etlsvc backfill``) reads again, from their start, the files whose
+  modification time is in its range of dates (or times), with checkpoints of its own.
 * The event loop's process reads the file in chunks (aiofiles); a worker process
   decompresses, parses and prepares them (``FileStream``), so a big file never holds the
   GIL of the loop.
@@ -20,6 +22,7 @@ parser in a worker process. Shared by the file kinds (``csv``, ``jsonl``).
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import glob
 import gzip
 import hashlib
@@ -46,9 +49,10 @@ from etlsvc.contract import (
     Prepared,
     Preparing,
     SourceConfig,
+    SourceKind,
     WorkerPool,
 )
-from etlsvc.errors import SourceError
+from etlsvc.errors import BackfillError, SourceError
 
 log = structlog.get_logger()
 
@@ -107,6 +111,46 @@ def find_files(name: str, path: str, base: Path) -> list[str]:
         if any(c in p for c in "\t\r\n\x00"):
             raise SourceError(name, f"file name contains a control character: {p!r}")
     return files
+
+
+class FileKind(SourceKind):
+    """What the file kinds share: a backfill by the files' modification time."""
+
+    backfill_range = ("the files' modification dates (YYYY-MM-DD) or times (ISO 8601, UTC "
+                      "if no offset), inclusive")
+
+    def check_backfill(self, src: Any, stream: str | None, start: str | None,
+                       end: str | None) -> str | None:
+        super().check_backfill(src, stream, start, end)
+        try:
+            low, high = modified_window(start, end)
+        except ValueError as exc:
+            raise BackfillError(f"--from/--to: {exc}", "bad_range") from None
+        if low is not None and high is not None and low >= high:
+            raise BackfillError(f"--from {start} is after --to {end}", "bad_range")
+        return None
+
+
+def modified_window(start: str | None, end: str | None) -> tuple[float | None, float | None]:
+    """A backfill's range of dates or times as [low, high) in seconds since 1970: a date
+    covers its whole day (UTC), a time is itself. ValueError if one is neither."""
+    def at(value: str, after: bool) -> float:
+        if len(value) == 10:                        # a date: from its start, to its end
+            day = dt.datetime.combine(dt.date.fromisoformat(value), dt.time(), dt.UTC)
+            return (day + dt.timedelta(days=1) if after else day).timestamp()
+        moment = dt.datetime.fromisoformat(value)
+        moment = moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
+        return moment.timestamp() + (1e-6 if after else 0.0)
+
+    return (None if start is None else at(start, False),
+            None if end is None else at(end, True))
+
+
+def modified_in(paths: list[str], start: str | None, end: str | None) -> list[str]:
+    """The files whose modification time is in a backfill's range."""
+    low, high = modified_window(start, end)
+    return [p for p in paths if (low is None or os.stat(p).st_mtime >= low) and
+            (high is None or os.stat(p).st_mtime < high)]
 
 
 def is_gzip(path: str) -> bool:
@@ -330,6 +374,12 @@ async def batches(ex: Extraction, pattern: str,
     """A file kind's batches: every file ``pattern`` names, each from its checkpoint on,
     ``ex.parallel_streams`` files at a time (each in its own worker process)."""
     paths = find_files(ex.src.name, pattern, ex.base_dir)
+    if ex.backfill is not None:
+        paths = modified_in(paths, ex.backfill.start, ex.backfill.end)
+        log.info("backfill of files", files=len(paths), start=ex.backfill.start,
+                 end=ex.backfill.end)
+        if not paths:
+            ex.warn(f"no file of {pattern} was modified in the backfill's range")
     plans = [await asyncio.to_thread(plan_file, p, ex.checkpoints.get(p)) for p in paths]
     await ex.set_total(sum(p.todo for p in plans))
     for plan in plans:

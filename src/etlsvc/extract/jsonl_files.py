@@ -28,7 +28,6 @@ from etlsvc.contract import (
     Extraction,
     Prepared,
     Reject,
-    SourceKind,
 )
 from etlsvc.errors import SourceError
 from etlsvc.extract import files
@@ -187,7 +186,7 @@ def _shown(text: bytes) -> str:
     return text[:4 * REJECT_PREFIX].decode("utf-8", "backslashreplace")[:REJECT_PREFIX]
 
 
-class JsonlKind(SourceKind):
+class JsonlKind(files.FileKind):
     """JSON Lines files; see the module docstring."""
 
     name = "jsonl"

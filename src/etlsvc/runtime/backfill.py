@@ -185,9 +185,10 @@ def describe(row: Any) -> str:
 
 
 def _progress(earlier: dict[str, int], counts: dict[str, int], position: dict[str, Any],
-              finished: bool = False) -> dict[str, Any]:
+              finished: bool = False, bytes_total: int = 0) -> dict[str, Any]:
     """Where a backfill is: its counters over every run, where its last batch was read
-    (the kind's ``at``) and the fraction done where the kind can say it."""
+    (the kind's ``at``) and the fraction done where the kind can say it (else, where the
+    run knows the bytes it has to read, those read of them)."""
     out: dict[str, Any] = {k: earlier[k] + counts.get(k, 0) for k in earlier}
     if "at" in position:
         out["at"] = position["at"]
@@ -195,6 +196,8 @@ def _progress(earlier: dict[str, int], counts: dict[str, int], position: dict[st
         out["fraction"] = 1.0
     elif position.get("fraction") is not None:
         out["fraction"] = round(float(position["fraction"]), 4)
+    elif bytes_total:
+        out["fraction"] = round(min(1.0, counts.get("bytes_read", 0) / bytes_total), 4)
     return out
 
 
@@ -212,7 +215,8 @@ async def _share_progress(pool: asyncpg.Pool, backfill_id: int, earlier: dict[st
         await asyncio.sleep(PROGRESS_EVERY)
         if not latest:
             continue
-        progress = _progress(earlier, latest[0].counts, latest[0].position)
+        progress = _progress(earlier, latest[0].counts, latest[0].position,
+                             bytes_total=latest[0].bytes_total)
         encoded = msgspec.json.encode(progress)
         if encoded == shown:
             continue
