@@ -18,9 +18,12 @@ import asyncpg
 import pytest
 
 from etlsvc import db
+from etlsvc.errors import BackfillError
 from etlsvc.runtime import backfill
-from tests.conftest import Env, csv_source, run_source, shared_workers
+from tests.conftest import Env, api_source, csv_source, run_source, shared_workers
+from tests.integration.test_api import numbered_items
 from tests.integration.test_sql import add_pg, orders, sql_source
+from tests.upstream import Reply, Request, Upstream
 
 T0 = dt.datetime(2024, 5, 1, 12, 0, tzinfo=dt.UTC)
 
@@ -301,3 +304,56 @@ async def test_a_file_backfill_reads_again_the_files_modified_in_its_dates(
     assert empty["status"] == "succeeded" and empty["progress"]["rows_read"] == 0
     notes = await pool.fetchval("SELECT notes FROM etl_runs WHERE id = $1", empty["run_id"])
     assert "no file of" in notes["warnings"][0]
+
+
+async def test_an_api_backfill_reads_its_page_range_only(
+    env: Env, pool: asyncpg.Pool, upstream: Upstream
+) -> None:
+    items = numbered_items(100)
+
+    def by_page(r: Request) -> Reply:
+        page = int(r.query["page"])
+        return Reply(body={"data": items[(page - 1) * 10: page * 10]})
+
+    def linked(r: Request) -> Reply:
+        page = int(r.query.get("p", "1"))
+        more = page * 10 < len(items)
+        return Reply(body={"data": items[(page - 1) * 10: page * 10],
+                           "next": f"{upstream.base}/linked?p={page + 1}" if more else None})
+
+    upstream.route("/paged", by_page)
+    upstream.route("/linked", linked)
+    fields = 'source_id = "id"\ntitle = "name"'
+    cfg = env.config(
+        api_source("paged", f"{upstream.base}/paged", fields,
+                   'items_path = "data"\n[sources.pagination]\nstyle = "page"\npage_size = 10\n')
+        + api_source("linked", f"{upstream.base}/linked", fields,
+                     'items_path = "data"\n[sources.pagination]\nstyle = "next_url"\n'
+                     'next_url_path = "next"\n'))
+    for name in ("paged", "linked"):
+        assert (await run_source(cfg, name))["rows_inserted"] == 100
+    live = await pool.fetch("SELECT source, stream, state FROM etl_checkpoints ORDER BY 1")
+    await pool.execute("UPDATE normalized_data SET title = 'damaged'")
+    upstream.requests.clear()
+
+    paged = await run_backfill(cfg, "paged", start="3", end="5")
+    assert paged["status"] == "succeeded", paged["error"]
+    # Straight to page 3 (the page style can ask for it), and not past page 5.
+    assert [r.query["page"] for r in upstream.requests] == ["3", "4", "5"]
+    upstream.requests.clear()
+    linked = await run_backfill(cfg, "linked", start="3", end="5")
+    assert linked["status"] == "succeeded", linked["error"]
+    # next_url can only be followed: pages 1 and 2 are read, not loaded.
+    assert [r.query.get("p", "1") for r in upstream.requests] == ["1", "2", "3", "4", "5"]
+    for name, row in (("paged", paged), ("linked", linked)):
+        assert (row["progress"]["rows_read"], row["progress"]["rows_updated"]) == (30, 30)
+        repaired = [r["source_id"] for r in await pool.fetch(
+            "SELECT source_id FROM normalized_data WHERE source = $1 AND title <> 'damaged' "
+            "ORDER BY source_id", name)]
+        assert repaired == [items[i]["id"] for i in range(20, 50)]
+    assert await pool.fetch("SELECT source, stream, state FROM etl_checkpoints "
+                            "WHERE source NOT LIKE '%#backfill:%' ORDER BY 1") == live
+    with pytest.raises(BackfillError, match="not a range of pages"):
+        await run_backfill(cfg, "paged", start="5", end="3")
+    with pytest.raises(BackfillError, match="are page numbers"):
+        await run_backfill(cfg, "paged", start="first")

@@ -36,7 +36,7 @@ from etlsvc.contract import (
     Prepared,
     SourceKind,
 )
-from etlsvc.errors import SourceError
+from etlsvc.errors import BackfillError, SourceError
 from etlsvc.extract.http import Fetcher, HttpSource, check_url, check_urls, http_client
 from etlsvc.extract.records import get_path, json_batch, parse_time, text
 
@@ -150,6 +150,23 @@ def first_request(src: ApiSource, state: dict[str, Any] | None) -> dict[str, Any
             "since": since, "since_boundary": boundary,
             "hwm": state.get("hwm") if state else None,
             "boundary": state.get("boundary", []) if state else []}
+
+
+def _skip_to(src: ApiSource, state: dict[str, Any], page: int) -> dict[str, Any]:
+    """A new walk's state made to start at ``page`` (1: the first), where the style can
+    ask for a page directly (``page``, and ``offset`` with a ``page_size``); else as it
+    is (the walk then reads the pages before, and the caller skips them)."""
+    p = src.pagination
+    params = dict(state["request"]["params"])
+    if page == 1:
+        return state
+    if p.style == "page":
+        params[p.page_param] = str(p.first_page + page - 1)
+    elif p.style == "offset" and p.page_size is not None:
+        params[p.offset_param] = str((page - 1) * p.page_size)
+    else:
+        return state
+    return {**state, "request": {**state["request"], "params": params}, "page": page - 1}
 
 
 def _minus_lag(hwm: str, lag: float) -> str:
@@ -301,6 +318,7 @@ class ApiKind(SourceKind):
     stream_column = "url"
     position_columns = ("page", "item_index")
     position_keys = ("page", "index")
+    backfill_range = "page numbers of a walk (1: its first page), inclusive"
 
     def whole_read(self, src: ApiSource) -> str | None:
         return ("an incremental API source reads only what changed since its last run"
@@ -309,26 +327,51 @@ class ApiKind(SourceKind):
     def check_config(self, src: ApiSource, where: str) -> None:
         check_url(src, where, src.url, "url")
 
+    def check_backfill(self, src: ApiSource, stream: str | None, start: str | None,
+                       end: str | None) -> str | None:
+        super().check_backfill(src, stream, start, end)
+        try:
+            first, last = int(start or 1), None if end is None else int(end)
+        except ValueError:
+            raise BackfillError(f"--from/--to are page numbers (1 is the first page): "
+                                f"{start!r}, {end!r}", "bad_range") from None
+        if first < 1 or (last is not None and last < first):
+            raise BackfillError(f"pages {start} to {end}: not a range of pages", "bad_range")
+        return None
+
     async def batches(self, ex: Extraction) -> AsyncIterator[Prepared]:
         src: ApiSource = ex.src
+        bf = ex.backfill
         state = ex.checkpoints.get(src.url)
         if src.url in ex.checkpoints.this_run and not (state or {}).get("request"):
             log.info("the walk was finished earlier in this run")
             return
         if not state or not state.get("request"):
-            state = first_request(src, state)
+            # A backfill walks whole (no incremental bound), from its first page.
+            state = first_request(src, None if bf else state)
+            if bf is not None:
+                state = _skip_to(src, state, int(bf.start or 1))
         else:
             log.info("resuming the walk", page=state["page"] + 1)
+        first, last = (int(bf.start or 1), bf.end and int(bf.end)) if bf else (1, None)
         async with http_client(src) as client:
             async for page in walk(src, Fetcher(src, client), state, ex.warn):
+                if page.number < first:     # a style that cannot start at a page
+                    continue
                 keep = skip_boundary(src, page.state, page.items)
                 if skipped := keep.count(False):
                     log.info("items at the previous high-water mark skipped", count=skipped)
+                at = page.state if bf is None else {
+                    **page.state, "at": page.number,
+                    "fraction": (page.number - first + 1) / (last - first + 1) if last else None,
+                    **({"request": None} if page.number == last else {})}
                 yield await ex.prepare(json_batch(
                     src, page.url, page.items, page.raw,
                     [(page.number, i) for i in range(len(page.items))], self.position_keys,
-                    keep=keep, state=page.state, bytes_read=page.size, pages=1,
+                    keep=keep, state=at, bytes_read=page.size, pages=1,
                     checkpoint=src.url))
+                if page.number == last:
+                    return
 
     async def check(self, src: ApiSource, base_dir: Path) -> str:
         request = first_request(src, None)["request"]
