@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
 
 from etlsvc import db
@@ -357,3 +358,36 @@ async def test_an_api_backfill_reads_its_page_range_only(
         await run_backfill(cfg, "paged", start="5", end="3")
     with pytest.raises(BackfillError, match="are page numbers"):
         await run_backfill(cfg, "paged", start="first")
+
+
+async def test_the_service_takes_up_a_backfill_whose_process_was_killed(
+    env: Env, pool: asyncpg.Pool, upstream_pg: str
+) -> None:
+    from tests.integration.test_service import servers
+
+    n = 200_000
+    await fill_orders(pool, upstream_pg, n)
+    env.write_config(sql_source("pg", f'url = "{env.database_url}"\n'
+                                      f'table = "{upstream_pg}.orders"\ncursor = "updated_at"'
+                                      '\nbatch_size = 1000'))
+    key = {"ETLSVC_API_KEYS": "k"}
+    with servers(env, 1, [key]) as [first]:
+        made = httpx.post(f"{first.base}/etl/backfill", json={"source": "pg"},
+                          headers={"Authorization": "Bearer k"}, timeout=10)
+        assert made.status_code == 202, made.text
+        await wait_for_rows(pool, 20_000)
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.wait(30)
+    bf = made.json()["data"]["id"]
+    with servers(env, 1, [key]) as [second]:
+        # Taken up at start (the sweep), from its checkpoint, by the new process.
+        deadline = time.monotonic() + 120
+        while (row := httpx.get(f"{second.base}/etl/backfill/{bf}").json()["data"])[
+                "status"] == "running" and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+    assert row["status"] == "succeeded", row
+    runs = await pool.fetch("SELECT status, rows_read FROM etl_runs WHERE id = ANY($1) "
+                            "ORDER BY id", row["runs"])
+    assert [r["status"] for r in runs] == ["interrupted", "succeeded"]
+    assert sum(r["rows_read"] for r in runs) == n == row["progress"]["rows_read"]
+    assert await pool.fetchval("SELECT count(*) FROM normalized_data") == n
