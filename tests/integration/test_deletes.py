@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import Env, api_source, csv_source, run_source
 from tests.integration.test_jsonl import jsonl_source
-from tests.integration.test_sql import T0, add_pg, orders, sql_source, upstream_pg  # noqa: F401
+from tests.integration.test_sql import T0, add_pg, orders, sql_source
 from tests.upstream import Reply, Upstream
 
 FIELDS = 'source_id = "id"\ntitle = "title"\namount = "amount"'
@@ -74,7 +74,7 @@ async def test_a_csv_export_read_whole_deletes_what_it_no_longer_holds(
 
 
 async def test_a_sql_table_read_whole_deletes_rows_deleted_upstream(
-        env: Env, pool: asyncpg.Pool, upstream_pg: str,  # noqa: F811
+        env: Env, pool: asyncpg.Pool, upstream_pg: str,
         monkeypatch: pytest.MonkeyPatch) -> None:
     await add_pg(pool, upstream_pg, orders(1, 100, T0))
     monkeypatch.setenv("UPSTREAM_URL", env.database_url)
