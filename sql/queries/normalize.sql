@@ -56,6 +56,22 @@ SELECT count(*) FILTER (WHERE inserted) AS inserted,
        count(*) FILTER (WHERE NOT inserted) AS updated
 FROM up
 
+-- name: drop_unseen
+-- A backfill's batch, after its upsert: its raw rows that were left alone, because the live
+-- row, or its delete, is newer than what the backfill read, leave the raw table. Kept, a
+-- replay (a key's last raw row wins) would undo that newer change with them. {seen_row} and
+-- {seen_tombstone} are the kind's seen_sql for the normalized row's and the tombstone's
+-- version against this raw row's; $4 is the batch's read point.
+-- params: $1 source, $2 raw ids above, $3 JSON path of source_id (text[]), $4 read point
+DELETE FROM {raw_table} r
+WHERE r.source = $1 AND r.id > $2 AND r.xmin = pg_current_xact_id()::xid
+  AND (EXISTS (SELECT 1 FROM normalized_data n
+               WHERE n.source = $1 AND n.source_id = r.record #>> $3::text[]
+                 AND n.source_version IS NOT NULL AND NOT {seen_row})
+       OR EXISTS (SELECT 1 FROM data_tombstones t
+                  WHERE t.source = $1 AND t.source_id = r.record #>> $3::text[]
+                    AND t.source_version IS NOT NULL AND NOT {seen_tombstone}))
+
 -- name: mark_gone
 -- A change kind's deletes, first step: the keys of the raw rows selected (as in upsert)
 -- whose last change is a delete take that change's source version ({version}), which the

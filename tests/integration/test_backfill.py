@@ -250,21 +250,27 @@ async def backfill_held_while(pool: asyncpg.Pool, cfg: Any, name: str, stream: s
     return live, await task
 
 
-async def assert_backfill_left_alone(pool: asyncpg.Pool, raw_table: str, newer: str,
-                                     deleted: str, old_title: str) -> None:
-    """The backfill read ``newer`` (as ``old_title``) and ``deleted`` after the live run had
-    written their change (its raw rows are later; a backfill's have snapshot < 0), and
-    left the newer row alone and did not bring the deleted one back."""
-    rows = await pool.fetch(f"SELECT id, source_key, snapshot < 0 AS backfill, record FROM "
-                            f"{raw_table} WHERE source_key = ANY($1) AND snapshot <= 0",
-                            [newer, deleted])
-    last = {(r["source_key"], r["backfill"]): r for r in rows}
-    for key in (newer, deleted):
-        assert last[(key, True)]["id"] > last[(key, False)]["id"], key
-    assert last[(newer, True)]["record"]["name"] == old_title
-    titles = dict(await pool.fetch("SELECT source_id, title FROM normalized_data "
-                                   "WHERE source_id = ANY($1)", [newer, deleted]))
-    assert titles == {newer: "newer"}
+async def assert_backfill_left_alone(cfg: Any, pool: asyncpg.Pool, raw_table: str,
+                                     newer: str, deleted: str) -> None:
+    """The backfill left the row changed after its read alone and did not bring back the
+    one deleted after it; it kept neither of its stale records in the raw table (it keeps
+    the others), so that a replay of the source keeps both changes too."""
+    from etlsvc.runtime import replay
+
+    def titles() -> Awaitable[list[asyncpg.Record]]:
+        return pool.fetch("SELECT source_id, title FROM normalized_data WHERE source_id = "
+                          "ANY($1)", [newer, deleted])
+
+    assert dict(await titles()) == {newer: "newer"}
+    kept = {r["source_key"] for r in await pool.fetch(
+        f"SELECT source_key FROM {raw_table} WHERE snapshot < 0 AND source_key = ANY($1)",
+        [newer, deleted, "1"])}
+    assert kept == {"1"}
+    name = await pool.fetchval("SELECT source FROM etl_backfills LIMIT 1")
+    async with db.open_database(cfg) as database:
+        replayed = await replay.replay_source(database, cfg.source(name))
+    assert replayed["status"] == "succeeded", replayed["error"]
+    assert dict(await titles()) == {newer: "newer"}
 
 
 async def test_a_file_backfill_reads_again_the_files_modified_in_its_dates(

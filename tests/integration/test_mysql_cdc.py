@@ -410,8 +410,7 @@ async def test_a_backfill_of_a_key_range_never_undoes_a_newer_live_change(
                                           start="1", end=str(n))
     assert (live["rows_updated"], live["rows_deleted"]) == (1, 1), live
     assert row["status"] == "succeeded", row["error"]
-    await assert_backfill_left_alone(pool, "raw_mysql_cdc_data", str(n - 1), str(n),
-                                     f"item {n - 1}")
+    await assert_backfill_left_alone(cfg, pool, "raw_mysql_cdc_data", str(n - 1), str(n))
     items = await normalized(pool, "my")
     assert len(items) == n - 1 and all(items[str(i)][0] == f"item {i}"
                                        for i in range(15000, 15005))

@@ -625,8 +625,7 @@ async def test_a_backfill_repairs_a_key_range_and_never_undoes_a_newer_live_chan
                                           start="1", end=str(n))
     assert (live["rows_updated"], live["rows_deleted"]) == (1, 1), live
     assert row["status"] == "succeeded", row["error"]
-    await assert_backfill_left_alone(pool, "raw_pg_cdc_data", str(n - 1), str(n),
-                                     f"item {n - 1}")
+    await assert_backfill_left_alone(cfg, pool, "raw_pg_cdc_data", str(n - 1), str(n))
     items = await normalized(pool, "pgc")
     assert all(items[str(i)][0] == f"item {i}" for i in range(20010, 20021))   # repaired
     assert len(items) == n - 1

@@ -40,6 +40,29 @@ async def upsert(conn: asyncpg.Connection, src: SourceConfig, kind: SourceKind, 
     return row["inserted"], row["updated"]
 
 
+async def drop_unseen(conn: asyncpg.Connection, src: SourceConfig, kind: SourceKind, *,
+                      above: int, read_point: str) -> int:
+    """A backfill's batch, after its upsert: its raw rows left alone (the live row, or its
+    delete, is newer than its read) leave the raw table, so that a replay cannot undo the
+    newer change with them; returns how many did."""
+    sql = drop_unseen_sql(kind)
+    if sql is None:
+        return 0
+    point = [read_point] if kind.seen_sql and "$15" in kind.seen_sql else []
+    status = await conn.execute(sql, src.name, above, paths(src, kind)[0], *point)
+    return int(status.split()[-1])
+
+
+def drop_unseen_sql(kind: SourceKind) -> str | None:
+    """``drop_unseen`` of normalize.sql for the kind (None: it has no versions)."""
+    if kind.seen_sql is None:
+        return None
+    seen = kind.seen_sql.replace("{new}", kind.version_sql).replace("$15", "$4")
+    return (kind_sql("normalize", "drop_unseen", kind)
+            .replace("{seen_row}", seen.replace("{v}", "n.source_version"))
+            .replace("{seen_tombstone}", seen.replace("{v}", "t.source_version")))
+
+
 async def delete_gone(conn: asyncpg.Connection, src: SourceConfig, kind: SourceKind, *,
                       above: int, upto: int = db.MAX_ID, skip: list[int] | None = None,
                       this_transaction: bool = False) -> int:

@@ -6,8 +6,9 @@ chunk of a replay (``write``):
 1. COPY the rows into the kind's raw table (a replay's rows are there already);
 2. the ``unique`` rules: a row whose value another key holds is a conflict; rows this
    transaction copied leave the raw table (a reject is never in it);
-3. the upsert into ``normalized_data`` of the rest; for a change kind, the TRUNCATEs before
-   it, and after it the deletes and the end of a table's snapshot (``sweep``);
+3. the upsert into ``normalized_data`` of the rest (a backfill's batch: the rows it left
+   alone leave the raw table); for a change kind, the TRUNCATEs before it, and after it the
+   deletes and the end of a table's snapshot (``sweep``);
 4. the rejects, with the conflicts (a retry marks its own rejects instead: ``rejects=None``);
 5. after the stream's previous batch has committed (``previous``), the data version.
 
@@ -111,6 +112,8 @@ async def write(conn: asyncpg.Connection, src: SourceConfig, kind: SourceKind, r
             conn, src, kind, above=above, upto=upto, skip=skip, this_transaction=this_transaction,
             distinct_keys=isinstance(rows, Copied) and rows.distinct_keys,
             read_point=read_point)
+        if read_point is not None and isinstance(rows, Copied):
+            await normalize.drop_unseen(conn, src, kind, above=above, read_point=read_point)
     if rejects is not None:
         await raw.insert_rejects(conn, run_id, src.name,
                                  [*rejects, *(c.reject for c in written.conflicts)])

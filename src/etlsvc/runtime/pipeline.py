@@ -382,10 +382,11 @@ async def _connection_lost(run: ClaimedRun, exc: Exception) -> bool:
     """Whether ``exc`` means the run's connection is gone (not a file or upstream error)."""
     if isinstance(exc, EtlError) or not db.unavailable(exc):
         return False
-    if isinstance(exc, (asyncpg.PostgresError, asyncpg.InterfaceError)):
+    if isinstance(exc, asyncpg.PostgresError):
         return True
-    # An OSError: from the database, or from a file?
-    return not await db.responds(run.conn, within=5)
+    # An OSError: from the database, or from a file? An InterfaceError: a dead connection,
+    # or a statement given the wrong arguments (a bug: reconnecting would not help)?
+    return run.conn.is_closed() or not await db.responds(run.conn, within=5)
 
 
 async def _finish(run: ClaimedRun, progress: Progress,
