@@ -386,7 +386,10 @@ async def _connection_lost(run: ClaimedRun, exc: Exception) -> bool:
         return True
     # An OSError: from the database, or from a file? An InterfaceError: a dead connection,
     # or a statement given the wrong arguments (a bug: reconnecting would not help)?
-    return run.conn.is_closed() or not await db.responds(run.conn, within=5)
+    try:
+        return run.conn.is_closed() or not await db.responds(run.conn, within=5)
+    except asyncpg.InterfaceError:      # the pool took the connection back: it died
+        return True
 
 
 async def _finish(run: ClaimedRun, progress: Progress,
