@@ -87,6 +87,7 @@ async def sweep(conn: asyncpg.Connection, src: SourceConfig, kind: SourceKind, s
                 snapshot: int, run_id: int) -> int:
     """A finished snapshot of ``stream``: the source's normalized rows of it that the
     snapshot did not read leave; returns how many."""
+    await conn.execute(db.query("cdc", "sweep_plan"))
     return await conn.fetchval(kind_sql("cdc", "sweep", kind), src.name, stream, snapshot,
                                run_id, paths(src, kind)[0])
 
