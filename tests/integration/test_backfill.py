@@ -155,6 +155,15 @@ async def test_backfill_over_http_beside_the_live_run_with_its_errors_and_cancel
     assert await pool.fetchval("SELECT count(*) FROM normalized_data") == 60_000
 
 
+async def many_orders(env: Env, pool: asyncpg.Pool, schema: str, n: int) -> None:
+    """``n`` orders upstream, and a config whose source ``pg`` reads them by updated_at in
+    batches of 1,000 (its URL in the file: the CLI and ``serve`` run without the test's
+    environment)."""
+    await fill_orders(pool, schema, n)
+    env.write_config(sql_source("pg", f'url = "{env.database_url}"\ntable = "{schema}.orders"'
+                                      '\ncursor = "updated_at"\nbatch_size = 1000'))
+
+
 def backfill_cli(env: Env, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "etlsvc", "backfill", *args, "--config",
@@ -180,10 +189,7 @@ async def test_a_killed_backfill_goes_on_where_it_stopped_and_a_cancelled_one_en
     env: Env, pool: asyncpg.Pool, upstream_pg: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     n = 100_000
-    await fill_orders(pool, upstream_pg, n)
-    env.write_config(sql_source("pg", f'url = "{env.database_url}"\n'
-                                      f'table = "{upstream_pg}.orders"\ncursor = "updated_at"'
-                                      '\nbatch_size = 1000'))
+    await many_orders(env, pool, upstream_pg, n)
     start, end = str(T0 + dt.timedelta(seconds=1)), str(T0 + dt.timedelta(seconds=n))
     first = backfill_cli(env, "pg", "--from", start, "--to", end)
     done = await wait_for_rows(pool, 10_000)
@@ -374,10 +380,7 @@ async def test_the_service_takes_up_a_backfill_whose_process_was_killed(
     from tests.integration.test_service import servers
 
     n = 100_000
-    await fill_orders(pool, upstream_pg, n)
-    env.write_config(sql_source("pg", f'url = "{env.database_url}"\n'
-                                      f'table = "{upstream_pg}.orders"\ncursor = "updated_at"'
-                                      '\nbatch_size = 1000'))
+    await many_orders(env, pool, upstream_pg, n)
     key = {"ETLSVC_API_KEYS": "k"}
     with servers(env, 1, [key]) as [first]:
         made = httpx.post(f"{first.base}/etl/backfill", json={"source": "pg"},

@@ -162,12 +162,21 @@ def fraction(start: str | None, end: str | None, at: Any) -> float | None:
     (a backfill's progress); None otherwise."""
     if start is None or end is None or at is None:
         return None
+    scaled = _on_one_scale(start, end, at)
+    if scaled is None:
+        return None
+    low, high, here = scaled
+    return min(1.0, max(0.0, (here - low) / (high - low))) if high > low else None
+
+
+def _on_one_scale(*values: Any) -> tuple[float, ...] | None:
+    """``values`` all as numbers, else all as times (seconds since 1970); None if they are
+    neither (text: only the database knows its order)."""
     for parse in (float, _moment):
         try:
-            low, high, here = parse(start), parse(end), parse(at)
+            return tuple(parse(v) for v in values)
         except (TypeError, ValueError):
             continue
-        return min(1.0, max(0.0, (here - low) / (high - low))) if high > low else None
     return None
 
 
@@ -373,15 +382,9 @@ class SqlKind(SourceKind):
     def check_backfill(self, src: SqlSource, stream: str | None, start: str | None,
                        end: str | None) -> str | None:
         super().check_backfill(src, stream, start, end)
-        if start is not None and end is not None and start != end:
-            for parse in (float, _moment):
-                try:
-                    low, high = parse(start), parse(end)
-                except ValueError:
-                    continue
-                if low > high:
-                    raise BackfillError(f"--from {start} is after --to {end}", "bad_range")
-                break
+        if start is not None and end is not None and \
+                (scaled := _on_one_scale(start, end)) is not None and scaled[0] > scaled[1]:
+            raise BackfillError(f"--from {start} is after --to {end}", "bad_range")
         return None
 
     async def batches(self, ex: Extraction) -> AsyncIterator[Prepared]:

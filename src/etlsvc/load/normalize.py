@@ -33,8 +33,8 @@ async def upsert(conn: asyncpg.Connection, src: SourceConfig, kind: SourceKind, 
     """
     seen = kind.seen_sql if read_point is not None else None
     sql = upsert_sql(kind, distinct_keys, this_transaction,
-                      values_sql(src, keep_absent=kind.changes), seen)
-    point = [read_point] if seen is not None and "$15" in seen else []
+                     values_sql(src, keep_absent=kind.changes), seen)
+    point = _read_point_arg(kind, read_point) if seen is not None else []
     row = await conn.fetchrow(sql, src.name, kind.name, above, upto, skip or [],
                               *paths(src, kind), src.tags_separator, *point)
     return row["inserted"], row["updated"]
@@ -48,8 +48,8 @@ async def drop_unseen(conn: asyncpg.Connection, src: SourceConfig, kind: SourceK
     sql = drop_unseen_sql(kind)
     if sql is None:
         return 0
-    point = [read_point] if kind.seen_sql and "$15" in kind.seen_sql else []
-    status = await conn.execute(sql, src.name, above, paths(src, kind)[0], *point)
+    status = await conn.execute(sql, src.name, above, paths(src, kind)[0],
+                                *_read_point_arg(kind, read_point))
     return int(status.split()[-1])
 
 
@@ -57,10 +57,20 @@ def drop_unseen_sql(kind: SourceKind) -> str | None:
     """``drop_unseen`` of normalize.sql for the kind (None: it has no versions)."""
     if kind.seen_sql is None:
         return None
-    seen = kind.seen_sql.replace("{new}", kind.version_sql).replace("$15", "$4")
+    seen = kind.seen_sql.replace("$15", "$4")
     return (kind_sql("normalize", "drop_unseen", kind)
-            .replace("{seen_row}", seen.replace("{v}", "n.source_version"))
-            .replace("{seen_tombstone}", seen.replace("{v}", "t.source_version")))
+            .replace("{seen_row}", _seen(seen, "n.source_version", kind.version_sql))
+            .replace("{seen_tombstone}", _seen(seen, "t.source_version", kind.version_sql)))
+
+
+def _seen(seen: str, version: str, new: str) -> str:
+    """A kind's ``seen_sql`` of the live ``version``, against the backfilled row's ``new``."""
+    return seen.replace("{v}", version).replace("{new}", new)
+
+
+def _read_point_arg(kind: SourceKind, read_point: str | None) -> list[str | None]:
+    """The read point as the statement's last argument, if the kind's test takes it."""
+    return [read_point] if kind.seen_sql is not None and "$15" in kind.seen_sql else []
 
 
 async def delete_gone(conn: asyncpg.Connection, src: SourceConfig, kind: SourceKind, *,
@@ -181,12 +191,10 @@ def upsert_sql(kind: SourceKind, distinct_keys: bool, this_transaction: bool, va
     guard = tombstone = ""
     if seen is not None:
         guard = ("AND (n.source_version IS NULL OR " +
-                 seen.replace("{v}", "n.source_version").replace("{new}",
-                                                                 "EXCLUDED.source_version") + ")")
+                 _seen(seen, "n.source_version", "EXCLUDED.source_version") + ")")
         tombstone = ("AND NOT EXISTS (SELECT 1 FROM data_tombstones t WHERE t.source = $1 "
                      "AND t.source_id = src.key AND t.source_version IS NOT NULL AND NOT " +
-                     seen.replace("{v}", "t.source_version").replace("{new}", "src.version") +
-                     ")")
+                     _seen(seen, "t.source_version", "src.version") + ")")
     return (kind_sql("normalize", "upsert", kind).replace("{values}", values)
             .replace("{distinct}", dedupe[0]).replace("{order}", dedupe[1])
             .replace("{guard}", guard).replace("{tombstone}", tombstone)
