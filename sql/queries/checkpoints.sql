@@ -6,7 +6,8 @@ SELECT stream, state, run_id FROM etl_checkpoints WHERE source = $1
 -- params: $1 source, $2 stream, $3 state (jsonb), $4 run id
 INSERT INTO etl_checkpoints (source, stream, state, run_id) VALUES ($1, $2, $3, $4)
 ON CONFLICT (source, stream) DO UPDATE
-    SET state = EXCLUDED.state, run_id = EXCLUDED.run_id, updated_at = now()
+    SET state = EXCLUDED.state, run_id = EXCLUDED.run_id, updated_at = now(),
+        changed_xid = pg_current_xact_id()
 
 
 -- name: forget

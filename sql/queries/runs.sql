@@ -15,6 +15,7 @@ FROM etl_runs WHERE source = $1 AND status = 'running' AND (trigger = 'backfill'
 -- A run whose process is gone (the caller holds the source's lock).
 -- params: $1 run id
 UPDATE etl_runs SET status = 'interrupted', finished_at = now(),
+       finished_snapshot = pg_current_snapshot(),
        error = format('interrupted: its process (pid %s on %s) stopped before finishing it; '
                       'last heartbeat at %s', coalesce(pid::text, '?'), coalesce(host, '?'),
                       heartbeat_at)
@@ -25,6 +26,7 @@ RETURNING id
 -- Runs this process cancelled at shutdown (each batch committed or rolled back whole).
 -- params: $1 run ids
 UPDATE etl_runs SET status = 'interrupted', finished_at = now(),
+       finished_snapshot = pg_current_snapshot(),
        error = 'interrupted: the service stopped before the run finished; the next run '
                'resumes from the last committed batch'
 WHERE id = ANY($1::bigint[]) AND status = 'running'
@@ -78,8 +80,12 @@ UPDATE etl_runs SET rows_read = rows_read + $2, rows_valid = rows_valid + $3,
 WHERE id = $1
 
 -- name: finish
+-- The snapshot of the finish sees every batch the run committed: the moment a rollback
+-- to the run goes back to (sql/migrations/0016_versions.sql).
 -- params: $1 run id, $2 status, $3 error text
-UPDATE etl_runs SET status = $2, error = $3, finished_at = now() WHERE id = $1
+UPDATE etl_runs SET status = $2, error = $3, finished_at = now(),
+       finished_snapshot = pg_current_snapshot()
+WHERE id = $1
 RETURNING *
 
 -- name: get

@@ -27,7 +27,16 @@ from etlsvc.errors import ConfigError, EtlError, SourceBusy
 from etlsvc.extract import mysql_cdc, pg_cdc
 from etlsvc.load import checkpoint
 from etlsvc.logs import configure_logging
-from etlsvc.runtime import backfill, notify, pipeline, replay, retention, retry, runs
+from etlsvc.runtime import (
+    backfill,
+    notify,
+    pipeline,
+    replay,
+    retention,
+    retry,
+    rollback,
+    runs,
+)
 from etlsvc.runtime.workers import from_config
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -73,6 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
     replay = sub.add_parser("replay", parents=[common],
                             help="normalize a source again from its raw rows")
     replay.add_argument("source", metavar="SOURCE")
+    back = sub.add_parser("rollback", parents=[common],
+                          help="make a source's rows what they were right after one of its "
+                               "runs, in one transaction")
+    back.add_argument("source", metavar="SOURCE")
+    back.add_argument("--to-run", type=int, required=True, metavar="N",
+                      help="the run whose end to go back to")
+    back.add_argument("--keep-position", action="store_true",
+                      help="leave the checkpoints: the next run does not read again what "
+                           "was rolled back")
+    back.add_argument("--dry-run", action="store_true",
+                      help="print what would change, change nothing")
     rejects = sub.add_parser("rejects", parents=[common],
                              help="retry rejected records under the current rules, or "
                                   "ignore them")
@@ -246,6 +266,29 @@ async def _replay(cfg: Config, args: argparse.Namespace) -> int:
     return EXIT_OK if row["status"] == "succeeded" else EXIT_FAILED
 
 
+async def _rollback(cfg: Config, args: argparse.Namespace) -> int:
+    src = cfg.source(args.source)
+    async with db.open_database(cfg) as database:
+        done = await rollback.rollback(database, src, args.to_run,
+                                       keep_position=args.keep_position, dry_run=args.dry_run)
+    if args.dry_run:
+        print(f"{src.name}: a rollback to run {args.to_run} would delete {done['deleted']:,} "
+              f"row(s), update {done['updated']:,} and insert {done['inserted']:,} again; "
+              "nothing was changed (dry run)", file=sys.stderr)
+        return EXIT_OK
+    row = done["run"]
+    if row["status"] != "succeeded":
+        print(f"{src.name}: rollback run {row['id']} failed: {row['error']}", file=sys.stderr)
+        return EXIT_FAILED
+    where = ("checkpoints kept" if args.keep_position else
+             f"{done['checkpoints']:,} checkpoint(s) moved back: the next run reads again "
+             "what was rolled back")
+    print(f"{src.name}: rolled back to run {args.to_run} as run {row['id']}: "
+          f"{done['deleted']:,} row(s) deleted, {done['updated']:,} updated, "
+          f"{done['inserted']:,} inserted again; {where}", file=sys.stderr)
+    return EXIT_OK
+
+
 async def _rejects(cfg: Config, args: argparse.Namespace) -> int:
     src = cfg.source(args.source)
     async with db.open_database(cfg) as database:
@@ -382,9 +425,9 @@ async def _health(cfg: Config, args: argparse.Namespace) -> int:
     return EXIT_OK if response.status_code == 200 else EXIT_FAILED
 
 
-_COMMANDS = {"serve": _serve, "run": _run, "replay": _replay, "rejects": _rejects, "purge": _purge,
-             "migrate": _migrate, "check": _check, "health": _health, "cdc": _cdc,
-             "backfill": _backfill}
+_COMMANDS = {"serve": _serve, "run": _run, "replay": _replay, "rollback": _rollback,
+             "rejects": _rejects, "purge": _purge, "migrate": _migrate, "check": _check,
+             "health": _health, "cdc": _cdc, "backfill": _backfill}
 
 
 class _Server(uvicorn.Server):

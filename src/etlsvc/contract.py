@@ -166,6 +166,9 @@ class SourceConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     #: Days raw rows and rejects are kept (None: for ever); a raw row a normalized row
     #: points at is kept whatever its age (``runtime/retention.py``).
     retention_days: Days | None = None
+    #: Days replaced versions of the source's rows are kept (None: for ever; 0: no version
+    #: is kept, and reads as of a moment leave the source out); purged by maintenance.
+    history_days: Annotated[float, msgspec.Meta(ge=0, le=36_500)] | None = None
     #: What a new, missing or retyped column does (``transform/drift.py``).
     schema_drift: Literal["evolve", "freeze", "discard_row", "discard_value"] = "evolve"
     #: ``detect``: after a complete, successful read, the source's keys it did not see are
@@ -402,6 +405,9 @@ class SourceKind:
     seen_sql: ClassVar[str | None] = None
     #: What ``--from``/``--to`` of a backfill are (None: the kind has no backfill).
     backfill_range: ClassVar[str | None] = None
+    #: Why the kind's position cannot be moved back (None: it can): a rollback then keeps
+    #: the position (``runtime/rollback.py``).
+    no_rewind: ClassVar[str | None] = None
 
     # ``src: Any`` in these three: each kind takes its own config struct (a subclass of
     # SourceConfig); typed SourceConfig here, those narrower overrides would be unsound.

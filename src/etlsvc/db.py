@@ -255,6 +255,13 @@ class Database:
     reconnect_timeout: float = 60.0
 
 
+async def sync_source_settings(pool: asyncpg.Pool, cfg: Config) -> None:
+    """Each source's ``history_days`` where the versioning triggers read it
+    (``sql/migrations/0016_versions.sql``)."""
+    await pool.execute(query("versions", "sync_settings"), [s.name for s in cfg.sources],
+                       [s.history_days for s in cfg.sources])
+
+
 @contextlib.asynccontextmanager
 async def open_database(cfg: Config, *, migrate: bool = True) -> AsyncIterator[Database]:
     """Connect (starting the embedded server when no URL is set), migrate, yield, close."""
@@ -268,6 +275,7 @@ async def open_database(cfg: Config, *, migrate: bool = True) -> AsyncIterator[D
         try:
             if migrate:
                 await apply_migrations(pool)
+                await sync_source_settings(pool, cfg)
             yield Database(pool, dsn, embedded, cfg.database.reconnect_timeout)
         finally:
             await pool.close()

@@ -53,6 +53,15 @@ class BackfillError(EtlError):
         self.code = code
 
 
+class RollbackError(EtlError):
+    """A rollback cannot be made as asked (the run, its moment, the versions it needs, the
+    position); ``code`` names the case for the API."""
+
+    def __init__(self, message: str, code: str = "rollback") -> None:
+        super().__init__(message)
+        self.code = code
+
+
 class SourceError(EtlError):
     """A source could not be read."""
 

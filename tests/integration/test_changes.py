@@ -37,14 +37,16 @@ async def feed(client: Any, after: str = "0", **params: Any) -> tuple[list, str]
     return body["data"], body["metadata"]["pagination"]["next"]
 
 
-async def drain(client: Any, after: str = "0", limit: int = 1000) -> tuple[list, str]:
+async def drain(client: Any, after: str = "0", limit: int = 1000,
+                **params: Any) -> tuple[list, str]:
     """Every change after ``after`` that the feed has now, page by page. The first page
     waits for up to 30 s (it returns as soon as there is one): a transaction of anything
     else on the cluster holds the feed back, and on a shared cluster under a loaded
     machine another test's can last several seconds (5 s were once not enough)."""
     got: list = []
     while True:
-        page, after = await feed(client, after, limit=limit, wait=0 if got else 30)
+        page, after = await feed(client, after, limit=limit, wait=0 if got else 30,
+                                 **params)
         got += page
         if not page:
             return got, after

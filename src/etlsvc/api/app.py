@@ -191,7 +191,10 @@ def _error(request: Request, status: int, code: str, message: str,
 
 def _http_error(request: Request, exc: HTTPException) -> Response[dict[str, Any]]:
     if isinstance(exc, http.ApiError):
-        return _error(request, exc.status_code, exc.code, exc.detail, **exc.details)
+        response = _error(request, exc.status_code, exc.code, exc.detail, **exc.details)
+        if "retry_after" in exc.details:
+            response.headers["Retry-After"] = str(exc.details["retry_after"])
+        return response
     if isinstance(exc, ValidationException):
         problems = [{"key": e.get("key"), "message": e.get("message")}
                     for e in (exc.extra or []) if isinstance(e, dict)]

@@ -64,12 +64,14 @@ async def list_changes(
     after: FromQuery[str] = "0",
     limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
     wait: Annotated[float, QueryParameter(ge=0, le=30)] = 0,
+    versions: Annotated[str, QueryParameter(pattern="^(latest|all)$")] = "latest",
 ) -> Response[dict[str, Any]]:
     """Changes after the position ``after`` (a page's ``next``; ``0``: from the beginning;
     ``now``: only what commits from now on). With ``wait``, an empty answer waits up to that
-    many seconds for a change. Every change comes once; keep ``next`` and ask again."""
+    many seconds for a change. Every change comes once; keep ``next`` and ask again.
+    ``versions=all``: every version written, in commit order, not only each row's latest."""
     start = await _feed_start(request, after)
-    page = await changes.wait(read_pool(request), start, limit, wait)
+    page = await changes.wait(read_pool(request), start, limit, wait, versions == "all")
     if page.expired:
         raise _expired(start)
     data = encode_json([_change(r) for r in page.changes])
@@ -81,10 +83,15 @@ async def list_changes(
 
 @get("/data/changes/stream", summary="The change feed as server-sent events",
      media_type="text/event-stream", **{**READ, "responses": error_responses(400, 401, 403, 429)})
-async def stream_changes(request: Request, after: FromQuery[str] = "0") -> ServerSentEvent:
+async def stream_changes(
+    request: Request,
+    after: FromQuery[str] = "0",
+    versions: Annotated[str, QueryParameter(pattern="^(latest|all)$")] = "latest",
+) -> ServerSentEvent:
     """Each change after ``after`` (or the ``Last-Event-ID`` header) as one event whose
     ``data`` is the change and whose ``id`` is its token, then new ones as they commit.
-    A comment line every 15 s keeps idle connections open."""
+    A comment line every 15 s keeps idle connections open. ``versions=all``: every
+    version, as ``GET /data/changes`` gives them."""
     # An SSE client that reconnects sends the id of the last event it received.
     start = await _feed_start(request, request.headers.get("last-event-id") or after)
     pool = read_pool(request)
@@ -93,7 +100,7 @@ async def stream_changes(request: Request, after: FromQuery[str] = "0") -> Serve
         position, quiet_since = start, time.monotonic()
         while True:
             try:
-                page = await changes.read(pool, position, 500)
+                page = await changes.read(pool, position, 500, versions == "all")
             except db.UNAVAILABLE:     # the client keeps its place; we look again
                 page = changes.Page([], position, False)
             if page.expired:

@@ -8,9 +8,11 @@ its own snapshot, where no transaction can still commit. A position is therefore
 consumer that has read up to it has read every change before it, whatever order the writers
 committed in, and will never be sent one of them again.
 
-The feed is compacted: each row appears at its latest write. A row written twice between two
-reads of a consumer is sent once, with its latest content; consumers apply ``insert`` and
-``update`` alike as an upsert by ``id``.
+By default the feed is compacted: each row appears at its latest write. A row written twice
+between two reads of a consumer is sent once, with its latest content; consumers apply
+``insert`` and ``update`` alike as an upsert by ``id``. The feed of every version
+(``every_version``) also sends the versions replaced since, each at the position of the
+transaction that wrote it (``sql/migrations/0016_versions.sql`` keeps them).
 """
 
 from __future__ import annotations
@@ -73,12 +75,17 @@ async def head(pool: Any) -> Position:
     return Position(horizon, 0)
 
 
-async def read(pool: Any, after: Position, limit: int) -> Page:
-    """Up to ``limit`` changes after ``after`` (none, if no transaction has ended since)."""
-    rows = await pool.fetch(db.query("api", "changes"), after.xid, after.id, limit + 1)
+async def read(pool: Any, after: Position, limit: int, every_version: bool = False) -> Page:
+    """Up to ``limit`` changes after ``after`` (none, if no transaction has ended since);
+    ``every_version``: each version written, not only the latest of each row."""
+    query = db.query("versions", "changes") if every_version else db.query("api", "changes")
+    rows = await pool.fetch(query, after.xid, after.id, limit + 1)
     first = rows[0]
-    if (after != BEGINNING and first["pruned_xid"] is not None
-            and after < (first["pruned_xid"], first["pruned_id"])):
+    if after != BEGINNING and (
+            (first["pruned_xid"] is not None
+             and after < (first["pruned_xid"], first["pruned_id"]))
+            or (every_version and first["versions_pruned_xid"] is not None
+                and after.xid < first["versions_pruned_xid"])):
         return Page([], after, False, expired=True)
     changes = [r for r in rows if r["xid"] is not None]
     if len(changes) > limit:
@@ -94,11 +101,12 @@ async def read(pool: Any, after: Position, limit: int) -> Page:
     return Page(changes, max(after, Position(first["horizon"], 0)), False)
 
 
-async def wait(pool: Any, after: Position, limit: int, seconds: float) -> Page:
+async def wait(pool: Any, after: Position, limit: int, seconds: float,
+               every_version: bool = False) -> Page:
     """Like ``read``, but when nothing is new, look again until ``seconds`` have passed."""
     deadline = time.monotonic() + seconds
     while True:
-        page = await read(pool, after, limit)
+        page = await read(pool, after, limit, every_version)
         if page.changes or page.expired or time.monotonic() >= deadline:
             return page
         after = page.next

@@ -1,5 +1,6 @@
-"""The read API over ``normalized_data``: ``GET /data`` (filters, keyset pages, ETags) and
-``GET /data/{id}`` (one record with its lineage: raw record and run).
+"""The read API over ``normalized_data``: ``GET /data`` (filters, keyset pages, ETags),
+``GET /data/{id}`` (one record with its lineage: raw record and run), both also ``as_of`` a
+moment, and ``GET /data/{id}/history`` (every version of a record).
 
 Owns turning a request's filters into one statement per combination of filters (each with
 its own plan; see ``sql/queries/api.sql``), read on the read pool.
@@ -17,10 +18,12 @@ from litestar.exceptions import NotFoundException
 from litestar.params import FromQuery, PathParameter, QueryParameter
 
 from etlsvc import db
+from etlsvc.api import versions
 from etlsvc.api.http import (
     READ,
     ApiError,
     decode_cursor,
+    encode_cursor,
     encode_json,
     envelope,
     keyset_page,
@@ -75,6 +78,14 @@ def data_page_sql(given: tuple[str, ...], query: str = "data_page") -> str:
 
 
 @cache
+def as_of_page_sql(given: tuple[str, ...]) -> str:
+    """The statement of a /data page as of a moment with the filters ``given``."""
+    conditions = "".join(f"\n       AND {DATA_FILTERS[name].strip().format(n=i)}"
+                         for i, name in enumerate(given, 4))
+    return db.query("versions", "data_page").replace("{filters}", conditions)
+
+
+@cache
 def data_by_kind_sql(given: tuple[str, ...], sources: int) -> str:
     """A page with the kind filter and not source: the union of the first rows of each of
     ``sources`` sources (parameters after the filters), merged in id order."""
@@ -117,14 +128,19 @@ async def list_data(
     event_from: FromQuery[dt.datetime | None] = None,
     event_to: FromQuery[dt.datetime | None] = None,
     updated_since: FromQuery[dt.datetime | None] = None,
+    as_of: FromQuery[str | None] = None,
 ) -> Response[dict[str, Any]]:
-    """A page of records in a stable order (by id); ``next_cursor`` continues after it."""
+    """A page of records in a stable order (by id); ``next_cursor`` continues after it.
+    With ``as_of`` (a time, a change-feed token, or the ``as_of`` of an earlier answer),
+    the records as they were then; keep the answer's ``as_of`` for the next pages."""
     event_from, event_to = utc_param("event_from", event_from), utc_param("event_to", event_to)
     updated_since = utc_param("updated_since", updated_since)
     filters = ("data", source, kind, category, event_from, event_to, updated_since)
+    pool = read_pool(request)
+    if as_of is not None:
+        return await _list_as_of(request, pool, as_of, filters, cursor, limit)
     after = decode_cursor(cursor, filters) if cursor else 0
     given = {name: value for name, value in zip(DATA_FILTERS, filters[1:]) if value is not None}
-    pool = read_pool(request)
     # The ETag names the query and the data version it was read at, so a conditional
     # request is answered before any query (the version is at most 0.5 s old: a page can
     # be reported unchanged for that long after a commit).
@@ -135,6 +151,11 @@ async def list_data(
         return Response(content=None, status_code=304, headers={"ETag": etag})
     rows, pagination = keyset_page(await data_rows(pool, given, after, limit + 1), limit,
                                    filters)
+    return _page(request, rows, pagination, etag)
+
+
+def _page(request: Request, rows: list[Any], pagination: dict[str, Any],
+          etag: str) -> Response[dict[str, Any]]:
     # Encoded once, from structs (a quarter of the cost of dicts).
     data = encode_json([DataRow(*r[:_DATA_COLUMNS]) for r in rows])
     meta = encode_json(envelope(request, None, pagination)["metadata"])
@@ -142,16 +163,46 @@ async def list_data(
                     media_type=MediaType.JSON, headers={"ETag": etag})
 
 
+async def _list_as_of(request: Request, pool: Any, as_of: str, filters: tuple[Any, ...],
+                      cursor: str | None, limit: int) -> Response[dict[str, Any]]:
+    """A /data page as of a moment. The moment is resolved once into a snapshot, which the
+    answer gives back (``as_of``) and the cursor is bound to: every page of a walk reads
+    the same moment, whatever is written meanwhile. Such a page never changes: its ETag is
+    the query's."""
+    moment = await versions.resolve(pool, as_of)
+    await versions.check_kept(pool, moment, filters[1])
+    bound = (*filters, moment.snapshot)
+    after = decode_cursor(cursor, bound) if cursor else 0
+    given = {name: value for name, value in zip(DATA_FILTERS, filters[1:]) if value is not None}
+    etag = '"' + hashlib.blake2b(msgspec.json.encode([str(f) for f in bound] + [after, limit]),
+                                 digest_size=16).hexdigest() + '"'
+    if request.headers.get("if-none-match") == etag:
+        return Response(content=None, status_code=304, headers={"ETag": etag})
+    rows, pagination = keyset_page(
+        await pool.fetch(as_of_page_sql(tuple(given)), after, limit + 1, moment.snapshot,
+                         *given.values()), limit, bound)
+    pagination["as_of"] = moment.snapshot
+    return _page(request, rows, pagination, etag)
+
+
 
 @get("/data/{record_id:int}", summary="One record with its lineage", **READ)
 async def get_record(
         request: Request,
-        record_id: Annotated[int, PathParameter(ge=0, le=db.MAX_ID)]) -> dict[str, Any]:
-    """The record, the raw record it came from, and the run that produced it."""
+        record_id: Annotated[int, PathParameter(ge=0, le=db.MAX_ID)],
+        as_of: FromQuery[str | None] = None) -> dict[str, Any]:
+    """The record, the raw record it came from, and the run that produced it (``as_of``:
+    as it was then)."""
     pool = read_pool(request)
-    row = await pool.fetchrow(db.query("api", "data_one"), record_id)
+    if as_of is None:
+        row = await pool.fetchrow(db.query("api", "data_one"), record_id)
+    else:
+        moment = await versions.resolve(pool, as_of)
+        row = await pool.fetchrow(db.query("versions", "data_one"), record_id, moment.snapshot)
+        if row is not None:
+            await versions.check_kept(pool, moment, row["source"])
     if row is None:
-        raise NotFoundException(f"no record {record_id}")
+        raise NotFoundException(f"no record {record_id}" + (" then" if as_of else ""))
     record = dict(row)
     table = record.pop("raw_table")
     if table not in {k.raw_table for k in KINDS.values()}:
@@ -164,4 +215,58 @@ async def get_record(
     return envelope(request, record)
 
 
-HANDLERS = [list_data, get_record]
+class Version(msgspec.Struct):
+    """One version of a record: its content, when it was valid (the stamps of the
+    transactions that wrote and replaced it; ``valid_to`` null: it is the current one) and
+    what produced it."""
+
+    record: DataRow
+    valid_from: dt.datetime | None
+    valid_to: dt.datetime | None
+    from_xid: str
+    to_xid: str | None
+    #: What ended it: ``update``, ``delete``, or null for the current version.
+    ended_by: str | None
+    lineage: dict[str, Any]
+
+
+@get("/data/{record_id:int}/history", summary="Every version of a record, newest first",
+     **READ)
+async def record_history(
+        request: Request,
+        record_id: Annotated[int, PathParameter(ge=0, le=db.MAX_ID)],
+        limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
+        cursor: FromQuery[str | None] = None) -> Response[dict[str, Any]]:
+    """The record's versions, newest first, each with when it was valid and its lineage
+    (the run and the raw row that produced it). A deleted record's newest version ends with
+    ``delete``. ``next_cursor`` continues with older versions."""
+    pool = read_pool(request)
+    before = None
+    if cursor:
+        before = decode_cursor(cursor, ("history", record_id))
+    rows = await pool.fetch(db.query("versions", "history"), record_id,
+                            None if before is None else str(before), limit + 1)
+    if not rows and before is None:
+        raise NotFoundException(f"no record {record_id}, and no version of one")
+    more = len(rows) > limit
+    rows = rows[:limit]
+    deleted = before is None and rows and rows[0]["to_xid"] is not None
+    out = []
+    for i, r in enumerate(rows):
+        ended = None if r["to_xid"] is None else (
+            "delete" if deleted and i == 0 else "update")
+        out.append(Version(
+            DataRow(*(r[name] for name in DataRow.__struct_fields__)),
+            r["valid_from"], r["valid_to"], str(r["from_xid"]),
+            None if r["to_xid"] is None else str(r["to_xid"]), ended,
+            {"run_id": r["run_id"], "run": f"/runs/{r['run_id']}",
+             "raw_table": r["raw_table"], "raw_id": r["raw_id"]}))
+    nxt = encode_cursor(int(rows[-1]["to_xid"]), ("history", record_id)) \
+        if more and rows[-1]["to_xid"] is not None else None
+    meta = encode_json(envelope(request, None, {"limit": limit, "next_cursor": nxt,
+                                                "has_more": nxt is not None})["metadata"])
+    return Response(content=b'{"data":' + encode_json(out) + b',"metadata":' + meta + b"}",
+                    media_type=MediaType.JSON)
+
+
+HANDLERS = [list_data, get_record, record_history]

@@ -29,9 +29,9 @@ from etlsvc.api.http import (
     require_json_body,
     service_of,
 )
-from etlsvc.errors import ConfigError, SourceBusy
+from etlsvc.errors import ConfigError, RollbackError, SourceBusy
 from etlsvc.extract import KINDS
-from etlsvc.runtime import retry
+from etlsvc.runtime import retry, rollback
 
 
 class RunRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -74,6 +74,10 @@ def run_view(row: Any) -> dict[str, Any]:
     total = run.get("bytes_total")
     run["percent"] = (round(100 * run["bytes_read"] / total, 1)
                       if total else (100.0 if run["status"] != "running" else None))
+    # The moment the run finished, as GET /data?as_of= takes it.
+    snap = run.pop("finished_snapshot", None)
+    run["finished_as_of"] = None if snap is None else \
+        f"{snap[0]}:{snap[1]}:{','.join(map(str, snap[2]))}"
     return run
 
 
@@ -195,4 +199,47 @@ async def ignore_rejects(request: Request, data: JSONBody[RejectsRequest]) -> di
     return envelope(request, {"source": src.name, "ignored": count})
 
 
-HANDLERS = [start_runs, list_runs, get_run, run_log, list_rejects, retry_rejects, ignore_rejects]
+class RollbackRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """Which source to roll back, to its state right after which of its runs."""
+
+    source: str
+    to_run: Annotated[int, msgspec.Meta(ge=1, le=db.MAX_ID)]
+    #: Leave the checkpoints where they are: the next run does not read again what was
+    #: rolled back.
+    keep_position: bool = False
+    #: Count what would change, change nothing.
+    dry_run: bool = False
+
+
+_ROLLBACK_STATUS = {"no_source": 404, "no_run": 404, "run_running": 409, "no_moment": 422,
+                    "no_history": 422, "purged": 410, "no_rewind": 422}
+
+
+@post("/etl/rollback", status_code=200,
+      summary="Roll a source back to its state right after one of its runs (admin key)",
+      responses=WRITE_ERRORS, opt={"scope": "admin"}, guards=[require_json_body])
+async def roll_back(request: Request, data: JSONBody[RollbackRequest]) -> dict[str, Any]:
+    """Make the source's rows what they were right after run ``to_run``, in one transaction,
+    as a run of its own (trigger ``rollback``) whose changes the feed carries; the
+    checkpoints go back too, unless ``keep_position``. ``dry_run``: only the counts
+    (``deleted``, ``updated``, ``inserted``). 409 while the source runs."""
+    service = service_of(request)
+    try:
+        src = service.cfg.source(data.source)
+    except ConfigError as exc:
+        raise ApiError(404, "unknown_source", str(exc)) from None
+    try:
+        done = await rollback.rollback(service.database, src, data.to_run,
+                                       keep_position=data.keep_position, dry_run=data.dry_run)
+    except SourceBusy as exc:
+        raise ApiError(409, "source_running", str(exc), source=exc.source,
+                       running_run_id=exc.run_id) from None
+    except RollbackError as exc:
+        raise ApiError(_ROLLBACK_STATUS.get(exc.code, 409), exc.code, str(exc)) from None
+    if "run" in done:
+        done["run"] = run_view(done["run"])
+    return envelope(request, done)
+
+
+HANDLERS = [start_runs, list_runs, get_run, run_log, list_rejects, retry_rejects, ignore_rejects,
+            roll_back]

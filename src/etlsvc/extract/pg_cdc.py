@@ -510,6 +510,8 @@ class PgCdcKind(SourceKind):
     record = "columns"
     continuous = True
     changes = True
+    no_rewind = ("a replication slot cannot be moved back: the changes after the run are "
+                 "gone from the server's log once confirmed")
     # A row's version is its last change's transaction; a backfill's read is a snapshot,
     # which saw that transaction or not (exact, unlike an LSN taken beside the snapshot).
     version_sql = "NULLIF(r.xid, 0)"

@@ -1,0 +1,297 @@
+-- name: sync_settings
+-- Each configured source's history_days (NULL: for ever, 0: versioning off), for the
+-- triggers of 0016_versions.sql and for purging.
+-- params: $1 sources (text[]), $2 their history_days (float8[])
+INSERT INTO data_history_settings AS s (source, keep_days)
+SELECT * FROM unnest($1::text[], $2::float8[])
+ON CONFLICT (source) DO UPDATE SET keep_days = EXCLUDED.keep_days
+    WHERE s.keep_days IS DISTINCT FROM EXCLUDED.keep_days
+
+-- name: time_reference
+-- Resolving "as of $1" (a time) into a snapshot, first step: the first transaction stamped
+-- after it, with the snapshot it took after its stamp (or, when none is, a snapshot of
+-- now). Every transaction stamped at or before $1 has an xid below that snapshot's xmax.
+-- params: $1 time
+SELECT coalesce((SELECT c.snap FROM data_commits c WHERE c.at > $1 AND c.snap IS NOT NULL
+                 ORDER BY c.at LIMIT 1), pg_current_snapshot())::text AS snap,
+       coalesce((SELECT c.snap_at FROM data_commits c WHERE c.at > $1 AND c.snap IS NOT NULL
+                 ORDER BY c.at LIMIT 1), clock_timestamp()) AS snap_at,
+       statement_timestamp() AS now
+
+-- name: settled
+-- Whether every transaction below the reference snapshot's xmax has ended (their stamps
+-- are then final), and the snapshot now.
+-- params: $1 reference snapshot
+SELECT pg_snapshot_xmin(pg_current_snapshot()) >= pg_snapshot_xmax($1::text::pg_snapshot)
+
+-- name: time_snapshot
+-- Second step, once settled: the snapshot in which exactly the transactions stamped at or
+-- before $1 are visible. Below the reference's xmax, hidden are those it saw running that
+-- were stamped later (or never: rolled back), and those that ended before it was taken
+-- but were stamped after $1 (stamped before the reference's snap_at, $3).
+-- params: $1 time, $2 reference snapshot, $3 its snap_at
+WITH ref AS (SELECT $2::text::pg_snapshot AS snap), hidden AS (
+    SELECT x FROM ref, pg_snapshot_xip(ref.snap) x
+    WHERE NOT EXISTS (SELECT 1 FROM data_commits c WHERE c.xid = x AND c.at <= $1)
+    UNION
+    SELECT c.xid FROM data_commits c, ref
+    WHERE c.at > $1 AND c.at <= $3 AND c.xid < pg_snapshot_xmax(ref.snap)
+)
+SELECT coalesce((SELECT min(x) FROM hidden), pg_snapshot_xmax(ref.snap)) || ':' ||
+       pg_snapshot_xmax(ref.snap) || ':' ||
+       coalesce((SELECT string_agg(x::text, ',' ORDER BY x) FROM hidden), '')
+FROM ref
+
+-- name: ahead
+-- Whether a snapshot sees a transaction this server has not seen end (a snapshot from a
+-- replica further ahead, or made up): read as of it, the answer could change later.
+-- params: $1 snapshot
+WITH now AS (SELECT pg_current_snapshot() AS snap)
+SELECT pg_snapshot_xmax($1::text::pg_snapshot) > pg_snapshot_xmax(now.snap)
+    OR EXISTS (SELECT 1 FROM pg_snapshot_xip(now.snap) x
+               WHERE pg_visible_in_snapshot(x, $1::text::pg_snapshot))
+FROM now
+
+-- name: horizon
+-- How far back versions can be read: the sources whose versions were purged, with the
+-- transaction below which they are gone and the time before which they were, and the
+-- sources that keep none.
+SELECT source, keep_days, purged_xid::text AS purged_xid, purged_before
+FROM data_history_settings
+WHERE purged_xid IS NOT NULL OR keep_days = 0
+
+-- name: data_page
+-- A page of GET /data as of a snapshot ($3): the current rows it sees, and the replaced
+-- versions it saw (written by a transaction it sees, replaced by one it does not), in id
+-- order. The versions replaced after the snapshot are a short range of to_xid (from its
+-- xmin on). Sources that keep no versions are left out. The filters given are conditions
+-- as in api.sql data_filters, numbered from $4.
+-- params: $1 after id, $2 limit, $3 snapshot, then one per filter given
+SELECT * FROM (
+    (SELECT id, kind, source, source_id, title, description, category, amount::text AS amount,
+            url, tags, event_time, created_at, updated_at
+     FROM normalized_data
+     WHERE id > $1 AND pg_visible_in_snapshot(changed_xid, $3::text::pg_snapshot){filters}
+       AND source NOT IN (SELECT source FROM data_history_settings WHERE keep_days = 0)
+     ORDER BY id LIMIT $2)
+    UNION ALL
+    (SELECT id, kind, source, source_id, title, description, category, amount::text AS amount,
+            url, tags, event_time, created_at, updated_at
+     FROM data_history
+     WHERE id > $1 AND to_xid >= pg_snapshot_xmin($3::text::pg_snapshot)
+       AND pg_visible_in_snapshot(from_xid, $3::text::pg_snapshot)
+       AND NOT pg_visible_in_snapshot(to_xid, $3::text::pg_snapshot){filters}
+     ORDER BY id LIMIT $2)
+) v
+ORDER BY id LIMIT $2
+
+-- name: data_one
+-- One row as of a snapshot, with its lineage.
+-- params: $1 id, $2 snapshot
+SELECT id, kind, source, source_id, title, description, category, amount::text AS amount, url,
+       tags, event_time, created_at, updated_at, raw_table, raw_id, run_id
+FROM normalized_data
+WHERE id = $1 AND pg_visible_in_snapshot(changed_xid, $2::text::pg_snapshot)
+UNION ALL
+SELECT id, kind, source, source_id, title, description, category, amount::text AS amount, url,
+       tags, event_time, created_at, updated_at, raw_table, raw_id, run_id
+FROM data_history
+WHERE id = $1 AND pg_visible_in_snapshot(from_xid, $2::text::pg_snapshot)
+  AND NOT pg_visible_in_snapshot(to_xid, $2::text::pg_snapshot)
+
+-- name: history
+-- A row's versions, newest first: the current one (to_xid NULL) and the replaced ones,
+-- each with the stamps of the transactions that wrote and replaced it, before the version
+-- replaced by $2 (keyset; NULL: from the newest).
+-- params: $1 id, $2 before to_xid (text, or NULL), $3 limit
+SELECT v.*, w.at AS valid_from, e.at AS valid_to
+FROM (
+    (SELECT id, kind, source, source_id, title, description, category, amount::text AS amount,
+            url, tags, event_time, created_at, updated_at, raw_table, raw_id, run_id,
+            changed_xid AS from_xid, NULL::xid8 AS to_xid
+     FROM normalized_data WHERE id = $1 AND $2::text IS NULL)
+    UNION ALL
+    (SELECT id, kind, source, source_id, title, description, category, amount::text AS amount,
+            url, tags, event_time, created_at, updated_at, raw_table, raw_id, run_id,
+            from_xid, to_xid
+     FROM data_history
+     WHERE id = $1 AND ($2::text IS NULL OR to_xid < $2::text::xid8)
+     ORDER BY to_xid DESC LIMIT $3)
+) v
+LEFT JOIN data_commits w ON w.xid = v.from_xid
+LEFT JOIN data_commits e ON e.xid = v.to_xid
+ORDER BY v.to_xid DESC NULLS FIRST
+LIMIT $3
+
+-- name: changes
+-- The feed of every version (GET /data/changes?versions=all): as api.sql changes, plus the
+-- replaced versions, each at the position of the transaction that wrote it. A version is
+-- first the current row and later a replaced one, at the same position: it comes once.
+-- params: $1 after xid, $2 after id, $3 limit
+WITH horizon AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xid)
+SELECT h.xid AS horizon, f.pruned_xid, f.pruned_id,
+       (SELECT max(purged_xid) FROM data_history_settings) AS versions_pruned_xid, c.*
+FROM horizon h LEFT JOIN LATERAL (
+    SELECT * FROM (
+        (SELECT n.changed_xid AS xid, n.id,
+                CASE WHEN n.created_at = n.updated_at THEN 'insert' ELSE 'update' END AS op,
+                n.updated_at AS at, n.kind, n.source, n.source_id, n.title, n.description,
+                n.category, n.amount::text AS amount, n.url, n.tags, n.event_time,
+                n.created_at, n.updated_at
+         FROM normalized_data n
+         WHERE (n.changed_xid, n.id) > ($1::xid8, $2::bigint) AND n.changed_xid < h.xid
+         ORDER BY n.changed_xid, n.id
+         LIMIT $3)
+        UNION ALL
+        (SELECT v.from_xid, v.id,
+                CASE WHEN v.created_at = v.updated_at THEN 'insert' ELSE 'update' END,
+                v.updated_at, v.kind, v.source, v.source_id, v.title, v.description,
+                v.category, v.amount::text, v.url, v.tags, v.event_time,
+                v.created_at, v.updated_at
+         FROM data_history v
+         WHERE (v.from_xid, v.id) > ($1::xid8, $2::bigint) AND v.from_xid < h.xid
+         ORDER BY v.from_xid, v.id
+         LIMIT $3)
+        UNION ALL
+        (SELECT t.xid, t.id, 'delete', t.deleted_at, t.kind, t.source, t.source_id,
+                NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
+         FROM data_tombstones t
+         WHERE (t.xid, t.id) > ($1::xid8, $2::bigint) AND t.xid < h.xid
+         ORDER BY t.xid, t.id
+         LIMIT $3)
+    ) u
+    ORDER BY xid, id
+    LIMIT $3
+) c ON true
+LEFT JOIN data_feed_state f ON true
+
+-- name: purge
+-- A batch of a source's versions replaced before $2, purged; the purge horizon moves past
+-- the newest of them. Returns how many were deleted.
+-- params: $1 source, $2 cutoff, $3 batch size
+WITH doomed AS (
+    SELECT id, to_xid FROM data_history
+    WHERE source = $1 AND ended_at < $2
+    ORDER BY ended_at LIMIT $3
+), gone AS (
+    DELETE FROM data_history h USING doomed d
+    WHERE h.id = d.id AND h.to_xid = d.to_xid
+    RETURNING h.to_xid
+), moved AS (
+    UPDATE data_history_settings s
+    SET purged_xid = greatest(s.purged_xid,
+                              (SELECT (max(to_xid)::text::bigint + 1)::text::xid8 FROM gone)),
+        purged_before = greatest(s.purged_before, $2)
+    WHERE s.source = $1 AND EXISTS (SELECT 1 FROM gone)
+)
+SELECT count(*) FROM gone
+
+-- name: purge_checkpoints
+-- The checkpoint versions of a source replaced before $2 (a rollback cannot go back
+-- further than its data versions anyway).
+-- params: $1 source, $2 cutoff
+DELETE FROM etl_checkpoint_history WHERE source = $1 AND ended_at < $2
+
+-- name: rollback_run
+-- The run a rollback goes back to, and the snapshot of its finish.
+-- params: $1 run id
+SELECT source, status, finished_snapshot::text AS snapshot FROM etl_runs WHERE id = $1
+
+-- name: kept_since
+-- Whether the source keeps versions (keep_days 0: none), and whether some the snapshot
+-- needs were purged.
+-- params: $1 source, $2 snapshot
+SELECT keep_days, coalesce(purged_xid > pg_snapshot_xmin($2::text::pg_snapshot), false) AS purged
+FROM data_history_settings WHERE source = $1
+
+-- name: rollback_target
+-- A rollback's target: the source's rows as the snapshot $2 saw them (current rows it sees,
+-- versions it saw), in a temporary table for the transaction.
+-- params: $1 source, $2 snapshot
+CREATE TEMP TABLE rollback_target ON COMMIT DROP AS
+SELECT id, kind, source, source_id, title, description, category, amount, url, tags,
+       event_time, created_at, raw_table, raw_id, run_id, source_version
+FROM normalized_data
+WHERE source = $1 AND pg_visible_in_snapshot(changed_xid, $2::text::pg_snapshot)
+UNION ALL
+SELECT id, kind, source, source_id, title, description, category, amount, url, tags,
+       event_time, created_at, raw_table, raw_id, run_id, source_version
+FROM data_history
+WHERE source = $1 AND pg_visible_in_snapshot(from_xid, $2::text::pg_snapshot)
+  AND NOT pg_visible_in_snapshot(to_xid, $2::text::pg_snapshot)
+
+-- name: rollback_counts
+-- What a rollback changes: rows to delete (not in the target), to update (in both, with a
+-- different content or lineage) and to insert again (deleted since).
+-- params: $1 source
+SELECT
+    (SELECT count(*) FROM normalized_data n WHERE n.source = $1
+       AND NOT EXISTS (SELECT 1 FROM rollback_target t WHERE t.id = n.id)) AS deleted,
+    (SELECT count(*) FROM normalized_data n JOIN rollback_target t ON t.id = n.id
+     WHERE n.source = $1
+       AND (n.title, n.description, n.category, n.amount, n.url, n.tags, n.event_time,
+            n.raw_table, n.raw_id, n.run_id, n.source_version)
+           IS DISTINCT FROM
+           (t.title, t.description, t.category, t.amount, t.url, t.tags, t.event_time,
+            t.raw_table, t.raw_id, t.run_id, t.source_version)) AS updated,
+    (SELECT count(*) FROM rollback_target t
+     WHERE NOT EXISTS (SELECT 1 FROM normalized_data n WHERE n.id = t.id)) AS inserted
+
+-- name: rollback_delete
+-- params: $1 source
+DELETE FROM normalized_data n
+WHERE n.source = $1 AND NOT EXISTS (SELECT 1 FROM rollback_target t WHERE t.id = n.id)
+
+-- name: rollback_update
+-- params: $1 source
+UPDATE normalized_data n SET
+    title = t.title, description = t.description, category = t.category, amount = t.amount,
+    url = t.url, tags = t.tags, event_time = t.event_time, raw_table = t.raw_table,
+    raw_id = t.raw_id, run_id = t.run_id, source_version = t.source_version,
+    updated_at = now(), changed_xid = pg_current_xact_id()
+FROM rollback_target t
+WHERE n.id = t.id AND n.source = $1
+  AND (n.title, n.description, n.category, n.amount, n.url, n.tags, n.event_time,
+       n.raw_table, n.raw_id, n.run_id, n.source_version)
+      IS DISTINCT FROM
+      (t.title, t.description, t.category, t.amount, t.url, t.tags, t.event_time,
+       t.raw_table, t.raw_id, t.run_id, t.source_version)
+
+-- name: rollback_insert
+-- Rows deleted since come back with their ids (their history goes on), as inserts of this
+-- transaction (created_at = updated_at: the feed says "insert").
+-- params: none
+INSERT INTO normalized_data (id, kind, source, source_id, title, description, category,
+                             amount, url, tags, event_time, raw_table, raw_id, run_id,
+                             source_version)
+OVERRIDING SYSTEM VALUE
+SELECT t.id, t.kind, t.source, t.source_id, t.title, t.description, t.category, t.amount,
+       t.url, t.tags, t.event_time, t.raw_table, t.raw_id, t.run_id, t.source_version
+FROM rollback_target t
+WHERE NOT EXISTS (SELECT 1 FROM normalized_data n WHERE n.id = t.id)
+
+-- name: rollback_checkpoints
+-- The source's checkpoints put back as the snapshot $2 saw them: streams it did not know
+-- are forgotten, the others take the state they had.
+-- params: $1 source, $2 snapshot
+WITH target AS (
+    SELECT stream, state, run_id FROM etl_checkpoints
+    WHERE source = $1 AND pg_visible_in_snapshot(changed_xid, $2::text::pg_snapshot)
+    UNION ALL
+    SELECT stream, state, run_id FROM etl_checkpoint_history
+    WHERE source = $1 AND pg_visible_in_snapshot(from_xid, $2::text::pg_snapshot)
+      AND NOT pg_visible_in_snapshot(to_xid, $2::text::pg_snapshot)
+), forgotten AS (
+    DELETE FROM etl_checkpoints c
+    WHERE c.source = $1 AND NOT EXISTS (SELECT 1 FROM target t WHERE t.stream = c.stream)
+    RETURNING 1
+), restored AS (
+    INSERT INTO etl_checkpoints AS c (source, stream, state, run_id)
+    SELECT $1, stream, state, run_id FROM target
+    ON CONFLICT (source, stream) DO UPDATE
+        SET state = EXCLUDED.state, run_id = EXCLUDED.run_id, updated_at = now(),
+            changed_xid = pg_current_xact_id()
+        WHERE c.state IS DISTINCT FROM EXCLUDED.state
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM forgotten) + (SELECT count(*) FROM restored)

@@ -1,0 +1,259 @@
+"""Data versioning: every version kept, reads as of a moment, the feed of every version,
+and rollback to a run — under writers racing, operators' SQL and kill -9."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import itertools
+import random
+from typing import Any
+
+import asyncpg
+import httpx
+from litestar.testing import AsyncTestClient
+
+from etlsvc import db
+from etlsvc.api.app import create_app
+from tests.conftest import Env
+from tests.integration.test_changes import drain, sse_events, write
+from tests.integration.test_service import servers
+
+COLUMNS = ("id", "kind", "source", "source_id", "title", "description", "category", "amount",
+           "url", "tags", "event_time", "created_at", "updated_at")
+
+
+async def table_at(conn: asyncpg.Connection) -> tuple[str, list[dict[str, Any]]]:
+    """The whole table as this (repeatable read) transaction sees it, with its snapshot,
+    in the shape GET /data answers with."""
+    snap = await conn.fetchval("SELECT pg_current_snapshot()::text")
+    rows = await conn.fetch(f"SELECT {', '.join(COLUMNS)}, amount::text AS amount "
+                            "FROM normalized_data ORDER BY id")
+    return snap, [shape(r) for r in rows]
+
+
+def shape(row: Any) -> dict[str, Any]:
+    """A row as JSON gives it back (times as ISO strings, amount as text)."""
+    out = {}
+    for name in COLUMNS:
+        value = row[name]
+        if isinstance(value, dt.datetime):
+            value = value.isoformat().replace("+00:00", "Z")
+        out[name] = value
+    return out
+
+
+def api_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """GET /data rows with times normalized as ``shape`` writes them."""
+    out = []
+    for r in rows:
+        r = dict(r)
+        for name in ("event_time", "created_at", "updated_at"):
+            if r[name] is not None:
+                r[name] = dt.datetime.fromisoformat(r[name]).isoformat().replace(
+                    "+00:00", "Z")
+        out.append(r)
+    return out
+
+
+async def pages(client: Any, limit: int = 7, **params: Any) -> tuple[list[dict], set[str]]:
+    """Every page of GET /data as of a moment; the rows and the as_of each page gave."""
+    rows: list[dict] = []
+    seen: set[str] = set()
+    cursor = None
+    while True:
+        query = {"limit": limit, **params, **({"cursor": cursor} if cursor else {})}
+        r = await client.get("/data", params=query)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        rows += body["data"]
+        pagination = body["metadata"]["pagination"]
+        seen.add(pagination["as_of"])
+        # Later pages ask with the moment the first resolved to, as a client is told to.
+        params["as_of"] = pagination["as_of"]
+        cursor = pagination["next_cursor"]
+        if not cursor:
+            return api_rows(rows), seen
+
+
+async def test_a_row_updated_a_thousand_times_by_loads_and_by_sql_has_every_version(
+    env: Env, pool: asyncpg.Pool
+) -> None:
+    """Loads (the write path of every kind) and an operator's UPDATEs by hand take turns on
+    one row; its history lists all 1,001 versions, newest first, each valid from when the
+    one before it ended, with the run and raw row that wrote it (the operator's keep the
+    lineage of the row they changed). Unchanged reloads write no version."""
+    async with pool.acquire() as conn:
+        await write(conn, "s", {"k": "v0", "other": "x"})
+        for i in range(1, 1001):
+            if i % 2:
+                await write(conn, "s", {"k": f"v{i}"})
+                await write(conn, "s", {"k": f"v{i}"})      # unchanged: no version
+            else:
+                await conn.execute("UPDATE normalized_data SET title = $1 "
+                                   "WHERE source_id = 'k'", f"v{i}")
+    row_id = await pool.fetchval("SELECT id FROM normalized_data WHERE source_id = 'k'")
+    async with AsyncTestClient(app=create_app(env.config(""))) as client:
+        r = await client.get(f"/data/{row_id}/history", params={"limit": 1000})
+        assert r.status_code == 200, r.text
+        first = r.json()
+        cursor = first["metadata"]["pagination"]["next_cursor"]
+        rest = (await client.get(f"/data/{row_id}/history",
+                                 params={"limit": 1000, "cursor": cursor})).json()
+        assert rest["metadata"]["pagination"]["next_cursor"] is None
+        versions = first["data"] + rest["data"]
+        assert [v["record"]["title"] for v in versions] == [f"v{i}" for i in range(1000, -1, -1)]
+        assert versions[0]["valid_to"] is None and versions[0]["ended_by"] is None
+        assert all(v["ended_by"] == "update" for v in versions[1:])
+        for newer, older in itertools.pairwise(versions):
+            assert older["to_xid"] == newer["from_xid"]
+            assert older["valid_to"] == newer["valid_from"]
+            assert (dt.datetime.fromisoformat(older["valid_from"])
+                    < dt.datetime.fromisoformat(older["valid_to"]))
+        # Lineage: a load's version names its raw row; the operator's keeps the load's.
+        raw = {r["id"]: r["record"]["title"] for r in await pool.fetch(
+            "SELECT id, record FROM raw_api_data WHERE source_key = 'k'")}
+        for v in versions:
+            title = v["record"]["title"]
+            loaded = int(title[1:]) % 2 or title == "v0"
+            expected = title if loaded else f"v{int(title[1:]) - 1}"
+            assert raw[v["lineage"]["raw_id"]] == expected, v
+        # The other row was never changed: one version.
+        other = await pool.fetchval("SELECT id FROM normalized_data WHERE source_id = 'other'")
+        only = (await client.get(f"/data/{other}/history")).json()["data"]
+        assert [v["record"]["title"] for v in only] == ["x"]
+        assert (await client.get("/data/999999/history")).status_code == 404
+    assert await pool.fetchval("SELECT count(*) FROM data_history") == 1000
+
+
+async def test_reads_as_of_a_moment_with_four_writers_racing(
+    env: Env, database_url: str, pool: asyncpg.Pool
+) -> None:
+    """Four writers insert, update and delete rows of their own sources (loads and SQL by
+    hand) while a reader takes snapshots of the whole table and pages through GET /data as
+    of each, in pages of 7, as writing goes on: every walk equals its snapshot exactly, with
+    the filters too. As of a time, a walk equals the state each writer had after its last
+    transaction stamped by then."""
+    rng = random.Random(20261204)
+    writers = await asyncpg.create_pool(database_url, min_size=4, max_size=4,
+                                        init=db.init_connection)
+    # Per writer: (stamp, {key: title}) after each of its transactions.
+    states: dict[str, list[tuple[dt.datetime, dict[str, str]]]] = {}
+    done = asyncio.Event()
+
+    async def writer(w: int) -> None:
+        source, live, fresh = f"w{w}", {}, 0
+        states[source] = []
+        async with writers.acquire() as conn:
+            for step in range(40):
+                async with conn.transaction():
+                    items = {f"k{fresh + i}": f"{source}-{step}" for i in range(3)}
+                    fresh += 3
+                    for key in rng.sample(sorted(live), min(3, len(live))):
+                        items[key] = f"{source}-{step}"
+                    await write(conn, source, items)
+                    live.update(items)
+                    if len(live) > 5 and rng.random() < 0.5:
+                        key = rng.choice(sorted(live))
+                        await conn.execute("UPDATE normalized_data SET title = $3 WHERE "
+                                           "source = $1 AND source_id = $2", source, key,
+                                           f"{source}-{step}-sql")
+                        live[key] = f"{source}-{step}-sql"
+                    if len(live) > 5 and rng.random() < 0.4:
+                        gone = rng.choice(sorted(live))
+                        del live[gone]
+                        await conn.execute("DELETE FROM normalized_data WHERE source = $1 "
+                                           "AND source_id = $2", source, gone)
+                    stamp = await conn.fetchval(
+                        "SELECT at FROM data_commits WHERE xid = pg_current_xact_id()")
+                    await asyncio.sleep(rng.uniform(0, 0.02))
+                states[source].append((stamp, dict(live)))
+                await asyncio.sleep(rng.uniform(0, 0.01))
+
+    checked = {"snapshots": 0, "times": 0}
+
+    async def reader(client: Any) -> None:
+        while not done.is_set():
+            async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
+                snap, expected = await table_at(conn)
+                moment = await conn.fetchval("SELECT clock_timestamp()")
+            got, seen = await pages(client, as_of=snap)
+            assert seen == {snap}
+            assert got == expected
+            one = [r for r in expected if r["source"] == "w1"]
+            assert (await pages(client, as_of=snap, source="w1"))[0] == one
+            checked["snapshots"] += 1
+            # As of a time: a moment between the writers' stamps.
+            got, seen = await pages(client, as_of=moment.isoformat())
+            assert len(seen) == 1
+            times.append((moment, got, seen))
+            checked["times"] += 1
+            await asyncio.sleep(0.05)
+
+    times: list[tuple[dt.datetime, list[dict], set[str]]] = []
+    env.write_config("")
+    # A server of its own: a request as of a recent time waits for the writers of then to
+    # commit, and in-process (AsyncTestClient) it would hold up this loop, theirs.
+    with servers(env) as (server,):
+        async with httpx.AsyncClient(base_url=server.base, timeout=30) as client:
+            try:
+                tasks = [asyncio.create_task(writer(w)) for w in range(4)]
+                read = asyncio.create_task(reader(client))
+                await asyncio.gather(*tasks)
+                done.set()
+                await read
+            finally:
+                await writers.close()
+            assert checked["snapshots"] >= 3 and checked["times"] >= 3
+            for moment, got, seen in times:
+                expected = {}
+                for source, steps in states.items():
+                    before = [live for stamp, live in steps if stamp <= moment]
+                    for key, title in (before[-1] if before else {}).items():
+                        expected[(source, key)] = title
+                assert {(r["source"], r["source_id"]): r["title"] for r in got} == expected
+                # And again now, long after: the same answer.
+                again, resolved = await pages(client, as_of=moment.isoformat(), limit=100)
+                assert again == got and resolved == seen
+
+
+async def test_the_feed_of_every_version_sends_each_write_once_in_order(
+    env: Env, pool: asyncpg.Pool
+) -> None:
+    async with AsyncTestClient(app=create_app(env.config(""))) as client:
+        r = await client.get("/data/changes", params={"after": "now", "versions": "all"})
+        start = r.json()["metadata"]["pagination"]["next"]
+        async with pool.acquire() as conn:
+            await write(conn, "s", {"a": "a1", "b": "b1"})
+            await write(conn, "s", {"a": "a2"})
+            await conn.execute("UPDATE normalized_data SET title = 'a3' WHERE source_id = 'a'")
+            await conn.execute("DELETE FROM normalized_data WHERE source_id = 'b'")
+            await write(conn, "s", {"a": "a4"})
+        every, _ = await drain(client, start, versions="all")
+        assert [(c["op"], c["source_id"], c["record"] and c["record"]["title"])
+                for c in every] == [
+            ("insert", "a", "a1"), ("insert", "b", "b1"), ("update", "a", "a2"),
+            ("update", "a", "a3"), ("delete", "b", None), ("update", "a", "a4")]
+        latest, _ = await drain(client, start)
+        assert [(c["op"], c["source_id"]) for c in latest] == [("delete", "b"),
+                                                               ("update", "a")]
+        # In pages of one, the same.
+        paged, after = [], start
+        for _ in range(20):
+            r = await client.get("/data/changes", params={"after": after, "limit": 1,
+                                                          "versions": "all"})
+            page = r.json()
+            if not page["data"]:
+                break
+            paged += page["data"]
+            after = page["metadata"]["pagination"]["next"]
+        assert paged == every
+    # The stream of every version, resumed from the middle with Last-Event-ID.
+    env.write_config("")
+    with servers(env) as (server,), httpx.stream(
+            "GET", f"{server.base}/data/changes/stream", params={"versions": "all"},
+            headers={"Last-Event-ID": every[2]["token"]}, timeout=10) as r:
+        assert r.status_code == 200
+        events = sse_events(r.iter_lines(), 3)
+    assert [e["id"] for e in events] == [c["token"] for c in every[3:]]
+    assert [e["data"] for e in events] == every[3:]
