@@ -6,16 +6,24 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import itertools
+import os
 import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
+import pytest
 from litestar.testing import AsyncTestClient
 
 from etlsvc import db
 from etlsvc.api.app import create_app
-from tests.conftest import Env
+from etlsvc.runtime import rollback, runs
+from tests.conftest import Env, csv_source, run_source
 from tests.integration.test_changes import drain, sse_events, write
 from tests.integration.test_service import servers
 
@@ -257,3 +265,189 @@ async def test_the_feed_of_every_version_sends_each_write_once_in_order(
         events = sse_events(r.iter_lines(), 3)
     assert [e["id"] for e in events] == [c["token"] for c in every[3:]]
     assert [e["data"] for e in events] == every[3:]
+
+
+LINEAGE = ("id", "source_id", "title", "description", "category", "amount", "url", "tags",
+           "event_time", "raw_table", "raw_id", "run_id", "source_version")
+
+
+async def source_state(pool: asyncpg.Pool, source: str) -> dict[int, tuple]:
+    """The source's rows: content and lineage, by id."""
+    return {r["id"]: tuple(r) for r in await pool.fetch(
+        f"SELECT {', '.join(LINEAGE)} FROM normalized_data WHERE source = $1", source)}
+
+
+async def checkpoints(pool: asyncpg.Pool, source: str) -> dict[str, Any]:
+    return {r["stream"]: (r["state"], r["run_id"]) for r in await pool.fetch(
+        "SELECT stream, state, run_id FROM etl_checkpoints WHERE source = $1", source)}
+
+
+def rows_csv(rows: dict[int, str]) -> str:
+    return "id,title\n" + "".join(f"{k},{t}\n" for k, t in sorted(rows.items()))
+
+
+async def test_rollback_to_a_run_after_three_more_restores_rows_feed_and_position(
+    env: Env, pool: asyncpg.Pool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run N loads ten rows; N+1 changes three (and an operator fixes one by hand), N+2 adds
+    four, N+3 deletes three. A dry run counts and changes nothing; the rollback to N makes
+    the table equal to its state after N (content and lineage, deleted rows back with their
+    ids), the feed tells consumers exactly those changes, and the checkpoints go back."""
+    monkeypatch.setenv("ETLSVC_API_KEYS", "ops:admin:admin-key,reader:run:run-key")
+    admin = {"Authorization": "Bearer admin-key"}
+    path = tmp_path / "p.csv"
+    rows = {i: f"t{i}" for i in range(1, 11)}
+    path.write_text(rows_csv(rows))
+    cfg = env.config(csv_source("p", path, fields='source_id = "id"\ntitle = "title"',
+                                extra='deletes = "detect"'))
+    n = await run_source(cfg, "p")
+    assert n["status"] == "succeeded" and n["rows_inserted"] == 10
+    after_n, position_n = await source_state(pool, "p"), await checkpoints(pool, "p")
+
+    rows.update({2: "changed", 3: "changed", 4: "changed"})
+    path.write_text(rows_csv(rows))
+    assert (await run_source(cfg, "p"))["rows_updated"] == 3
+    await pool.execute("UPDATE normalized_data SET title = 'by hand' WHERE source_id = '5'")
+    rows.update({i: f"new{i}" for i in range(11, 15)})
+    path.write_text(rows_csv(rows))
+    assert (await run_source(cfg, "p"))["rows_inserted"] == 4
+    for gone in (1, 3, 12):
+        del rows[gone]
+    path.write_text(rows_csv(rows))
+    n3 = await run_source(cfg, "p")
+    assert n3["status"] == "succeeded" and n3["rows_deleted"] == 3, n3
+    after_n3 = await source_state(pool, "p")
+
+    dry = env.cli("rollback", "p", "--to-run", str(n["id"]), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    # Deleted: 11, 13, 14; updated: 2, 4, 5 (by hand); inserted again: 1, 3.
+    assert "would delete 3 row(s), update 3 and insert 2 again" in dry.stderr
+    assert await source_state(pool, "p") == after_n3
+
+    async with AsyncTestClient(app=create_app(cfg)) as client:
+        token = (await client.get("/data/changes", params={"after": "now"})).json()[
+            "metadata"]["pagination"]["next"]
+        body = {"source": "p", "to_run": n["id"]}
+        refused = await client.post("/etl/rollback", json=body,
+                                    headers={"Authorization": "Bearer run-key"})
+        assert refused.status_code == 403
+        # Refused while the source runs (its lock is held).
+        async with pool.acquire() as conn:
+            assert await runs.try_lock(conn, "p")
+            busy = await client.post("/etl/rollback", json=body, headers=admin)
+            await runs.unlock(conn, "p")
+        assert busy.status_code == 409, busy.text
+        r = await client.post("/etl/rollback", json=body, headers=admin)
+        assert r.status_code == 200, r.text
+        done = r.json()["data"]
+        assert (done["deleted"], done["updated"], done["inserted"]) == (3, 3, 2)
+        assert done["run"]["trigger"] == "rollback" and done["run"]["status"] == "succeeded"
+        assert await source_state(pool, "p") == after_n
+        assert await checkpoints(pool, "p") == position_n
+        feed, _ = await drain(client, token)
+        ids = {r[1]: i for i, r in after_n3.items()} | {r[1]: i for i, r in after_n.items()}
+        assert sorted((c["op"], c["source_id"]) for c in feed) == sorted(
+            [("delete", "11"), ("delete", "13"), ("delete", "14"), ("update", "2"),
+             ("update", "4"), ("update", "5"), ("insert", "1"), ("insert", "3")])
+        assert all(c["id"] == ids[c["source_id"]] for c in feed)
+        assert {c["source_id"]: c["record"]["title"] for c in feed if c["record"]} == {
+            "1": "t1", "2": "t2", "3": "t3", "4": "t4", "5": "t5"}
+
+        # The next run reads the file (whole, as ever): N+3's rows are back.
+        again = await run_source(cfg, "p")
+        assert again["status"] == "succeeded", again["error"]
+        assert {r[1]: r[2] for r in (await source_state(pool, "p")).values()} == {
+            str(k): t for k, t in rows.items()}
+        # What cannot be: an unknown run, another source's run, a run still running.
+        for bad, code in (({"source": "p", "to_run": 999}, "no_run"),
+                          ({"source": "nope", "to_run": n["id"]}, "unknown_source")):
+            r = await client.post("/etl/rollback", json=bad, headers=admin)
+            assert r.json()["error"]["code"] == code, r.text
+
+
+async def test_a_rollback_killed_mid_way_changes_nothing_and_runs_again_whole(
+    env: Env, pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    """kill -9 of `etlsvc rollback` while its transaction is under way: the table is what it
+    was, whole; the rollback started again finishes and the table is the run's state."""
+    path = tmp_path / "big.csv"
+    path.write_text("id,title\n" + "".join(f"{i},v1-{i}\n" for i in range(60_000)))
+    cfg = env.config(csv_source("big", path, fields='source_id = "id"\ntitle = "title"'))
+    n = await run_source(cfg, "big")
+    assert n["status"] == "succeeded", n["error"]
+    after_n = await source_state(pool, "big")
+    path.write_text("id,title\n" + "".join(f"{i},v2-{i}\n" for i in range(60_000)))
+    assert (await run_source(cfg, "big", full_refresh=True))["rows_updated"] == 60_000
+    before = await source_state(pool, "big")
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "etlsvc", "rollback", "big", "--to-run", str(n["id"]),
+         "--config", str(env.dir / "config.toml")],
+        env={**os.environ, "ETLSVC_DATABASE_URL": env.database_url},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        # Killed once the transaction has written (the history of the updated rows).
+        deadline = time.monotonic() + 60
+        while not await pool.fetchval(
+                "SELECT count(*) > 0 FROM pg_stat_activity WHERE query LIKE "
+                "'%UPDATE normalized_data n SET%' AND state = 'active' "
+                "AND pid <> pg_backend_pid()"):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # The server notices the client is gone and rolls the transaction back.
+    deadline = time.monotonic() + 30
+    while await pool.fetchval("SELECT count(*) FROM pg_stat_activity "
+                              "WHERE query LIKE '%normalized_data n SET%' "
+                              "AND pid <> pg_backend_pid()"):
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    assert await source_state(pool, "big") == before
+    assert await pool.fetchval("SELECT status FROM etl_runs WHERE trigger = 'rollback'") \
+        == "running"      # until the next run of the source (or the sweep) sees it is gone
+
+    result = env.cli("rollback", "big", "--to-run", str(n["id"]))
+    assert result.returncode == 0, result.stderr
+    assert "60,000 updated" in result.stderr
+    assert await source_state(pool, "big") == after_n
+    assert [r["status"] for r in await pool.fetch(
+        "SELECT status FROM etl_runs WHERE trigger = 'rollback' ORDER BY id")] == [
+        "interrupted", "succeeded"]
+
+
+async def test_a_rollback_moves_the_position_back_unless_told_to_keep_it(
+    env: Env, pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    """An append-only file: run N reads ten lines, N+1 the five appended after them (two
+    updates, three new keys). Rolled back to N, the offset goes back with the rows and the
+    next run reads the five lines again; rolled back keeping the position, it reads
+    nothing, and the table stays as it was after N."""
+    path = tmp_path / "a.csv"
+    path.write_text(rows_csv({i: f"t{i}" for i in range(1, 11)}))
+    cfg = env.config(csv_source("a", path, fields='source_id = "id"\ntitle = "title"'))
+    n = await run_source(cfg, "a")
+    after_n, position_n = await source_state(pool, "a"), await checkpoints(pool, "a")
+    with path.open("a") as f:
+        f.write("".join(f"{k},{t}\n" for k, t in
+                        [(3, "late"), (5, "late"), (11, "x"), (12, "x"), (13, "x")]))
+    n1 = await run_source(cfg, "a")
+    assert (n1["rows_read"], n1["rows_updated"], n1["rows_inserted"]) == (5, 2, 3)
+    after_n1 = await source_state(pool, "a")
+    async with db.open_database(cfg) as database:
+        done = await rollback.rollback(database, cfg.source("a"), n["id"])
+        assert done["checkpoints"] == 1 and await checkpoints(pool, "a") == position_n
+        assert await source_state(pool, "a") == after_n
+        again = await run_source(cfg, "a")
+        assert again["rows_read"] == 5
+        assert {r[1]: r[2] for r in (await source_state(pool, "a")).values()} == {
+            r[1]: r[2] for r in after_n1.values()}
+        position_end = await checkpoints(pool, "a")
+        await rollback.rollback(database, cfg.source("a"), n["id"], keep_position=True)
+        assert await checkpoints(pool, "a") == position_end
+        assert (await run_source(cfg, "a"))["rows_read"] == 0
+        assert await source_state(pool, "a") == after_n
