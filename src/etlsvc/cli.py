@@ -106,9 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--id", type=int, action="append", default=None, dest="ids",
                          metavar="ID", help="only this reject (repeatable)")
     purge = sub.add_parser("purge", parents=[common],
-                           help="delete raw rows and rejects older than retention_days")
+                           help="delete raw rows and rejects older than retention_days, and "
+                                "versions replaced longer ago than history_days")
     purge.add_argument("sources", nargs="*", metavar="SOURCE",
-                       help="sources to purge (default: all with retention_days)")
+                       help="sources to purge (default: all with retention_days or "
+                            "history_days)")
     serve = sub.add_parser("serve", parents=[common],
                            help="run the HTTP API and the scheduler")
     serve.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
@@ -329,17 +331,24 @@ async def _cdc(cfg: Config, args: argparse.Namespace) -> int:
 
 async def _purge(cfg: Config, args: argparse.Namespace) -> int:
     sources = [cfg.source(n) for n in args.sources] if args.sources else None
-    if sources and (none := [s.name for s in sources if s.retention_days is None]):
-        raise ConfigError(f"source {none[0]!r} has no retention_days: nothing to purge")
+    if sources and (none := [s.name for s in sources
+                             if s.retention_days is None and not s.history_days]):
+        raise ConfigError(f"source {none[0]!r} has neither retention_days nor history_days: "
+                          "nothing to purge")
     async with db.open_database(cfg) as database:
         done = await retention.purge(database.pool, cfg, sources)
     for name, counts in done.items():
-        print(f"{name}: {counts['raw']:,} raw row(s) and {counts['rejects']:,} reject(s) "
-              "purged" + (" (raw rows postponed: a replay is under way)"
-                          if counts["postponed"] else ""), file=sys.stderr)
+        what = []
+        if "raw" in counts:
+            what.append(f"{counts['raw']:,} raw row(s) and {counts['rejects']:,} reject(s)"
+                        + (" (raw rows postponed: a replay is under way)"
+                           if counts["postponed"] else ""))
+        if "versions" in counts:
+            what.append(f"{counts['versions']:,} replaced version(s)")
+        print(f"{name}: {'; '.join(what)} purged", file=sys.stderr)
     if not done:
-        print("nothing purged (no source has retention_days, or another process is "
-              "purging)", file=sys.stderr)
+        print("nothing purged (no source has retention_days or history_days, or another "
+              "process is purging)", file=sys.stderr)
     return EXIT_OK
 
 

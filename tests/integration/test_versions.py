@@ -451,3 +451,54 @@ async def test_a_rollback_moves_the_position_back_unless_told_to_keep_it(
         assert await checkpoints(pool, "a") == position_end
         assert (await run_source(cfg, "a"))["rows_read"] == 0
         assert await source_state(pool, "a") == after_n
+
+
+async def test_history_days_purges_old_versions_and_zero_keeps_none(
+    env: Env, pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    """A source with history_days = 1 loses the versions replaced more than a day ago to
+    `etlsvc purge`, and a read as of a moment that needed them answers 410 with the oldest
+    moment there is; a source with history_days = 0 keeps no version, is left out of reads
+    as of a moment, and named in one answers 410."""
+    kept, off = tmp_path / "kept.csv", tmp_path / "off.csv"
+    kept.write_text(rows_csv({1: "a", 2: "b"}))
+    off.write_text(rows_csv({1: "a", 2: "b"}))
+    fields = 'source_id = "id"\ntitle = "title"'
+    cfg = env.config(csv_source("kept", kept, fields=fields, extra="history_days = 1") +
+                     csv_source("off", off, fields=fields, extra="history_days = 0"))
+    for name in ("kept", "off"):
+        assert (await run_source(cfg, name))["status"] == "succeeded"
+    before = await pool.fetchval("SELECT pg_current_snapshot()::text")
+    kept.write_text(rows_csv({1: "a2", 2: "b2"}))
+    off.write_text(rows_csv({1: "a2", 2: "b2"}))
+    for name in ("kept", "off"):
+        assert (await run_source(cfg, name))["rows_updated"] == 2
+    assert await pool.fetchval("SELECT array_agg(DISTINCT source) FROM data_history") == [
+        "kept"]
+    async with AsyncTestClient(app=create_app(cfg)) as client:
+        then = (await client.get("/data", params={"as_of": before})).json()["data"]
+        assert [(r["source"], r["title"]) for r in then] == [("kept", "a"), ("kept", "b")]
+        r = await client.get("/data", params={"as_of": before, "source": "off"})
+        assert r.status_code == 410 and r.json()["error"]["code"] == "no_history"
+        # A day and a half later, for the versions: purged.
+        await pool.execute("UPDATE data_history SET ended_at = ended_at - interval '36 hours'")
+        result = env.cli("purge")
+        assert result.returncode == 0, result.stderr
+        assert "kept: 2 replaced version(s) purged" in result.stderr
+        assert await pool.fetchval("SELECT count(*) FROM data_history") == 0
+        gone = await client.get("/data", params={"as_of": before})
+        assert gone.status_code == 410, gone.text
+        error = gone.json()["error"]
+        assert error["code"] == "as_of_expired"
+        oldest = dt.datetime.fromisoformat(error["oldest"])
+        assert abs((dt.datetime.now(dt.UTC) - oldest) - dt.timedelta(days=1)) < \
+            dt.timedelta(minutes=5)
+        one = await pool.fetchval("SELECT id FROM normalized_data WHERE source = 'kept' "
+                                  "AND source_id = '1'")
+        assert (await client.get(f"/data/{one}", params={"as_of": before})).status_code == 410
+        now = await pool.fetchval("SELECT pg_current_snapshot()::text")
+        current = (await client.get("/data", params={"as_of": now})).json()["data"]
+        assert [(r["source"], r["title"]) for r in current] == [("kept", "a2"), ("kept", "b2")]
+        for bad in ("yesterday", "5:3:", "9-", "2999-01-01T00:00:00Z"):
+            r = await client.get("/data", params={"as_of": bad})
+            assert r.status_code == 400 and r.json()["error"]["code"] == "bad_as_of", bad

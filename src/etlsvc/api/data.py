@@ -199,8 +199,8 @@ async def get_record(
     else:
         moment = await versions.resolve(pool, as_of)
         row = await pool.fetchrow(db.query("versions", "data_one"), record_id, moment.snapshot)
-        if row is not None:
-            await versions.check_kept(pool, moment, row["source"])
+        # Not there then, or purged since (its source is not known then: any source's).
+        await versions.check_kept(pool, moment, None if row is None else row["source"])
     if row is None:
         raise NotFoundException(f"no record {record_id}" + (" then" if as_of else ""))
     record = dict(row)

@@ -1,4 +1,5 @@
-"""Retention: raw rows and rejects older than a source's ``retention_days``, purged.
+"""Retention: raw rows and rejects older than a source's ``retention_days``, and versions
+replaced longer ago than its ``history_days``, purged.
 
 Owns the maintenance job that ``etlsvc serve`` runs every ``server.maintenance_every_s``
 (one replica at a time: an advisory lock) and ``etlsvc purge`` runs once. It deletes in
@@ -40,17 +41,20 @@ async def lock_raw(conn: asyncpg.Connection, source: str, *, wait: bool) -> bool
 
 async def purge(pool: asyncpg.Pool, cfg: Config, sources: list[Source] | None = None, *,
                 batch: int = BATCH, pause: float = PAUSE) -> dict[str, dict[str, int]]:
-    """Purge each source with ``retention_days`` (all, or ``sources``); {source: {raw,
-    rejects}} deleted. Returns {} if another process is purging."""
+    """Purge each source with ``retention_days`` or ``history_days`` (all, or ``sources``);
+    {source: {raw, rejects, versions}} deleted. Returns {} if another process is purging."""
     async with pool.acquire() as conn:
         if not await db.try_lock(conn, _LOCK):
             log.info("purge skipped: another process is purging")
             return {}
         try:
-            done = {}
+            done: dict[str, dict[str, int]] = {}
             for src in sources or cfg.sources:
                 if src.retention_days is not None:
                     done[src.name] = await _purge_source(conn, src, batch, pause)
+                if src.history_days:
+                    done.setdefault(src.name, {})["versions"] = await _purge_versions(
+                        conn, src, batch, pause)
             return done
         finally:
             await db.unlock(conn, _LOCK)
@@ -94,6 +98,26 @@ async def _purge_source(conn: asyncpg.Connection, src: Source, batch: int,
     log.info("purged", source=src.name, raw_rows=counts["raw"], rejects=counts["rejects"],
              older_than=cutoff.isoformat())
     return counts
+
+
+async def _purge_versions(conn: asyncpg.Connection, src: Source, batch: int,
+                          pause: float) -> int:
+    """The source's versions replaced more than ``history_days`` ago (and its checkpoints'),
+    purged in batches; reads as of a moment before then answer 410 from now on."""
+    assert src.history_days
+    cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(days=src.history_days)
+    purged = 0
+    while True:
+        deleted = await conn.fetchval(db.query("versions", "purge"), src.name, cutoff, batch)
+        purged += deleted
+        if deleted < batch:
+            break
+        await asyncio.sleep(pause)
+    await conn.execute(db.query("versions", "purge_checkpoints"), src.name, cutoff)
+    if purged:
+        log.info("purged versions", source=src.name, versions=purged,
+                 replaced_before=cutoff.isoformat())
+    return purged
 
 
 async def prune_tombstones(pool: asyncpg.Pool, retention_days: float) -> None:

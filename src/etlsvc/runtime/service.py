@@ -107,10 +107,12 @@ class Service:
                     self.scheduled_run, parse_schedule(src.schedule), args=[src.name],
                     id=src.name, name=f"run {src.name}", coalesce=True, max_instances=1,
                     misfire_grace_time=MISFIRE_GRACE_S, replace_existing=True)
-        if any(src.retention_days is not None for src in self.cfg.sources):
+        if any(src.retention_days is not None or src.history_days
+               for src in self.cfg.sources):
             self.scheduler.add_job(
                 self.maintain, IntervalTrigger(seconds=self.cfg.server.maintenance_every_s),
-                id="maintenance", name="purge old raw rows and rejects", coalesce=True,
+                id="maintenance", name="purge old raw rows, rejects and versions",
+                coalesce=True,
                 max_instances=1, next_run_time=dt.datetime.now(dt.UTC) + dt.timedelta(
                     seconds=min(60.0, self.cfg.server.maintenance_every_s)))
         self.scheduler.start()
