@@ -311,3 +311,51 @@ async def test_console_fits_a_phone_and_keys_decide_what_it_may_do(
             await expect(page.locator(ready).first).to_be_visible(timeout=30_000)
         await page.screenshot(path=SHOTS / "phone-swagger.png")
         assert traffic.foreign == []
+
+
+async def test_a_run_rolls_back_from_its_page_after_a_confirmation_with_the_counts(
+        env: Env, pool: asyncpg.Pool, tmp_path: Path, browser: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run 1 loads three rows, run 2 changes one and adds one. On run 1's page, "Roll back to
+    this run…" asks first, saying what would change (a dry run); dismissed, nothing changes;
+    accepted, the table is run 1's again and the page is the rollback's run. A key without
+    the admin scope is refused and asked for another."""
+    monkeypatch.setenv("ETLSVC_API_KEYS", f"ops:run:{RUN_KEY},boss:admin:boss-secret")
+    path = tmp_path / "r.csv"
+    path.write_text("id,title\n1,a\n2,b\n3,c\n")
+    env.write_config(csv_source("r", path, fields='source_id = "id"\ntitle = "title"'))
+    assert env.cli("run", "r").returncode == 0
+    path.write_text("id,title\n1,a\n2,B\n3,c\n4,d\n")
+    assert env.cli("run", "r").returncode == 0
+    titles = "SELECT array_agg(title ORDER BY source_id) FROM normalized_data"
+    expect = playwright_api.expect
+    with servers(env) as (server,):
+        page, _ = await open_page(browser, server, "desktop", RUN_KEY)
+        await visit(page, "#/runs/1", "h1:has-text('Run #1')", "run-rollback")
+        button = page.get_by_role("button", name="Roll back to this run…")
+        await button.click()        # a run key: 403, and the key dialog
+        await expect(page.locator("#key-dialog")).to_be_visible()
+        await page.fill("#key-input", "boss-secret")
+        await page.click("dialog button[value=save]")
+        asked: list[str] = []
+
+        async def answer(dialog: Any, accept: bool) -> None:
+            asked.append(dialog.message)
+            await (dialog.accept() if accept else dialog.dismiss())
+
+        page.once("dialog", lambda d: answer(d, False))
+        await button.click()
+        for _ in range(100):
+            if asked:
+                break
+            await page.wait_for_timeout(50)
+        assert "Roll r back to its state right after run #1?" in asked[0]
+        assert "1 row(s) deleted, 1 updated, 0 inserted again" in asked[0]
+        assert await pool.fetchval(titles) == ["a", "B", "c", "d"]
+        page.once("dialog", lambda d: answer(d, True))
+        await button.click()
+        await expect(page).to_have_url(re.compile(r"#/runs/3$"))
+        await expect(page.locator("#flash")).to_contain_text("rolled back as run 3")
+        await expect(page.locator("h1")).to_contain_text("Run #3")
+        assert await pool.fetchval(titles) == ["a", "b", "c"]
+        assert not page.errors, page.errors

@@ -532,10 +532,29 @@ function runDetail(run) {
       `Rejects of this run (${num(run.rows_rejected)})`),
     link(hashWith("#/runs", { source: run.source }), `Runs of ${run.source}`));
   if (done && run.status !== "succeeded") actions.append(runButton([run.source], "Re-run"));
+  if (done && run.finished_as_of) actions.append(rollbackButton(run));
   out.push(actions);
   for (const w of notes.warnings ?? []) out.push(h("p", { class: "warn" }, w));
   out.push(...outcomes(notes));
   return out;
+}
+
+// Roll the source back to its state right after this run: the counts first (a dry run),
+// then a confirmation that shows them, then the rollback (an admin key).
+function rollbackButton(run) {
+  return h("button", { type: "button", class: "danger", onclick: async () => {
+    const body = { source: run.source, to_run: run.id };
+    const counts = await act("Roll back", "/etl/rollback", { ...body, dry_run: true });
+    if (!counts) return;
+    const changes = `${num(counts.deleted)} row(s) deleted, ${num(counts.updated)} updated, ` +
+      `${num(counts.inserted)} inserted again`;
+    if (!confirm(`Roll ${run.source} back to its state right after run #${run.id}?\n\n` +
+      `${changes}, in one transaction; the next run reads again what is rolled back.`)) return;
+    const done = await act("Roll back", "/etl/rollback", body);
+    if (!done) return;
+    flash(`rolled back as run ${done.run.id}: ${changes}`);
+    location.hash = `#/runs/${done.run.id}`;
+  } }, "Roll back to this run…");
 }
 
 function outcomes(notes) {
