@@ -98,8 +98,8 @@ async def test_a_body_that_is_not_json_is_a_415(client, content_type) -> None:
 
 
 @pytest.mark.parametrize(("path", "accepted"), [
-    ("/data", ["category", "cursor", "event_from", "event_to", "kind", "limit", "source",
-               "updated_since"]),
+    ("/data", ["as_of", "category", "cursor", "event_from", "event_to", "kind", "limit",
+               "source", "updated_since"]),
     ("/etl/runs", ["cursor", "limit", "source", "status"]),
     ("/etl/rejects", ["cursor", "limit", "run_id", "source", "status"]),
     ("/health", []),

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import msgspec
 from litestar import MediaType, Request, Response, get
 from litestar.exceptions import NotFoundException
+from litestar.openapi.spec import Example
 from litestar.params import FromQuery, PathParameter, QueryParameter
 
 from etlsvc import db
@@ -234,7 +235,8 @@ class Version(msgspec.Struct):
      **READ)
 async def record_history(
         request: Request,
-        record_id: Annotated[int, PathParameter(ge=0, le=db.MAX_ID)],
+        record_id: Annotated[int, PathParameter(ge=0, le=db.MAX_ID,
+                                                examples=[Example(value=1)])],
         limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
         cursor: FromQuery[str | None] = None) -> Response[dict[str, Any]]:
     """The record's versions, newest first, each with when it was valid and its lineage
