@@ -497,8 +497,15 @@ async def test_history_days_purges_old_versions_and_zero_keeps_none(
                                   "AND source_id = '1'")
         assert (await client.get(f"/data/{one}", params={"as_of": before})).status_code == 410
         now = await pool.fetchval("SELECT pg_current_snapshot()::text")
-        current = (await client.get("/data", params={"as_of": now})).json()["data"]
+        page = await client.get("/data", params={"as_of": now})
+        current = page.json()["data"]
         assert [(r["source"], r["title"]) for r in current] == [("kept", "a2"), ("kept", "b2")]
+        # A page as of a moment never changes: its ETag answers 304 after later writes too.
+        kept.write_text(rows_csv({1: "a3", 2: "b3"}))
+        assert (await run_source(cfg, "kept"))["rows_updated"] == 2
+        same = await client.get("/data", params={"as_of": now},
+                                headers={"If-None-Match": page.headers["etag"]})
+        assert same.status_code == 304
         for bad in ("yesterday", "5:3:", "9-", "2999-01-01T00:00:00Z"):
             r = await client.get("/data", params={"as_of": bad})
             assert r.status_code == 400 and r.json()["error"]["code"] == "bad_as_of", bad
