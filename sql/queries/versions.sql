@@ -42,23 +42,23 @@ SELECT coalesce((SELECT min(x) FROM hidden), pg_snapshot_xmax(ref.snap)) || ':' 
        coalesce((SELECT string_agg(x::text, ',' ORDER BY x) FROM hidden), '')
 FROM ref
 
--- name: ahead
--- Whether a snapshot sees a transaction this server has not seen end (a snapshot from a
--- replica further ahead, or made up): read as of it, the answer could change later.
+-- name: check
+-- Whether a moment can be read here: "ahead" if the snapshot sees a transaction this server
+-- has not seen end (a snapshot from a replica further ahead, or made up: read as of it, the
+-- answer could change later); and how far back versions can be read, per source that
+-- purged some (the transaction below which they are gone, the time before which they
+-- were) or keeps none.
 -- params: $1 snapshot
 WITH now AS (SELECT pg_current_snapshot() AS snap)
 SELECT pg_snapshot_xmax($1::text::pg_snapshot) > pg_snapshot_xmax(now.snap)
-    OR EXISTS (SELECT 1 FROM pg_snapshot_xip(now.snap) x
-               WHERE pg_visible_in_snapshot(x, $1::text::pg_snapshot))
+       OR EXISTS (SELECT 1 FROM pg_snapshot_xip(now.snap) x
+                  WHERE pg_visible_in_snapshot(x, $1::text::pg_snapshot)) AS ahead,
+       (SELECT json_agg(json_build_object('source', source, 'keep_days', keep_days,
+                                          'purged_xid', purged_xid::text,
+                                          'purged_before', purged_before))
+        FROM data_history_settings
+        WHERE purged_xid IS NOT NULL OR keep_days = 0) AS horizon
 FROM now
-
--- name: horizon
--- How far back versions can be read: the sources whose versions were purged, with the
--- transaction below which they are gone and the time before which they were, and the
--- sources that keep none.
-SELECT source, keep_days, purged_xid::text AS purged_xid, purged_before
-FROM data_history_settings
-WHERE purged_xid IS NOT NULL OR keep_days = 0
 
 -- name: data_page
 -- A page of GET /data as of a snapshot ($3): the current rows it sees, and the replaced

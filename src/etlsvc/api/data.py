@@ -171,7 +171,7 @@ async def _list_as_of(request: Request, pool: Any, as_of: str, filters: tuple[An
     the same moment, whatever is written meanwhile. Such a page never changes: its ETag is
     the query's."""
     moment = await versions.resolve(pool, as_of)
-    await versions.check_kept(pool, moment, filters[1])
+    await versions.check(pool, moment, filters[1])
     bound = (*filters, moment.snapshot)
     after = decode_cursor(cursor, bound) if cursor else 0
     given = {name: value for name, value in zip(DATA_FILTERS, filters[1:]) if value is not None}
@@ -201,7 +201,7 @@ async def get_record(
         moment = await versions.resolve(pool, as_of)
         row = await pool.fetchrow(db.query("versions", "data_one"), record_id, moment.snapshot)
         # Not there then, or purged since (its source is not known then: any source's).
-        await versions.check_kept(pool, moment, None if row is None else row["source"])
+        await versions.check(pool, moment, None if row is None else row["source"])
     if row is None:
         raise NotFoundException(f"no record {record_id}" + (" then" if as_of else ""))
     record = dict(row)

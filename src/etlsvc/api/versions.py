@@ -51,7 +51,8 @@ def _parse_time(text: str) -> dt.datetime | None:
 
 
 async def resolve(pool: Any, as_of: str) -> Moment:
-    """The moment ``as_of`` names; 400 if it names none, 503 if it cannot be answered yet."""
+    """The moment ``as_of`` names; 400 if it names none, 503 if a time cannot be answered
+    yet. Whether it can be read here is ``check``'s."""
     if (moment := _parse_snapshot(as_of)) is None:
         try:
             position = changes.parse_token(as_of)
@@ -68,10 +69,6 @@ async def resolve(pool: Any, as_of: str) -> Moment:
             raise ApiError(400, "bad_as_of", f"as_of={as_of!r} is neither a time (ISO 8601, "
                            "e.g. 2026-12-01T09:00:00Z), a change-feed token nor a snapshot "
                            "(the as_of of an earlier answer)")
-    if await pool.fetchval(db.query("versions", "ahead"), moment.snapshot):
-        raise ApiError(503, "as_of_ahead", "as_of names a moment this server has not reached "
-                       "yet (transactions it sees as done are still running here); retry",
-                       retry_after=1)
     return moment
 
 
@@ -91,24 +88,28 @@ async def _at_time(pool: Any, when: dt.datetime) -> Moment:
     return Moment(snapshot, int(snapshot.split(":", 1)[0]))
 
 
-async def check_kept(pool: Any, moment: Moment, source: str | None) -> None:
-    """410 if versions the moment needs were purged (for ``source``, or any source that
-    keeps versions), or if ``source`` keeps none."""
+async def check(pool: Any, moment: Moment, source: str | None) -> None:
+    """503 if this server has not reached the moment yet; 410 if versions it needs were
+    purged (for ``source``, or any source that keeps versions), or if ``source`` keeps
+    none. One query."""
+    row = await pool.fetchrow(db.query("versions", "check"), moment.snapshot)
+    if row["ahead"]:
+        raise ApiError(503, "as_of_ahead", "as_of names a moment this server has not reached "
+                       "yet (transactions it sees as done are still running here); retry",
+                       retry_after=1)
     oldest = None
-    for row in await pool.fetch(db.query("versions", "horizon")):
-        if source is not None and row["source"] != source:
+    for kept in row["horizon"] or ():
+        if source is not None and kept["source"] != source:
             continue
-        if row["keep_days"] == 0:
+        if kept["keep_days"] == 0:
             if source is not None:
                 raise ApiError(410, "no_history", f"source {source!r} keeps no versions "
                                "(history_days = 0): it can only be read as it is now")
             continue
-        if (row["purged_xid"] is not None and int(row["purged_xid"]) > moment.xmin
-                and (oldest is None or row["purged_before"] > oldest)):
-            oldest = row["purged_before"]
+        if kept["purged_xid"] is not None and int(kept["purged_xid"]) > moment.xmin:
+            before = dt.datetime.fromisoformat(kept["purged_before"])
+            oldest = before if oldest is None else max(oldest, before)
     if oldest is not None:
         raise ApiError(410, "as_of_expired", "versions from then are past history_days and "
                        f"were purged; the oldest moment available is {oldest.isoformat()}",
                        oldest=oldest.isoformat())
-
-
