@@ -42,62 +42,72 @@ SELECT coalesce((SELECT min(x) FROM hidden), pg_snapshot_xmax(ref.snap)) || ':' 
        coalesce((SELECT string_agg(x::text, ',' ORDER BY x) FROM hidden), '')
 FROM ref
 
--- name: check
--- Whether a moment can be read here: "ahead" if the snapshot sees a transaction this server
--- has not seen end (a snapshot from a replica further ahead, or made up: read as of it, the
--- answer could change later); and how far back versions can be read, per source that
--- purged some (the transaction below which they are gone, the time before which they
--- were) or keeps none.
--- params: $1 snapshot
-WITH now AS (SELECT pg_current_snapshot() AS snap)
-SELECT pg_snapshot_xmax($1::text::pg_snapshot) > pg_snapshot_xmax(now.snap)
-       OR EXISTS (SELECT 1 FROM pg_snapshot_xip(now.snap) x
-                  WHERE pg_visible_in_snapshot(x, $1::text::pg_snapshot)) AS ahead,
+-- name: moment_check
+-- Whether a moment ($S: its snapshot) can be read here, asked by the statements that read
+-- as of it (their chk), in the same round trip: "ahead" if the snapshot sees a transaction
+-- this server has not seen end (a snapshot from a replica further ahead, or made up: read
+-- as of it, the answer could change later); and how far back versions can be read, per
+-- source that purged some (the transaction below which they are gone, the time before
+-- which they were) or keeps none.
+SELECT pg_snapshot_xmax($S::text::pg_snapshot) > pg_snapshot_xmax(pg_current_snapshot())
+       OR EXISTS (SELECT 1 FROM pg_snapshot_xip(pg_current_snapshot()) x
+                  WHERE pg_visible_in_snapshot(x, $S::text::pg_snapshot)) AS ahead,
        (SELECT json_agg(json_build_object('source', source, 'keep_days', keep_days,
                                           'purged_xid', purged_xid::text,
                                           'purged_before', purged_before))
         FROM data_history_settings
         WHERE purged_xid IS NOT NULL OR keep_days = 0) AS horizon
-FROM now
 
 -- name: data_page
 -- A page of GET /data as of a snapshot ($3): the current rows it sees, and the replaced
 -- versions it saw (written by a transaction it sees, replaced by one it does not), in id
 -- order. The versions replaced after the snapshot are a short range of to_xid (from its
 -- xmin on). Sources that keep no versions are left out. The filters given are conditions
--- as in api.sql data_filters, numbered from $4.
+-- as in api.sql data_filters, numbered from $4. Each row ends with moment_check's columns;
+-- an empty page is one row of them alone (id NULL).
 -- params: $1 after id, $2 limit, $3 snapshot, then one per filter given
-SELECT * FROM (
-    (SELECT id, kind, source, source_id, title, description, category, amount::text AS amount,
-            url, tags, event_time, created_at, updated_at
-     FROM normalized_data
-     WHERE id > $1 AND pg_visible_in_snapshot(changed_xid, $3::text::pg_snapshot){filters}
-       AND source NOT IN (SELECT source FROM data_history_settings WHERE keep_days = 0)
-     ORDER BY id LIMIT $2)
-    UNION ALL
-    (SELECT id, kind, source, source_id, title, description, category, amount::text AS amount,
-            url, tags, event_time, created_at, updated_at
-     FROM data_history
-     WHERE id > $1 AND to_xid >= pg_snapshot_xmin($3::text::pg_snapshot)
-       AND pg_visible_in_snapshot(from_xid, $3::text::pg_snapshot)
-       AND NOT pg_visible_in_snapshot(to_xid, $3::text::pg_snapshot){filters}
-     ORDER BY id LIMIT $2)
-) v
-ORDER BY id LIMIT $2
+WITH chk AS ({check})
+SELECT v.*, chk.ahead, chk.horizon
+FROM chk LEFT JOIN LATERAL (
+    SELECT * FROM (
+        (SELECT id, kind, source, source_id, title, description, category,
+                amount::text AS amount, url, tags, event_time, created_at, updated_at
+         FROM normalized_data
+         WHERE id > $1 AND pg_visible_in_snapshot(changed_xid, $3::text::pg_snapshot){filters}
+           AND source NOT IN (SELECT source FROM data_history_settings WHERE keep_days = 0)
+         ORDER BY id LIMIT $2)
+        UNION ALL
+        (SELECT id, kind, source, source_id, title, description, category,
+                amount::text AS amount, url, tags, event_time, created_at, updated_at
+         FROM data_history
+         WHERE id > $1 AND to_xid >= pg_snapshot_xmin($3::text::pg_snapshot)
+           AND pg_visible_in_snapshot(from_xid, $3::text::pg_snapshot)
+           AND NOT pg_visible_in_snapshot(to_xid, $3::text::pg_snapshot){filters}
+         ORDER BY id LIMIT $2)
+    ) u
+    ORDER BY id LIMIT $2
+) v ON true
 
 -- name: data_one
--- One row as of a snapshot, with its lineage.
+-- One row as of a snapshot, with its lineage; then moment_check's columns (id NULL: not
+-- there then).
 -- params: $1 id, $2 snapshot
-SELECT id, kind, source, source_id, title, description, category, amount::text AS amount, url,
-       tags, event_time, created_at, updated_at, raw_table, raw_id, run_id
-FROM normalized_data
-WHERE id = $1 AND pg_visible_in_snapshot(changed_xid, $2::text::pg_snapshot)
-UNION ALL
-SELECT id, kind, source, source_id, title, description, category, amount::text AS amount, url,
-       tags, event_time, created_at, updated_at, raw_table, raw_id, run_id
-FROM data_history
-WHERE id = $1 AND pg_visible_in_snapshot(from_xid, $2::text::pg_snapshot)
-  AND NOT pg_visible_in_snapshot(to_xid, $2::text::pg_snapshot)
+WITH chk AS ({check})
+SELECT v.*, chk.ahead, chk.horizon
+FROM chk LEFT JOIN LATERAL (
+    SELECT id, kind, source, source_id, title, description, category,
+           amount::text AS amount, url, tags, event_time, created_at, updated_at, raw_table,
+           raw_id, run_id
+    FROM normalized_data
+    WHERE id = $1 AND pg_visible_in_snapshot(changed_xid, $2::text::pg_snapshot)
+    UNION ALL
+    SELECT id, kind, source, source_id, title, description, category,
+           amount::text AS amount, url, tags, event_time, created_at, updated_at, raw_table,
+           raw_id, run_id
+    FROM data_history
+    WHERE id = $1 AND pg_visible_in_snapshot(from_xid, $2::text::pg_snapshot)
+      AND NOT pg_visible_in_snapshot(to_xid, $2::text::pg_snapshot)
+) v ON true
 
 -- name: history
 -- A row's versions, newest first: the current one (to_xid NULL) and the replaced ones,

@@ -509,3 +509,88 @@ async def test_history_days_purges_old_versions_and_zero_keeps_none(
         for bad in ("yesterday", "5:3:", "9-", "2999-01-01T00:00:00Z"):
             r = await client.get("/data", params={"as_of": bad})
             assert r.status_code == 400 and r.json()["error"]["code"] == "bad_as_of", bad
+
+
+async def test_the_feed_of_every_version_under_four_racing_writers_skips_and_repeats_none(
+    env: Env, database_url: str, pool: asyncpg.Pool
+) -> None:
+    """Four writers update and delete rows of their own sources in transactions that commit
+    out of order, while a consumer follows GET /data/changes?versions=all of a real server
+    in pages of 7. Every version a transaction left is delivered once, each row's in the
+    order written, its delete last; a version a transaction wrote and replaced itself was
+    never seen, and is not sent."""
+    rng = random.Random(20261204)
+    writers = await asyncpg.create_pool(database_url, min_size=4, max_size=4,
+                                        init=db.init_connection)
+    expected: dict[tuple[str, str], list[str]] = {}
+    committed: list[int] = []
+    done = asyncio.Event()
+
+    async def writer(w: int) -> None:
+        source, live, fresh = f"w{w}", set(), 0
+        async with writers.acquire() as conn:
+            for step in range(30):
+                wrote: dict[str, str] = {}
+                async with conn.transaction():
+                    xid = await conn.fetchval("SELECT pg_current_xact_id()")
+                    keys = [f"k{fresh + i}" for i in range(2)] + rng.sample(
+                        sorted(live), min(2, len(live)))
+                    fresh += 2
+                    wrote = {k: f"{step}" for k in keys}
+                    await write(conn, source, wrote)
+                    live.update(keys)
+                    if rng.random() < 0.5:      # and by hand, in the same transaction
+                        key = rng.choice(sorted(live))
+                        await conn.execute("UPDATE normalized_data SET title = $3 WHERE "
+                                           "source = $1 AND source_id = $2", source, key,
+                                           f"{step}-sql")
+                        wrote[key] = f"{step}-sql"
+                    gone = None
+                    if len(live) > 4 and rng.random() < 0.4:
+                        gone = rng.choice(sorted(live))
+                        live.discard(gone)
+                        await conn.execute("DELETE FROM normalized_data WHERE source = $1 "
+                                           "AND source_id = $2", source, gone)
+                    await asyncio.sleep(rng.uniform(0, 0.02))
+                committed.append(xid)
+                for key, title in wrote.items():
+                    if key != gone:             # a version its own transaction replaced
+                        expected.setdefault((source, key), []).append(title)
+                if gone:
+                    expected.setdefault((source, gone), []).append("deleted")
+                await asyncio.sleep(rng.uniform(0, 0.01))
+
+    delivered: list[dict] = []
+
+    async def consumer(client: httpx.AsyncClient) -> None:
+        after = "0"
+        while True:
+            finished = done.is_set()
+            r = await client.get("/data/changes", params={
+                "after": after, "limit": 7, "versions": "all", "wait": 1 if finished else 0})
+            assert r.status_code == 200, r.text
+            page = r.json()
+            delivered.extend(page["data"])
+            after = page["metadata"]["pagination"]["next"]
+            if finished and not page["data"] and int(after.split("-")[0]) > max(committed):
+                return
+            await asyncio.sleep(rng.uniform(0, 0.02))
+
+    env.write_config("")
+    try:
+        with servers(env) as (server,):
+            async with httpx.AsyncClient(base_url=server.base, timeout=30) as client:
+                reader = asyncio.create_task(consumer(client))
+                await asyncio.gather(*(writer(w) for w in range(4)))
+                done.set()
+                await reader
+    finally:
+        await writers.close()
+    assert committed != sorted(committed)       # commits did land out of xid order
+    tokens = [tuple(map(int, c["token"].split("-"))) for c in delivered]
+    assert tokens == sorted(tokens) and len(set(tokens)) == len(tokens)
+    got: dict[tuple[str, str], list[str]] = {}
+    for c in delivered:
+        got.setdefault((c["source"], c["source_id"]), []).append(
+            "deleted" if c["op"] == "delete" else c["record"]["title"])
+    assert got == expected

@@ -83,7 +83,7 @@ def as_of_page_sql(given: tuple[str, ...]) -> str:
     """The statement of a /data page as of a moment with the filters ``given``."""
     conditions = "".join(f"\n       AND {DATA_FILTERS[name].strip().format(n=i)}"
                          for i, name in enumerate(given, 4))
-    return db.query("versions", "data_page").replace("{filters}", conditions)
+    return versions.reading_sql("data_page", "$3").replace("{filters}", conditions)
 
 
 @cache
@@ -171,17 +171,17 @@ async def _list_as_of(request: Request, pool: Any, as_of: str, filters: tuple[An
     the same moment, whatever is written meanwhile. Such a page never changes: its ETag is
     the query's."""
     moment = await versions.resolve(pool, as_of)
-    await versions.check(pool, moment, filters[1])
     bound = (*filters, moment.snapshot)
     after = decode_cursor(cursor, bound) if cursor else 0
     given = {name: value for name, value in zip(DATA_FILTERS, filters[1:]) if value is not None}
     etag = '"' + hashlib.blake2b(msgspec.json.encode([str(f) for f in bound] + [after, limit]),
                                  digest_size=16).hexdigest() + '"'
+    read = await pool.fetch(as_of_page_sql(tuple(given)), after, limit + 1, moment.snapshot,
+                            *given.values())
+    versions.check(read[0], moment, filters[1])
     if request.headers.get("if-none-match") == etag:
         return Response(content=None, status_code=304, headers={"ETag": etag})
-    rows, pagination = keyset_page(
-        await pool.fetch(as_of_page_sql(tuple(given)), after, limit + 1, moment.snapshot,
-                         *given.values()), limit, bound)
+    rows, pagination = keyset_page([r for r in read if r["id"] is not None], limit, bound)
     pagination["as_of"] = moment.snapshot
     return _page(request, rows, pagination, etag)
 
@@ -199,12 +199,14 @@ async def get_record(
         row = await pool.fetchrow(db.query("api", "data_one"), record_id)
     else:
         moment = await versions.resolve(pool, as_of)
-        row = await pool.fetchrow(db.query("versions", "data_one"), record_id, moment.snapshot)
+        read = await pool.fetchrow(versions.reading_sql("data_one", "$2"), record_id,
+                                   moment.snapshot)
+        row = read if read["id"] is not None else None
         # Not there then, or purged since (its source is not known then: any source's).
-        await versions.check(pool, moment, None if row is None else row["source"])
+        versions.check(read, moment, None if row is None else row["source"])
     if row is None:
         raise NotFoundException(f"no record {record_id}" + (" then" if as_of else ""))
-    record = dict(row)
+    record = {k: v for k, v in row.items() if k not in ("ahead", "horizon")}
     table = record.pop("raw_table")
     if table not in {k.raw_table for k in KINDS.values()}:
         raise ApiError(500, "internal", "unknown raw table")
@@ -258,7 +260,7 @@ async def record_history(
         ended = None if r["to_xid"] is None else (
             "delete" if deleted and i == 0 else "update")
         out.append(Version(
-            DataRow(*(r[name] for name in DataRow.__struct_fields__)),
+            DataRow(*r[:_DATA_COLUMNS]),
             r["valid_from"], r["valid_to"], str(r["from_xid"]),
             None if r["to_xid"] is None else str(r["to_xid"]), ended,
             {"run_id": r["run_id"], "run": f"/runs/{r['run_id']}",

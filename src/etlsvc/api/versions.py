@@ -88,11 +88,17 @@ async def _at_time(pool: Any, when: dt.datetime) -> Moment:
     return Moment(snapshot, int(snapshot.split(":", 1)[0]))
 
 
-async def check(pool: Any, moment: Moment, source: str | None) -> None:
-    """503 if this server has not reached the moment yet; 410 if versions it needs were
-    purged (for ``source``, or any source that keeps versions), or if ``source`` keeps
-    none. One query."""
-    row = await pool.fetchrow(db.query("versions", "check"), moment.snapshot)
+def reading_sql(name: str, snapshot_param: str) -> str:
+    """versions.sql's statement ``name`` with the check of its moment (``moment_check``,
+    on its snapshot parameter) in it: one round trip reads and checks."""
+    check = db.query("versions", "moment_check").replace("$S", snapshot_param)
+    return db.query("versions", name).replace("{check}", check)
+
+
+def check(row: Any, moment: Moment, source: str | None) -> None:
+    """From the check's columns of a read as of ``moment`` (``reading_sql``): 503 if this
+    server has not reached the moment yet; 410 if versions it needs were purged (for
+    ``source``, or any source that keeps versions), or if ``source`` keeps none."""
     if row["ahead"]:
         raise ApiError(503, "as_of_ahead", "as_of names a moment this server has not reached "
                        "yet (transactions it sees as done are still running here); retry",
