@@ -112,7 +112,7 @@ FROM chk LEFT JOIN LATERAL (
 -- name: history
 -- A row's versions, newest first: the current one (to_xid NULL) and the replaced ones,
 -- each with the stamps of the transactions that wrote and replaced it, before the version
--- replaced by $2 (keyset; NULL: from the newest).
+-- replaced by $2 (keyset; NULL: from the newest). The first 13 columns are GET /data's.
 -- params: $1 id, $2 before to_xid (text, or NULL), $3 limit
 SELECT v.*, w.at AS valid_from, e.at AS valid_to
 FROM (

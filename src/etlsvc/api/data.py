@@ -218,6 +218,15 @@ async def get_record(
     return envelope(request, record)
 
 
+class Lineage(msgspec.Struct):
+    """What produced a version: its run (``run``: where to read it) and raw row."""
+
+    run_id: int
+    run: str
+    raw_table: str
+    raw_id: int
+
+
 class Version(msgspec.Struct):
     """One version of a record: its content, when it was valid (the stamps of the
     transactions that wrote and replaced it; ``valid_to`` null: it is the current one) and
@@ -230,7 +239,7 @@ class Version(msgspec.Struct):
     to_xid: str | None
     #: What ended it: ``update``, ``delete``, or null for the current version.
     ended_by: str | None
-    lineage: dict[str, Any]
+    lineage: Lineage
 
 
 @get("/data/{record_id:int}/history", summary="Every version of a record, newest first",
@@ -263,8 +272,7 @@ async def record_history(
             DataRow(*r[:_DATA_COLUMNS]),
             r["valid_from"], r["valid_to"], str(r["from_xid"]),
             None if r["to_xid"] is None else str(r["to_xid"]), ended,
-            {"run_id": r["run_id"], "run": f"/runs/{r['run_id']}",
-             "raw_table": r["raw_table"], "raw_id": r["raw_id"]}))
+            Lineage(r["run_id"], f"/etl/runs/{r['run_id']}", r["raw_table"], r["raw_id"])))
     nxt = encode_cursor(int(rows[-1]["to_xid"]), ("history", record_id)) \
         if more and rows[-1]["to_xid"] is not None else None
     meta = encode_json(envelope(request, None, {"limit": limit, "next_cursor": nxt,
