@@ -1,6 +1,7 @@
 """What data versioning costs (issue #24): this tree against the commit before it, interleaved.
 
 usage: python bench/bench_versions.py [--against REV] [--rows N] [--rounds R] [--duration S]
+       python bench/bench_versions.py --history-only DB_URL [--row ID]
 
 REV (default b192a31, the last commit before versioning) is checked out in a temporary
 worktree. Each round, for this tree and for REV in turn, on a fresh database:
@@ -111,7 +112,13 @@ def main() -> None:
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--database-url", default=os.environ.get(
         "ETLSVC_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"))
+    ap.add_argument("--history-only", metavar="DB",
+                    help="only the history requests, on the database of an earlier run")
+    ap.add_argument("--row", type=int, default=1, help="with --history-only: its row")
     args = ap.parse_args()
+    if args.history_only:
+        history_only(args.history_only, args.row)
+        return
     first = generate(args.rows)
     second = changed_copy(first)
     work = Path(tempfile.mkdtemp(prefix="etlsvc-bench-versions-"))
@@ -185,18 +192,7 @@ def run(args: argparse.Namespace, first: Path, second: Path, work: Path, base: P
                 UPDATE normalized_data SET title = 'v' || i WHERE id = {row};
                 COMMIT;
             END LOOP; END $$""")
-        history = {}
-        with httpx.Client() as client:
-            for limit in (100, 1000):
-                url = f"{e}/data/{row}/history?limit={limit}"
-                assert len(client.get(url).json()["data"]) == limit
-                took = []
-                for _ in range(500):
-                    start = time.perf_counter()
-                    client.get(url).raise_for_status()
-                    took.append((time.perf_counter() - start) * 1000)
-                took.sort()
-                history[limit] = (took[len(took) // 2], took[int(len(took) * 0.99)])
+        history = measure_history(e, row)
     finally:
         for s in servers:
             s.terminate()
@@ -228,6 +224,48 @@ def run(args: argparse.Namespace, first: Path, second: Path, work: Path, base: P
            "after another: " + "; ".join(
                f"`limit={limit}` p50 {p50:.1f} ms, p99 {p99:.1f} ms"
                for limit, (p50, p99) in history.items()) + ".\n")
+
+
+def measure_history(base: str, row: int) -> dict[int, tuple[float, float]]:
+    """p50 and p99 (ms) of 500 requests, one after another, for the row's history in
+    pages of 100 and of 1,000."""
+    history = {}
+    with httpx.Client() as client:
+        for limit in (100, 1000):
+            url = f"{base}/data/{row}/history?limit={limit}"
+            assert len(client.get(url).json()["data"]) == limit
+            took = []
+            for _ in range(500):
+                start = time.perf_counter()
+                client.get(url).raise_for_status()
+                took.append((time.perf_counter() - start) * 1000)
+            took.sort()
+            history[limit] = (took[len(took) // 2], took[int(len(took) * 0.99)])
+    return history
+
+
+def history_only(db: str, row: int) -> None:
+    """Only the history requests, on a database a full run left (its row of 1,000
+    versions), by this tree's server pinned to CPU 0."""
+    os.sched_setaffinity(0, {1})
+    config = Path(tempfile.mkdtemp()) / "config.toml"
+    config.write_text('[server]\nrate_limit_per_minute = 100000000\n[log]\nlevel = "warning"\n')
+    server = subprocess.Popen(
+        ["taskset", "-c", "0", sys.executable, "-m", "etlsvc", "serve", "--port", "8413",
+         "--config", str(config)], env={**os.environ, "ETLSVC_DATABASE_URL": db},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait("http://127.0.0.1:8413/health")
+        history = measure_history("http://127.0.0.1:8413", row)
+    finally:
+        server.terminate()
+        server.wait()
+    head = sh("git", "rev-parse", "--short", "HEAD").stdout.strip()
+    record(f"\n### {dt.date.today()}: `python bench/bench_versions.py --history-only DB` "
+           f"(this tree: `{head}`)\n\n{machine()}\n\n`GET /data/{{id}}/history` of a row "
+           "with 1,000 versions, 500 requests one after another (client on CPU 1): " +
+           "; ".join(f"`limit={limit}` p50 {p50:.1f} ms, p99 {p99:.1f} ms"
+                     for limit, (p50, p99) in history.items()) + ".\n")
 
 
 if __name__ == "__main__":
