@@ -594,3 +594,55 @@ async def test_the_feed_of_every_version_under_four_racing_writers_skips_and_rep
         got.setdefault((c["source"], c["source_id"]), []).append(
             "deleted" if c["op"] == "delete" else c["record"]["title"])
     assert got == expected
+
+
+async def test_four_sources_loading_while_a_reader_pages_as_of_fixed_moments(
+    env: Env, pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    """Four CSV sources load run after run (rows changed, added and, with deletes =
+    "detect", deleted) while a reader takes REPEATABLE READ snapshots and pages through a
+    real server's GET /data as of each, in pages of 9: every walk equals its snapshot."""
+    rng = random.Random(24)
+    fields = 'source_id = "id"\ntitle = "title"'
+    paths = {f"s{i}": tmp_path / f"s{i}.csv" for i in range(4)}
+    for path in paths.values():
+        path.write_text(rows_csv({k: "v0" for k in range(300)}))
+    sources = "".join(csv_source(name, path, fields=fields,
+                                 extra='deletes = "detect"\nbatch_size = 40')
+                      for name, path in paths.items())
+    env.write_config(sources)      # for the server
+    cfg = env.config(sources)
+    done = asyncio.Event()
+    walks = during = 0
+
+    async def loader(name: str) -> None:
+        rows = {k: "v0" for k in range(300)}
+        for run in range(1, 7):
+            assert (await run_source(cfg, name))["status"] == "succeeded"
+            for k in rng.sample(sorted(rows), 40):
+                rows[k] = f"v{run}"
+            for k in rng.sample(sorted(rows), 10):
+                del rows[k]
+            rows.update({1000 * run + i: f"v{run}" for i in range(15)})
+            paths[name].write_text(rows_csv(rows))
+
+    async def reader(client: httpx.AsyncClient) -> None:
+        nonlocal walks, during
+        while not done.is_set() or walks < 3:
+            async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
+                snap, expected = await table_at(conn)
+            got, seen = await pages(client, limit=9, as_of=snap)
+            assert seen == {snap} and got == expected
+            walks += 1
+            during += not done.is_set()
+
+    with servers(env) as (server,):
+        async with httpx.AsyncClient(base_url=server.base, timeout=30) as client:
+            read = asyncio.create_task(reader(client))
+            try:
+                await asyncio.gather(*(loader(name) for name in paths))
+            finally:
+                done.set()
+            await read
+    assert during >= 3, "the reader walked too little while the sources loaded"
+    assert await pool.fetchval("SELECT count(*) FROM data_history") > 0
