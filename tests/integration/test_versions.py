@@ -22,8 +22,8 @@ from litestar.testing import AsyncTestClient
 
 from etlsvc import db
 from etlsvc.api.app import create_app
-from etlsvc.runtime import rollback, runs
-from tests.conftest import Env, csv_source, run_source
+from etlsvc.runtime import pipeline, rollback, runs
+from tests.conftest import Env, csv_source, run_source, shared_workers
 from tests.integration.test_changes import drain, sse_events, write
 from tests.integration.test_service import servers
 
@@ -85,16 +85,24 @@ async def pages(client: Any, limit: int = 7, **params: Any) -> tuple[list[dict],
 
 
 async def test_a_row_updated_a_thousand_times_by_loads_and_by_sql_has_every_version(
-    env: Env, pool: asyncpg.Pool
+    env: Env, pool: asyncpg.Pool, tmp_path: Path
 ) -> None:
-    """Loads (the write path of every kind) and an operator's UPDATEs by hand take turns on
-    one row; its history lists all 1,001 versions, newest first, each valid from when the
-    one before it ended, with the run and raw row that wrote it (the operator's keep the
-    lineage of the row they changed). Unchanged reloads write no version."""
-    async with pool.acquire() as conn:
+    """Runs of a CSV source (every tenth change), the write path they and every kind use,
+    and an operator's UPDATEs by hand take turns on one row. Its history lists all 1,001
+    versions, newest first, each valid from when the one before it ended, with the run and
+    raw row that wrote it (the operator's keep the lineage of the row they changed).
+    Unchanged reloads write no version."""
+    path = tmp_path / "s.csv"
+    cfg = env.config(csv_source("s", path, fields='source_id = "id"\ntitle = "title"'))
+    async with db.open_database(cfg) as database, pool.acquire() as conn:
         await write(conn, "s", {"k": "v0", "other": "x"})
         for i in range(1, 1001):
-            if i % 2:
+            if i % 10 == 1:           # a real run of the source, every tenth change
+                path.write_text(f"id,title\nk,v{i}\n")
+                run = await pipeline.run_source(database, cfg, cfg.source("s"),
+                                                shared_workers())
+                assert run["rows_updated"] == 1, run
+            elif i % 2:
                 await write(conn, "s", {"k": f"v{i}"})
                 await write(conn, "s", {"k": f"v{i}"})      # unchanged: no version
             else:
@@ -119,13 +127,17 @@ async def test_a_row_updated_a_thousand_times_by_loads_and_by_sql_has_every_vers
             assert (dt.datetime.fromisoformat(older["valid_from"])
                     < dt.datetime.fromisoformat(older["valid_to"]))
         # Lineage: a load's version names its raw row; the operator's keeps the load's.
-        raw = {r["id"]: r["record"]["title"] for r in await pool.fetch(
-            "SELECT id, record FROM raw_api_data WHERE source_key = 'k'")}
+        raw = {(table, r["id"]): r["record"]["title"]
+               for table in ("raw_api_data", "raw_csv_data") for r in await pool.fetch(
+                   f"SELECT id, record FROM {table} WHERE source_key = 'k'")}
         for v in versions:
             title = v["record"]["title"]
             loaded = int(title[1:]) % 2 or title == "v0"
             expected = title if loaded else f"v{int(title[1:]) - 1}"
-            assert raw[v["lineage"]["raw_id"]] == expected, v
+            lineage = v["lineage"]
+            assert raw[lineage["raw_table"], lineage["raw_id"]] == expected, v
+            assert lineage["raw_table"] == (
+                "raw_csv_data" if int(expected[1:]) % 10 == 1 else "raw_api_data"), v
         # The other row was never changed: one version.
         other = await pool.fetchval("SELECT id FROM normalized_data WHERE source_id = 'other'")
         only = (await client.get(f"/data/{other}/history")).json()["data"]
