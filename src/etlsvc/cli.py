@@ -409,9 +409,9 @@ async def _serve(cfg: Config, args: argparse.Namespace) -> int:
     # The cyclic collector, tuned for a server: what startup made (modules, the app, the
     # config) is frozen out of every collection, and the youngest generation is collected
     # after 50,000 allocations, not 700. A page of 1,000 record versions allocates tens of
-    # thousands of objects: fetching and encoding such pages in a loop with the default
-    # thresholds, the p99 of building and encoding one was 33-50 ms against a p50 of
-    # 2.5-4 ms; with no collection, 6.7 ms (bench/RESULTS.md, #24).
+    # thousands of objects: building and encoding such pages in a loop, the default
+    # thresholds made the p99 37 ms against a p50 of 1.9 ms; with no collection, 3.9 ms
+    # (bench/profile_history.py, bench/RESULTS.md).
     gc.freeze()
     gc.set_threshold(50_000, 20, 10)
     loop = asyncio.get_running_loop()
