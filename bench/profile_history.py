@@ -1,8 +1,8 @@
 """Where a 1,000-version history page spends its time, in one process: the fetch, and
 building and encoding the answer, 500 times, with the garbage collector as configured
-(default thresholds) or off (``--no-gc``).
+(default thresholds), off (``--no-gc``), or as ``etlsvc serve`` sets it (``--serve-gc``).
 
-usage: python bench/profile_history.py DATABASE_URL [--row ID] [--no-gc]
+usage: python bench/profile_history.py DATABASE_URL [--row ID] [--no-gc | --serve-gc]
 
 DATABASE_URL is a database that `bench/bench_versions.py` left (a row of 1,000 versions).
 """
@@ -27,10 +27,15 @@ async def main() -> None:
     ap.add_argument("url")
     ap.add_argument("--row", type=int, default=1)
     ap.add_argument("--no-gc", action="store_true")
+    ap.add_argument("--serve-gc", action="store_true",
+                    help="the collector as `etlsvc serve` sets it")
     args = ap.parse_args()
     os.sched_setaffinity(0, {0})
     if args.no_gc:
         gc.disable()
+    if args.serve_gc:
+        gc.freeze()
+        gc.set_threshold(50_000, 20, 10)
     pool = await asyncpg.create_pool(args.url, init=db.init_connection)
     query = db.query("versions", "history")
     fetch, build = [], []
