@@ -18,12 +18,13 @@ from etlsvc.api.http import (
     READ,
     WRITE_ERRORS,
     ApiError,
+    configured_source,
     envelope,
     read_pool,
     require_json_body,
     service_of,
 )
-from etlsvc.errors import BackfillError, ConfigError
+from etlsvc.errors import BackfillError
 from etlsvc.runtime import backfill
 
 _STATUS = {"no_backfill": 422, "bad_range": 422, "backfill_open": 409,
@@ -55,10 +56,7 @@ async def start_backfill(request: Request, data: JSONBody[BackfillRequest]) -> d
     Its progress is at ``GET /etl/backfill/{id}``. 409 if another range of the source is
     pending or running."""
     service = service_of(request)
-    try:
-        src = service.cfg.source(data.source)
-    except ConfigError as exc:
-        raise ApiError(404, "unknown_source", str(exc)) from None
+    src = configured_source(request, data.source)
     try:
         row = await backfill.create(service.database.pool, src, stream=data.table,
                                     start=data.start, end=data.end)

@@ -31,6 +31,8 @@ from litestar.openapi.spec import Example
 
 from etlsvc import db
 from etlsvc.api import auth
+from etlsvc.config import Source
+from etlsvc.errors import ConfigError
 from etlsvc.runtime.service import Service
 
 
@@ -133,6 +135,14 @@ encode_json = msgspec.json.Encoder().encode
 
 def service_of(request: Request) -> Service:
     return request.app.state.service
+
+
+def configured_source(request: Request, name: str) -> Source:
+    """The configured source a request names; 404 (``unknown_source``) if there is none."""
+    try:
+        return service_of(request).cfg.source(name)
+    except ConfigError as exc:
+        raise ApiError(404, "unknown_source", str(exc)) from None
 
 
 def read_pool(request: Request) -> Any:

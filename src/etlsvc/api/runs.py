@@ -21,6 +21,7 @@ from etlsvc.api.http import (
     READ,
     WRITE_ERRORS,
     ApiError,
+    configured_source,
     decode_cursor,
     encode_json,
     envelope,
@@ -29,7 +30,7 @@ from etlsvc.api.http import (
     require_json_body,
     service_of,
 )
-from etlsvc.errors import ConfigError, RollbackError, SourceBusy
+from etlsvc.errors import RollbackError, SourceBusy
 from etlsvc.extract import KINDS
 from etlsvc.runtime import retry, rollback
 
@@ -49,11 +50,8 @@ async def start_runs(request: Request, data: JSONBody[RunRequest | None] = None)
     already (409 lists them); 202 with their ids."""
     service = service_of(request)
     body = data or RunRequest()
-    try:
-        sources = [service.cfg.source(n) for n in body.sources] if body.sources else [
-            s for s in service.cfg.sources if not KINDS[s.kind].continuous]
-    except ConfigError as exc:
-        raise ApiError(404, "unknown_source", str(exc)) from None
+    sources = [configured_source(request, n) for n in body.sources] if body.sources else [
+        s for s in service.cfg.sources if not KINDS[s.kind].continuous]
     if streams := [s.name for s in sources if KINDS[s.kind].continuous]:
         raise ApiError(409, "continuous_source", f"source {streams[0]!r} is a stream: "
                        "`etlsvc serve` consumes it continuously, so it cannot be started "
@@ -163,13 +161,6 @@ class RejectsRequest(msgspec.Struct, forbid_unknown_fields=True):
                    msgspec.Meta(min_length=1, max_length=10_000)] | None = None
 
 
-def _rejects_source(request: Request, body: RejectsRequest) -> Any:
-    try:
-        return service_of(request).cfg.source(body.source)
-    except ConfigError as exc:
-        raise ApiError(404, "unknown_source", str(exc)) from None
-
-
 @post("/etl/rejects/retry", status_code=200,
       summary="Validate open rejects again and load the valid ones (API key required)",
       responses=WRITE_ERRORS, opt={"scope": "run"}, guards=[require_json_body])
@@ -178,7 +169,7 @@ async def retry_rejects(request: Request, data: JSONBody[RejectsRequest]) -> dic
     ones now valid (raw row, normalized row and the reject's status in one transaction,
     each once even if retries race). Answers with the retry run: ``rows_valid`` loaded,
     ``rows_rejected`` still open."""
-    src = _rejects_source(request, data)
+    src = configured_source(request, data.source)
     try:
         row = await retry.retry(service_of(request).database, src, run_id=data.run_id,
                                 ids=data.ids)
@@ -193,7 +184,7 @@ async def retry_rejects(request: Request, data: JSONBody[RejectsRequest]) -> dic
       responses=WRITE_ERRORS, opt={"scope": "run"}, guards=[require_json_body])
 async def ignore_rejects(request: Request, data: JSONBody[RejectsRequest]) -> dict[str, Any]:
     """Mark the source's open rejects (of a run, or by id) ignored: nobody will fix them."""
-    src = _rejects_source(request, data)
+    src = configured_source(request, data.source)
     count = await retry.ignore(service_of(request).database, src, run_id=data.run_id,
                                ids=data.ids)
     return envelope(request, {"source": src.name, "ignored": count})
@@ -224,10 +215,7 @@ async def roll_back(request: Request, data: JSONBody[RollbackRequest]) -> dict[s
     checkpoints go back too, unless ``keep_position``. ``dry_run``: only the counts
     (``deleted``, ``updated``, ``inserted``). 409 while the source runs."""
     service = service_of(request)
-    try:
-        src = service.cfg.source(data.source)
-    except ConfigError as exc:
-        raise ApiError(404, "unknown_source", str(exc)) from None
+    src = configured_source(request, data.source)
     try:
         done = await rollback.rollback(service.database, src, data.to_run,
                                        keep_position=data.keep_position, dry_run=data.dry_run)
