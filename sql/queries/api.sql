@@ -62,11 +62,17 @@ updated_since   updated_at >= ${n}
 -- in (xid, id) order, only below the horizon: the xmin of this statement's snapshot, under
 -- which every transaction has ended (committed and visible here, or rolled back). One row
 -- even when nothing is new (change columns null), to give the horizon and the retention
--- limit (the last tombstone pruned). A row's op is "insert" when it was created by the
--- transaction that last wrote it.
--- params: $1 after xid, $2 after id, $3 limit
+-- limits (the last tombstone pruned; with $4, the versions purged). A row's op is "insert"
+-- when it was created by the transaction that last wrote it.
+-- With $4 (GET /data/changes?versions=all) the replaced versions too
+-- (sql/migrations/0016_versions.sql), each at the position of the transaction that wrote
+-- it: a version is first the current row and later a replaced one, at the same position,
+-- so it comes once. Without, that part is a one-time filter that reads nothing.
+-- params: $1 after xid, $2 after id, $3 limit, $4 every version (boolean)
 WITH horizon AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xid)
-SELECT h.xid AS horizon, f.pruned_xid, f.pruned_id, c.*
+SELECT h.xid AS horizon, f.pruned_xid, f.pruned_id,
+       CASE WHEN $4 THEN (SELECT max(purged_xid) FROM data_history_settings)
+       END AS versions_pruned_xid, c.*
 FROM horizon h LEFT JOIN LATERAL (
     SELECT * FROM (
         (SELECT n.changed_xid AS xid, n.id,
@@ -77,6 +83,17 @@ FROM horizon h LEFT JOIN LATERAL (
          FROM normalized_data n
          WHERE (n.changed_xid, n.id) > ($1::xid8, $2::bigint) AND n.changed_xid < h.xid
          ORDER BY n.changed_xid, n.id
+         LIMIT $3)
+        UNION ALL
+        (SELECT v.from_xid, v.id,
+                CASE WHEN v.created_at = v.updated_at THEN 'insert' ELSE 'update' END,
+                v.updated_at, v.kind, v.source, v.source_id, v.title, v.description,
+                v.category, v.amount::text, v.url, v.tags, v.event_time,
+                v.created_at, v.updated_at
+         FROM data_history v
+         WHERE $4::boolean
+           AND (v.from_xid, v.id) > ($1::xid8, $2::bigint) AND v.from_xid < h.xid
+         ORDER BY v.from_xid, v.id
          LIMIT $3)
         UNION ALL
         (SELECT t.xid, t.id, 'delete', t.deleted_at, t.kind, t.source, t.source_id,

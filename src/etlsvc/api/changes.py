@@ -78,13 +78,13 @@ async def head(pool: Any) -> Position:
 async def read(pool: Any, after: Position, limit: int, every_version: bool = False) -> Page:
     """Up to ``limit`` changes after ``after`` (none, if no transaction has ended since);
     ``every_version``: each version written, not only the latest of each row."""
-    query = db.query("versions", "changes") if every_version else db.query("api", "changes")
-    rows = await pool.fetch(query, after.xid, after.id, limit + 1)
+    rows = await pool.fetch(db.query("api", "changes"), after.xid, after.id, limit + 1,
+                            every_version)
     first = rows[0]
     if after != BEGINNING and (
             (first["pruned_xid"] is not None
              and after < (first["pruned_xid"], first["pruned_id"]))
-            or (every_version and first["versions_pruned_xid"] is not None
+            or (first["versions_pruned_xid"] is not None
                 and after.xid < first["versions_pruned_xid"])):
         return Page([], after, False, expired=True)
     changes = [r for r in rows if r["xid"] is not None]
