@@ -65,36 +65,44 @@ CREATE TABLE data_history_settings (
     purged_before  timestamptz
 );
 
+-- A snapshot of now whose xmax is above every xid assigned by now, as text. A snapshot's own
+-- xmax is only the latest completed xid + 1: transactions running with a later xid are not
+-- in it, so pg_locks gives every running one (32-bit xids, widened against the xmax).
+CREATE FUNCTION data_complete_snapshot() RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+    seen pg_snapshot;
+    base bigint;
+    running bigint[];
+BEGIN
+    SELECT pg_current_snapshot() INTO seen;
+    base := pg_snapshot_xmax(seen)::text::bigint;
+    SELECT array_agg(DISTINCT x ORDER BY x) INTO running FROM (
+        SELECT base + (l.transactionid::text::bigint - base % 4294967296 + 6442450944)
+                      % 4294967296 - 2147483648 AS x
+        FROM pg_locks l
+        WHERE l.locktype = 'transactionid' AND l.mode = 'ExclusiveLock' AND l.granted
+        UNION ALL
+        SELECT x::text::bigint FROM pg_snapshot_xip(seen) x
+    ) r
+    WHERE x >= pg_snapshot_xmin(seen)::text::bigint;
+    RETURN pg_snapshot_xmin(seen) || ':' ||
+           greatest(base, coalesce(running[array_upper(running, 1)] + 1, 0)) || ':' ||
+           coalesce(array_to_string(running, ','), '');
+END
+$$;
+
 CREATE FUNCTION data_commit_stamp() RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
     at timestamptz := clock_timestamp();
-    own bigint := pg_current_xact_id()::text::bigint;
-    seen pg_snapshot;
-    running bigint[];
     snap text;
     snap_at timestamptz;
 BEGIN
     IF current_setting('transaction_isolation') = 'read committed' THEN
-        -- A query of its own: a snapshot newer than "at". Its xmax is only the latest
-        -- completed xid + 1: transactions running with a later xid are not in it, so
-        -- pg_locks gives every running one (32-bit xids, widened against our own).
-        SELECT pg_current_snapshot(), clock_timestamp() INTO seen, snap_at;
-        SELECT array_agg(DISTINCT x ORDER BY x) INTO running FROM (
-            SELECT own + (l.transactionid::text::bigint - own % 4294967296 + 6442450944)
-                         % 4294967296 - 2147483648 AS x
-            FROM pg_locks l
-            WHERE l.locktype = 'transactionid' AND l.mode = 'ExclusiveLock' AND l.granted
-            UNION ALL
-            SELECT x::text::bigint FROM pg_snapshot_xip(seen) x
-        ) r
-        WHERE x >= pg_snapshot_xmin(seen)::text::bigint;
-        snap := pg_snapshot_xmin(seen) || ':' ||
-                greatest(pg_snapshot_xmax(seen)::text::bigint,
-                         coalesce(running[array_upper(running, 1)] + 1, 0)) || ':' ||
-                coalesce(array_to_string(running, ','), '');
+        -- A query of its own: a snapshot newer than "at".
+        SELECT data_complete_snapshot(), clock_timestamp() INTO snap, snap_at;
     END IF;
     INSERT INTO data_commits AS c (xid, at, snap, snap_at)
-    VALUES (own::text::xid8, at, snap::pg_snapshot, snap_at)
+    VALUES (pg_current_xact_id(), at, snap::pg_snapshot, snap_at)
     ON CONFLICT (xid) DO UPDATE SET at = EXCLUDED.at, snap = EXCLUDED.snap,
                                     snap_at = EXCLUDED.snap_at;
 END

@@ -12,10 +12,13 @@ ON CONFLICT (source) DO UPDATE SET keep_days = EXCLUDED.keep_days
 -- after it, with the snapshot it took after its stamp (or, when none is, a snapshot of
 -- now). Every transaction stamped at or before $1 has an xid below that snapshot's xmax.
 -- params: $1 time
-SELECT coalesce((SELECT c.snap FROM data_commits c WHERE c.at > $1 AND c.snap IS NOT NULL
-                 ORDER BY c.at LIMIT 1), pg_current_snapshot())::text AS snap,
-       coalesce((SELECT c.snap_at FROM data_commits c WHERE c.at > $1 AND c.snap IS NOT NULL
-                 ORDER BY c.at LIMIT 1), clock_timestamp()) AS snap_at,
+WITH first_after AS (
+    SELECT c.snap::text AS snap, c.snap_at FROM data_commits c
+    WHERE c.at > $1 AND c.snap IS NOT NULL
+    ORDER BY c.at LIMIT 1
+)
+SELECT coalesce((SELECT snap FROM first_after), data_complete_snapshot()) AS snap,
+       coalesce((SELECT snap_at FROM first_after), clock_timestamp()) AS snap_at,
        statement_timestamp() AS now
 
 -- name: settled
@@ -26,21 +29,32 @@ SELECT pg_snapshot_xmin(pg_current_snapshot()) >= pg_snapshot_xmax($1::text::pg_
 
 -- name: time_snapshot
 -- Second step, once settled: the snapshot in which exactly the transactions stamped at or
--- before $1 are visible. Below the reference's xmax, hidden are those it saw running that
--- were stamped later (or never: rolled back), and those that ended before it was taken
--- but were stamped after $1 (stamped before the reference's snap_at, $3).
+-- before $1 are visible, written the one way the time gives (two references give the same
+-- text). It ends after the newest of them (or, when none is, at the first stamped later:
+-- rows older than the stamps stay visible). Hidden below that are the writers stamped
+-- later: those the reference saw running, and those that ended before it was taken
+-- (stamped before its snap_at, $3). Transactions that never wrote the table do not matter.
 -- params: $1 time, $2 reference snapshot, $3 its snap_at
-WITH ref AS (SELECT $2::text::pg_snapshot AS snap), hidden AS (
-    SELECT x FROM ref, pg_snapshot_xip(ref.snap) x
-    WHERE NOT EXISTS (SELECT 1 FROM data_commits c WHERE c.xid = x AND c.at <= $1)
+WITH ref AS (SELECT $2::text::pg_snapshot AS snap), upto AS (
+    SELECT coalesce(
+        (SELECT (max(c.xid)::text::bigint + 1)::text::xid8 FROM data_commits c, ref
+         WHERE c.xid < pg_snapshot_xmax(ref.snap) AND c.at <= $1),
+        (SELECT min(c.xid) FROM data_commits c, ref
+         WHERE c.xid < pg_snapshot_xmax(ref.snap) AND c.at > $1),
+        (SELECT pg_snapshot_xmax(snap) FROM ref)) AS xid
+), hidden AS (
+    SELECT c.xid FROM ref, pg_snapshot_xip(ref.snap) x
+    JOIN data_commits c ON c.xid = x
+    WHERE c.at > $1
     UNION
-    SELECT c.xid FROM data_commits c, ref
-    WHERE c.at > $1 AND c.at <= $3 AND c.xid < pg_snapshot_xmax(ref.snap)
+    SELECT c.xid FROM data_commits c
+    WHERE c.at > $1 AND c.at <= $3
+), below AS (
+    SELECT h.xid FROM hidden h, upto WHERE h.xid < upto.xid
 )
-SELECT coalesce((SELECT min(x) FROM hidden), pg_snapshot_xmax(ref.snap)) || ':' ||
-       pg_snapshot_xmax(ref.snap) || ':' ||
-       coalesce((SELECT string_agg(x::text, ',' ORDER BY x) FROM hidden), '')
-FROM ref
+SELECT coalesce((SELECT min(xid) FROM below), upto.xid) || ':' || upto.xid || ':' ||
+       coalesce((SELECT string_agg(xid::text, ',' ORDER BY xid) FROM below), '')
+FROM upto
 
 -- name: moment_check
 -- Whether a moment ($S: its snapshot) can be read here, asked by the statements that read

@@ -510,6 +510,7 @@ async def test_history_days_purges_old_versions_and_zero_keeps_none(
         assert (await client.get(f"/data/{one}", params={"as_of": before})).status_code == 410
         now = await pool.fetchval("SELECT pg_current_snapshot()::text")
         page = await client.get("/data", params={"as_of": now})
+        assert page.status_code == 200, page.text
         current = page.json()["data"]
         assert [(r["source"], r["title"]) for r in current] == [("kept", "a2"), ("kept", "b2")]
         # A page as of a moment never changes: its ETag answers 304 after later writes too.
