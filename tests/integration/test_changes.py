@@ -6,7 +6,7 @@ import asyncio
 import json
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,41 @@ async def write(conn: asyncpg.Connection, source: str, items: dict[str, str]) ->
                                      upto=max(ids), distinct_keys=True)
     if any(written):
         await normalize.bump_version(conn, src, KINDS["api"])
+
+
+async def follow_while_writing(env: Env, writer: Callable[[int], Awaitable[None]],
+                               writers_pool: asyncpg.Pool, committed: list[int],
+                               rng: random.Random, **params: Any) -> list[dict]:
+    """Four writers (``writer(0..3)``) while a consumer follows the feed of a real server in
+    pages of 7 (with ``params``), until the horizon is past every transaction committed;
+    what the consumer was sent. The writers' pool is closed at the end."""
+    delivered: list[dict] = []
+    done = asyncio.Event()
+
+    async def consumer(client: httpx.AsyncClient) -> None:
+        after = "0"
+        while True:
+            finished = done.is_set()
+            page, after = await feed(client, after, limit=7, wait=1 if finished else 0,
+                                     **params)
+            delivered.extend(page)
+            # Done once the horizon is past every writer's transaction: a transaction of
+            # anything else on the cluster (another test process) may hold it back a while.
+            if finished and not page and int(after.split("-")[0]) > max(committed):
+                return
+            await asyncio.sleep(rng.uniform(0, 0.02))
+
+    env.write_config("")
+    try:
+        with servers(env) as (server,):
+            async with httpx.AsyncClient(base_url=server.base, timeout=30) as client:
+                reader = asyncio.create_task(consumer(client))
+                await asyncio.gather(*(writer(w) for w in range(4)))
+                done.set()
+                await reader
+    finally:
+        await writers_pool.close()
+    return delivered
 
 
 async def test_inserts_updates_and_deletes_come_once_each_in_order(
@@ -169,7 +204,6 @@ async def test_four_writers_with_random_commit_delays_one_consumer_sees_each_cha
                                              init=db.init_connection)
     committed: list[int] = []          # xids, in the order their commits returned
     deleted: set[str] = set()          # "source/key" of every row a writer deleted
-    done = asyncio.Event()
 
     async def writer(w: int) -> None:
         source, live, version, fresh = f"w{w}", {}, 0, 0
@@ -194,30 +228,7 @@ async def test_four_writers_with_random_commit_delays_one_consumer_sees_each_cha
                 committed.append(xid)
                 await asyncio.sleep(rng.uniform(0, 0.01))
 
-    delivered: list[dict] = []
-
-    async def consumer(client: httpx.AsyncClient) -> None:
-        after = "0"
-        while True:
-            finished = done.is_set()
-            page, after = await feed(client, after, limit=7, wait=1 if finished else 0)
-            delivered.extend(page)
-            # Done once the horizon is past every writer's transaction: a transaction of
-            # anything else on the cluster (another test process) may hold it back a while.
-            if finished and not page and int(after.split("-")[0]) > max(committed):
-                return
-            await asyncio.sleep(rng.uniform(0, 0.02))
-
-    env.write_config("")
-    try:
-        with servers(env) as (server,):
-            async with httpx.AsyncClient(base_url=server.base, timeout=30) as client:
-                reader = asyncio.create_task(consumer(client))
-                await asyncio.gather(*(writer(w) for w in range(4)))
-                done.set()
-                await reader
-    finally:
-        await writers_pool.close()
+    delivered = await follow_while_writing(env, writer, writers_pool, committed, rng)
 
     # The run was a real test: some transaction committed after a later-numbered one.
     assert committed != sorted(committed)

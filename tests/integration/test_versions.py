@@ -24,7 +24,7 @@ from etlsvc import db
 from etlsvc.api.app import create_app
 from etlsvc.runtime import pipeline, rollback, runs
 from tests.conftest import Env, csv_source, run_source, shared_workers
-from tests.integration.test_changes import drain, sse_events, write
+from tests.integration.test_changes import drain, follow_while_writing, sse_events, write
 from tests.integration.test_service import servers
 
 COLUMNS = ("id", "kind", "source", "source_id", "title", "description", "category", "amount",
@@ -537,7 +537,6 @@ async def test_the_feed_of_every_version_under_four_racing_writers_skips_and_rep
                                         init=db.init_connection)
     expected: dict[tuple[str, str], list[str]] = {}
     committed: list[int] = []
-    done = asyncio.Event()
 
     async def writer(w: int) -> None:
         source, live, fresh = f"w{w}", set(), 0
@@ -573,32 +572,8 @@ async def test_the_feed_of_every_version_under_four_racing_writers_skips_and_rep
                     expected.setdefault((source, gone), []).append("deleted")
                 await asyncio.sleep(rng.uniform(0, 0.01))
 
-    delivered: list[dict] = []
-
-    async def consumer(client: httpx.AsyncClient) -> None:
-        after = "0"
-        while True:
-            finished = done.is_set()
-            r = await client.get("/data/changes", params={
-                "after": after, "limit": 7, "versions": "all", "wait": 1 if finished else 0})
-            assert r.status_code == 200, r.text
-            page = r.json()
-            delivered.extend(page["data"])
-            after = page["metadata"]["pagination"]["next"]
-            if finished and not page["data"] and int(after.split("-")[0]) > max(committed):
-                return
-            await asyncio.sleep(rng.uniform(0, 0.02))
-
-    env.write_config("")
-    try:
-        with servers(env) as (server,):
-            async with httpx.AsyncClient(base_url=server.base, timeout=30) as client:
-                reader = asyncio.create_task(consumer(client))
-                await asyncio.gather(*(writer(w) for w in range(4)))
-                done.set()
-                await reader
-    finally:
-        await writers.close()
+    delivered = await follow_while_writing(env, writer, writers, committed, rng,
+                                           versions="all")
     assert committed != sorted(committed)       # commits did land out of xid order
     tokens = [tuple(map(int, c["token"].split("-"))) for c in delivered]
     assert tokens == sorted(tokens) and len(set(tokens)) == len(tokens)
