@@ -48,6 +48,22 @@ TEXT_TABLE = ("CREATE TABLE t (id text, title text, description text, category t
               "amount text, url text, created_at text, tags text)")
 
 
+def products_config(path: Path, extra: str = "") -> str:
+    """A config whose one source, ``products``, is the CSV file ``path`` (``extra``: more
+    of its keys), with JSON logs at warning and a rate limit no benchmark reaches."""
+    return textwrap.dedent(f"""\
+        [server]
+        rate_limit_per_minute = 100000000
+        [log]
+        format = "json"
+        level = "warning"
+        [[sources]]
+        name = "products"
+        kind = "csv"
+        path = "{path}"
+        """) + extra + FIELDS
+
+
 def sh(*cmd: str, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
 

@@ -20,13 +20,12 @@ import os
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_api import wait, wrk
-from bench_csv import DATA, FIELDS, HERE, fresh_db, machine, record, sh
+from bench_csv import DATA, HERE, fresh_db, machine, products_config, record, sh
 
 
 def main() -> None:
@@ -41,18 +40,7 @@ def main() -> None:
     db = fresh_db(args.database_url, "etlsvc_bench_purge")
     work = Path(tempfile.mkdtemp(prefix="etlsvc-bench-"))
     config = work / "config.toml"
-    config.write_text(textwrap.dedent(f"""\
-        [server]
-        rate_limit_per_minute = 100000000
-        [log]
-        format = "json"
-        level = "warning"
-        [[sources]]
-        name = "products"
-        kind = "csv"
-        path = "{big}"
-        retention_days = 7
-        """) + FIELDS)
+    config.write_text(products_config(big, "retention_days = 7\n"))
     env = {**os.environ, "ETLSVC_DATABASE_URL": db}
     etlsvc = [sys.executable, "-m", "etlsvc"]
     print("loading twice, then ageing the raw rows …", flush=True)

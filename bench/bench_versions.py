@@ -29,7 +29,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
@@ -37,7 +36,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_api import wait, wrk
-from bench_csv import FIELDS, fresh_db, generate, machine, record, sh
+from bench_csv import fresh_db, generate, machine, products_config, record, sh
 
 HERE = Path(__file__).resolve().parent
 
@@ -65,18 +64,7 @@ def load(src: Path | None, url: str, name: str, first: Path, second: Path,
     config = work / f"{name}.toml"
 
     def write(path: Path) -> None:
-        config.write_text(textwrap.dedent(f"""\
-            [server]
-            rate_limit_per_minute = 100000000
-            [log]
-            format = "json"
-            level = "warning"
-            [[sources]]
-            name = "products"
-            kind = "csv"
-            path = "{path}"
-            batch_size = 10000
-            """) + FIELDS)
+        config.write_text(products_config(path, "batch_size = 10000\n"))
 
     write(first)
     sh(sys.executable, "-m", "etlsvc", "migrate", "--config", str(config),
