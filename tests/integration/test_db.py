@@ -165,3 +165,16 @@ async def test_the_read_pool_serves_requests_in_the_order_they_asked(database_ur
     finally:
         await raw.close()
     assert order == ["holder", "w0", "w1", "w2", "w3", "w4", "late"]
+
+
+async def test_the_history_table_keeps_every_column_a_normalized_row_has(
+    pool: asyncpg.Pool
+) -> None:
+    """data_history repeats normalized_data's columns (its changed_xid as from_xid): a
+    column added to one and not the other would be lost from every version."""
+    columns = """SELECT column_name, data_type FROM information_schema.columns
+                 WHERE table_name = $1 AND column_name <> ALL ($2::text[])
+                 ORDER BY column_name"""
+    current = await pool.fetch(columns, "normalized_data", ["changed_xid"])
+    kept = await pool.fetch(columns, "data_history", ["from_xid", "to_xid", "ended_at"])
+    assert [tuple(r) for r in kept] == [tuple(r) for r in current]
