@@ -15,7 +15,8 @@ and 50 connections, interleaved with REV's server on its own last database: REV'
 `GET /data?limit=100` (today's first page), this tree's, and this tree's as of a snapshot
 (before the reload) and as of a time (resolved once; its pages name the snapshot). Last,
 `GET /data/{id}/history` of a row updated 1,000 times by SQL, a page of 100 versions and
-one of all 1,000: 500 requests each, one after another, p50 and p99.
+one of all 1,000: 500 requests each by httpx, one after another, then 10 s each of wrk with
+one connection; p50 and p99.
 
 Ratios (this tree / REV) and the figures go to bench/RESULTS.md.
 """
@@ -208,15 +209,13 @@ def run(args: argparse.Namespace, first: Path, second: Path, work: Path, base: P
            f"{args.duration} s; server on CPU 0, wrk on CPU 1):\n\n"
            f"| request | connections | requests/s | p99 | vs {args.against} /data |\n"
            "|---|---|---|---|---|\n" + "\n".join(reads) +
-           "\n\n`GET /data/{id}/history` of a row with 1,000 versions, 500 requests one "
-           "after another: " + "; ".join(
-               f"`limit={limit}` p50 {p50:.1f} ms, p99 {p99:.1f} ms"
-               for limit, (p50, p99) in history.items()) + ".\n")
+           "\n\n" + history_line(history))
 
 
 def measure_history(base: str, row: int) -> dict[int, tuple[float, float]]:
-    """p50 and p99 (ms) of 500 requests, one after another, for the row's history in
-    pages of 100 and of 1,000."""
+    """p50 and p99 (ms) of the row's history in pages of 100 and of 1,000, one request
+    after another: 500 by httpx (a Python client's own time included), then 10 s of wrk
+    with one connection (a C client: the endpoint's time and the transfer)."""
     history = {}
     with httpx.Client() as client:
         for limit in (100, 1000):
@@ -229,7 +228,19 @@ def measure_history(base: str, row: int) -> dict[int, tuple[float, float]]:
                 took.append((time.perf_counter() - start) * 1000)
             took.sort()
             history[limit] = (took[len(took) // 2], took[int(len(took) * 0.99)])
+    for limit in (100, 1000):
+        got = wrk(f"{base}/data/{row}/history?limit={limit}", 10, 1)
+        assert got["errors"] == 0, got
+        history[-limit] = (got["p50"], got["p99"])
     return history
+
+
+def history_line(history: dict[int, tuple[float, float]]) -> str:
+    return ("`GET /data/{id}/history` of a row with 1,000 versions, one request after "
+            "another: " + "; ".join(
+                f"`limit={abs(limit)}` ({'wrk -c1, 10 s' if limit < 0 else 'httpx, 500'}) "
+                f"p50 {p50:.1f} ms, p99 {p99:.1f} ms"
+                for limit, (p50, p99) in history.items()) + ".\n")
 
 
 def history_only(db: str, row: int) -> None:
@@ -250,10 +261,8 @@ def history_only(db: str, row: int) -> None:
         server.wait()
     head = sh("git", "rev-parse", "--short", "HEAD").stdout.strip()
     record(f"\n### {dt.date.today()}: `python bench/bench_versions.py --history-only DB` "
-           f"(this tree: `{head}`)\n\n{machine()}\n\n`GET /data/{{id}}/history` of a row "
-           "with 1,000 versions, 500 requests one after another (client on CPU 1): " +
-           "; ".join(f"`limit={limit}` p50 {p50:.1f} ms, p99 {p99:.1f} ms"
-                     for limit, (p50, p99) in history.items()) + ".\n")
+           f"(this tree: `{head}`)\n\n{machine()}\n\nServer on CPU 0, clients on CPU 1. "
+           + history_line(history))
 
 
 if __name__ == "__main__":

@@ -125,10 +125,24 @@ FROM chk LEFT JOIN LATERAL (
 
 -- name: history
 -- A row's versions, newest first: the current one (to_xid NULL) and the replaced ones,
--- each with the stamps of the transactions that wrote and replaced it, before the version
--- replaced by $2 (keyset; NULL: from the newest). The first 13 columns are GET /data's.
+-- before the version replaced by $2 (keyset; NULL: from the newest). The first 13 columns
+-- are GET /data's. valid_to is the stamp of the replacing transaction. valid_from is the
+-- stamp of the writing one, looked up only where the next older version on the page did not
+-- end at that transaction (the oldest, or the first after a gap): elsewhere it is that
+-- version's valid_to, which the caller takes (a thousand fewer lookups and timestamps to
+-- decode for a page of 1,000). ended_by: 'update' when a newer version begins where this
+-- one ends, else 'delete' (a deleted row, perhaps restored later by a rollback).
 -- params: $1 id, $2 before to_xid (text, or NULL), $3 limit
-SELECT v.*, w.at AS valid_from, e.at AS valid_to
+SELECT v.*, e.at AS valid_to,
+       CASE WHEN lead(v.to_xid) OVER newest IS DISTINCT FROM v.from_xid
+            THEN (SELECT at FROM data_commits WHERE xid = v.from_xid) END AS valid_from,
+       CASE WHEN v.to_xid IS NULL THEN NULL
+            WHEN coalesce(lag(v.from_xid) OVER newest,
+                          (SELECT h.from_xid FROM data_history h
+                           WHERE h.id = $1 AND h.from_xid = v.to_xid),
+                          (SELECT d.changed_xid FROM normalized_data d
+                           WHERE d.id = $1 AND d.changed_xid = v.to_xid)) = v.to_xid
+            THEN 'update' ELSE 'delete' END AS ended_by
 FROM (
     (SELECT id, kind, source, source_id, title, description, category, amount::text AS amount,
             url, tags, event_time, created_at, updated_at, raw_table, raw_id, run_id,
@@ -141,11 +155,12 @@ FROM (
      FROM data_history
      WHERE id = $1 AND ($2::text IS NULL OR to_xid < $2::text::xid8)
      ORDER BY to_xid DESC LIMIT $3)
+    ORDER BY to_xid DESC NULLS FIRST
+    LIMIT $3
 ) v
-LEFT JOIN data_commits w ON w.xid = v.from_xid
 LEFT JOIN data_commits e ON e.xid = v.to_xid
+WINDOW newest AS (ORDER BY v.to_xid DESC NULLS FIRST)
 ORDER BY v.to_xid DESC NULLS FIRST
-LIMIT $3
 
 -- name: purge
 -- A batch of a source's versions replaced before $2, purged; the purge horizon moves past

@@ -364,6 +364,28 @@ async def test_rollback_to_a_run_after_three_more_restores_rows_feed_and_positio
         assert all(c["id"] == ids[c["source_id"]] for c in feed)
         assert {c["source_id"]: c["record"]["title"] for c in feed if c["record"]} == {
             "1": "t1", "2": "t2", "3": "t3", "4": "t4", "5": "t5"}
+        # Histories: 1 was deleted by N+3 and is back; 2 was changed by N+1 and back. Read
+        # whole and one version a page, the same.
+        for source_id, expected in (
+                ("1", [("t1", None), ("t1", "delete")]),
+                ("2", [("t2", None), ("changed", "update"), ("t2", "update")])):
+            whole = (await client.get(f"/data/{ids[source_id]}/history")).json()["data"]
+            assert [(v["record"]["title"], v["ended_by"]) for v in whole] == expected
+            paged, cursor = [], None
+            while True:
+                page = (await client.get(f"/data/{ids[source_id]}/history", params={
+                    "limit": 1, **({"cursor": cursor} if cursor else {})})).json()
+                paged += page["data"]
+                if not (cursor := page["metadata"]["pagination"]["next_cursor"]):
+                    break
+            assert paged == whole
+            for newer, older in itertools.pairwise(whole):
+                # Updated: the newer began as the older ended; deleted: later.
+                assert (older["to_xid"] == newer["from_xid"]) == (
+                    older["ended_by"] == "update")
+                assert dt.datetime.fromisoformat(older["valid_to"]) <= \
+                    dt.datetime.fromisoformat(newer["valid_from"])
+                assert all(v["valid_from"] for v in whole)
 
         # The next run reads the file (whole, as ever): N+3's rows are back.
         again = await run_source(cfg, "p")

@@ -11,14 +11,14 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import msgspec
-from litestar import MediaType, Request, Response, get
+from litestar import Request, Response, get
 from litestar.params import FromQuery, QueryParameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from etlsvc import db
 from etlsvc.api import changes
 from etlsvc.api.data import DataRow
-from etlsvc.api.http import READ, ApiError, encode_json, envelope, error_responses, read_pool
+from etlsvc.api.http import READ, ApiError, encode_json, error_responses, json_page, read_pool
 
 
 class Change(msgspec.Struct):
@@ -74,11 +74,8 @@ async def list_changes(
     page = await changes.wait(read_pool(request), start, limit, wait, versions == "all")
     if page.expired:
         raise _expired(start)
-    data = encode_json([_change(r) for r in page.changes])
-    meta = encode_json(envelope(request, None, {"limit": limit, "next": page.next.token,
-                                            "has_more": page.has_more})["metadata"])
-    return Response(content=b'{"data":' + data + b',"metadata":' + meta + b"}",
-                    media_type=MediaType.JSON)
+    return json_page(request, [_change(r) for r in page.changes],
+                     {"limit": limit, "next": page.next.token, "has_more": page.has_more})
 
 
 @get("/data/changes/stream", summary="The change feed as server-sent events",

@@ -13,7 +13,7 @@ from functools import cache
 from typing import Annotated, Any
 
 import msgspec
-from litestar import MediaType, Request, Response, get
+from litestar import Request, Response, get
 from litestar.exceptions import NotFoundException
 from litestar.openapi.spec import Example
 from litestar.params import FromQuery, PathParameter, QueryParameter
@@ -25,8 +25,8 @@ from etlsvc.api.http import (
     ApiError,
     decode_cursor,
     encode_cursor,
-    encode_json,
     envelope,
+    json_page,
     keyset_page,
     read_pool,
     utc_param,
@@ -157,11 +157,9 @@ async def list_data(
 
 def _page(request: Request, rows: list[Any], pagination: dict[str, Any],
           etag: str) -> Response[dict[str, Any]]:
-    # Encoded once, from structs (a quarter of the cost of dicts).
-    data = encode_json([DataRow(*r[:_DATA_COLUMNS]) for r in rows])
-    meta = encode_json(envelope(request, None, pagination)["metadata"])
-    return Response(content=b'{"data":' + data + b',"metadata":' + meta + b"}",
-                    media_type=MediaType.JSON, headers={"ETag": etag})
+    # Encoded from structs (a quarter of the cost of dicts).
+    return json_page(request, [DataRow(*r[:_DATA_COLUMNS]) for r in rows], pagination,
+                     {"ETag": etag})
 
 
 async def _list_as_of(request: Request, pool: Any, as_of: str, filters: tuple[Any, ...],
@@ -251,8 +249,9 @@ async def record_history(
         limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
         cursor: FromQuery[str | None] = None) -> Response[dict[str, Any]]:
     """The record's versions, newest first, each with when it was valid and its lineage
-    (the run and the raw row that produced it). A deleted record's newest version ends with
-    ``delete``. ``next_cursor`` continues with older versions."""
+    (the run and the raw row that produced it). A version that the record's deletion ended
+    says ``delete`` (a rollback may have brought the record back since). ``next_cursor``
+    continues with older versions."""
     pool = read_pool(request)
     before = None
     if cursor:
@@ -261,24 +260,25 @@ async def record_history(
                             None if before is None else str(before), limit + 1)
     if not rows and before is None:
         raise NotFoundException(f"no record {record_id}, and no version of one")
+    out = []
+    for i, r in enumerate(rows[:limit]):
+        valid_from = r["valid_from"]
+        if i + 1 < len(rows) and rows[i + 1]["to_xid"] == r["from_xid"]:
+            valid_from = rows[i + 1]["valid_to"]     # see the query
+        to_xid = r["to_xid"]
+        out.append(Version(
+            DataRow(*r[:_DATA_COLUMNS]), valid_from, r["valid_to"], str(r["from_xid"]),
+            None if to_xid is None else str(to_xid), r["ended_by"],
+            Lineage(r["run_id"], f"/etl/runs/{r['run_id']}", r["raw_table"], r["raw_id"])))
     more = len(rows) > limit
     rows = rows[:limit]
-    deleted = before is None and rows and rows[0]["to_xid"] is not None
-    out = []
-    for i, r in enumerate(rows):
-        ended = None if r["to_xid"] is None else (
-            "delete" if deleted and i == 0 else "update")
-        out.append(Version(
-            DataRow(*r[:_DATA_COLUMNS]),
-            r["valid_from"], r["valid_to"], str(r["from_xid"]),
-            None if r["to_xid"] is None else str(r["to_xid"]), ended,
-            Lineage(r["run_id"], f"/etl/runs/{r['run_id']}", r["raw_table"], r["raw_id"])))
-    nxt = encode_cursor(int(rows[-1]["to_xid"]), ("history", record_id)) \
-        if more and rows[-1]["to_xid"] is not None else None
-    meta = encode_json(envelope(request, None, {"limit": limit, "next_cursor": nxt,
-                                                "has_more": nxt is not None})["metadata"])
-    return Response(content=b'{"data":' + encode_json(out) + b',"metadata":' + meta + b"}",
-                    media_type=MediaType.JSON)
+    # Older than the page's last version; after the current one (no to_xid): every
+    # replaced version (an xid8 reaches 2**63 after 2**32 wraparounds of the 32-bit xid).
+    last = rows[-1]["to_xid"]
+    nxt = encode_cursor(db.MAX_ID if last is None else int(last), ("history", record_id)) \
+        if more else None
+    return json_page(request, out, {"limit": limit, "next_cursor": nxt,
+                                    "has_more": nxt is not None})
 
 
 HANDLERS = [list_data, get_record, record_history]

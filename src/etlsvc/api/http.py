@@ -22,8 +22,9 @@ from typing import Any
 
 import msgspec
 import structlog
-from litestar import Request
+from litestar import Request, Response
 from litestar.connection import ASGIConnection
+from litestar.enums import MediaType
 from litestar.exceptions import HTTPException
 from litestar.handlers import BaseRouteHandler
 from litestar.openapi import ResponseSpec
@@ -129,6 +130,15 @@ def error_body(scope: Any, status: int, code: str, message: str, **details: Any)
 
 #: The API's JSON encoder (datetimes as RFC 3339, like Litestar's).
 encode_json = msgspec.json.Encoder().encode
+
+
+def json_page(request: Request, data: list[Any], pagination: dict[str, Any],
+              headers: dict[str, str] | None = None) -> Response[dict[str, Any]]:
+    """A page of structs in the envelope, encoded in one pass into one buffer. A page can be
+    close to a megabyte (1,000 record versions): encoding its parts apart and joining them
+    cost two more copies of it, and a millisecond of its p99."""
+    return Response(content=encode_json(envelope(request, data, pagination)),
+                    media_type=MediaType.JSON, headers=headers)
 
 
 
