@@ -144,21 +144,9 @@ LIMIT $2
 -- Per source: its latest load and latest successful load (a load reads its upstream: a reject
 -- retry or a replay is not one, so it neither clears a failing source nor makes one fresh),
 -- whether that successful load was anomalous (runtime/anomalies.py), the run of any kind
--- running now, and the database's clock, by which every replica judges freshness.
-SELECT DISTINCT ON (source) source, id, status, started_at, finished_at, error,
-       (SELECT max(finished_at) FROM etl_runs s
-         WHERE s.source = r.source AND s.status = 'succeeded'
-           AND s.trigger IN ('manual', 'schedule', 'startup', 'stream')) AS last_success,
-       (SELECT a.anomaly FROM etl_runs a
-         WHERE a.source = r.source AND a.status = 'succeeded'
-           AND a.trigger IN ('manual', 'schedule', 'startup', 'stream')
-         ORDER BY a.id DESC LIMIT 1) AS anomaly,
-       (SELECT max(g.id) FROM etl_runs g
-         WHERE g.source = r.source AND g.status = 'running') AS running_run,
-       statement_timestamp() AS now
-FROM etl_runs r
-WHERE r.trigger IN ('manual', 'schedule', 'startup', 'stream')
-ORDER BY source, id DESC
+-- running now, and the database's clock, by which every replica judges freshness. Every
+-- tenant's sources (0017_tenants.sql).
+SELECT * FROM etlsvc_source_states()
 
 -- name: source_stats
 -- Per source: rows in normalized_data, runs, successes, records read and rejected, the

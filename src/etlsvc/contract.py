@@ -154,6 +154,13 @@ class SourceConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     """What every source has; a kind's config struct adds its own keys and ``fields``."""
 
     name: SourceName
+    #: The tenant that owns the source and its rows, raw rows, rejects, runs, versions and
+    #: changes: only its keys (and those of tenants it shares the source with) read them.
+    tenant: SourceName = "default"
+    #: What the dataset is, for the catalog (``GET /catalog``).
+    description: str | None = None
+    #: Words the catalog lists the dataset under.
+    tags: list[NonEmpty] = []
     schedule: NonEmpty | None = None
     #: Share of rejected records above which a run fails.
     max_error_rate: Rate = 0.05

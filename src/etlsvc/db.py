@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import hashlib
 import random
 import re
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -214,8 +215,47 @@ async def connect_pool(dsn: str, cfg: Config, settings: dict[str, str] | None = 
         raise DatabaseError(f"cannot connect to PostgreSQL at {redact(dsn)}: {exc}") from exc
 
 
+@dataclass(frozen=True)
+class ReadScope:
+    """Whom a read of the API is for: a tenant, whose sources and the sources shared with it
+    row-level security lets the read see (``sql/migrations/0017_tenants.sql``), narrowed to
+    those matching ``sources`` (SQL LIKE patterns; none: no narrowing)."""
+
+    tenant: str
+    sources: tuple[str, ...] = ()
+
+    @cached_property
+    def prelude(self) -> str:
+        """What opens each of its transactions: the tenant and the patterns, ``SET LOCAL``.
+        One simple-protocol message with both statements (a round trip, not two)."""
+        return ("BEGIN; SELECT set_config('etlsvc.tenant', " + _literal(self.tenant) +
+                ", true), set_config('etlsvc.sources', " +
+                _literal("\n".join(self.sources)) + ", true)")
+
+
+def _literal(text: str) -> str:
+    """A PostgreSQL string literal of ``text`` (standard_conforming_strings is on)."""
+    if "\x00" in text:
+        raise ValueError("a NUL cannot be in a PostgreSQL string")
+    return "'" + text.replace("'", "''") + "'"
+
+
+#: Whom the current request reads for (set by the API's key check). None: nobody, and the
+#: row-level security policies let such a read see no row of any source.
+READ_SCOPE: contextvars.ContextVar[ReadScope | None] = contextvars.ContextVar(
+    "read_scope", default=None)
+_NOBODY = "BEGIN"
+
+
 class InTurn:
-    """A pool whose connections go to requests in the order they asked (FIFO).
+    """The read API's pool: each read is a transaction of its own for the request's
+    ``READ_SCOPE``, and connections go to requests in the order they asked (FIFO).
+
+    The pool's connections are the role ``etlsvc_api`` (the startup parameter ``role``),
+    which the row-level security policies hold to the tenant each transaction names; so a
+    handler's query that leaves out the tenant, or reads with none, still sees only its
+    tenant's rows, or none. A read costs two more round trips (the prelude and the end of
+    the transaction).
 
     asyncpg hands a released connection to whoever asks next, and a request that has just
     arrived can take it ahead of those already waiting. With the read pool's free release
@@ -228,20 +268,38 @@ class InTurn:
         self.pool = pool
         self._turns = asyncio.Semaphore(pool.get_max_size())
 
+    async def _read(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        scope = READ_SCOPE.get()
+        async with self._turns, self.pool.acquire() as conn:
+            await conn.execute(_NOBODY if scope is None else scope.prelude)
+            try:
+                result = await getattr(conn, method)(*args, **kwargs)
+            except asyncio.CancelledError:
+                raise           # asyncpg's release rolls back what the read left open
+            except BaseException:
+                await _end(conn)
+                raise
+            await _end(conn)
+            return result
+
     async def fetch(self, *args: Any, **kwargs: Any) -> list[asyncpg.Record]:
-        async with self._turns:
-            return await self.pool.fetch(*args, **kwargs)
+        return await self._read("fetch", args, kwargs)
 
     async def fetchrow(self, *args: Any, **kwargs: Any) -> asyncpg.Record | None:
-        async with self._turns:
-            return await self.pool.fetchrow(*args, **kwargs)
+        return await self._read("fetchrow", args, kwargs)
 
     async def fetchval(self, *args: Any, **kwargs: Any) -> Any:
-        async with self._turns:
-            return await self.pool.fetchval(*args, **kwargs)
+        return await self._read("fetchval", args, kwargs)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.pool, name)
+
+
+async def _end(conn: asyncpg.Connection) -> None:
+    """End a read's transaction (read only: nothing to keep)."""
+    if not conn.is_closed():
+        with contextlib.suppress(*UNAVAILABLE, asyncpg.PostgresError):
+            await conn.execute("ROLLBACK")
 
 
 @dataclass
@@ -257,9 +315,16 @@ class Database:
 
 async def sync_source_settings(pool: asyncpg.Pool, cfg: Config) -> None:
     """Each source's ``history_days`` where the versioning triggers read it
-    (``sql/migrations/0016_versions.sql``)."""
-    await pool.execute(query("versions", "sync_settings"), [s.name for s in cfg.sources],
-                       [s.history_days for s in cfg.sources])
+    (``sql/migrations/0016_versions.sql``), and its tenant, description and tags where the
+    row-level security policies and the catalog read them (``0017_tenants.sql``)."""
+    names = [s.name for s in cfg.sources]
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute(query("versions", "sync_settings"), names,
+                           [s.history_days for s in cfg.sources])
+        await conn.execute(query("tenants", "sync_sources"), names,
+                           [s.tenant for s in cfg.sources],
+                           [s.description for s in cfg.sources],
+                           msgspec.json.encode([s.tags for s in cfg.sources]).decode())
 
 
 @contextlib.asynccontextmanager

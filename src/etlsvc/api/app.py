@@ -266,8 +266,10 @@ def create_litestar(cfg: Config, startup_errors: list[EtlError] | None = None) -
                         "default_transaction_read_only": "on",
                         # Plan each page for its own values: a generic plan made for "any
                         # updated_since" walks the primary key even for the last minute.
-                        "plan_cache_mode": "force_custom_plan"}, reset=_keep_session))
-                app.state.data_version = changes.DataVersion()
+                        "plan_cache_mode": "force_custom_plan",
+                        # Row-level security holds this role to the request's tenant.
+                        "role": "etlsvc_api"}, reset=_keep_session))
+                app.state.data_version = changes.DataVersions()
                 logtail.HUB.attach()       # keep each run's log lines for the console
                 service = Service(cfg, database, workers.from_config(cfg.pipeline))
                 app.state.service = service

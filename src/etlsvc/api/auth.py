@@ -1,34 +1,55 @@
 """API keys with scopes: who may read, start runs, or watch the logs.
 
 Owns parsing ``ETLSVC_API_KEYS`` and deciding whether a request's bearer key grants a scope.
-Each comma-separated entry is ``NAME:SCOPES:SECRET`` (scopes joined by ``+``) or a bare
+Each comma-separated entry is ``NAME:SCOPES:SECRET`` (scopes joined by ``+``), or
+``NAME@TENANT:SCOPES:SECRET`` for a key of a tenant other than ``default``, or a bare
 ``SECRET`` (all scopes, as before scopes existed). Scopes nest: ``admin`` grants ``run``,
-``run`` grants ``read``. Secrets are compared in constant time and never logged; a key's
-name is what logs show.
+``run`` grants ``read``; every scope is within the key's tenant. Secrets are compared in
+constant time and never logged; a key's name is what logs show.
 """
 
 from __future__ import annotations
 
 import hmac
 import os
+import re
 from dataclasses import dataclass
 from functools import cache
 
+from etlsvc import db
 from etlsvc.errors import ConfigError
 
 SCOPES = ("read", "run", "admin")
 
 
+#: The tenant of sources and keys that name none.
+DEFAULT_TENANT = "default"
+_TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
 @dataclass(frozen=True)
 class ApiKey:
-    """One key: its name (for logs), the highest scope it grants, and its secret."""
+    """One key: its name (for logs), the highest scope it grants, its secret, its tenant,
+    and the sources it is limited to (globs; none: every source its tenant reads)."""
 
     name: str
     scope: str
     secret: bytes
+    tenant: str = DEFAULT_TENANT
+    sources: tuple[str, ...] = ()
 
     def grants(self, scope: str) -> bool:
         return SCOPES.index(self.scope) >= SCOPES.index(scope)
+
+    @property
+    def read_scope(self) -> db.ReadScope:
+        return db.ReadScope(self.tenant, tuple(map(like_pattern, self.sources)))
+
+
+def like_pattern(glob: str) -> str:
+    """The SQL LIKE pattern of a source glob (``*`` any run of characters, ``?`` one)."""
+    escaped = glob.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped.replace("*", "%").replace("?", "_")
 
 
 @cache
@@ -42,13 +63,17 @@ def parse_keys(text: str) -> tuple[ApiKey, ...]:
             keys.append(ApiKey(f"key{i + 1}", "admin", entry.encode()))
             continue
         name, _, rest = entry.partition(":")
+        name, at, tenant = name.partition("@")
         scopes, sep, secret = rest.partition(":")
         wanted = scopes.split("+")
-        if not (name and sep and secret) or not set(wanted) <= set(SCOPES):
+        if not (name and sep and secret) or not set(wanted) <= set(SCOPES) or (
+                at and not _TENANT.match(tenant)):
             raise ConfigError(
                 f"ETLSVC_API_KEYS entry {i + 1} ({name or '?'}): expected NAME:SCOPES:SECRET "
-                f"with scopes among {'+'.join(SCOPES)} (or a bare secret for every scope)")
-        keys.append(ApiKey(name, max(wanted, key=SCOPES.index), secret.encode()))
+                f"or NAME@TENANT:SCOPES:SECRET with scopes among {'+'.join(SCOPES)} (or a "
+                "bare secret for every scope)")
+        keys.append(ApiKey(name, max(wanted, key=SCOPES.index), secret.encode(),
+                           tenant if at else DEFAULT_TENANT))
     return tuple(keys)
 
 

@@ -156,3 +156,20 @@ class DataVersion:
             pass
         finally:
             self._refresh = None
+
+
+class DataVersions:
+    """A ``DataVersion`` for each read scope (``db.READ_SCOPE``): a tenant's pages change
+    with the writes to the sources it reads, and their ETags tell nothing of another
+    tenant's. (Its refresh runs in a task made by a request of that scope, which inherits
+    the scope.) One per API key and tenant seen: as many as there are keys."""
+
+    def __init__(self) -> None:
+        self._of: dict[db.ReadScope | None, DataVersion] = {}
+
+    async def get(self, pool: Any) -> int:
+        scope = db.READ_SCOPE.get()
+        if (version := self._of.get(scope)) is None:
+            version = self._of[scope] = DataVersion()
+        return await version.get(pool)
+

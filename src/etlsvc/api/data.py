@@ -29,6 +29,7 @@ from etlsvc.api.http import (
     json_page,
     keyset_page,
     read_pool,
+    scope_tag,
     utc_param,
 )
 from etlsvc.api.runs import run_view
@@ -146,8 +147,8 @@ async def list_data(
     # request is answered before any query (the version is at most 0.5 s old: a page can
     # be reported unchanged for that long after a commit).
     version = await request.app.state.data_version.get(pool)
-    etag = '"' + hashlib.blake2b(request.scope["query_string"] + version.to_bytes(8),
-                                 digest_size=16).hexdigest() + '"'
+    etag = '"' + hashlib.blake2b(request.scope["query_string"] + version.to_bytes(8) +
+                                 scope_tag(), digest_size=16).hexdigest() + '"'
     if request.headers.get("if-none-match") == etag:
         return Response(content=None, status_code=304, headers={"ETag": etag})
     rows, pagination = keyset_page(await data_rows(pool, given, after, limit + 1), limit,
@@ -172,8 +173,8 @@ async def _list_as_of(request: Request, pool: Any, as_of: str, filters: tuple[An
     bound = (*filters, moment.snapshot)
     after = decode_cursor(cursor, bound) if cursor else 0
     given = {name: value for name, value in zip(DATA_FILTERS, filters[1:]) if value is not None}
-    etag = '"' + hashlib.blake2b(msgspec.json.encode([str(f) for f in bound] + [after, limit]),
-                                 digest_size=16).hexdigest() + '"'
+    etag = '"' + hashlib.blake2b(msgspec.json.encode([str(f) for f in bound] + [after, limit])
+                                 + scope_tag(), digest_size=16).hexdigest() + '"'
     read = await pool.fetch(as_of_page_sql(tuple(given)), after, limit + 1, moment.snapshot,
                             *given.values())
     versions.check(read[0], moment, filters[1])

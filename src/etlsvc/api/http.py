@@ -33,7 +33,6 @@ from litestar.openapi.spec import Example
 from etlsvc import db
 from etlsvc.api import auth
 from etlsvc.config import Source
-from etlsvc.errors import ConfigError
 from etlsvc.runtime.service import Service
 
 
@@ -148,11 +147,21 @@ def service_of(request: Request) -> Service:
 
 
 def configured_source(request: Request, name: str) -> Source:
-    """The configured source a request names; 404 (``unknown_source``) if there is none."""
-    try:
-        return service_of(request).cfg.source(name)
-    except ConfigError as exc:
-        raise ApiError(404, "unknown_source", str(exc)) from None
+    """The configured source a request names, of the request's tenant (what a key may
+    change: a source shared with its tenant is only read); 404 (``unknown_source``) if there
+    is none, naming only the tenant's sources."""
+    own = tenant_sources(request)
+    for src in own:
+        if src.name == name:
+            return src
+    raise ApiError(404, "unknown_source", f"unknown source {name!r} (configured sources: "
+                   f"{', '.join(s.name for s in own) or 'none'})")
+
+
+def tenant_sources(request: Request) -> list[Source]:
+    """The configured sources of the request's tenant."""
+    tenant = caller_tenant(request)
+    return [s for s in service_of(request).cfg.sources if s.tenant == tenant]
 
 
 def read_pool(request: Request) -> Any:
@@ -197,7 +206,16 @@ def keyset_page(rows: list[Any], limit: int,
 
 
 def _filters_digest(filters: tuple[Any, ...]) -> str:
-    return hashlib.sha256(msgspec.json.encode([str(f) for f in filters])).hexdigest()[:12]
+    # The caller's scope too: a cursor is good only for the tenant and grants it was made
+    # for.
+    return hashlib.sha256(msgspec.json.encode([str(f) for f in filters]) +
+                          scope_tag()).hexdigest()[:12]
+
+
+def scope_tag() -> bytes:
+    """Whom the request reads for (``db.READ_SCOPE``), for what must differ between callers
+    who read different data: cursors, ETags."""
+    return repr(db.READ_SCOPE.get()).encode()
 
 
 # -- guards: run before any parameter or body is read ------------------------------------
@@ -213,21 +231,42 @@ async def check_request(connection: ASGIConnection, handler: BaseRouteHandler) -
 
 def _check_key(connection: ASGIConnection, scope: str) -> None:
     """The request's bearer key must grant ``scope`` (``read`` passes without a key when
-    ``server.public_read`` is on). 401 without a key, 403 with a wrong one or one that lacks
-    the scope."""
-    if scope == "read" and connection.app.state.public_read:
-        return
+    ``server.public_read`` is on, for the ``default`` tenant). 401 without a key, 403 with a
+    wrong one or one that lacks the scope. What the request then reads is its key's tenant's
+    (``db.READ_SCOPE``)."""
     header = connection.headers.get("authorization", "")
-    if not header.lower().startswith("bearer ") or not header[7:].strip():
+    given = header[7:].strip() if header.lower().startswith("bearer ") else ""
+    if scope == "read" and connection.app.state.public_read and not given:
+        db.READ_SCOPE.set(PUBLIC_SCOPE)
+        return
+    if not given:
         raise ApiError(401, "unauthorized", f"an API key with the {scope!r} scope is "
                        "required: Authorization: Bearer <key>")
-    key = auth.find(header[7:].strip())
+    key = auth.find(given)
     if key is None:
         raise ApiError(403, "forbidden", "this API key is not accepted")
     if not key.grants(scope):
         raise ApiError(403, "forbidden", f"the API key {key.name!r} lacks the {scope!r} "
                        "scope")
+    connection.scope.setdefault("state", {})["key"] = key
+    db.READ_SCOPE.set(key.read_scope)
     structlog.contextvars.bind_contextvars(key_name=key.name)
+
+
+#: What a request without a key reads where ``server.public_read`` is on.
+PUBLIC_SCOPE = db.ReadScope(auth.DEFAULT_TENANT)
+
+
+def caller_tenant(request: Request) -> str:
+    """The tenant the request acts for: its key's (``default`` without one)."""
+    key = request.scope.get("state", {}).get("key")
+    return key.tenant if key is not None else auth.DEFAULT_TENANT
+
+
+async def readable_sources(request: Request) -> set[str]:
+    """The sources the request may read (its tenant's and those shared with it, within its
+    key's grants), as row-level security decides them."""
+    return set(await read_pool(request).fetchval(db.query("tenants", "readable")))
 
 
 def may_read(connection: ASGIConnection) -> bool:

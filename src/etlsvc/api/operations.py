@@ -15,6 +15,7 @@ from litestar.params import FromQuery, QueryParameter
 from litestar.response import ServerSentEvent
 
 from etlsvc import db, flow, logtail, metrics
+from etlsvc.api.auth import DEFAULT_TENANT
 from etlsvc.api.http import (
     READ,
     WRITE_ERRORS,
@@ -22,6 +23,7 @@ from etlsvc.api.http import (
     error_responses,
     may_read,
     read_pool,
+    readable_sources,
     service_of,
 )
 from etlsvc.extract import KINDS
@@ -38,6 +40,7 @@ async def source_states(request: Request, where: str) -> dict[str, dict[str, Any
     in ``etlsvc_db_connection_errors_total`` under ``where``)."""
     service = service_of(request)
     try:
+        # Every tenant's sources (a function of the database's, for the read pool's role).
         last = {r["source"]: dict(r) for r in await read_pool(request).fetch(
             db.query("api", "last_runs"), timeout=5)}
     except Exception:
@@ -79,26 +82,40 @@ async def health(request: Request) -> Response[dict[str, Any]]:
     odd, the service is fine)."""
     service = service_of(request)
     checks: dict[str, Any] = {"scheduler": service.scheduler_running}
+    readable = may_read(request)
+
+    async def read() -> tuple[dict[str, dict[str, Any]], set[str]]:
+        # The status is the service's, of every source; the answer names only the sources
+        # the caller may read.
+        states = await source_states(request, "health")
+        if readable:
+            return states, await readable_sources(request)
+        # Without a key: the default tenant's sources, in less detail (below).
+        return states, {s.name for s in service.cfg.sources if s.tenant == DEFAULT_TENANT}
+
     # Within a second, whatever the database does: a probe must learn that it is not
     # answering, not hang with it. The reading is left to end in the background (giving
     # its connection back to the pool needs the database too).
-    reading = asyncio.create_task(source_states(request, "health"))
+    reading = asyncio.create_task(read())
     await asyncio.wait({reading}, timeout=HEALTH_DB_S)
     try:
         if not reading.done():
             flow.abandon(reading)
             raise TimeoutError
-        sources = reading.result()
+        every, visible = reading.result()
+        sources = {n: s for n, s in every.items() if n in visible}
         checks["database"] = True
     except Exception as exc:  # any failure to reach the database is "not ready"
         checks["database"] = False
         checks["database_error"] = (f"not answering within {HEALTH_DB_S:g} s"
                                     if isinstance(exc, TimeoutError) else type(exc).__name__)
         sources = {}
+        every = {}
     failing = sorted(n for n, s in sources.items() if s["failing"])
     healthy = checks["database"] and checks["scheduler"] and not any(
-        s["stale"] for s in sources.values()) and not (
-        failing and service.cfg.server.health_fails_on_failing_sources)
+        s["stale"] for s in every.values()) and not (
+        service.cfg.server.health_fails_on_failing_sources and any(
+            s["failing"] for s in every.values()))
     body = envelope(request, {"status": "ok" if healthy else "degraded", "checks": checks,
                               "failing_sources": failing,
                               "degraded_sources": sorted(
@@ -106,7 +123,7 @@ async def health(request: Request) -> Response[dict[str, Any]]:
                               "running": sorted(n for n, s in sources.items()
                                                 if s["running_run"]),
                               "sources": sources})
-    if not may_read(request):
+    if not readable:
         # Anyone may ask /health (probes carry no key); with public_read off, only states:
         # errors and anomalies can name files, hosts and values.
         body["data"]["sources"] = {n: {k: s[k] for k in ("status", "stale", "failing",
@@ -127,7 +144,8 @@ async def stats(request: Request) -> dict[str, Any]:
     rows = {r["source"]: r for r in await read_pool(request).fetch(
         db.query("api", "source_stats"))}
     sources = {}
-    for src in service.cfg.sources:
+    visible = await readable_sources(request)
+    for src in (s for s in service.cfg.sources if s.name in visible):
         r = rows.get(src.name)
         runs_n = r["runs"] if r else 0
         sources[src.name] = {

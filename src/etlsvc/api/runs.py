@@ -29,6 +29,7 @@ from etlsvc.api.http import (
     read_pool,
     require_json_body,
     service_of,
+    tenant_sources,
 )
 from etlsvc.errors import RollbackError, SourceBusy
 from etlsvc.extract import KINDS
@@ -51,7 +52,7 @@ async def start_runs(request: Request, data: JSONBody[RunRequest | None] = None)
     service = service_of(request)
     body = data or RunRequest()
     sources = [configured_source(request, n) for n in body.sources] if body.sources else [
-        s for s in service.cfg.sources if not KINDS[s.kind].continuous]
+        s for s in tenant_sources(request) if not KINDS[s.kind].continuous]
     if streams := [s.name for s in sources if KINDS[s.kind].continuous]:
         raise ApiError(409, "continuous_source", f"source {streams[0]!r} is a stream: "
                        "`etlsvc serve` consumes it continuously, so it cannot be started "
