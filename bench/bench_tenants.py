@@ -46,6 +46,10 @@ def main() -> None:
         products_config(generate(args.rows), 'tenant = "acme"\n') +
         f'[[sources]]\nname = "other"\nkind = "csv"\npath = "{generate(2_000)}"\n'
         f'tenant = "globex"\n' + FIELDS)
+    # REV's config: the same, without the key it does not know.
+    old_config = work / "old.toml"
+    old_config.write_text("".join(line for line in config.read_text().splitlines(True)
+                                  if not line.startswith("tenant =")))
     db = fresh_db(args.database_url, "etlsvc_bench_tenants")
     env = {**os.environ, "ETLSVC_DATABASE_URL": db, "ETLSVC_API_KEYS": KEYS}
     print("loading …", flush=True)
@@ -56,10 +60,10 @@ def main() -> None:
     sh("git", "-C", str(HERE), "worktree", "add", "--detach", str(tree), args.against)
     servers = []
     try:
-        for port, src in ((8421, None), (8422, tree / "src")):
+        for port, src, cfg in ((8421, None, config), (8422, tree / "src", old_config)):
             servers.append(subprocess.Popen(
                 ["taskset", "-c", "0", sys.executable, "-m", "etlsvc", "serve", "--port",
-                 str(port), "--config", str(config)],
+                 str(port), "--config", str(cfg)],
                 env={**env, **({"PYTHONPATH": str(src)} if src else {})},
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         wait("http://127.0.0.1:8421/health")
