@@ -49,6 +49,8 @@ TABLES = (
     "data_feed_state",
     "data_versions",
     "etl_backfills",
+    "etl_sources",
+    "etl_shares",
 )
 
 

@@ -236,13 +236,15 @@ def _check_key(connection: ASGIConnection, scope: str) -> None:
     (``db.READ_SCOPE``)."""
     header = connection.headers.get("authorization", "")
     given = header[7:].strip() if header.lower().startswith("bearer ") else ""
-    if scope == "read" and connection.app.state.public_read and not given:
+    key = auth.find(given) if given else None
+    if scope == "read" and connection.app.state.public_read and key is None:
+        # As before tenants, a key this server does not know is ignored where reads are
+        # public: the request reads what anyone may.
         db.READ_SCOPE.set(PUBLIC_SCOPE)
         return
     if not given:
         raise ApiError(401, "unauthorized", f"an API key with the {scope!r} scope is "
                        "required: Authorization: Bearer <key>")
-    key = auth.find(given)
     if key is None:
         raise ApiError(403, "forbidden", "this API key is not accepted")
     if not key.grants(scope):
