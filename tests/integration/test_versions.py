@@ -337,6 +337,15 @@ async def test_rollback_to_a_run_after_three_more_restores_rows_feed_and_positio
     assert await source_state(pool, "p") == after_n3
 
     async with AsyncTestClient(app=create_app(cfg)) as client:
+        # "now" is the oldest transaction still running anywhere in the cluster: wait
+        # until that is past N+3's commit (another test's transaction can hold it back), so
+        # the feed from "now" holds only the rollback's changes.
+        mark = await pool.fetchval("SELECT pg_current_xact_id()")
+        deadline = time.monotonic() + 60
+        while await pool.fetchval("SELECT pg_snapshot_xmin(pg_current_snapshot()) <= $1::xid8",
+                                  mark):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
         token = (await client.get("/data/changes", params={"after": "now"})).json()[
             "metadata"]["pagination"]["next"]
         body = {"source": "p", "to_run": n["id"]}
