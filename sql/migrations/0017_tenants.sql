@@ -110,8 +110,8 @@ BEGIN
     EXECUTE format('GRANT USAGE ON SCHEMA %I TO etlsvc_api', current_schema());
     EXECUTE format('GRANT SELECT ON ALL TABLES IN SCHEMA %I TO etlsvc_api', current_schema());
     GRANT EXECUTE ON FUNCTION etlsvc_readable(), etlsvc_source_states() TO etlsvc_api;
-    -- Tables later migrations make: readable too, and tests/unit/test_migrations checks
-    -- that each one with a source column has the policy.
+    -- Tables later migrations make: readable too, and tests/integration/test_tenants.py
+    -- checks that each one with a source column has the policy.
     EXECUTE format('ALTER DEFAULT PRIVILEGES IN SCHEMA %I GRANT SELECT ON TABLES TO etlsvc_api',
                    current_schema());
     FOR t IN

@@ -48,7 +48,11 @@ NORMALIZED_FIELDS = (
     "source_id", "title", "description", "category", "amount", "url", "tags", "event_time",
 )
 
-SourceName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")]
+#: What a source's name, and a tenant's, may be.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+SourceName = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
+#: The tenant of sources and API keys that name none.
+DEFAULT_TENANT = "default"
 Rate = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 OneChar = Annotated[str, msgspec.Meta(min_length=1, max_length=1)]
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
@@ -156,7 +160,7 @@ class SourceConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     name: SourceName
     #: The tenant that owns the source and its rows, raw rows, rejects, runs, versions and
     #: changes: only its keys (and those of tenants it shares the source with) read them.
-    tenant: SourceName = "default"
+    tenant: SourceName = DEFAULT_TENANT
     #: What the dataset is, for the catalog (``GET /catalog``).
     description: str | None = None
     #: Words the catalog lists the dataset under.

@@ -17,14 +17,13 @@ from dataclasses import dataclass
 from functools import cache
 
 from etlsvc import db
+from etlsvc.contract import DEFAULT_TENANT, NAME_PATTERN
 from etlsvc.errors import ConfigError
 
 SCOPES = ("read", "run", "admin")
 
 
-#: The tenant of sources and keys that name none.
-DEFAULT_TENANT = "default"
-_TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_TENANT = re.compile(NAME_PATTERN)
 
 
 @dataclass(frozen=True)

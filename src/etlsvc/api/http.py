@@ -33,6 +33,7 @@ from litestar.openapi.spec import Example
 from etlsvc import db
 from etlsvc.api import auth
 from etlsvc.config import Source
+from etlsvc.contract import DEFAULT_TENANT
 from etlsvc.runtime.service import Service
 
 
@@ -160,7 +161,7 @@ def configured_source(request: Request, name: str) -> Source:
 
 def tenant_sources(request: Request) -> list[Source]:
     """The configured sources of the request's tenant."""
-    tenant = caller_tenant(request)
+    tenant = caller_tenant()
     return [s for s in service_of(request).cfg.sources if s.tenant == tenant]
 
 
@@ -250,19 +251,18 @@ def _check_key(connection: ASGIConnection, scope: str) -> None:
     if not key.grants(scope):
         raise ApiError(403, "forbidden", f"the API key {key.name!r} lacks the {scope!r} "
                        "scope")
-    connection.scope.setdefault("state", {})["key"] = key
     db.READ_SCOPE.set(key.read_scope)
     structlog.contextvars.bind_contextvars(key_name=key.name)
 
 
 #: What a request without a key reads where ``server.public_read`` is on.
-PUBLIC_SCOPE = db.ReadScope(auth.DEFAULT_TENANT)
+PUBLIC_SCOPE = db.ReadScope(DEFAULT_TENANT)
 
 
-def caller_tenant(request: Request) -> str:
+def caller_tenant() -> str:
     """The tenant the request acts for: its key's (``default`` without one)."""
-    key = request.scope.get("state", {}).get("key")
-    return key.tenant if key is not None else auth.DEFAULT_TENANT
+    scope = db.READ_SCOPE.get()
+    return DEFAULT_TENANT if scope is None else scope.tenant
 
 
 async def readable_sources(request: Request) -> set[str]:

@@ -15,7 +15,6 @@ from litestar.params import FromQuery, QueryParameter
 from litestar.response import ServerSentEvent
 
 from etlsvc import db, flow, logtail, metrics
-from etlsvc.api.auth import DEFAULT_TENANT
 from etlsvc.api.http import (
     READ,
     WRITE_ERRORS,
@@ -25,6 +24,7 @@ from etlsvc.api.http import (
     read_pool,
     readable_sources,
     service_of,
+    tenant_sources,
 )
 from etlsvc.extract import KINDS
 from etlsvc.runtime.service import stale
@@ -91,7 +91,7 @@ async def health(request: Request) -> Response[dict[str, Any]]:
         if readable:
             return states, await readable_sources(request)
         # Without a key: the default tenant's sources, in less detail (below).
-        return states, {s.name for s in service.cfg.sources if s.tenant == DEFAULT_TENANT}
+        return states, {s.name for s in tenant_sources(request)}
 
     # Within a second, whatever the database does: a probe must learn that it is not
     # answering, not hang with it. The reading is left to end in the background (giving
