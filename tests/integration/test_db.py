@@ -167,6 +167,79 @@ async def test_the_read_pool_serves_requests_in_the_order_they_asked(database_ur
     assert order == ["holder", "w0", "w1", "w2", "w3", "w4", "late"]
 
 
+async def _backend_state(database_url: str, name: str) -> list[str]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        return [r["state"] for r in await conn.fetch(
+            "SELECT state FROM pg_stat_activity WHERE application_name = $1", name)]
+    finally:
+        await conn.close()
+
+
+async def test_a_read_handed_a_connection_reads_in_its_own_scope_and_none_idles_open(
+    database_url: str
+) -> None:
+    """Under load a read hands its connection to the next with its transaction still open
+    (the next one ends it): each read still sees only its own scope, and once the reads are
+    done the connection is not left idle in a transaction."""
+
+    async def no_reset(_: asyncpg.Connection) -> None:
+        pass
+
+    name = f"handover-{uuid.uuid4().hex[:8]}"
+    raw = await asyncpg.create_pool(database_url, min_size=1, max_size=1, reset=no_reset,
+                                    server_settings={"application_name": name})
+    pool = db.InTurn(raw)
+
+    async def read(tenant: str) -> tuple[str, str, object]:
+        db.READ_SCOPE.set(db.ReadScope(tenant, (f"{tenant}%",)))
+        row = await pool.fetchrow(
+            "SELECT current_setting('etlsvc.tenant') AS t, current_setting('etlsvc.sources')"
+            " AS s, now() AS began")
+        return row["t"], row["s"], row["began"]
+
+    try:
+        seen = await asyncio.gather(*(read(f"t{i % 3}") for i in range(30)))
+        assert [s[:2] for s in seen] == [(f"t{i % 3}", f"t{i % 3}%") for i in range(30)]
+        assert len({s[2] for s in seen}) == 30          # each read a transaction of its own
+        assert await _backend_state(database_url, name) == ["idle"]
+    finally:
+        await pool.close()
+
+
+async def test_a_connection_handed_to_a_read_that_was_cancelled_is_given_back(
+    database_url: str
+) -> None:
+    async def no_reset(_: asyncpg.Connection) -> None:
+        pass
+
+    name = f"handover-{uuid.uuid4().hex[:8]}"
+    raw = await asyncpg.create_pool(database_url, min_size=1, max_size=1, reset=no_reset,
+                                    server_settings={"application_name": name})
+    pool = db.InTurn(raw)
+    waiter: asyncio.Task | None = None
+
+    async def holder() -> None:
+        await pool.fetchval("SELECT pg_sleep(0.2)")
+        assert waiter is not None
+        waiter.cancel()         # woken with the connection handed to it, it never reads
+
+    try:
+        holding = asyncio.create_task(holder())
+        await asyncio.sleep(0.05)
+        waiter = asyncio.create_task(pool.fetchval("SELECT 1"))
+        await holding
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert await _backend_state(database_url, name) == ["idle in transaction"]
+        await asyncio.sleep(db.InTurn.HANDOVER_S + 0.3)
+        assert await _backend_state(database_url, name) == ["idle"]
+        assert raw.get_idle_size() == 1
+        assert await pool.fetchval("SELECT 2") == 2
+    finally:
+        await pool.close()
+
+
 async def test_the_history_table_keeps_every_column_a_normalized_row_has(
     pool: asyncpg.Pool
 ) -> None:
