@@ -254,14 +254,8 @@ class InTurn:
     The pool's connections are the role ``etlsvc_api`` (the startup parameter ``role``),
     which the row-level security policies hold to the tenant each transaction names; so a
     handler's query that leaves out the tenant, or reads with none, still sees only its
-    tenant's rows, or none.
-
-    A read's transaction costs two more round trips than the bare query: its prelude and its
-    end. Under load the end travels with the next read's prelude: a read that finishes while
-    others wait for a turn hands its connection, transaction still open, to the next one,
-    which sends ``ROLLBACK; BEGIN; …`` in one message. With nobody waiting, the read ends its
-    transaction before giving the connection back, so no connection idles in a transaction
-    (holding its locks) while the API is idle.
+    tenant's rows, or none. A read costs two more round trips (the prelude and the end of
+    the transaction).
 
     asyncpg hands a released connection to whoever asks next, and a request that has just
     arrived can take it ahead of those already waiting. With the read pool's free release
@@ -270,73 +264,23 @@ class InTurn:
     ``fetch``/``fetchrow``/``fetchval`` take a turn; anything else goes to the pool.
     """
 
-    #: Seconds a handed-over connection may wait for the read it was handed to (which may
-    #: have been cancelled) before its transaction is ended and it goes back to the pool.
-    HANDOVER_S = 0.5
-
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
         self._turns = asyncio.Semaphore(pool.get_max_size())
-        self._waiting = 0
-        #: Connections whose last read left its transaction open for the next read.
-        self._handed: list[asyncpg.Connection] = []
-        self._sweep: asyncio.TimerHandle | None = None
-        self._ending: set[asyncio.Task[None]] = set()
 
     async def _read(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         scope = READ_SCOPE.get()
-        prelude = _NOBODY if scope is None else scope.prelude
-        self._waiting += 1
-        try:
-            await self._turns.acquire()
-        finally:
-            self._waiting -= 1
-        try:
-            if self._handed:
-                conn = self._handed.pop()
-                prelude = "ROLLBACK; " + prelude
-            else:
-                conn = await self.pool.acquire()
+        async with self._turns, self.pool.acquire() as conn:
+            await conn.execute(_NOBODY if scope is None else scope.prelude)
             try:
-                await conn.execute(prelude)
                 result = await getattr(conn, method)(*args, **kwargs)
             except asyncio.CancelledError:
-                # asyncpg's release rolls back what the read left open
-                await self.pool.release(conn)
-                raise
+                raise           # asyncpg's release rolls back what the read left open
             except BaseException:
-                await self._give_back(conn)
+                await _end(conn)
                 raise
-            if self._waiting:
-                self._handed.append(conn)
-                if self._sweep is None:
-                    self._sweep = asyncio.get_running_loop().call_later(
-                        self.HANDOVER_S, self._end_handed)
-            else:
-                await self._give_back(conn)
+            await _end(conn)
             return result
-        finally:
-            self._turns.release()
-
-    async def _give_back(self, conn: asyncpg.Connection) -> None:
-        await _end(conn)
-        await self.pool.release(conn)
-
-    def _end_handed(self) -> None:
-        """Give back every connection still handed over (its next read never came: it was
-        cancelled while it waited, and no other read followed)."""
-        self._sweep = None
-        while self._handed:
-            task = asyncio.create_task(self._give_back(self._handed.pop()))
-            self._ending.add(task)
-            task.add_done_callback(self._ending.discard)
-
-    async def close(self) -> None:
-        if self._sweep is not None:
-            self._sweep.cancel()
-        self._end_handed()
-        await asyncio.gather(*self._ending, return_exceptions=True)
-        await self.pool.close()
 
     async def fetch(self, *args: Any, **kwargs: Any) -> list[asyncpg.Record]:
         return await self._read("fetch", args, kwargs)
