@@ -50,6 +50,9 @@ TABLES = (
     "data_versions",
     "etl_backfills",
     "etl_sources",
+    "etl_api_keys",
+    "etl_audit",
+    "etl_usage",
     "etl_shares",
 )
 

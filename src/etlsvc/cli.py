@@ -1,5 +1,5 @@
-"""The ``etlsvc`` command: run, backfill, replay, rejects, purge, serve, migrate, check,
-logs, cdc, health.
+"""The ``etlsvc`` command: run, backfill, replay, rejects, purge, serve, keys, migrate,
+check, logs, cdc, health.
 
 Owns argument parsing, exit codes (0 success, 1 a run or check failed, 2 bad usage or
 config) and what a person at a terminal sees: a progress bar and a summary table on stderr,
@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime as dt
 import gc
+import getpass
 import logging
 import signal
 import sys
@@ -24,12 +26,15 @@ import uvicorn
 
 from etlsvc import __version__, db, logtail
 from etlsvc.config import Config, Source, config_path, load_config
-from etlsvc.errors import ConfigError, EtlError, SourceBusy
+from etlsvc.contract import DEFAULT_TENANT
+from etlsvc.errors import AccessError, ConfigError, EtlError, SourceBusy
 from etlsvc.extract import mysql_cdc, pg_cdc
 from etlsvc.load import checkpoint
 from etlsvc.logs import configure_logging
 from etlsvc.runtime import (
+    audit,
     backfill,
+    keys,
     notify,
     pipeline,
     replay,
@@ -134,6 +139,34 @@ def build_parser() -> argparse.ArgumentParser:
                               help="pg_cdc: drop the source's replication slot and forget its "
                                    "checkpoints (as reset)")
     drop.add_argument("source", metavar="SOURCE")
+    keys_cmd = sub.add_parser("keys", parents=[common],
+                              help="make, list, rotate and revoke API keys")
+    keys_sub = keys_cmd.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    create = keys_sub.add_parser("create", parents=[common],
+                                 help="make a key; its secret is printed once (stdout)")
+    create.add_argument("name", metavar="NAME")
+    create.add_argument("--tenant", default=DEFAULT_TENANT, help="its tenant (default: "
+                        "default)")
+    create.add_argument("--scope", default="read", choices=list(keys.SCOPES),
+                        help="read (default), run or admin")
+    create.add_argument("--source", action="append", default=[], dest="sources",
+                        metavar="GLOB", help="limit it to these sources (repeatable)")
+    create.add_argument("--hide", action="append", default=[], dest="hidden",
+                        choices=list(keys.HIDEABLE), metavar="FIELD",
+                        help="leave this field out of what it reads (repeatable)")
+    create.add_argument("--expires-in-days", type=float, default=None, metavar="D",
+                        help="it stops working after D days")
+    listing = keys_sub.add_parser("list", parents=[common], help="list keys")
+    listing.add_argument("--tenant", default=None, help="only this tenant's")
+    rotate = keys_sub.add_parser("rotate", parents=[common],
+                                 help="a new secret for key ID (printed once); the old one "
+                                      "works for the grace period")
+    rotate.add_argument("key_id", type=int, metavar="ID")
+    rotate.add_argument("--grace", type=float, default=3600, metavar="SECONDS",
+                        help="how long the old secret keeps working (default 3600)")
+    revoke = keys_sub.add_parser("revoke", parents=[common],
+                                 help="revoke key ID (every replica refuses it within seconds)")
+    revoke.add_argument("key_id", type=int, metavar="ID")
     sub.add_parser("migrate", parents=[common], help="apply database migrations")
     sub.add_parser("check", parents=[common], help="check config and database connectivity")
     health = sub.add_parser("health", parents=[common],
@@ -443,7 +476,50 @@ async def _health(cfg: Config, args: argparse.Namespace) -> int:
     return EXIT_OK if response.status_code == 200 else EXIT_FAILED
 
 
-_COMMANDS = {"serve": _serve, "run": _run, "replay": _replay, "rollback": _rollback,
+async def _keys(cfg: Config, args: argparse.Namespace) -> int:
+    actor = f"cli:{getpass.getuser()}"
+    async with db.open_database(cfg) as database:
+        pool = database.pool
+        if args.action == "list":
+            rows = [keys.view(r) for r in await keys.listing(pool, args.tenant)]
+            print(f"{'ID':>5}  {'TENANT':<12} {'NAME':<20} {'SCOPE':<6} {'STATUS':<8} "
+                  f"{'EXPIRES':<20} LAST USED")
+            for k in rows:
+                print(f"{k['id']:>5}  {k['tenant']:<12} {k['name']:<20} {k['scope']:<6} "
+                      f"{k['status']:<8} {_when(k['expires_at']):<20} "
+                      f"{_when(k['last_used_at'])}")
+            return EXIT_OK
+        try:
+            if args.action == "create":
+                expires = None if args.expires_in_days is None else (
+                    dt.datetime.now(dt.UTC) + dt.timedelta(days=args.expires_in_days))
+                row, secret = await keys.create(
+                    pool, tenant=args.tenant, name=args.name, scope=args.scope,
+                    sources=args.sources, hidden=args.hidden, expires_at=expires, actor=actor)
+            elif args.action == "rotate":
+                row, secret = await keys.rotate(pool, args.key_id, None, args.grace)
+            else:
+                row, secret = await keys.revoke(pool, args.key_id, None), None
+        except AccessError as exc:
+            await audit.record(pool, audit.Entry(f"key.{args.action}", actor, "failed",
+                                                 details={"error": str(exc)}))
+            raise
+        await audit.record(pool, audit.Entry(f"key.{args.action}", actor, "ok",
+                                             tenant=row["tenant"], target=f"key {row['id']}"))
+    verb = {"create": "made", "rotate": "rotated", "revoke": "revoked"}[args.action]
+    print(f"key {row['id']} ({row['tenant']}/{row['name']}, {row['scope']}) {verb}",
+          file=sys.stderr)
+    if secret:
+        print("its secret, shown this once:", file=sys.stderr)
+        print(secret)
+    return EXIT_OK
+
+
+def _when(value: dt.datetime | None) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%SZ") if value else "-"
+
+
+_COMMANDS = {"keys": _keys, "serve": _serve, "run": _run, "replay": _replay, "rollback": _rollback,
              "rejects": _rejects, "purge": _purge, "migrate": _migrate, "check": _check,
              "health": _health, "cdc": _cdc, "backfill": _backfill}
 

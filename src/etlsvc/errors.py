@@ -11,6 +11,7 @@ at the boundary where they happen, and kept as ``__cause__``.
   x SourceBusy           sources already running in some process (carries their run ids)
     x TickTaken          a scheduler tick whose run another replica already made
   x BackfillError        a backfill that cannot be made, found or run as asked
+  x AccessError          a key, share or grant that cannot be made or found as asked
   x WorkerDied           a worker process died under a task (killed, out of memory)
   x DatabaseLost         a run's database stayed away past database.reconnect_timeout
 
@@ -49,6 +50,15 @@ class BackfillError(EtlError):
     of the source open or running); ``code`` names the case for the API."""
 
     def __init__(self, message: str, code: str = "backfill") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class AccessError(EtlError):
+    """A key, share or grant cannot be made or found as asked (unknown key, bad scope, a
+    name taken); ``code`` names the case for the API (404 for ``not_found``, else 400)."""
+
+    def __init__(self, message: str, code: str = "bad_request") -> None:
         super().__init__(message)
         self.code = code
 

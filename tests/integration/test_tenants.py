@@ -14,7 +14,7 @@ from etlsvc.api.app import create_app, create_litestar
 from etlsvc.api.http import READ, read_pool
 from tests.conftest import Env, csv_source, run_source
 
-KEYS = ("acme-reader@acme:read:acme-r, acme-ops@acme:run:acme-w, "
+KEYS = ("acme-reader@acme:read:acme-r, acme-ops@acme:run:acme-w, acme-admin@acme:admin:acme-a, "
         "globex-reader@globex:read:globex-r, globex-ops@globex:admin:globex-a")
 
 
@@ -146,9 +146,14 @@ async def test_the_api_role_cannot_bypass_row_level_security(two_tenants,
               SELECT 1 FROM pg_policies p WHERE p.tablename = c.relname
                 AND p.policyname = 'tenant_reads' AND p.roles = '{etlsvc_api}'))""")
     assert unguarded == []
-    # The role owns nothing, and may write nowhere.
+    # The role owns nothing, and may write nowhere but add to the audit log.
     assert await pool.fetchval("SELECT count(*) FROM pg_class WHERE relowner = "
                                "'etlsvc_api'::regrole") == 0
-    assert await pool.fetchval("""
-        SELECT count(*) FROM information_schema.role_table_grants
-        WHERE grantee = 'etlsvc_api' AND privilege_type <> 'SELECT'""") == 0
+    assert [tuple(r) for r in await pool.fetch("""
+        SELECT table_name, privilege_type FROM information_schema.role_table_grants
+        WHERE grantee = 'etlsvc_api' AND privilege_type <> 'SELECT'""")] == [
+        ("etl_audit", "INSERT")]
+    # Nor read the keys' hashes, nor the key to them.
+    for table in ("etl_api_keys", "etl_secrets"):
+        assert not await pool.fetchval(
+            "SELECT has_table_privilege('etlsvc_api', $1, 'SELECT')", table)

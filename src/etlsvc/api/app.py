@@ -27,6 +27,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from etlsvc import __version__, db, flow, logtail, metrics
 from etlsvc.api import (
+    admin,
     auth,
     backfills,
     change_feed,
@@ -39,7 +40,7 @@ from etlsvc.api import (
 )
 from etlsvc.config import Config
 from etlsvc.errors import EtlError
-from etlsvc.runtime import workers
+from etlsvc.runtime import keys, workers
 from etlsvc.runtime.service import Service
 
 log = structlog.get_logger()
@@ -270,15 +271,21 @@ def create_litestar(cfg: Config, startup_errors: list[EtlError] | None = None) -
                         # Row-level security holds this role to the request's tenant.
                         "role": "etlsvc_api"}, reset=_keep_session))
                 app.state.data_version = changes.DataVersions()
+                # Keys made at run time, reloaded within a second of any change.
+                app.state.key_store = keys.KeyStore(database.pool)
+                await app.state.key_store.load()
                 logtail.HUB.attach()       # keep each run's log lines for the console
                 service = Service(cfg, database, workers.from_config(cfg.pipeline))
                 app.state.service = service
                 service.start_scheduler()
+                keeping_keys = asyncio.create_task(app.state.key_store.run())
                 started = True
                 try:
                     yield
                 finally:
                     await service.stop(cfg.server.shutdown_grace_s)
+                    keeping_keys.cancel()
+                    await asyncio.gather(keeping_keys, return_exceptions=True)
                     await app.state.read_pool.close()
         except EtlError as exc:
             if not started and startup_errors is not None:
@@ -289,7 +296,9 @@ def create_litestar(cfg: Config, startup_errors: list[EtlError] | None = None) -
     app = Litestar(
         state=State({"public_read": cfg.server.public_read}),
         route_handlers=[*runs.HANDLERS, *backfills.HANDLERS, *data.HANDLERS,
-                        *change_feed.HANDLERS, *operations.HANDLERS, *console.HANDLERS],
+                        *change_feed.HANDLERS, *operations.HANDLERS, *admin.HANDLERS,
+                        *console.HANDLERS],
+        middleware=[admin.audited],
         guards=[http.check_request],
         request_class=http.JsonRequest,
         lifespan=[lifespan],

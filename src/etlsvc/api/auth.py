@@ -5,7 +5,8 @@ Each comma-separated entry is ``NAME:SCOPES:SECRET`` (scopes joined by ``+``), o
 ``NAME@TENANT:SCOPES:SECRET`` for a key of a tenant other than ``default``, or a bare
 ``SECRET`` (all scopes, as before scopes existed). Scopes nest: ``admin`` grants ``run``,
 ``run`` grants ``read``; every scope is within the key's tenant. Secrets are compared in
-constant time and never logged; a key's name is what logs show.
+constant time and never logged; a key's name is what logs show. Keys made at run time
+(``etlsvc keys``, ``/admin/keys``) are checked after these (``runtime/keys.py``).
 """
 
 from __future__ import annotations
@@ -13,42 +14,13 @@ from __future__ import annotations
 import hmac
 import os
 import re
-from dataclasses import dataclass
 from functools import cache
 
-from etlsvc import db
 from etlsvc.contract import DEFAULT_TENANT, NAME_PATTERN
 from etlsvc.errors import ConfigError
-
-SCOPES = ("read", "run", "admin")
-
+from etlsvc.runtime.keys import SCOPES, ApiKey, KeyStore
 
 _TENANT = re.compile(NAME_PATTERN)
-
-
-@dataclass(frozen=True)
-class ApiKey:
-    """One key: its name (for logs), the highest scope it grants, its secret, its tenant,
-    and the sources it is limited to (globs; none: every source its tenant reads)."""
-
-    name: str
-    scope: str
-    secret: bytes
-    tenant: str = DEFAULT_TENANT
-    sources: tuple[str, ...] = ()
-
-    def grants(self, scope: str) -> bool:
-        return SCOPES.index(self.scope) >= SCOPES.index(scope)
-
-    @property
-    def read_scope(self) -> db.ReadScope:
-        return db.ReadScope(self.tenant, tuple(map(like_pattern, self.sources)))
-
-
-def like_pattern(glob: str) -> str:
-    """The SQL LIKE pattern of a source glob (``*`` any run of characters, ``?`` one)."""
-    escaped = glob.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return escaped.replace("*", "%").replace("?", "_")
 
 
 @cache
@@ -81,10 +53,13 @@ def configured_keys() -> tuple[ApiKey, ...]:
     return parse_keys(os.environ.get("ETLSVC_API_KEYS", ""))
 
 
-def find(given: str) -> ApiKey | None:
-    """The key whose secret is ``given`` (every key is compared, in constant time)."""
+def find(given: str, store: KeyStore | None = None) -> ApiKey | None:
+    """The key whose secret is ``given``: one of ``ETLSVC_API_KEYS`` (every one compared,
+    in constant time), else a live key of ``store`` (made at run time)."""
     found = None
     for key in configured_keys():
         if hmac.compare_digest(given.encode(), key.secret):
             found = key
+    if found is None and store is not None:
+        found = store.find(given)
     return found

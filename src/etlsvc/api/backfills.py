@@ -20,6 +20,7 @@ from etlsvc.api.http import (
     ApiError,
     configured_source,
     envelope,
+    note,
     read_pool,
     require_json_body,
     service_of,
@@ -49,7 +50,8 @@ def _error(exc: BackfillError) -> ApiError:
 
 @post("/etl/backfill", status_code=202,
       summary="Read a range of a source again, beside its live run (API key required)",
-      responses=WRITE_ERRORS, opt={"scope": "run"}, guards=[require_json_body])
+      responses=WRITE_ERRORS, opt={"scope": "run", "audit": "backfill.start"},
+      guards=[require_json_body])
 async def start_backfill(request: Request, data: JSONBody[BackfillRequest]) -> dict[str, Any]:
     """Make a backfill of the range (or find the unfinished or failed one of the same
     range: it goes on from where it stopped) and run it in the background; 202 with it.
@@ -57,6 +59,7 @@ async def start_backfill(request: Request, data: JSONBody[BackfillRequest]) -> d
     pending or running."""
     service = service_of(request)
     src = configured_source(request, data.source)
+    note(request, src.name, start=data.start, end=data.end, table=data.table)
     try:
         row = await backfill.create(service.database.pool, src, stream=data.table,
                                     start=data.start, end=data.end)
@@ -87,11 +90,12 @@ async def get_backfill(request: Request, backfill_id: Annotated[
 
 @post("/etl/backfill/{backfill_id:int}/cancel", status_code=202,
       summary="Stop a backfill (API key required)", responses=WRITE_ERRORS,
-      opt={"scope": "run"})
+      opt={"scope": "run", "audit": "backfill.cancel"})
 async def cancel_backfill(request: Request, backfill_id: Annotated[
         int, PathParameter(ge=0, le=db.MAX_ID)]) -> dict[str, Any]:
     """A running backfill stops within a second (the batch in flight rolls back; what
     committed stays); one nobody runs is cancelled at once."""
+    note(request, f"backfill {backfill_id}")
     try:
         row = await backfill.cancel(service_of(request).database.pool, backfill_id)
     except BackfillError as exc:

@@ -233,26 +233,38 @@ async def check_request(connection: ASGIConnection, handler: BaseRouteHandler) -
 def _check_key(connection: ASGIConnection, scope: str) -> None:
     """The request's bearer key must grant ``scope`` (``read`` passes without a key when
     ``server.public_read`` is on, for the ``default`` tenant). 401 without a key, 403 with a
-    wrong one or one that lacks the scope. What the request then reads is its key's tenant's
-    (``db.READ_SCOPE``)."""
+    wrong one or one that lacks the scope (either is written to the audit log). What the
+    request then reads is its key's tenant's (``db.READ_SCOPE``)."""
     header = connection.headers.get("authorization", "")
     given = header[7:].strip() if header.lower().startswith("bearer ") else ""
-    key = auth.find(given) if given else None
+    state = connection.scope.setdefault("state", {})
+    key = auth.find(given, getattr(connection.app.state, "key_store", None)) if given else None
     if scope == "read" and connection.app.state.public_read and key is None:
         # As before tenants, a key this server does not know is ignored where reads are
         # public: the request reads what anyone may.
         db.READ_SCOPE.set(PUBLIC_SCOPE)
         return
     if not given:
+        state["audit_denied"] = "no key"
         raise ApiError(401, "unauthorized", f"an API key with the {scope!r} scope is "
                        "required: Authorization: Bearer <key>")
     if key is None:
+        state["audit_denied"] = "unknown key"
+        state["actor"] = "unknown:" + hashlib.sha256(given.encode()).hexdigest()[:8]
         raise ApiError(403, "forbidden", "this API key is not accepted")
+    state["actor"], state["tenant"] = key.who, key.tenant
     if not key.grants(scope):
+        state["audit_denied"] = f"lacks the {scope} scope"
         raise ApiError(403, "forbidden", f"the API key {key.name!r} lacks the {scope!r} "
                        "scope")
+    state["key"] = key
     db.READ_SCOPE.set(key.read_scope)
     structlog.contextvars.bind_contextvars(key_name=key.name)
+
+
+def note(request: Request, target: str | None = None, **details: Any) -> None:
+    """What this request's audit entry says it acted on (``api/admin.py`` writes it)."""
+    request.scope.setdefault("state", {})["audit"] = {"target": target, "details": details}
 
 
 #: What a request without a key reads where ``server.public_read`` is on.

@@ -26,6 +26,7 @@ from etlsvc.api.http import (
     encode_json,
     envelope,
     keyset_page,
+    note,
     read_pool,
     require_json_body,
     service_of,
@@ -45,7 +46,8 @@ class RunRequest(msgspec.Struct, forbid_unknown_fields=True):
 
 
 @post("/etl/run", status_code=202, summary="Start runs (API key required)",
-      responses=WRITE_ERRORS, opt={"scope": "run"}, guards=[require_json_body])
+      responses=WRITE_ERRORS, opt={"scope": "run", "audit": "runs.start"},
+      guards=[require_json_body])
 async def start_runs(request: Request, data: JSONBody[RunRequest | None] = None) -> dict[str, Any]:
     """Start a run of each requested source (all by default), or of none if any is running
     already (409 lists them); 202 with their ids."""
@@ -53,6 +55,7 @@ async def start_runs(request: Request, data: JSONBody[RunRequest | None] = None)
     body = data or RunRequest()
     sources = [configured_source(request, n) for n in body.sources] if body.sources else [
         s for s in tenant_sources(request) if not KINDS[s.kind].continuous]
+    note(request, ",".join(s.name for s in sources))
     if streams := [s.name for s in sources if KINDS[s.kind].continuous]:
         raise ApiError(409, "continuous_source", f"source {streams[0]!r} is a stream: "
                        "`etlsvc serve` consumes it continuously, so it cannot be started "
@@ -63,6 +66,7 @@ async def start_runs(request: Request, data: JSONBody[RunRequest | None] = None)
         raise ApiError(409, "source_running", str(exc), source=exc.source,
                        running_run_id=exc.run_id, running=[
                            {"source": s, "run_id": r} for s, r in exc.running.items()]) from None
+    note(request, ",".join(s.name for s in sources), runs=ids)
     return envelope(request, {"runs": [{"source": s.name, "run_id": i}
                                        for s, i in zip(sources, ids)]})
 
@@ -164,13 +168,15 @@ class RejectsRequest(msgspec.Struct, forbid_unknown_fields=True):
 
 @post("/etl/rejects/retry", status_code=200,
       summary="Validate open rejects again and load the valid ones (API key required)",
-      responses=WRITE_ERRORS, opt={"scope": "run"}, guards=[require_json_body])
+      responses=WRITE_ERRORS, opt={"scope": "run", "audit": "rejects.retry"},
+      guards=[require_json_body])
 async def retry_rejects(request: Request, data: JSONBody[RejectsRequest]) -> dict[str, Any]:
     """Re-validate the source's open rejects under the current rules and mapping; load the
     ones now valid (raw row, normalized row and the reject's status in one transaction,
     each once even if retries race). Answers with the retry run: ``rows_valid`` loaded,
     ``rows_rejected`` still open."""
     src = configured_source(request, data.source)
+    note(request, src.name, run_id=data.run_id, ids=data.ids)
     try:
         row = await retry.retry(service_of(request).database, src, run_id=data.run_id,
                                 ids=data.ids)
@@ -182,12 +188,14 @@ async def retry_rejects(request: Request, data: JSONBody[RejectsRequest]) -> dic
 
 @post("/etl/rejects/ignore", status_code=200,
       summary="Mark open rejects as ignored (API key required)",
-      responses=WRITE_ERRORS, opt={"scope": "run"}, guards=[require_json_body])
+      responses=WRITE_ERRORS, opt={"scope": "run", "audit": "rejects.ignore"},
+      guards=[require_json_body])
 async def ignore_rejects(request: Request, data: JSONBody[RejectsRequest]) -> dict[str, Any]:
     """Mark the source's open rejects (of a run, or by id) ignored: nobody will fix them."""
     src = configured_source(request, data.source)
     count = await retry.ignore(service_of(request).database, src, run_id=data.run_id,
                                ids=data.ids)
+    note(request, src.name, run_id=data.run_id, ids=data.ids, ignored=count)
     return envelope(request, {"source": src.name, "ignored": count})
 
 
@@ -209,7 +217,8 @@ _ROLLBACK_STATUS = {"no_source": 404, "no_run": 404, "run_running": 409, "no_mom
 
 @post("/etl/rollback", status_code=200,
       summary="Roll a source back to its state right after one of its runs (admin key)",
-      responses=WRITE_ERRORS, opt={"scope": "admin"}, guards=[require_json_body])
+      responses=WRITE_ERRORS, opt={"scope": "admin", "audit": "rollback"},
+      guards=[require_json_body])
 async def roll_back(request: Request, data: JSONBody[RollbackRequest]) -> dict[str, Any]:
     """Make the source's rows what they were right after run ``to_run``, in one transaction,
     as a run of its own (trigger ``rollback``) whose changes the feed carries; the
@@ -217,6 +226,7 @@ async def roll_back(request: Request, data: JSONBody[RollbackRequest]) -> dict[s
     (``deleted``, ``updated``, ``inserted``). 409 while the source runs."""
     service = service_of(request)
     src = configured_source(request, data.source)
+    note(request, src.name, to_run=data.to_run, dry_run=data.dry_run)
     try:
         done = await rollback.rollback(service.database, src, data.to_run,
                                        keep_position=data.keep_position, dry_run=data.dry_run)

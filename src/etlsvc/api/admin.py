@@ -1,0 +1,215 @@
+"""Administration of a tenant (admin keys): ``/admin/keys`` (make, list, rotate, revoke),
+``/admin/audit`` (the tenant's audit log), and the audit itself: the ASGI layer that writes
+every mutating request and every refused key to ``etl_audit`` (``runtime/audit.py``).
+
+Keys live in ``etl_api_keys``, which the API's role cannot read: they are managed on the
+service's own connections, always within the caller's tenant.
+"""
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated, Any
+
+import msgspec
+from litestar import Request, get, post
+from litestar.params import FromQuery, JSONBody, PathParameter, QueryParameter
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+
+from etlsvc import db
+from etlsvc.api.http import (
+    READ_ERRORS,
+    WRITE_ERRORS,
+    ApiError,
+    caller_tenant,
+    decode_cursor,
+    encode_cursor,
+    envelope,
+    note,
+    read_pool,
+    require_json_body,
+    service_of,
+)
+from etlsvc.errors import AccessError
+from etlsvc.runtime import audit, keys
+
+ADMIN: dict[str, Any] = {"responses": WRITE_ERRORS, "opt": {"scope": "admin"}}
+#: The methods whose requests change something (and so are audited).
+MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def audited(app: ASGIApp) -> ASGIApp:
+    """ASGI middleware: the audit entry of a mutating request, or of any request refused
+    for its key (401, 403), written before the answer leaves. The handler may say more in
+    ``request.state.audit`` (``target``, ``details``); its action is the handler's
+    ``opt["audit"]``, else the method and route."""
+
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+
+        async def send_audited(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                await _audit(scope, message["status"])
+            await send(message)
+
+        await app(scope, receive, send_audited)
+
+    return middleware
+
+
+async def _audit(scope: Scope, status: int) -> None:
+    state = scope.get("state", {})
+    denied = state.get("audit_denied")
+    if scope["method"] not in MUTATING and not denied:
+        return
+    handler = scope.get("route_handler")
+    action = (handler.opt.get("audit") if handler else None) or \
+        f"{scope['method']} {scope.get('path_template', scope['path'])}"
+    said = state.get("audit", {})
+    details = dict(said.get("details", {}))
+    if denied:
+        details["refused"] = denied
+    client = scope.get("client")
+    entry = audit.Entry(
+        action=action, actor=state.get("actor", "anonymous"),
+        outcome="ok" if status < 400 else "denied" if status in (401, 403) else "failed",
+        tenant=state.get("tenant"), target=said.get("target"), status=status,
+        request_id=state.get("request_id"), client=client[0] if client else None,
+        details=details)
+    await audit.record(scope["app"].state.service.database.pool, entry)
+
+
+def _caller(request: Request) -> keys.ApiKey:
+    key = request.scope["state"]["key"]
+    if key.sources:
+        # A key narrowed to some sources does not make keys for the whole tenant.
+        raise ApiError(403, "forbidden", f"the API key {key.name!r} is limited to some "
+                       "sources: managing keys takes an admin key of the whole tenant")
+    return key
+
+
+def _access_error(exc: AccessError) -> ApiError:
+    return ApiError(404 if exc.code == "not_found" else 400, exc.code, str(exc))
+
+
+class KeyRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """A key to make: its name (unique among the tenant's live keys), scope, the sources it
+    is limited to (globs), the fields hidden from it, and when it expires."""
+
+    name: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")]
+    scope: str = "read"
+    sources: list[Annotated[str, msgspec.Meta(min_length=1, max_length=200)]] = []
+    hidden_fields: list[str] = []
+    expires_at: dt.datetime | None = None
+
+
+@post("/admin/keys", status_code=201, summary="Make an API key (its secret is shown once)",
+      guards=[require_json_body], **{**ADMIN, "opt": {"scope": "admin",
+                                                      "audit": "key.create"}})
+async def create_key(request: Request, data: JSONBody[KeyRequest]) -> dict[str, Any]:
+    """A new key of the caller's tenant. ``secret`` is in this answer only: only a keyed
+    hash of it is kept."""
+    caller = _caller(request)
+    if data.expires_at is not None and data.expires_at.tzinfo is None:
+        data.expires_at = data.expires_at.replace(tzinfo=dt.UTC)
+    try:
+        row, secret = await keys.create(
+            service_of(request).database.pool, tenant=caller.tenant, name=data.name,
+            scope=data.scope, sources=data.sources, hidden=data.hidden_fields,
+            expires_at=data.expires_at, actor=caller.who)
+    except AccessError as exc:
+        raise _access_error(exc) from None
+    note(request, f"key {row['id']}", name=data.name, scope=data.scope)
+    await request.app.state.key_store.refresh()
+    return envelope(request, {**keys.view(row), "secret": secret})
+
+
+@get("/admin/keys", summary="The tenant's API keys (never their secrets)",
+     responses=READ_ERRORS, opt={"scope": "admin"})
+async def list_keys(request: Request) -> dict[str, Any]:
+    caller = _caller(request)
+    await request.app.state.key_store.flush_used()      # this replica's last uses, now
+    rows = await keys.listing(service_of(request).database.pool, caller.tenant)
+    return envelope(request, [keys.view(r) for r in rows])
+
+
+class RotateRequest(msgspec.Struct, forbid_unknown_fields=True):
+    #: Seconds the current secret stays valid beside the new one.
+    grace_s: Annotated[float, msgspec.Meta(ge=0, le=30 * 86400)] = 3600
+
+
+KeyId = Annotated[int, PathParameter(ge=1, le=db.MAX_ID)]
+
+
+@post("/admin/keys/{key_id:int}/rotate", status_code=200,
+      summary="A new secret for a key; the old one stays valid for a grace period",
+      guards=[require_json_body], **{**ADMIN, "opt": {"scope": "admin",
+                                                      "audit": "key.rotate"}})
+async def rotate_key(request: Request, key_id: KeyId,
+                     data: JSONBody[RotateRequest | None] = None) -> dict[str, Any]:
+    caller = _caller(request)
+    note(request, f"key {key_id}")
+    grace = (data or RotateRequest()).grace_s
+    try:
+        row, secret = await keys.rotate(service_of(request).database.pool, key_id,
+                                        caller.tenant, grace)
+    except AccessError as exc:
+        raise _access_error(exc) from None
+    note(request, f"key {key_id}", grace_s=grace)
+    await request.app.state.key_store.refresh()
+    return envelope(request, {**keys.view(row), "secret": secret})
+
+
+@post("/admin/keys/{key_id:int}/revoke", status_code=200,
+      summary="Revoke a key: refused by every replica within seconds",
+      **{**ADMIN, "opt": {"scope": "admin", "audit": "key.revoke"}})
+async def revoke_key(request: Request, key_id: KeyId) -> dict[str, Any]:
+    caller = _caller(request)
+    note(request, f"key {key_id}")
+    try:
+        row = await keys.revoke(service_of(request).database.pool, key_id, caller.tenant)
+    except AccessError as exc:
+        raise _access_error(exc) from None
+    await request.app.state.key_store.refresh()
+    return envelope(request, keys.view(row))
+
+
+class AuditEntry(msgspec.Struct):
+    id: int
+    at: dt.datetime
+    tenant: str | None
+    actor: str
+    action: str
+    target: str | None
+    outcome: str
+    status: int | None
+    request_id: str | None
+    client: str | None
+    details: dict[str, Any]
+
+
+@get("/admin/audit", summary="The tenant's audit log, newest first", responses=READ_ERRORS,
+     opt={"scope": "admin"})
+async def audit_log(
+    request: Request,
+    limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
+    cursor: FromQuery[str | None] = None,
+    action: FromQuery[str | None] = None,
+    actor: FromQuery[str | None] = None,
+) -> dict[str, Any]:
+    """Who did what, when, from where, and how it ended: every mutating request, admin
+    action and refused key of the caller's tenant (row-level security: only its)."""
+    filters = ("audit", action, actor)
+    before = decode_cursor(cursor, filters) if cursor else db.MAX_ID
+    rows = await read_pool(request).fetch(db.query("audit", "page"), before, limit + 1,
+                                          action, actor)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return envelope(request, [AuditEntry(**dict(r)) for r in rows], {
+        "limit": limit, "has_more": more,
+        "next_cursor": encode_cursor(rows[-1]["id"], filters) if more else None,
+        "tenant": caller_tenant()})
+
+
+HANDLERS = [create_key, list_keys, rotate_key, revoke_key, audit_log]
