@@ -35,8 +35,9 @@ CREATE TABLE etl_secrets (
     value bytea NOT NULL
 );
 
--- Every change to a key that decides who gets in bumps this counter, which every replica
--- polls (each second) to reload its keys: a revocation holds everywhere within seconds.
+-- Every change to a key that decides who gets in, and to a share, bumps this counter, which
+-- every replica polls (each second) to reload its keys and shares: a revocation holds
+-- everywhere within seconds.
 CREATE TABLE etl_key_changes (n bigint NOT NULL);
 INSERT INTO etl_key_changes VALUES (0);
 
@@ -49,6 +50,8 @@ CREATE TRIGGER etl_api_keys_changed
     AFTER INSERT OR DELETE OR UPDATE OF tenant, scope, sources, hidden_fields, digest,
         previous_digest, previous_until, expires_at, revoked_at
     ON etl_api_keys FOR EACH STATEMENT EXECUTE FUNCTION etlsvc_key_changed();
+CREATE TRIGGER etl_shares_changed AFTER INSERT OR DELETE OR UPDATE ON etl_shares
+    FOR EACH STATEMENT EXECUTE FUNCTION etlsvc_key_changed();
 
 -- The audit log: every mutating request, admin action and failed authentication. Rows are
 -- only ever added: the API's role may insert and (for its tenant) read, never change or

@@ -153,6 +153,19 @@ class AnomalyConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     threshold: Annotated[float, msgspec.Meta(gt=0, le=1e6)] = 3.5
 
 
+#: The record fields a share or a key can leave out (``GET /data``'s, less its ids).
+RECORD_FIELDS = ("title", "description", "category", "amount", "url", "tags", "event_time")
+
+
+class ShareConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``[sources.share]``: the tenants the dataset is published to (read-only, through
+    ``/data``, ``/data/changes`` and ``/catalog``) and the record fields they see (none
+    given: all)."""
+
+    tenants: list[SourceName]
+    fields: list[Literal[RECORD_FIELDS]] | None = None  # type: ignore[valid-type]
+
+
 class SourceConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True,
                    tag_field="kind"):
     """What every source has; a kind's config struct adds its own keys and ``fields``."""
@@ -165,6 +178,8 @@ class SourceConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     description: str | None = None
     #: Words the catalog lists the dataset under.
     tags: list[NonEmpty] = []
+    #: Other tenants the dataset is published to.
+    share: ShareConfig | None = None
     schedule: NonEmpty | None = None
     #: Share of rejected records above which a run fails.
     max_error_rate: Rate = 0.05

@@ -316,7 +316,8 @@ class Database:
 async def sync_source_settings(pool: asyncpg.Pool, cfg: Config) -> None:
     """Each source's ``history_days`` where the versioning triggers read it
     (``sql/migrations/0016_versions.sql``), and its tenant, description and tags where the
-    row-level security policies and the catalog read them (``0017_tenants.sql``)."""
+    row-level security policies and the catalog read them (``0017_tenants.sql``), and the
+    shares the config makes (``[sources.share]``; those made by the API stay)."""
     names = [s.name for s in cfg.sources]
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute(query("versions", "sync_settings"), names,
@@ -325,6 +326,11 @@ async def sync_source_settings(pool: asyncpg.Pool, cfg: Config) -> None:
                            [s.tenant for s in cfg.sources],
                            [s.description for s in cfg.sources],
                            msgspec.json.encode([s.tags for s in cfg.sources]).decode())
+        shares = [(s.name, t, s.share.fields) for s in cfg.sources if s.share
+                  for t in s.share.tenants]
+        await conn.execute(query("tenants", "sync_shares"), [s[0] for s in shares],
+                           [s[1] for s in shares],
+                           msgspec.json.encode([s[2] for s in shares]).decode())
 
 
 @contextlib.asynccontextmanager

@@ -42,6 +42,11 @@ REQUESTS_CUT = Counter("etlsvc_http_requests_cut_total", "Requests cancelled bef
                        ["reason"])
 DB_ERRORS = Counter("etlsvc_db_connection_errors_total", "Times the database could not be "
                     "reached, by what tried: request, run, scheduler, health, metrics", ["where"])
+SERVED_ROWS = Counter("etlsvc_served_rows_total", "Records served by the read API, per "
+                      "consumer tenant, key and dataset", ["tenant", "key", "source"])
+SERVED_REQUESTS = Counter("etlsvc_served_requests_total", "Read requests that served "
+                          "records of a dataset, per consumer tenant, key and dataset",
+                          ["tenant", "key", "source"])
 DB_UP = Gauge("etlsvc_database_up", "Whether the database answered this scrape (1) or not (0)")
 LAST_SUCCESS = Gauge("etlsvc_source_last_success_timestamp_seconds",
                      "When the source's last successful run finished (Unix time)", ["source"])
@@ -103,6 +108,11 @@ def observe_sources(states: dict[str, dict[str, Any]] | None) -> None:
             LAST_SUCCESS.labels(source).set(state["last_success"].timestamp())
         STALE.labels(source).set(state["stale"])
         FAILING.labels(source).set(state["failing"])
+
+
+def served(tenant: str, key: str, source: str, rows: int) -> None:
+    SERVED_REQUESTS.labels(tenant, key, source).inc()
+    SERVED_ROWS.labels(tenant, key, source).inc(rows)
 
 
 def observe_request(method: str, status: int, seconds: float) -> None:

@@ -12,7 +12,7 @@ import pytest
 from litestar.testing import AsyncTestClient
 
 from etlsvc.api.app import create_app, create_litestar
-from tests.conftest import Env
+from tests.conftest import Env, csv_source, run_source
 from tests.integration.test_tenants import bearer, two_tenants  # noqa: F401 (fixture)
 
 
@@ -201,3 +201,93 @@ async def test_the_audit_log_records_actions_and_refusals_and_cannot_be_rewritte
                         await conn.execute(statement)
             await conn.execute("INSERT INTO etl_audit (actor, action, outcome) "
                                "VALUES ('test', 'probe', 'ok')")
+
+
+async def test_a_shared_dataset_is_read_only_with_its_fields_and_its_use_is_metered(
+        two_tenants, pool: asyncpg.Pool) -> None:  # noqa: F811
+    async with AsyncTestClient(app=create_app(two_tenants)) as client:
+        acme, globex_admin = bearer("acme-r"), bearer("globex-a")
+        assert [r["name"] for r in (await client.get("/catalog", headers=acme)).json()[
+            "data"]] == ["a"]
+        # acme cannot publish globex's dataset, nor to itself.
+        r = await client.post("/admin/shares", json={"source": "g", "tenant": "acme"},
+                              headers=bearer("acme-a"))
+        assert r.status_code == 404
+        r = await client.post("/admin/shares", json={"source": "g", "tenant": "globex"},
+                              headers=globex_admin)
+        assert r.status_code == 400
+        r = await client.post("/admin/shares", json={"source": "g", "tenant": "acme",
+                                                     "fields": ["title"]},
+                              headers=globex_admin)
+        assert r.status_code == 201, r.text
+        page = (await client.get("/data", headers=acme)).json()["data"]
+        assert [(x["source"], x["title"]) for x in page] == [("a", "a1 changed"),
+                                                              ("g", "g1 changed")]
+        theirs = next(x for x in page if x["source"] == "g")
+        ours = next(x for x in page if x["source"] == "a")
+        assert "amount" not in theirs and "description" not in theirs
+        assert ours["amount"] == "1"
+        one = (await client.get(f"/data/{theirs['id']}", headers=acme)).json()["data"]
+        assert "amount" not in one and one["lineage"]["raw"] is None
+        history = (await client.get(f"/data/{theirs['id']}/history", headers=acme)).json()
+        assert {"amount"} & set(history["data"][0]["record"]) == set()
+        feed = (await client.get("/data/changes", headers=acme)).json()["data"]
+        assert {c["source"] for c in feed} == {"a", "g"}
+        assert all("amount" not in c["record"] for c in feed
+                   if c["source"] == "g" and c["record"])
+        # The catalog: both, the shared one marked, with only the fields it exposes.
+        listed = {d["name"]: d for d in (await client.get("/catalog", headers=acme)).json()[
+            "data"]}
+        assert listed["g"]["shared"] is True and listed["g"]["owner"] == "globex"
+        assert [f["name"] for f in listed["g"]["fields"]] == ["source_id", "title"]
+        assert listed["a"]["shared"] is False
+        assert [f["name"] for f in listed["a"]["fields"]] == ["source_id", "title", "amount"]
+        assert listed["a"]["rows"] == 1 and listed["a"]["reject_rate_7d"] == 0.25
+        assert listed["a"]["last_success"] and listed["a"]["sample"] == "/data?source=a&limit=10"
+        # Read-only: no run, retry or rollback of it.
+        for path, body in (("/etl/run", {"sources": ["g"]}),
+                           ("/etl/rejects/retry", {"source": "g"}),
+                           ("/etl/rollback", {"source": "g", "to_run": 1})):
+            r = await client.post(path, json=body, headers=bearer("acme-a"))
+            assert r.status_code == 404, (path, r.text)
+        # The publisher sees who consumed it; the consumer is counted in /metrics too.
+        usage = (await client.get("/admin/usage", headers=globex_admin)).json()["data"]
+        acme_use = [u for u in usage if u["tenant"] == "acme" and u["source"] == "g"]
+        assert len(acme_use) == 1 and acme_use[0]["key_name"] == "acme-reader"
+        assert acme_use[0]["rows"] >= 3 and acme_use[0]["requests"] >= 3
+        metrics = (await client.get("/metrics")).text
+        assert 'etlsvc_served_rows_total{key="acme-reader",source="g",tenant="acme"}' in metrics
+        # Withdrawn: gone from acme's reads (this replica at once).
+        r = await client.delete("/admin/shares/g/acme", headers=globex_admin)
+        assert r.status_code == 200, r.text
+        assert {x["source"] for x in (await client.get("/data", headers=acme)).json()[
+            "data"]} == {"a"}
+        audit = [(e["action"], e["outcome"]) for e in (await client.get(
+            "/admin/audit", headers=globex_admin)).json()["data"]]
+        assert audit[:2] == [("share.delete", "ok"), ("share.create", "ok")]
+
+
+async def test_a_key_sees_none_of_its_hidden_fields_and_config_shares_apply(
+        env: Env, tmp_path, monkeypatch: pytest.MonkeyPatch, pool: asyncpg.Pool) -> None:
+    monkeypatch.setenv("ETLSVC_API_KEYS", "acme-admin@acme:admin:acme-a")
+    (tmp_path / "g.csv").write_text("id,title,description\n1,g1,secret words\n")
+    cfg = env.config(csv_source(
+        "g", tmp_path / "g.csv", fields='source_id = "id"\ntitle = "title"\n'
+        'description = "description"',
+        extra='tenant = "globex"\n[sources.share]\ntenants = ["acme"]\n'
+              'fields = ["title", "description"]'), extra="[server]\npublic_read = false")
+    assert (await run_source(cfg, "g"))["status"] == "succeeded"
+    async with AsyncTestClient(app=create_app(cfg)) as client:
+        admin = bearer("acme-a")
+        assert [x["description"] for x in (await client.get("/data", headers=admin)).json()[
+            "data"]] == ["secret words"]
+        made = (await client.post("/admin/keys", json={
+            "name": "nodesc", "hidden_fields": ["description"]}, headers=admin)).json()["data"]
+        page = (await client.get("/data", headers=bearer(made["secret"]))).json()["data"]
+        assert [x["title"] for x in page] == ["g1"] and "description" not in page[0]
+        assert "secret words" not in (await client.get(
+            f"/data/{page[0]['id']}", headers=bearer(made["secret"]))).text
+        assert "secret words" not in (await client.get(
+            "/data/changes", headers=bearer(made["secret"]))).text
+    assert [tuple(r) for r in await pool.fetch(
+        "SELECT source, subscriber, origin FROM etl_shares")] == [("g", "acme", "config")]

@@ -8,11 +8,11 @@ service's own connections, always within the caller's tenant.
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
-from litestar import Request, get, post
-from litestar.params import FromQuery, JSONBody, PathParameter, QueryParameter
+from litestar import Request, delete, get, post
+from litestar.params import FromPath, FromQuery, JSONBody, PathParameter, QueryParameter
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from etlsvc import db
@@ -21,6 +21,7 @@ from etlsvc.api.http import (
     WRITE_ERRORS,
     ApiError,
     caller_tenant,
+    configured_source,
     decode_cursor,
     encode_cursor,
     envelope,
@@ -29,6 +30,7 @@ from etlsvc.api.http import (
     require_json_body,
     service_of,
 )
+from etlsvc.contract import NAME_PATTERN, RECORD_FIELDS
 from etlsvc.errors import AccessError
 from etlsvc.runtime import audit, keys
 
@@ -212,4 +214,56 @@ async def audit_log(
         "tenant": caller_tenant()})
 
 
-HANDLERS = [create_key, list_keys, rotate_key, revoke_key, audit_log]
+class ShareRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """Publish one of the caller's datasets to another tenant, with the record fields it
+    sees (none given: all)."""
+
+    source: str
+    tenant: Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
+    fields: list[Literal[RECORD_FIELDS]] | None = None  # type: ignore[valid-type]
+
+
+@post("/admin/shares", status_code=201, summary="Publish a dataset to another tenant",
+      guards=[require_json_body], **{**ADMIN, "opt": {"scope": "admin",
+                                                      "audit": "share.create"}})
+async def create_share(request: Request, data: JSONBody[ShareRequest]) -> dict[str, Any]:
+    """The tenant's keys read the dataset, read-only, through /data, /data/changes and
+    /catalog, with the fields given."""
+    caller = _caller(request)
+    note(request, f"{data.source} to {data.tenant}", fields=data.fields)
+    src = configured_source(request, data.source)
+    if data.tenant == caller.tenant:
+        raise ApiError(400, "bad_request", "a dataset is not shared with its own tenant")
+    row = await service_of(request).database.pool.fetchrow(
+        db.query("tenants", "share"), src.name, data.tenant, data.fields, caller.tenant)
+    await request.app.state.key_store.refresh()
+    return envelope(request, dict(row))
+
+
+@get("/admin/shares", summary="Shares of the tenant's datasets, and those made to it",
+     responses=READ_ERRORS, opt={"scope": "admin"})
+async def list_shares(request: Request) -> dict[str, Any]:
+    caller = _caller(request)
+    rows = await service_of(request).database.pool.fetch(db.query("tenants", "list_shares"),
+                                                         caller.tenant)
+    return envelope(request, [dict(r) for r in rows])
+
+
+@delete("/admin/shares/{source:str}/{tenant:str}", status_code=200,
+        summary="Withdraw a dataset from a tenant",
+        **{**ADMIN, "opt": {"scope": "admin", "audit": "share.delete"}})
+async def delete_share(request: Request, source: FromPath[str],
+                       tenant: FromPath[str]) -> dict[str, Any]:
+    caller = _caller(request)
+    note(request, f"{source} to {tenant}")
+    row = await service_of(request).database.pool.fetchrow(
+        db.query("tenants", "unshare"), source, tenant, caller.tenant)
+    if row is None:
+        raise ApiError(404, "not_found", f"no share of {source!r} to {tenant!r} made through "
+                       "the API (a share of the config is withdrawn in the config)")
+    await request.app.state.key_store.refresh()
+    return envelope(request, dict(row))
+
+
+HANDLERS = [create_key, list_keys, rotate_key, revoke_key, audit_log, create_share,
+            list_shares, delete_share]

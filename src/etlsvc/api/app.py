@@ -30,6 +30,7 @@ from etlsvc.api import (
     admin,
     auth,
     backfills,
+    catalog,
     change_feed,
     changes,
     console,
@@ -37,6 +38,7 @@ from etlsvc.api import (
     http,
     operations,
     runs,
+    usage,
 )
 from etlsvc.config import Config
 from etlsvc.errors import EtlError
@@ -274,18 +276,21 @@ def create_litestar(cfg: Config, startup_errors: list[EtlError] | None = None) -
                 # Keys made at run time, reloaded within a second of any change.
                 app.state.key_store = keys.KeyStore(database.pool)
                 await app.state.key_store.load()
+                app.state.usage = usage.Usage()
                 logtail.HUB.attach()       # keep each run's log lines for the console
                 service = Service(cfg, database, workers.from_config(cfg.pipeline))
                 app.state.service = service
                 service.start_scheduler()
                 keeping_keys = asyncio.create_task(app.state.key_store.run())
+                metering = asyncio.create_task(app.state.usage.run(database.pool))
                 started = True
                 try:
                     yield
                 finally:
                     await service.stop(cfg.server.shutdown_grace_s)
                     keeping_keys.cancel()
-                    await asyncio.gather(keeping_keys, return_exceptions=True)
+                    metering.cancel()
+                    await asyncio.gather(keeping_keys, metering, return_exceptions=True)
                     await app.state.read_pool.close()
         except EtlError as exc:
             if not started and startup_errors is not None:
@@ -297,6 +302,7 @@ def create_litestar(cfg: Config, startup_errors: list[EtlError] | None = None) -
         state=State({"public_read": cfg.server.public_read}),
         route_handlers=[*runs.HANDLERS, *backfills.HANDLERS, *data.HANDLERS,
                         *change_feed.HANDLERS, *operations.HANDLERS, *admin.HANDLERS,
+                        *catalog.HANDLERS, *usage.HANDLERS,
                         *console.HANDLERS],
         middleware=[admin.audited],
         guards=[http.check_request],

@@ -17,8 +17,18 @@ from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from etlsvc import db
 from etlsvc.api import changes
-from etlsvc.api.data import DataRow
-from etlsvc.api.http import READ, ApiError, encode_json, error_responses, json_page, read_pool
+from etlsvc.api.data import DataRow, hide
+from etlsvc.api.http import (
+    READ,
+    ApiError,
+    Hidden,
+    encode_json,
+    error_responses,
+    hidden_fields,
+    json_page,
+    read_pool,
+    served,
+)
 
 
 class Change(msgspec.Struct):
@@ -35,9 +45,11 @@ class Change(msgspec.Struct):
     record: DataRow | None
 
 
-def _change(row: Any) -> Change:
+def _change(row: Any, hidden: Hidden | None) -> Change:
     record = None if row["op"] == "delete" else DataRow(
         *(row[name] for name in DataRow.__struct_fields__))
+    if record is not None and hidden is not None:
+        hide(record, hidden.of(record.source))
     return Change(changes.Position(row["xid"], row["id"]).token, row["op"], row["id"],
                   row["source"], row["source_id"], row["at"], record)
 
@@ -74,7 +86,9 @@ async def list_changes(
     page = await changes.wait(read_pool(request), start, limit, wait, versions == "all")
     if page.expired:
         raise _expired(start)
-    return json_page(request, [_change(r) for r in page.changes],
+    hidden = hidden_fields(request)
+    served(request, page.changes)
+    return json_page(request, [_change(r, hidden) for r in page.changes],
                      {"limit": limit, "next": page.next.token, "has_more": page.has_more})
 
 
@@ -92,6 +106,7 @@ async def stream_changes(
     # An SSE client that reconnects sends the id of the last event it received.
     start = await _feed_start(request, request.headers.get("last-event-id") or after)
     pool = read_pool(request)
+    hidden = hidden_fields(request)
 
     async def events() -> AsyncIterator[ServerSentEventMessage]:
         position, quiet_since = start, time.monotonic()
@@ -103,8 +118,9 @@ async def stream_changes(
             if page.expired:
                 yield ServerSentEventMessage(event="error", data=_expired(position).detail)
                 return
+            served(request, page.changes)
             for row in page.changes:
-                change = _change(row)
+                change = _change(row, hidden)
                 yield ServerSentEventMessage(data=encode_json(change).decode(), id=change.token)
             position = page.next
             if page.changes:

@@ -17,19 +17,23 @@ from litestar import Request, Response, get
 from litestar.exceptions import NotFoundException
 from litestar.openapi.spec import Example
 from litestar.params import FromQuery, PathParameter, QueryParameter
+from msgspec import UNSET, UnsetType
 
 from etlsvc import db
 from etlsvc.api import versions
 from etlsvc.api.http import (
     READ,
     ApiError,
+    Hidden,
     decode_cursor,
     encode_cursor,
     envelope,
+    hidden_fields,
     json_page,
     keyset_page,
     read_pool,
     scope_tag,
+    served,
     utc_param,
 )
 from etlsvc.api.runs import run_view
@@ -37,24 +41,40 @@ from etlsvc.extract import KINDS
 
 
 class DataRow(msgspec.Struct):
-    """A record of GET /data: the columns of ``data_page`` and ``data_window``, in order."""
+    """A record of GET /data: the columns of ``data_page`` and ``data_window``, in order.
+    A field hidden from the caller (a key's grant, a share) is left out (``UNSET``)."""
 
     id: int
     kind: str
     source: str
     source_id: str
-    title: str | None
-    description: str | None
-    category: str | None
-    amount: str | None
-    url: str | None
-    tags: list[str] | None
-    event_time: dt.datetime | None
+    title: str | UnsetType | None
+    description: str | UnsetType | None
+    category: str | UnsetType | None
+    amount: str | UnsetType | None
+    url: str | UnsetType | None
+    tags: list[str] | UnsetType | None
+    event_time: dt.datetime | UnsetType | None
     created_at: dt.datetime
     updated_at: dt.datetime
 
 
 _DATA_COLUMNS = len(DataRow.__struct_fields__)
+
+
+def data_rows_seen(rows: Any, hidden: Hidden | None) -> list[DataRow]:
+    """The records of ``rows`` (columns in DataRow's order), less what is hidden."""
+    records = [DataRow(*r[:_DATA_COLUMNS]) for r in rows]
+    if hidden is not None:
+        for record in records:
+            hide(record, hidden.of(record.source))
+    return records
+
+
+def hide(record: DataRow, fields: frozenset[str]) -> DataRow:
+    for name in fields:
+        setattr(record, name, UNSET)
+    return record
 
 
 
@@ -159,7 +179,8 @@ async def list_data(
 def _page(request: Request, rows: list[Any], pagination: dict[str, Any],
           etag: str) -> Response[dict[str, Any]]:
     # Encoded from structs (a quarter of the cost of dicts).
-    return json_page(request, [DataRow(*r[:_DATA_COLUMNS]) for r in rows], pagination,
+    served(request, rows)
+    return json_page(request, data_rows_seen(rows, hidden_fields(request)), pagination,
                      {"ETag": etag})
 
 
@@ -206,13 +227,20 @@ async def get_record(
     if row is None:
         raise NotFoundException(f"no record {record_id}" + (" then" if as_of else ""))
     record = {k: v for k, v in row.items() if k not in ("ahead", "horizon")}
+    hidden = hidden_fields(request)
+    concealed = hidden.of(record["source"]) if hidden is not None else frozenset()
+    for name in concealed:
+        del record[name]
     table = record.pop("raw_table")
     if table not in {k.raw_table for k in KINDS.values()}:
         raise ApiError(500, "internal", "unknown raw table")
     raw = await pool.fetchrow(f"SELECT * FROM {table} WHERE id = $1",
                               record.pop("raw_id"))
     run = await pool.fetchrow(db.query("runs", "get"), record.pop("run_id"))
-    record["lineage"] = {"raw_table": table, "raw": dict(raw) if raw else None,
+    served(request, [row])
+    # The raw row holds every field as received: not for a caller some are hidden from.
+    record["lineage"] = {"raw_table": table,
+                         "raw": dict(raw) if raw and not concealed else None,
                          "run": run_view(run) if run else None}
     return envelope(request, record)
 
@@ -262,17 +290,22 @@ async def record_history(
     if not rows and before is None:
         raise NotFoundException(f"no record {record_id}, and no version of one")
     out = []
+    hidden = hidden_fields(request)
     for i, r in enumerate(rows[:limit]):
         valid_from = r["valid_from"]
         if i + 1 < len(rows) and rows[i + 1]["to_xid"] == r["from_xid"]:
             valid_from = rows[i + 1]["valid_to"]     # see the query
         to_xid = r["to_xid"]
+        record = DataRow(*r[:_DATA_COLUMNS])
+        if hidden is not None:
+            hide(record, hidden.of(record.source))
         out.append(Version(
-            DataRow(*r[:_DATA_COLUMNS]), valid_from, r["valid_to"], str(r["from_xid"]),
+            record, valid_from, r["valid_to"], str(r["from_xid"]),
             None if to_xid is None else str(to_xid), r["ended_by"],
             Lineage(r["run_id"], f"/etl/runs/{r['run_id']}", r["raw_table"], r["raw_id"])))
     more = len(rows) > limit
     rows = rows[:limit]
+    served(request, rows)
     # Older than the page's last version; after the current one (no to_xid): every
     # replaced version (an xid8 reaches 2**63 after 2**32 wraparounds of the 32-bit xid).
     last = rows[-1]["to_xid"]

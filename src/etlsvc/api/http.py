@@ -17,6 +17,7 @@ import hmac
 import inspect
 import re
 import time
+from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
@@ -265,6 +266,37 @@ def _check_key(connection: ASGIConnection, scope: str) -> None:
 def note(request: Request, target: str | None = None, **details: Any) -> None:
     """What this request's audit entry says it acted on (``api/admin.py`` writes it)."""
     request.scope.setdefault("state", {})["audit"] = {"target": target, "details": details}
+
+
+@dataclass(frozen=True)
+class Hidden:
+    """The record fields a request may not see: its key's grant hides ``own`` everywhere;
+    a share hides its fields of the dataset it shares."""
+
+    own: frozenset[str]
+    shared: dict[str, frozenset[str]]
+
+    def of(self, source: str) -> frozenset[str]:
+        return self.own | self.shared.get(source, frozenset())
+
+
+def hidden_fields(request: Request) -> Hidden | None:
+    """What the request may not see of the records it reads (None: nothing hidden)."""
+    key = request.scope.get("state", {}).get("key")
+    own = key.hidden if key is not None else frozenset()
+    store = getattr(request.app.state, "key_store", None)
+    shared = store.shared_with(caller_tenant()) if store is not None else {}
+    if not own and not any(shared.values()):
+        return None
+    return Hidden(own, shared)
+
+
+def served(request: Request, rows: Any) -> None:
+    """Count what the request served, per dataset, for usage metering (``api/usage.py``):
+    ``rows`` are records (or rows) with a ``source``."""
+    if rows and (usage := getattr(request.app.state, "usage", None)) is not None:
+        key = request.scope.get("state", {}).get("key")
+        usage.count(caller_tenant(), key.name if key is not None else "", rows)
 
 
 #: What a request without a key reads where ``server.public_read`` is on.

@@ -1,5 +1,6 @@
 """API keys: the grant a key carries, keys made at run time (``etlsvc keys``,
-``/admin/keys``), and the cache every replica checks bearer keys against.
+``/admin/keys``), and the cache every replica checks bearer keys against (with the shares,
+which say what fields of a shared dataset its subscribers see).
 
 A key made at run time is 256 random bits, shown once and kept only as a keyed hash
 (HMAC-SHA256) in ``etl_api_keys`` (``sql/migrations/0019_keys_audit_usage.sql``). A slow
@@ -30,7 +31,7 @@ import asyncpg
 import structlog
 
 from etlsvc import db
-from etlsvc.contract import DEFAULT_TENANT
+from etlsvc.contract import DEFAULT_TENANT, RECORD_FIELDS
 from etlsvc.errors import AccessError, ConfigError
 
 log = structlog.get_logger()
@@ -39,7 +40,7 @@ SCOPES = ("read", "run", "admin")
 #: What every key made here begins with (tells it from a JWT and from ETLSVC_API_KEYS).
 PREFIX = "etlsvc_"
 #: Fields a grant can hide from a key (the record fields of GET /data).
-HIDEABLE = ("title", "description", "category", "amount", "url", "tags", "event_time")
+HIDEABLE = RECORD_FIELDS
 
 
 @dataclass(frozen=True)
@@ -178,6 +179,8 @@ class KeyStore:
     _by_digest: dict[bytes, _Entry] = field(default_factory=dict)
     _generation: int = -1
     _used: dict[int, float] = field(default_factory=dict)
+    #: Per subscriber tenant: the datasets shared with it, and the fields each one hides.
+    _shared: dict[str, dict[str, frozenset[str]]] = field(default_factory=dict)
 
     async def load(self) -> None:
         self._hash_key = await hash_key(self.pool)
@@ -197,7 +200,15 @@ class KeyStore:
             if r["previous_digest"] is not None:
                 by_digest[bytes(r["previous_digest"])] = _Entry(
                     key, r["previous_until"].timestamp())
-        self._by_digest, self._generation = by_digest, generation
+        shared: dict[str, dict[str, frozenset[str]]] = {}
+        for r in await self.pool.fetch(db.query("tenants", "shares")):
+            shared.setdefault(r["subscriber"], {})[r["source"]] = frozenset(
+                () if r["fields"] is None else set(RECORD_FIELDS) - set(r["fields"]))
+        self._by_digest, self._shared, self._generation = by_digest, shared, generation
+
+    def shared_with(self, tenant: str) -> dict[str, frozenset[str]]:
+        """The datasets shared with ``tenant``, each with the fields its share hides."""
+        return self._shared.get(tenant, {})
 
     def find(self, secret: str) -> ApiKey | None:
         """The live key whose secret is ``secret`` (not expired, not rotated out)."""
