@@ -64,6 +64,37 @@ class EmbeddedConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     pg_version: Literal[16, 18] = 18
 
 
+class JwtConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``[auth.jwt]``: bearer JWTs of an identity provider, accepted beside API keys
+    (``api/tokens.py``). The signature is checked against the provider's JWKS (a file, or
+    an http(s) URL read again every ``refresh_s`` and when a token names a key it lacks),
+    then the issuer, the audience and the expiry; the tenant and scopes come from claims."""
+
+    jwks: NonEmpty
+    issuer: NonEmpty
+    audience: NonEmpty
+    #: The claim that names the tenant.
+    tenant_claim: NonEmpty = "tenant"
+    #: The claim that lists scopes (a space-separated string or a list); of those that are
+    #: ``scope_prefix`` + read, run or admin, the highest counts.
+    scope_claim: NonEmpty = "scope"
+    scope_prefix: str = "etlsvc:"
+    #: A claim listing the source globs the token is limited to (absent: none).
+    sources_claim: NonEmpty | None = None
+    algorithms: tuple[Literal["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256",
+                              "ES384", "ES512", "EdDSA"], ...] = ("RS256", "ES256")
+    refresh_s: Annotated[float, msgspec.Meta(ge=10, le=86_400)] = 300
+    #: Seconds of clock skew allowed on exp, nbf and iat.
+    leeway_s: Annotated[float, msgspec.Meta(ge=0, le=300)] = 30
+
+
+class AuthConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``[auth]``: how callers prove who they are, beyond ``ETLSVC_API_KEYS`` and the keys
+    made at run time."""
+
+    jwt: JwtConfig | None = None
+
+
 class LogConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Log level and format (``auto``: JSON, or coloured text on a terminal)."""
 
@@ -158,6 +189,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     embedded: EmbeddedConfig = EmbeddedConfig()
     log: LogConfig = LogConfig()
     notify: NotifyConfig = NotifyConfig()
+    auth: AuthConfig = AuthConfig()
     #: Directory of the config file: relative paths in it are relative to this.
     base_dir: str = "."
 

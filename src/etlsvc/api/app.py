@@ -38,6 +38,7 @@ from etlsvc.api import (
     http,
     operations,
     runs,
+    tokens,
     usage,
 )
 from etlsvc.config import Config
@@ -277,22 +278,29 @@ def create_litestar(cfg: Config, startup_errors: list[EtlError] | None = None) -
                 app.state.key_store = keys.KeyStore(database.pool)
                 await app.state.key_store.load()
                 app.state.usage = usage.Usage()
+                app.state.jwt = None
+                if cfg.auth.jwt is not None:
+                    app.state.jwt = tokens.JwtVerifier(cfg.auth.jwt, cfg.base_dir)
+                    await app.state.jwt.load()
                 logtail.HUB.attach()       # keep each run's log lines for the console
                 service = Service(cfg, database, workers.from_config(cfg.pipeline))
                 app.state.service = service
                 service.start_scheduler()
                 keeping_keys = asyncio.create_task(app.state.key_store.run())
                 metering = asyncio.create_task(app.state.usage.run(database.pool))
+                jwks = asyncio.create_task(app.state.jwt.run()) if app.state.jwt else None
                 started = True
                 try:
                     yield
                 finally:
                     await service.stop(cfg.server.shutdown_grace_s)
                     keeping_keys.cancel()
-                    metering.cancel()
-                    await asyncio.gather(keeping_keys, metering, return_exceptions=True)
+                    background = [t for t in (keeping_keys, metering, jwks) if t is not None]
+                    for task in background:
+                        task.cancel()
+                    await asyncio.gather(*background, return_exceptions=True)
                     await app.state.read_pool.close()
-        except EtlError as exc:
+        except EtlError as exc:          # ConfigError included (a JWKS that cannot be read)
             if not started and startup_errors is not None:
                 startup_errors.append(exc)
             raise

@@ -32,7 +32,7 @@ from litestar.openapi import ResponseSpec
 from litestar.openapi.spec import Example
 
 from etlsvc import db
-from etlsvc.api import auth
+from etlsvc.api import auth, tokens
 from etlsvc.config import Source
 from etlsvc.contract import DEFAULT_TENANT
 from etlsvc.runtime.service import Service
@@ -227,11 +227,11 @@ def scope_tag() -> bytes:
 async def check_request(connection: ASGIConnection, handler: BaseRouteHandler) -> None:
     """The endpoint's API key scope (``opt["scope"]``), then its query parameters."""
     if scope := handler.opt.get("scope"):
-        _check_key(connection, scope)
+        await _check_key(connection, scope)
     _check_query(connection, handler)
 
 
-def _check_key(connection: ASGIConnection, scope: str) -> None:
+async def _check_key(connection: ASGIConnection, scope: str) -> None:
     """The request's bearer key must grant ``scope`` (``read`` passes without a key when
     ``server.public_read`` is on, for the ``default`` tenant). 401 without a key, 403 with a
     wrong one or one that lacks the scope (either is written to the audit log). What the
@@ -239,7 +239,7 @@ def _check_key(connection: ASGIConnection, scope: str) -> None:
     header = connection.headers.get("authorization", "")
     given = header[7:].strip() if header.lower().startswith("bearer ") else ""
     state = connection.scope.setdefault("state", {})
-    key = auth.find(given, getattr(connection.app.state, "key_store", None)) if given else None
+    key = await _find(connection, given, state) if given else None
     if scope == "read" and connection.app.state.public_read and key is None:
         # As before tenants, a key this server does not know is ignored where reads are
         # public: the request reads what anyone may.
@@ -250,7 +250,7 @@ def _check_key(connection: ASGIConnection, scope: str) -> None:
         raise ApiError(401, "unauthorized", f"an API key with the {scope!r} scope is "
                        "required: Authorization: Bearer <key>")
     if key is None:
-        state["audit_denied"] = "unknown key"
+        state.setdefault("audit_denied", "unknown key")
         state["actor"] = "unknown:" + hashlib.sha256(given.encode()).hexdigest()[:8]
         raise ApiError(403, "forbidden", "this API key is not accepted")
     state["actor"], state["tenant"] = key.who, key.tenant
@@ -261,6 +261,19 @@ def _check_key(connection: ASGIConnection, scope: str) -> None:
     state["key"] = key
     db.READ_SCOPE.set(key.read_scope)
     structlog.contextvars.bind_contextvars(key_name=key.name)
+
+
+async def _find(connection: ASGIConnection, given: str, state: dict[str, Any]) -> Any:
+    """The grant of a bearer credential: a JWT where ``[auth.jwt]`` is set and it looks
+    like one, else an API key; None if it is not accepted (why: ``audit_denied``)."""
+    verifier = getattr(connection.app.state, "jwt", None)
+    if verifier is not None and tokens.looks_like_jwt(given):
+        try:
+            return await verifier.verify(given)
+        except tokens.TokenRefused as exc:
+            state["audit_denied"] = f"token refused: {exc}"[:300]
+            return None
+    return auth.find(given, getattr(connection.app.state, "key_store", None))
 
 
 def note(request: Request, target: str | None = None, **details: Any) -> None:
@@ -315,11 +328,11 @@ async def readable_sources(request: Request) -> set[str]:
     return set(await read_pool(request).fetchval(db.query("tenants", "readable")))
 
 
-def may_read(connection: ASGIConnection) -> bool:
+async def may_read(connection: ASGIConnection) -> bool:
     """Whether the request may see what read endpoints show: ``public_read`` is on, or its
     key has the ``read`` scope (for an endpoint that answers everyone, in less detail)."""
     try:
-        _check_key(connection, "read")
+        await _check_key(connection, "read")
     except ApiError:
         return False
     return True

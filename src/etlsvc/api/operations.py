@@ -82,7 +82,7 @@ async def health(request: Request) -> Response[dict[str, Any]]:
     odd, the service is fine)."""
     service = service_of(request)
     checks: dict[str, Any] = {"scheduler": service.scheduler_running}
-    readable = may_read(request)
+    readable = await may_read(request)
 
     async def read() -> tuple[dict[str, dict[str, Any]], set[str]]:
         # The status is the service's, of every source; the answer names only the sources
