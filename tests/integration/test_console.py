@@ -362,3 +362,62 @@ async def test_a_run_rolls_back_from_its_page_after_a_confirmation_with_the_coun
         # Leave the run page: its live log is an open event stream, which the server's
         # graceful stop would otherwise wait out.
         await page.goto("about:blank")
+
+
+async def test_each_tenant_sees_its_own_console_and_admins_manage_keys_and_read_the_audit(
+        env: Env, pool: asyncpg.Pool, tmp_path: Path, browser: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue #25, point 5: the console shows the key's tenant, only its sources and
+    datasets, and to an admin its audit log and key management; a second tenant's key sees
+    nothing of the first's."""
+    monkeypatch.setenv("ETLSVC_API_KEYS", "acme-admin@acme:admin:acme-a,"
+                       "globex-reader@globex:read:globex-r")
+    (tmp_path / "a.csv").write_text("id,title\n1,acme first\n2,acme second\n")
+    (tmp_path / "g.csv").write_text("id,title\n1,globex only\n")
+    fields = 'source_id = "id"\ntitle = "title"'
+    env.write_config(
+        csv_source("a", tmp_path / "a.csv", fields=fields,
+                   extra='tenant = "acme"\ndescription = "acme\'s products"') +
+        csv_source("g", tmp_path / "g.csv", fields=fields, extra='tenant = "globex"'),
+        "[server]\npublic_read = false")
+    for name in ("a", "g"):
+        assert env.cli("run", name).returncode == 0
+    expect = playwright_api.expect
+    with servers(env) as (server,):
+        page, traffic = await open_page(browser, server, "desktop", "acme-a")
+        await expect(page.locator("#who")).to_have_text("tenant acme · acme-admin (admin)")
+        await expect(page.locator("article.card[data-source=a]")).to_be_visible()
+        assert await page.locator("article.card[data-source=g]").count() == 0
+        await visit(page, "#/catalog", "article.dataset[data-dataset=a]", "tenant-catalog")
+        await expect(page.locator("article.dataset")).to_have_count(1)
+        await expect(page.locator("article.dataset")).to_contain_text("acme's products")
+        # Keys: make one; its secret is shown once, and it reads as acme.
+        await visit(page, "#/keys", "form.filters", "tenant-keys")
+        await page.fill("form.filters input[name=name]", "dash")
+        await page.click("form.filters button[type=submit]")
+        secret = (await page.locator("code.secret").text_content()).strip()
+        assert secret.startswith("etlsvc_")
+        await visit(page, "#/keys", "tr[data-key=dash]", "tenant-keys-listed")
+        await expect(page.locator("tr[data-key=dash]")).to_contain_text("active")
+        assert secret not in await page.content()
+        await visit(page, "#/audit", "table.audit tbody tr", "tenant-audit")
+        await expect(page.locator("table.audit tbody tr").first).to_contain_text("key.create")
+        # globex's reader: its tenant, its source, no admin views, nothing of acme's.
+        other, _ = await open_page(browser, server, "desktop", "globex-r")
+        await expect(other.locator("#who")).to_have_text("tenant globex · globex-reader (read)")
+        await expect(other.locator("article.card[data-source=g]")).to_be_visible()
+        assert await other.locator("article.card[data-source=a]").count() == 0
+        assert not await other.locator("nav a[data-view=audit]").is_visible()
+        assert not await other.locator("nav a[data-view=keys]").is_visible()
+        for hash_, ready in (("#/data", "table.data tbody tr"), ("#/runs", "table.runs tbody tr"),
+                             ("#/catalog", "article.dataset")):
+            await visit(other, hash_, ready, f"tenant-other-{hash_[2:]}")
+            text = await other.locator("main").inner_text()
+            assert "acme" not in text, (hash_, text)
+        await visit(other, "#/audit", ".problem", "tenant-other-audit")
+        await expect(other.locator(".problem")).to_contain_text("lacks the 'admin' scope")
+        # The key made above reads acme's rows, in its own tab.
+        third, _ = await open_page(browser, server, "desktop", secret)
+        await visit(third, "#/data", "table.data tbody tr", "tenant-new-key-data")
+        await expect(third.locator("table.data tbody tr")).to_have_count(2)
+        assert traffic.foreign == []

@@ -265,5 +265,20 @@ async def delete_share(request: Request, source: FromPath[str],
     return envelope(request, dict(row))
 
 
-HANDLERS = [create_key, list_keys, rotate_key, revoke_key, audit_log, create_share,
+@get("/me", summary="Who the caller is: tenant, key, scope, grants", responses=READ_ERRORS,
+     opt={"scope": "read"})
+async def me(request: Request) -> dict[str, Any]:
+    """The tenant the caller acts for and what its key grants (the console shows it and
+    offers only what the scope allows). Without a key, where reads are public: the
+    default tenant, read."""
+    key = request.scope["state"].get("key")
+    if key is None:
+        return envelope(request, {"tenant": caller_tenant(), "key": None, "scope": "read",
+                                  "sources": [], "hidden_fields": []})
+    return envelope(request, {"tenant": key.tenant, "key": key.name, "scope": key.scope,
+                              "sources": list(key.sources),
+                              "hidden_fields": sorted(key.hidden)})
+
+
+HANDLERS = [me, create_key, list_keys, rotate_key, revoke_key, audit_log, create_share,
             list_shares, delete_share]

@@ -167,6 +167,21 @@ const keyButton = document.getElementById("key-button");
 
 function showKey() {
   keyButton.textContent = sessionStorage.getItem(KEY) ? "API key: set" : "API key: none";
+  whoAmI();
+}
+
+// Whom the key acts for: its tenant in the header, and the admin views for an admin key.
+const who = document.getElementById("who");
+async function whoAmI() {
+  let me = null;
+  try {
+    me = (await api("/me")).data;
+  } catch (e) {
+    me = null;
+  }
+  who.textContent = me ? `tenant ${me.tenant}${me.key ? ` · ${me.key} (${me.scope})` : ""}` : "";
+  who.dataset.tenant = me?.tenant ?? "";
+  for (const a of document.querySelectorAll("nav a.admin")) a.hidden = me?.scope !== "admin";
 }
 
 function askKey() {
@@ -246,6 +261,9 @@ const VIEWS = [
   [/^\/rejects$/, rejectsView],
   [/^\/data$/, dataView],
   [/^\/data\/(\d+)$/, recordView],
+  [/^\/catalog$/, catalogView],
+  [/^\/audit$/, auditView],
+  [/^\/keys$/, keysView],
 ];
 
 async function route() {
@@ -718,6 +736,83 @@ async function recordView(ctx, params, id) {
     raw ? json(raw.record) : h("p", { class: "muted" }, "The raw row was purged."),
     raw ? h("dl", { class: "fields" }, Object.entries(raw).filter(([k]) => k !== "record")
       .map(([k, v]) => [h("dt", {}, k), h("dd", {}, v == null ? "—" : String(v))])) : null);
+}
+
+// -- Catalog, audit, keys --------------------------------------------------------------------
+
+async function catalogView(ctx) {
+  const datasets = (await api("/catalog")).data;
+  show(ctx, h("h1", {}, "Catalog"),
+    datasets.length ? null : h("p", { class: "muted" }, "No dataset this key may read."),
+    datasets.map((d) => h("article", { class: "dataset", "data-dataset": d.name },
+      h("h2", {}, d.name, " ", h("span", { class: "muted" }, d.shared
+        ? `shared by ${d.owner}` : `owned by ${d.owner}`)),
+      d.description ? h("p", {}, d.description) : null,
+      d.tags.length ? h("p", { class: "muted" }, d.tags.join(" · ")) : null,
+      h("p", { class: "summary" }, `${num(d.rows)} rows · last write ${ago(d.freshness)}`,
+        ` · last success ${ago(d.last_success)} · rejects (7 d) ${pct(d.reject_rate_7d)}`,
+        ` · ${d.schema_changes.length} schema change(s) · `,
+        link(`#/data?source=${encodeURIComponent(d.name)}`, "sample")),
+      h("div", { class: "scroll" }, h("table", { class: "fields" },
+        h("thead", {}, h("tr", {}, ["Field", "Type", "From", "Rules"].map((t) => h("th", {}, t)))),
+        h("tbody", {}, d.fields.map((f) => h("tr", {}, h("td", {}, f.name), h("td", {}, f.type),
+          h("td", {}, f.from), h("td", {}, Object.entries(f.rules)
+            .map(([k, v]) => `${k} ${JSON.stringify(v)}`).join(", ") || "—")))))))));
+}
+
+async function auditView(ctx, params) {
+  const page = await api(hashWith("/admin/audit", { limit: 100, cursor: params.get("cursor") }));
+  const { next_cursor: next } = page.metadata.pagination;
+  show(ctx, h("h1", {}, "Audit log ", h("span", { class: "muted" }, page.metadata.pagination.tenant)),
+    h("div", { class: "scroll" }, h("table", { class: "audit" },
+      h("thead", {}, h("tr", {}, ["When", "Who", "Action", "Target", "Outcome", "From", "Request"]
+        .map((t) => h("th", {}, t)))),
+      h("tbody", {}, page.data.map((e) => h("tr", { class: e.outcome },
+        h("td", { class: "time" }, time(e.at)), h("td", {}, e.actor), h("td", {}, e.action),
+        h("td", {}, e.target ?? ""), h("td", {}, badge(e.outcome), e.status ? ` ${e.status}` : ""),
+        h("td", {}, e.client ?? ""), h("td", { class: "part" }, e.request_id ?? "")))))),
+    page.data.length ? null : h("p", { class: "muted" }, "Nothing recorded yet."),
+    next ? h("p", { class: "pager" }, link(hashWith("#/audit", { cursor: next }), "Older →")) : null);
+}
+
+async function keysView(ctx) {
+  const keys = (await api("/admin/keys")).data;
+  const secretBox = h("div", { id: "new-secret" });
+  const form = h("form", { class: "filters", onsubmit: async (e) => {
+    e.preventDefault();
+    const data = Object.fromEntries(new FormData(e.target));
+    const made = await act("Make key", "/admin/keys", {
+      name: data.name, scope: data.scope,
+      sources: data.sources ? data.sources.split(",").map((x) => x.trim()).filter(Boolean) : [] });
+    if (made) shownOnce(secretBox, made);
+  } }, h("label", {}, "name", h("input", { name: "name", required: true, size: 16 })),
+  select("scope", "read", [["read", "read"], ["run", "run"], ["admin", "admin"]]),
+  h("label", {}, "sources", h("input", { name: "sources", size: 16, placeholder: "all (or globs, comma-separated)" })),
+  h("button", { type: "submit", class: "primary" }, "Make key"));
+  show(ctx, h("h1", {}, "API keys"), form, secretBox,
+    h("div", { class: "scroll" }, h("table", { class: "keys" },
+      h("thead", {}, h("tr", {}, ["#", "Name", "Scope", "Sources", "Status", "Expires",
+        "Last used", ""].map((t) => h("th", {}, t)))),
+      h("tbody", {}, keys.map((k) => h("tr", { "data-key": k.name },
+        h("td", {}, k.id), h("td", {}, k.name), h("td", {}, k.scope),
+        h("td", {}, k.sources.join(", ") || "all"), h("td", {}, badge(k.status)),
+        h("td", { class: "time" }, time(k.expires_at)), h("td", {}, ago(k.last_used_at)),
+        h("td", {}, k.status === "active" ? [
+          h("button", { type: "button", onclick: async () => {
+            const done = await act("Rotate", `/admin/keys/${k.id}/rotate`, { grace_s: 3600 });
+            if (done) shownOnce(secretBox, done);
+          } }, "Rotate"), " ",
+          h("button", { type: "button", onclick: async () => {
+            if (!confirm(`Revoke key ${k.name}? Every replica refuses it within seconds.`)) return;
+            if (await act("Revoke", `/admin/keys/${k.id}/revoke`)) route();
+          } }, "Revoke")] : null)))))),
+    keys.length ? null : h("p", { class: "muted" }, "No key made at run time yet."));
+}
+
+// A new secret, shown this once.
+function shownOnce(box, key) {
+  put(box, h("p", { class: "good" }, `Key ${key.name}: copy its secret now, it is not shown again: `,
+    h("code", { class: "secret" }, key.secret)));
 }
 
 // -- start ----------------------------------------------------------------------------------
