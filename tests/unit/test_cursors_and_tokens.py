@@ -6,7 +6,14 @@ import pytest
 
 from etlsvc import db
 from etlsvc.api import changes
-from etlsvc.api.http import ApiError, decode_cursor, encode_cursor, keyset_page
+from etlsvc.api.http import (
+    ApiError,
+    decode_cursor,
+    encode_cursor,
+    feed_token,
+    keyset_page,
+    token_tag,
+)
 
 FILTERS = ("Books", None)
 
@@ -50,7 +57,26 @@ def test_a_change_token_round_trips_and_0_is_the_beginning() -> None:
     assert changes.parse_token(position.token) == position
 
 
-@pytest.mark.parametrize("token", ["", "now-1", "1", "1-", "-1-2", "1-2-3", "a-b",
+def test_a_change_token_carries_whom_it_was_given_to() -> None:
+    """The feed tags each token with its caller's tenant and grants (http.feed_token):
+    another caller's is refused; one from before tags (none) is still taken."""
+    position = changes.Position(42, 7)
+    acme, globex = db.ReadScope("acme"), db.ReadScope("globex")
+    token = db.READ_SCOPE.set(acme)
+    try:
+        given = feed_token(position)
+        assert given.startswith("42-7.") and changes.parse_token(given, token_tag) == position
+        assert changes.parse_token("42-7", token_tag) == position
+        db.READ_SCOPE.set(globex)
+        with pytest.raises(changes.ForeignToken, match="given to another caller"):
+            changes.parse_token(given, token_tag)
+        assert changes.parse_token(feed_token(position), token_tag) == position
+    finally:
+        db.READ_SCOPE.reset(token)
+
+
+@pytest.mark.parametrize("token", ["", "now-1", "1", "1-", "-1-2", "1-2-3", "a-b", "1-2.",
+                                   "1-2.abcdefg", "1-2.ABCDEF12", "1-2.abcdef123",
                                    f"1-{db.MAX_ID + 1}", "99999999999999999999999-1"])
 def test_anything_else_is_not_a_token(token: str) -> None:
     with pytest.raises(ValueError, match="is not a change feed token"):

@@ -24,10 +24,12 @@ from etlsvc.api.http import (
     Hidden,
     encode_json,
     error_responses,
+    feed_token,
     hidden_fields,
     json_page,
     read_pool,
     served,
+    token_tag,
 )
 
 
@@ -50,7 +52,7 @@ def _change(row: Any, hidden: Hidden | None) -> Change:
         *(row[name] for name in DataRow.__struct_fields__))
     if record is not None and hidden is not None:
         hide(record, hidden.of(record.source))
-    return Change(changes.Position(row["xid"], row["id"]).token, row["op"], row["id"],
+    return Change(feed_token(changes.Position(row["xid"], row["id"])), row["op"], row["id"],
                   row["source"], row["source_id"], row["at"], record)
 
 
@@ -58,7 +60,7 @@ async def _feed_start(request: Request, after: str) -> changes.Position:
     if after == "now":
         return await changes.head(read_pool(request))
     try:
-        return changes.parse_token(after)
+        return changes.parse_token(after, token_tag)
     except ValueError as exc:
         raise ApiError(400, "bad_token", str(exc)) from None
 
@@ -66,7 +68,7 @@ async def _feed_start(request: Request, after: str) -> changes.Position:
 def _expired(position: changes.Position) -> ApiError:
     return ApiError(410, "token_expired", f"deletes after {position.token} are past the "
                     "feed's retention ([server] change_feed_retention_days); read the feed "
-                    "again from after=0", token=position.token)
+                    "again from after=0", token=feed_token(position))
 
 
 @get("/data/changes", summary="Inserts, updates and deletes, in commit-safe order",
@@ -89,7 +91,7 @@ async def list_changes(
     hidden = hidden_fields(request)
     served(request, page.changes)
     return json_page(request, [_change(r, hidden) for r in page.changes],
-                     {"limit": limit, "next": page.next.token, "has_more": page.has_more})
+                     {"limit": limit, "next": feed_token(page.next), "has_more": page.has_more})
 
 
 @get("/data/changes/stream", summary="The change feed as server-sent events",

@@ -21,6 +21,7 @@ import asyncio
 import math
 import re
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import asyncpg
@@ -31,7 +32,7 @@ from etlsvc import db
 POLL_EVERY = 0.25
 MAX_XID = 2**64 - 1
 
-_TOKEN = re.compile(r"(\d{1,20})-(\d{1,19})")
+_TOKEN = re.compile(r"(\d{1,20})-(\d{1,19})(?:\.([0-9a-f]{8}))?")
 
 
 class Position(NamedTuple):
@@ -48,15 +49,24 @@ class Position(NamedTuple):
 BEGINNING = Position(0, 0)
 
 
-def parse_token(token: str) -> Position:
-    """The position a token stands for (``0``: the beginning); ValueError if it is not one."""
+class ForeignToken(ValueError):
+    """A token the feed gave to another caller."""
+
+
+def parse_token(token: str, tag: Callable[[Position], str] | None = None) -> Position:
+    """The position a token stands for (``0``: the beginning); ValueError if it is not one,
+    or if it carries a tag other than ``tag(position)``: the tag says whom the feed gave it
+    to (``api/http.feed_token``). A token without a tag (given before tenants) is taken."""
     if token == "0":
         return BEGINNING
     m = _TOKEN.fullmatch(token)
     if not m or int(m.group(1)) > MAX_XID or int(m.group(2)) > db.MAX_ID:
         raise ValueError(f"{token!r} is not a change feed token (the 'next' of a page, "
                          "'0' for the beginning or 'now' for new changes only)")
-    return Position(int(m.group(1)), int(m.group(2)))
+    position = Position(int(m.group(1)), int(m.group(2)))
+    if m.group(3) is not None and tag is not None and m.group(3) != tag(position):
+        raise ForeignToken("this change feed token was given to another caller")
+    return position
 
 
 class Page(NamedTuple):

@@ -214,6 +214,16 @@ def _filters_digest(filters: tuple[Any, ...]) -> str:
                           scope_tag()).hexdigest()[:12]
 
 
+def feed_token(position: Any) -> str:
+    """The change feed's token of ``position`` for this caller: ``XID-ID.TAG``, the tag
+    binding it to the caller's tenant and grants (another caller's is refused, 400)."""
+    return f"{position.token}.{token_tag(position)}"
+
+
+def token_tag(position: Any) -> str:
+    return hashlib.blake2b(scope_tag() + position.token.encode(), digest_size=4).hexdigest()
+
+
 def scope_tag() -> bytes:
     """Whom the request reads for (``db.READ_SCOPE``), for what must differ between callers
     who read different data: cursors, ETags."""

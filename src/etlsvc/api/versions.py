@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 from etlsvc import db
 from etlsvc.api import changes
-from etlsvc.api.http import ApiError
+from etlsvc.api.http import ApiError, token_tag
 
 #: How long a read as of a recent time waits for the transactions running then to end.
 SETTLE_WITHIN = 5.0
@@ -55,7 +55,9 @@ async def resolve(pool: Any, as_of: str) -> Moment:
     yet. Whether it can be read here is ``check``'s."""
     if (moment := _parse_snapshot(as_of)) is None:
         try:
-            position = changes.parse_token(as_of)
+            position = changes.parse_token(as_of, token_tag)
+        except changes.ForeignToken as exc:
+            raise ApiError(400, "bad_as_of", str(exc)) from None
         except ValueError:
             position = None
         if position is not None:
