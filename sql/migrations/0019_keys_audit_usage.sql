@@ -112,3 +112,67 @@ BEGIN
         OR source IN (SELECT s.source FROM etl_sources s
                       WHERE s.tenant = current_setting('etlsvc.tenant', true)));
 END $$;
+
+-- A dataset shared with a tenant is its rows: the subscriber reads normalized_data and the
+-- versions, tombstones and data versions of the feed and of reads as of a moment; never the
+-- publisher's runs, rejects, raw rows, checkpoints, backfills or notifications (which hold
+-- what the share may hide: a raw row has every field, a reject its record). Those tables
+-- are held to the tenant's own sources.
+CREATE FUNCTION etlsvc_owned() RETURNS text[]
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path FROM CURRENT AS $$
+BEGIN
+    RETURN (
+        SELECT coalesce(array_agg(s.source), '{}')
+        FROM (SELECT source, tenant FROM etl_sources
+              UNION ALL
+              SELECT DISTINCT v.source, 'default' FROM data_versions v
+              WHERE NOT EXISTS (SELECT 1 FROM etl_sources e WHERE e.source = v.source)) s
+        WHERE s.tenant = current_setting('etlsvc.tenant', true)
+          AND (coalesce(current_setting('etlsvc.sources', true), '') = ''
+               OR s.source LIKE ANY (string_to_array(current_setting('etlsvc.sources', true),
+                                                     E'\n'))));
+END
+$$;
+REVOKE ALL ON FUNCTION etlsvc_owned() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION etlsvc_owned() TO etlsvc_api;
+
+-- What the catalog says of a dataset the caller reads, its own or shared with it: figures
+-- of the publisher's runs, not the runs.
+CREATE FUNCTION etlsvc_dataset_figures() RETURNS TABLE (
+    source text, last_success timestamptz, reject_rate_7d float8, schema_changes jsonb)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path FROM CURRENT AS $$
+    SELECT e.source,
+           (SELECT max(r.finished_at) FROM etl_runs r
+             WHERE r.source = e.source AND r.status = 'succeeded'
+               AND r.trigger IN ('manual', 'schedule', 'startup', 'stream')),
+           (SELECT sum(r.rows_rejected)::float8 / nullif(sum(r.rows_read), 0) FROM etl_runs r
+             WHERE r.source = e.source AND r.started_at > now() - interval '7 days'),
+           (SELECT jsonb_agg(jsonb_build_object('run_id', d.id, 'at', d.finished_at,
+                                                'changes', d.notes -> 'drift')
+                             ORDER BY d.id DESC)
+              FROM (SELECT id, finished_at, notes FROM etl_runs
+                     WHERE etl_runs.source = e.source AND notes ? 'drift'
+                     ORDER BY id DESC LIMIT 10) d)
+    FROM etl_sources e
+    WHERE e.source = ANY (etlsvc_readable())
+$$;
+REVOKE ALL ON FUNCTION etlsvc_dataset_figures() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION etlsvc_dataset_figures() TO etlsvc_api;
+
+DO $$
+DECLARE
+    t regclass;
+BEGIN
+    FOR t IN
+        SELECT c.oid::regclass FROM pg_class c
+        JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = 'source' AND NOT a.attisdropped
+        WHERE c.relnamespace = current_schema()::regnamespace AND c.relkind IN ('r', 'p')
+          AND c.relname NOT IN ('normalized_data', 'data_history', 'data_history_settings',
+                                'data_tombstones', 'data_versions', 'etl_sources',
+                                'etl_shares', 'etl_usage')
+    LOOP
+        EXECUTE format('DROP POLICY tenant_reads ON %s', t);
+        EXECUTE format('CREATE POLICY tenant_reads ON %s FOR SELECT TO etlsvc_api '
+                       'USING (source = ANY ((SELECT etlsvc_owned())::text[]))', t);
+    END LOOP;
+END $$;

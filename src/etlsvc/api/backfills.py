@@ -24,6 +24,7 @@ from etlsvc.api.http import (
     read_pool,
     require_json_body,
     service_of,
+    tenant_sources,
 )
 from etlsvc.errors import BackfillError
 from etlsvc.runtime import backfill
@@ -96,6 +97,10 @@ async def cancel_backfill(request: Request, backfill_id: Annotated[
     """A running backfill stops within a second (the batch in flight rolls back; what
     committed stays); one nobody runs is cancelled at once."""
     note(request, f"backfill {backfill_id}")
+    # Only a backfill of one of the caller's own sources (one shared with it is only read).
+    seen = await backfill.get(read_pool(request), backfill_id)
+    if seen is None or seen["source"] not in {s.name for s in tenant_sources(request)}:
+        raise NotFoundException(f"no backfill {backfill_id}")
     try:
         row = await backfill.cancel(service_of(request).database.pool, backfill_id)
     except BackfillError as exc:

@@ -18,6 +18,7 @@ from etlsvc import db, flow, logtail, metrics
 from etlsvc.api.http import (
     READ,
     WRITE_ERRORS,
+    caller_tenant,
     envelope,
     error_responses,
     may_read,
@@ -26,6 +27,7 @@ from etlsvc.api.http import (
     service_of,
     tenant_sources,
 )
+from etlsvc.contract import DEFAULT_TENANT
 from etlsvc.extract import KINDS
 from etlsvc.runtime.service import stale
 
@@ -193,14 +195,18 @@ async def log_stream(
     run_id: Annotated[int | None, QueryParameter(ge=0, le=db.MAX_ID)] = None,
     source: FromQuery[str | None] = None,
 ) -> ServerSentEvent:
-    """Each matching log event of this process, from now on, as one SSE ``data:`` line."""
+    """Each matching log event of this process, from now on, as one SSE ``data:`` line.
+    An admin of the default tenant (the operator's) sees every event; another tenant's
+    admin only those of its own sources."""
     keep = logtail.LogFilter(level, run_id, source)
+    tenant = caller_tenant()
+    own = None if tenant == DEFAULT_TENANT else {s.name for s in tenant_sources(request)}
 
     async def events() -> AsyncIterator[str]:
         with logtail.HUB.subscribe() as queue:
             while True:
                 event = await queue.get()
-                if keep(event):
+                if keep(event) and (own is None or event.get("source") in own):
                     yield msgspec.json.encode(event).decode()
 
     return ServerSentEvent(events())

@@ -116,7 +116,10 @@ async def run_log(request: Request,
                   run_id: Annotated[int, PathParameter(ge=0, le=db.MAX_ID)]) -> ServerSentEvent:
     """The log events of a run executed by this process: the last 500 kept, then each new
     one as it is logged, as one SSE ``data:`` line each (a run of another replica has none
-    here). A comment line every 15 s keeps idle connections open."""
+    here). A comment line every 15 s keeps idle connections open. 404 for a run the
+    caller may not read (row-level security decides, as for ``GET /etl/runs/{id}``)."""
+    if await read_pool(request).fetchrow(db.query("runs", "get"), run_id) is None:
+        raise NotFoundException(f"no run {run_id}")
     keep = logtail.LogFilter(run_id=run_id)
 
     async def events() -> AsyncIterator[ServerSentEventMessage]:
