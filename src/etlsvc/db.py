@@ -86,12 +86,14 @@ async def failing_fast(conn: asyncpg.Connection) -> AsyncIterator[None]:
     connection's termination listener makes a timeout around the block expire instead.
     """
     lost = False
+    inside = True
     async with asyncio.timeout(None) as limit:
 
         def on_lost(_: object) -> None:
             nonlocal lost
-            lost = True
-            limit.reschedule(asyncio.get_running_loop().time())
+            if inside:
+                lost = True
+                limit.reschedule(asyncio.get_running_loop().time())
 
         conn.add_termination_listener(on_lost)
         try:
@@ -102,7 +104,11 @@ async def failing_fast(conn: asyncpg.Connection) -> AsyncIterator[None]:
                     "the connection was lost in the middle of a batch") from exc
             raise
         finally:
-            conn.remove_termination_listener(on_lost)
+            inside = False
+            # A connection lost with the database may be back in the pool already, where
+            # asyncpg refuses to touch it: the listener, now inert, goes with it.
+            with contextlib.suppress(asyncpg.InterfaceError):
+                conn.remove_termination_listener(on_lost)
 
 
 def sql_dir() -> Path:
