@@ -99,7 +99,7 @@ class KeyRequest(msgspec.Struct, forbid_unknown_fields=True):
     """A key to make: its name (unique among the tenant's live keys), scope, the sources it
     is limited to (globs), the fields hidden from it, and when it expires."""
 
-    name: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")]
+    name: Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
     scope: str = "read"
     sources: list[Annotated[str, msgspec.Meta(min_length=1, max_length=200)]] = []
     hidden_fields: list[str] = []
