@@ -167,6 +167,94 @@ async def test_the_read_pool_serves_requests_in_the_order_they_asked(database_ur
     assert order == ["holder", "w0", "w1", "w2", "w3", "w4", "late"]
 
 
+async def _backend_states(database_url: str, name: str) -> list[str]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        return [r["state"] for r in await conn.fetch(
+            "SELECT state FROM pg_stat_activity WHERE application_name = $1", name)]
+    finally:
+        await conn.close()
+
+
+async def _one_connection_pool(database_url: str) -> tuple[str, asyncpg.Pool]:
+    async def no_reset(_: asyncpg.Connection) -> None:
+        pass
+
+    name = f"handover-{uuid.uuid4().hex[:8]}"
+    return name, await asyncpg.create_pool(
+        database_url, min_size=1, max_size=1, reset=no_reset,
+        server_settings={"application_name": name})
+
+
+async def test_a_read_handed_a_connection_reads_in_its_own_scope_and_none_idles_open(
+    database_url: str
+) -> None:
+    """Under load a read hands its connection to the next with its transaction still open
+    (the next one ends it): each read still sees only its own tenant and patterns, each is
+    a transaction of its own, and once the reads are done the connection is not left idle
+    in a transaction."""
+    name, raw = await _one_connection_pool(database_url)
+    pool = db.InTurn(raw)
+
+    async def read(tenant: str | None) -> tuple[str, str, object]:
+        db.READ_SCOPE.set(None if tenant is None else db.ReadScope(tenant, (f"{tenant}%",)))
+        row = await pool.fetchrow(
+            "SELECT coalesce(current_setting('etlsvc.tenant', true), '') AS t, "
+            "coalesce(current_setting('etlsvc.sources', true), '') AS s, "
+            "now() AS began")
+        return row["t"], row["s"], row["began"]
+
+    tenants = [None if i % 4 == 3 else f"t{i % 4}" for i in range(40)]
+    try:
+        seen = await asyncio.gather(*(read(t) for t in tenants))
+        assert [s[:2] for s in seen] == [("", "") if t is None else (t, f"{t}%")
+                                         for t in tenants]
+        assert len({s[2] for s in seen}) == len(tenants)    # each a transaction of its own
+        assert await _backend_states(database_url, name) == ["idle"]
+    finally:
+        await pool.close()
+
+
+async def test_a_connection_handed_to_a_read_that_was_cancelled_goes_on_or_back(
+    database_url: str
+) -> None:
+    """A read cancelled just as a connection was handed to it passes it on to the next
+    waiting read, or, with none, ends its transaction and gives it back to the pool."""
+    name, raw = await _one_connection_pool(database_url)
+    pool = db.InTurn(raw)
+    cancelled: list[asyncio.Task[object]] = []
+
+    async def holder(then_cancel: int) -> None:
+        await pool.fetchval("SELECT pg_sleep(0.2)")
+        for task in cancelled[:then_cancel]:
+            task.cancel()       # woken with the connection handed to it, it never reads
+
+    try:
+        holding = asyncio.create_task(holder(1))
+        await asyncio.sleep(0.05)
+        cancelled.append(asyncio.create_task(pool.fetchval("SELECT 1")))
+        await asyncio.sleep(0.01)
+        after = asyncio.create_task(pool.fetchval("SELECT 2"))
+        await holding
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled[0]
+        assert await after == 2
+
+        cancelled.clear()
+        holding = asyncio.create_task(holder(1))
+        await asyncio.sleep(0.05)
+        cancelled.append(asyncio.create_task(pool.fetchval("SELECT 1")))
+        await holding
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled[0]
+        await asyncio.sleep(0.1)
+        assert await _backend_states(database_url, name) == ["idle"]
+        assert raw.get_idle_size() == 1
+        assert await pool.fetchval("SELECT 3") == 3
+    finally:
+        await pool.close()
+
+
 async def test_the_history_table_keeps_every_column_a_normalized_row_has(
     pool: asyncpg.Pool
 ) -> None:
