@@ -17,9 +17,11 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from etlsvc import db
 from etlsvc.api.http import (
+    MUTATING,
     READ_ERRORS,
     WRITE_ERRORS,
     ApiError,
+    audit_request,
     caller_tenant,
     configured_source,
     decode_cursor,
@@ -32,54 +34,27 @@ from etlsvc.api.http import (
 )
 from etlsvc.contract import NAME_PATTERN, RECORD_FIELDS
 from etlsvc.errors import AccessError
-from etlsvc.runtime import audit, keys
+from etlsvc.runtime import keys
 
 ADMIN: dict[str, Any] = {"responses": WRITE_ERRORS, "opt": {"scope": "admin"}}
-#: The methods whose requests change something (and so are audited).
-MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-
-
 def audited(app: ASGIApp) -> ASGIApp:
-    """ASGI middleware: the audit entry of a mutating request, or of any request refused
-    for its key (401, 403), written before the answer leaves. The handler may say more in
-    ``request.state.audit`` (``target``, ``details``); its action is the handler's
-    ``opt["audit"]``, else the method and route."""
+    """ASGI middleware: the audit entry of a mutating request, written before the answer
+    leaves (``http.audit_request``). A read is audited only if its key is refused, by the
+    key check itself: reads pay nothing for the audit."""
 
     async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["method"] not in MUTATING:
             await app(scope, receive, send)
             return
 
         async def send_audited(message: Message) -> None:
             if message["type"] == "http.response.start":
-                await _audit(scope, message["status"])
+                await audit_request(scope, message["status"])
             await send(message)
 
         await app(scope, receive, send_audited)
 
     return middleware
-
-
-async def _audit(scope: Scope, status: int) -> None:
-    state = scope.get("state", {})
-    denied = state.get("audit_denied")
-    if scope["method"] not in MUTATING and not denied:
-        return
-    handler = scope.get("route_handler")
-    action = (handler.opt.get("audit") if handler else None) or \
-        f"{scope['method']} {scope.get('path_template', scope['path'])}"
-    said = state.get("audit", {})
-    details = dict(said.get("details", {}))
-    if denied:
-        details["refused"] = denied
-    client = scope.get("client")
-    entry = audit.Entry(
-        action=action, actor=state.get("actor", "anonymous"),
-        outcome="ok" if status < 400 else "denied" if status in (401, 403) else "failed",
-        tenant=state.get("tenant"), target=said.get("target"), status=status,
-        request_id=state.get("request_id"), client=client[0] if client else None,
-        details=details)
-    await audit.record(scope["app"].state.service.database.pool, entry)
 
 
 def _caller(request: Request) -> keys.ApiKey:

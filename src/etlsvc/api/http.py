@@ -35,6 +35,7 @@ from etlsvc import db
 from etlsvc.api import auth, tokens
 from etlsvc.config import Source
 from etlsvc.contract import DEFAULT_TENANT
+from etlsvc.runtime import audit
 from etlsvc.runtime.service import Service
 
 
@@ -255,19 +256,26 @@ async def _check_key(connection: ASGIConnection, scope: str) -> None:
         # public: the request reads what anyone may.
         db.READ_SCOPE.set(PUBLIC_SCOPE)
         return
+    refusal = None
     if not given:
         state["audit_denied"] = "no key"
-        raise ApiError(401, "unauthorized", f"an API key with the {scope!r} scope is "
-                       "required: Authorization: Bearer <key>")
-    if key is None:
+        refusal = ApiError(401, "unauthorized", f"an API key with the {scope!r} scope is "
+                           "required: Authorization: Bearer <key>")
+    elif key is None:
         state.setdefault("audit_denied", "unknown key")
         state["actor"] = "unknown:" + hashlib.sha256(given.encode()).hexdigest()[:8]
-        raise ApiError(403, "forbidden", "this API key is not accepted")
-    state["actor"], state["tenant"] = key.who, key.tenant
-    if not key.grants(scope):
-        state["audit_denied"] = f"lacks the {scope} scope"
-        raise ApiError(403, "forbidden", f"the API key {key.name!r} lacks the {scope!r} "
-                       "scope")
+        refusal = ApiError(403, "forbidden", "this API key is not accepted")
+    else:
+        state["actor"], state["tenant"] = key.who, key.tenant
+        if not key.grants(scope):
+            state["audit_denied"] = f"lacks the {scope} scope"
+            refusal = ApiError(403, "forbidden", f"the API key {key.name!r} lacks the "
+                               f"{scope!r} scope")
+    if refusal is not None:
+        if connection.scope.get("method") not in MUTATING:
+            # A mutating request's entry is written as its answer leaves (api/admin.py).
+            await audit_request(connection.scope, refusal.status_code)
+        raise refusal
     state["key"] = key
     db.READ_SCOPE.set(key.read_scope)
     structlog.contextvars.bind_contextvars(key_name=key.name)
@@ -284,6 +292,33 @@ async def _find(connection: ASGIConnection, given: str, state: dict[str, Any]) -
             state["audit_denied"] = f"token refused: {exc}"[:300]
             return None
     return auth.find(given, getattr(connection.app.state, "key_store", None))
+
+
+#: The methods whose requests change something (and so are audited).
+MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+async def audit_request(scope: Any, status: int) -> None:
+    """Write the audit entry of a request answered ``status`` (``runtime/audit.py``). The
+    handler may say more in ``note``; its action is the handler's ``opt["audit"]``, else
+    the method and route; a refused key's reason is in its details."""
+    state = scope.get("state", {})
+    denied = state.get("audit_denied")
+    handler = scope.get("route_handler")
+    action = (handler.opt.get("audit") if handler else None) or \
+        f"{scope['method']} {scope.get('path_template', scope['path'])}"
+    said = state.get("audit", {})
+    details = dict(said.get("details", {}))
+    if denied:
+        details["refused"] = denied
+    client = scope.get("client")
+    entry = audit.Entry(
+        action=action, actor=state.get("actor", "anonymous"),
+        outcome="ok" if status < 400 else "denied" if status in (401, 403) else "failed",
+        tenant=state.get("tenant"), target=said.get("target"), status=status,
+        request_id=state.get("request_id"), client=client[0] if client else None,
+        details=details)
+    await audit.record(scope["app"].state.service.database.pool, entry)
 
 
 def note(request: Request, target: str | None = None, **details: Any) -> None:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import datetime as dt
 from collections import Counter
+from operator import itemgetter
 from typing import Annotated, Any
 
 import structlog
@@ -23,6 +24,10 @@ from etlsvc.api.http import READ_ERRORS, envelope, read_pool
 log = structlog.get_logger()
 
 
+#: A served row's dataset (asyncpg records are read by name).
+_SOURCE = itemgetter("source")
+
+
 class Usage:
     """Counts not yet written: (day, tenant, key, source) → [requests, rows]."""
 
@@ -32,7 +37,7 @@ class Usage:
 
     def count(self, tenant: str, key: str, rows: Any) -> None:
         day = dt.datetime.now(dt.UTC).date()
-        for source, n in Counter(r["source"] for r in rows).items():
+        for source, n in Counter(map(_SOURCE, rows)).items():
             entry = self._pending.setdefault((day, tenant, key, source), [0, 0])
             entry[0] += 1
             entry[1] += n
