@@ -354,9 +354,13 @@ class InTurn:
                 # Ended here: asyncpg's release would too, but report it as a mistake.
                 with contextlib.suppress(*UNAVAILABLE, asyncpg.PostgresError):
                     await conn.execute("ROLLBACK")
-            await self.pool.release(conn)
         finally:
-            self._pass(None)
+            # Even if the read is cancelled while its transaction ends (its client hung
+            # up): the release waits for the cancelled ROLLBACK and rolls back itself.
+            try:
+                await self.pool.release(conn)
+            finally:
+                self._pass(None)
 
     async def fetch(self, *args: Any, **kwargs: Any) -> list[asyncpg.Record]:
         return await self._read("fetch", args, kwargs)

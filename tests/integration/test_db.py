@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import uuid
 
 import asyncpg
@@ -253,6 +254,36 @@ async def test_a_connection_handed_to_a_read_that_was_cancelled_goes_on_or_back(
         assert await pool.fetchval("SELECT 3") == 3
     finally:
         await pool.close()
+
+
+async def test_reads_cancelled_at_random_moments_lose_no_connection(database_url: str) -> None:
+    """Reads cancelled anywhere (waiting for a turn, handed a connection, mid-query, ending
+    their transaction), as a client that hangs up cancels its request: every connection
+    comes back to the pool, idle and out of any transaction, and the pool still closes."""
+    name, raw = await _one_connection_pool(database_url)
+    await raw.close()
+    raw = await asyncpg.create_pool(database_url, min_size=3, max_size=3,
+                                    server_settings={"application_name": name})
+    pool = db.InTurn(raw)
+    rng = random.Random(25)
+
+    async def read(i: int) -> None:
+        db.READ_SCOPE.set(db.ReadScope(f"t{i % 2}"))
+        assert await pool.fetchval("SELECT $1::int", i) == i
+
+    try:
+        for _ in range(100):
+            tasks = [asyncio.create_task(read(i)) for i in range(30)]
+            loop = asyncio.get_running_loop()
+            for task in tasks:
+                loop.call_later(rng.uniform(0, 0.005), task.cancel)
+            await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.sleep(0.1)
+        assert raw.get_idle_size() == 3
+        assert await _backend_states(database_url, name) == ["idle"] * 3
+        assert await asyncio.gather(*(read(i) for i in range(10))) == [None] * 10
+    finally:
+        await asyncio.wait_for(pool.close(), 10)
 
 
 async def test_the_history_table_keeps_every_column_a_normalized_row_has(
