@@ -198,7 +198,8 @@ async def test_a_read_handed_a_connection_reads_in_its_own_scope_and_none_idles_
     pool = db.InTurn(raw)
 
     async def read(tenant: str | None) -> tuple[str, str, object]:
-        db.READ_SCOPE.set(None if tenant is None else db.ReadScope(tenant, (f"{tenant}%",)))
+        db.READ_SCOPE.set(None if tenant is None else
+                          db.ReadScope(tenant, (f"{tenant}%", "o'brien\\%")))
         row = await pool.fetchrow(
             "SELECT coalesce(current_setting('etlsvc.tenant', true), '') AS t, "
             "coalesce(current_setting('etlsvc.sources', true), '') AS s, "
@@ -208,7 +209,7 @@ async def test_a_read_handed_a_connection_reads_in_its_own_scope_and_none_idles_
     tenants = [None if i % 4 == 3 else f"t{i % 4}" for i in range(40)]
     try:
         seen = await asyncio.gather(*(read(t) for t in tenants))
-        assert [s[:2] for s in seen] == [("", "") if t is None else (t, f"{t}%")
+        assert [s[:2] for s in seen] == [("", "") if t is None else (t, f"{t}%\no'brien\\%")
                                          for t in tenants]
         assert len({s[2] for s in seen}) == len(tenants)    # each a transaction of its own
         assert await _backend_states(database_url, name) == ["idle"]
