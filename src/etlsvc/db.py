@@ -264,11 +264,12 @@ class InTurn:
     tenant's rows, or none.
 
     A read's transaction costs two round trips more than its query: its prelude and its
-    end. Under load the end travels with the next read's prelude: a read that finishes while
+    end. The end travels with the next read's prelude instead: a read that finishes while
     others wait hands its connection, transaction still open, straight to the first of
-    them, which sends ``ROLLBACK; BEGIN; …`` in one message. With nobody waiting, the read
-    ends its transaction and gives the connection back to the pool, so no connection idles
-    in a transaction (holding its locks) while the API is quiet.
+    them, which sends ``ROLLBACK; BEGIN; …`` in one message; with nobody waiting, the
+    connection is parked, transaction open, for the next read to come within ``PARK_S``.
+    One that nobody took by then has its transaction ended and goes back to the pool, so
+    no connection idles in a transaction (holding its locks) while the API is quiet.
 
     asyncpg hands a released connection to whoever asks next, and a request that has just
     arrived can take it ahead of those already waiting. With the read pool's free release
@@ -277,20 +278,30 @@ class InTurn:
     ``fetch``/``fetchrow``/``fetchval`` take a turn; anything else goes to the pool.
     """
 
+    #: Seconds a parked connection keeps its transaction open for the next read.
+    PARK_S = 0.05
+
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
         #: Turns nobody holds: as many as the pool has connections, so that whoever holds
-        #: a turn and has no connection handed to it gets one from the pool at once.
+        #: a turn has a connection handed to it, takes a parked one, or gets one from the
+        #: pool at once (connections out of the pool: those of held turns and parked ones,
+        #: and no more are parked than there are free turns).
         self._free = pool.get_max_size()
         #: Reads waiting for a turn; each is given a connection (transaction open) or None.
         self._waiting: collections.deque[asyncio.Future[asyncpg.Connection | None]] = \
             collections.deque()
+        #: Connections whose transaction is still open, with when they were parked.
+        self._parked: list[tuple[float, asyncpg.Connection]] = []
+        self._sweep: asyncio.TimerHandle | None = None
         self._giving_back: set[asyncio.Task[None]] = set()
 
     async def _read(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         scope = READ_SCOPE.get()
         prelude = _NOBODY if scope is None else scope.prelude
         conn = await self._turn()
+        if conn is None:
+            conn = self._unpark()
         if conn is None:
             try:
                 conn = await self.pool.acquire()
@@ -311,12 +322,12 @@ class InTurn:
             await self._give_back(conn)
             raise
         if not self._pass(conn):
-            await self._give_back(conn)
+            self._park(conn)
         return result
 
     async def _turn(self) -> asyncpg.Connection | None:
         """Wait for a turn. With it comes the connection of the read before, its
-        transaction still open, or None: take one from the pool."""
+        transaction still open, or None: take a parked one, or one from the pool."""
         if self._free and not self._waiting:
             self._free -= 1
             return None
@@ -328,15 +339,13 @@ class InTurn:
             if waiter.done() and not waiter.cancelled():
                 # Handed a turn just as it was cancelled: pass it on, not lose it.
                 handed = waiter.result()
-                if not self._pass(handed) and handed is not None:
-                    task = asyncio.create_task(self._give_back(handed))
-                    self._giving_back.add(task)
-                    task.add_done_callback(self._giving_back.discard)
+                if not self._pass(handed):
+                    self._park(handed)
             raise
 
     def _pass(self, conn: asyncpg.Connection | None) -> bool:
         """Hand the turn to the first read still waiting, with ``conn`` (transaction open)
-        or None. False if none waits and there is a connection: the caller gives it back."""
+        or None. False if none waits and there is a connection: the caller parks it."""
         while self._waiting:
             waiter = self._waiting.popleft()
             if not waiter.done():
@@ -347,8 +356,42 @@ class InTurn:
         self._free += 1
         return True
 
-    async def _give_back(self, conn: asyncpg.Connection, end: bool = True) -> None:
-        """End the connection's transaction, return it to the pool, and pass the turn."""
+    def _park(self, conn: asyncpg.Connection) -> None:
+        """Keep ``conn``, transaction open, for the next read; free the turn."""
+        loop = asyncio.get_running_loop()
+        self._parked.append((loop.time(), conn))
+        self._free += 1
+        if self._sweep is None:
+            self._sweep = loop.call_later(self.PARK_S, self._end_parked)
+
+    def _unpark(self) -> asyncpg.Connection | None:
+        """The connection parked last (its transaction still open), if any."""
+        while self._parked:
+            conn = self._parked.pop()[1]
+            if not conn.is_closed():
+                return conn
+            self._in_background(self._release(conn, end=False))
+        return None
+
+    def _end_parked(self, everyone: bool = False) -> None:
+        """Give back the connections parked for ``PARK_S`` or more (all: ``everyone``)."""
+        self._sweep = None
+        loop = asyncio.get_running_loop()
+        since = loop.time() - self.PARK_S
+        stale = [c for at, c in self._parked if everyone or at <= since]
+        self._parked = [(at, c) for at, c in self._parked if not (everyone or at <= since)]
+        for conn in stale:
+            self._in_background(self._release(conn))
+        if self._parked:
+            self._sweep = loop.call_later(self._parked[0][0] - since, self._end_parked)
+
+    def _in_background(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._giving_back.add(task)
+        task.add_done_callback(self._giving_back.discard)
+
+    async def _release(self, conn: asyncpg.Connection, end: bool = True) -> None:
+        """End the connection's transaction and return it to the pool."""
         try:
             if end and not conn.is_closed():
                 # Ended here: asyncpg's release would too, but report it as a mistake.
@@ -357,10 +400,14 @@ class InTurn:
         finally:
             # Even if the read is cancelled while its transaction ends (its client hung
             # up): the release waits for the cancelled ROLLBACK and rolls back itself.
-            try:
-                await self.pool.release(conn)
-            finally:
-                self._pass(None)
+            await self.pool.release(conn)
+
+    async def _give_back(self, conn: asyncpg.Connection, end: bool = True) -> None:
+        """Return a read's connection to the pool and pass its turn on."""
+        try:
+            await self._release(conn, end)
+        finally:
+            self._pass(None)
 
     async def fetch(self, *args: Any, **kwargs: Any) -> list[asyncpg.Record]:
         return await self._read("fetch", args, kwargs)
@@ -372,6 +419,9 @@ class InTurn:
         return await self._read("fetchval", args, kwargs)
 
     async def close(self) -> None:
+        if self._sweep is not None:
+            self._sweep.cancel()
+        self._end_parked(everyone=True)
         await asyncio.gather(*self._giving_back, return_exceptions=True)
         await self.pool.close()
 

@@ -193,7 +193,7 @@ async def test_a_read_handed_a_connection_reads_in_its_own_scope_and_none_idles_
     """Under load a read hands its connection to the next with its transaction still open
     (the next one ends it): each read still sees only its own tenant and patterns, each is
     a transaction of its own, and once the reads are done the connection is not left idle
-    in a transaction."""
+    in a transaction for more than a moment."""
     name, raw = await _one_connection_pool(database_url)
     pool = db.InTurn(raw)
 
@@ -212,6 +212,8 @@ async def test_a_read_handed_a_connection_reads_in_its_own_scope_and_none_idles_
         assert [s[:2] for s in seen] == [("", "") if t is None else (t, f"{t}%\no'brien\\%")
                                          for t in tenants]
         assert len({s[2] for s in seen}) == len(tenants)    # each a transaction of its own
+        # Parked for the next read a moment, then its transaction is ended.
+        await asyncio.sleep(db.InTurn.PARK_S + 0.1)
         assert await _backend_states(database_url, name) == ["idle"]
     finally:
         await pool.close()
