@@ -113,29 +113,6 @@ BEGIN
                       WHERE s.tenant = current_setting('etlsvc.tenant', true)));
 END $$;
 
--- A dataset shared with a tenant is its rows: the subscriber reads normalized_data and the
--- versions, tombstones and data versions of the feed and of reads as of a moment; never the
--- publisher's runs, rejects, raw rows, checkpoints, backfills or notifications (which hold
--- what the share may hide: a raw row has every field, a reject its record). Those tables
--- are held to the tenant's own sources.
-CREATE FUNCTION etlsvc_owned() RETURNS text[]
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path FROM CURRENT AS $$
-BEGIN
-    RETURN (
-        SELECT coalesce(array_agg(s.source), '{}')
-        FROM (SELECT source, tenant FROM etl_sources
-              UNION ALL
-              SELECT DISTINCT v.source, 'default' FROM data_versions v
-              WHERE NOT EXISTS (SELECT 1 FROM etl_sources e WHERE e.source = v.source)) s
-        WHERE s.tenant = current_setting('etlsvc.tenant', true)
-          AND (coalesce(current_setting('etlsvc.sources', true), '') = ''
-               OR s.source LIKE ANY (string_to_array(current_setting('etlsvc.sources', true),
-                                                     E'\n'))));
-END
-$$;
-REVOKE ALL ON FUNCTION etlsvc_owned() FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION etlsvc_owned() TO etlsvc_api;
-
 -- What the catalog says of a dataset the caller reads, its own or shared with it: figures
 -- of the publisher's runs, not the runs.
 CREATE FUNCTION etlsvc_dataset_figures() RETURNS TABLE (
@@ -154,11 +131,16 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path FROM CURRENT AS $$
                      WHERE etl_runs.source = e.source AND notes ? 'drift'
                      ORDER BY id DESC LIMIT 10) d)
     FROM etl_sources e
-    WHERE e.source = ANY (etlsvc_readable())
+    WHERE e.source = ANY (etlsvc_visible(true))
 $$;
 REVOKE ALL ON FUNCTION etlsvc_dataset_figures() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION etlsvc_dataset_figures() TO etlsvc_api;
 
+-- A dataset shared with a tenant is its rows: the subscriber reads normalized_data and the
+-- versions, tombstones and data versions of the feed and of reads as of a moment; never the
+-- publisher's runs, rejects, raw rows, checkpoints, backfills or notifications (which hold
+-- what the share may hide: a raw row has every field, a reject its record). Those tables
+-- are held to the tenant's own sources.
 DO $$
 DECLARE
     t regclass;
@@ -171,8 +153,7 @@ BEGIN
                                 'data_tombstones', 'data_versions', 'etl_sources',
                                 'etl_shares', 'etl_usage')
     LOOP
-        EXECUTE format('DROP POLICY tenant_reads ON %s', t);
-        EXECUTE format('CREATE POLICY tenant_reads ON %s FOR SELECT TO etlsvc_api '
-                       'USING (source = ANY ((SELECT etlsvc_owned())::text[]))', t);
+        EXECUTE format('ALTER POLICY tenant_reads ON %s '
+                       'USING (source = ANY ((SELECT etlsvc_visible(false))::text[]))', t);
     END LOOP;
 END $$;

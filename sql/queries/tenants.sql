@@ -13,7 +13,7 @@ ON CONFLICT (source) DO UPDATE SET
 
 -- name: readable
 -- The sources the transaction's caller may read (row-level security's own answer).
-SELECT etlsvc_readable()
+SELECT etlsvc_visible(true)
 
 -- name: sync_shares
 -- The shares the config makes: ($1 source, $2 subscriber, $3 JSON array of each one's

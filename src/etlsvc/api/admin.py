@@ -126,14 +126,13 @@ KeyId = Annotated[int, PathParameter(ge=1, le=db.MAX_ID)]
 async def rotate_key(request: Request, key_id: KeyId,
                      data: JSONBody[RotateRequest | None] = None) -> dict[str, Any]:
     caller = _caller(request)
-    note(request, f"key {key_id}")
     grace = (data or RotateRequest()).grace_s
+    note(request, f"key {key_id}", grace_s=grace)       # a refused rotation names it too
     try:
         row, secret = await keys.rotate(service_of(request).database.pool, key_id,
                                         caller.tenant, grace)
     except AccessError as exc:
         raise _access_error(exc) from None
-    note(request, f"key {key_id}", grace_s=grace)
     await request.app.state.key_store.refresh()
     return envelope(request, {**keys.view(row), "secret": secret})
 
