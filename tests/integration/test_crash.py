@@ -30,10 +30,11 @@ REJECTS = (
 async def test_sigkill_at_random_moments_then_resume_matches_an_uninterrupted_run(
     env: Env, pool: asyncpg.Pool, gen_csv
 ) -> None:
-    full, _ = gen_csv(200_000)
+    # 40 batches: room for five kills, each after a commit, before the file ends.
+    full, _ = gen_csv(100_000)
     env.write_config(
-        csv_source("crash", full, extra="batch_size = 5000")
-        + csv_source("ref", full, extra="batch_size = 5000")
+        csv_source("crash", full, extra="batch_size = 2500")
+        + csv_source("ref", full, extra="batch_size = 2500")
     )
     assert env.cli("run", "ref").returncode == 0  # the uninterrupted reference
 
