@@ -61,12 +61,14 @@ FROM up
 -- row, or its delete, is newer than what the backfill read, leave the raw table. Kept, a
 -- replay (a key's last raw row wins) would undo that newer change with them. {seen_row} and
 -- {seen_tombstone} are the kind's seen_sql for the normalized row's and the tombstone's
--- version against this raw row's; $4 is the batch's read point.
+-- version against this raw row's; $4 is the batch's read point. (IS NOT DISTINCT FROM: as
+-- in mark_gone, a lookup by source_id's unique index whatever the statistics say.)
 -- params: $1 source, $2 raw ids above, $3 JSON path of source_id (text[]), $4 read point
 DELETE FROM {raw_table} r
 WHERE r.source = $1 AND r.id > $2 AND r.xmin = pg_current_xact_id()::xid
   AND (EXISTS (SELECT 1 FROM normalized_data n
-               WHERE n.source = $1 AND n.source_id = r.record #>> $3::text[]
+               WHERE n.source IS NOT DISTINCT FROM $1
+                 AND n.source_id = r.record #>> $3::text[]
                  AND n.source_version IS NOT NULL AND NOT {seen_row})
        OR EXISTS (SELECT 1 FROM data_tombstones t
                   WHERE t.source = $1 AND t.source_id = r.record #>> $3::text[]
