@@ -9,7 +9,10 @@ database, as the source `products` of the tenant `acme`, beside a 2,000-row sour
 tenant `globex`. Both servers serve that database (REV's ignores the migration it does not
 know), each pinned to CPU 0 in turn with wrk on CPU 1: REV's without a key (it has no
 tenants), this tree's with acme's key, at 16 and 50 connections, R rounds. Ratios (this
-tree / REV, requests per second) go to bench/RESULTS.md.
+tree / REV, requests per second) go to bench/RESULTS.md, with the CPU time each request
+cost the server process and the database's backends (utime + stime from /proc, so only
+with PostgreSQL on this machine): what row-level security costs, apart from the noise of
+a shared machine's requests per second.
 """
 
 from __future__ import annotations
@@ -29,6 +32,24 @@ from bench_csv import FIELDS, fresh_db, generate, machine, products_config, reco
 
 HERE = Path(__file__).resolve().parent
 KEYS = "acme-reader@acme:read:acme-key,globex-reader@globex:read:globex-key"
+
+
+def cpu_seconds(pid: int | str) -> float:
+    """User and system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def backends_cpu(database: str) -> float:
+    """CPU time so far of the PostgreSQL backends connected to ``database``."""
+    total = 0.0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if f" {database} ".encode() in Path(f"/proc/{pid}/cmdline").read_bytes() + b" ":
+                total += cpu_seconds(pid)
+        except OSError:
+            pass                # gone, or not ours to read
+    return total
 
 
 def main() -> None:
@@ -68,14 +89,20 @@ def main() -> None:
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         wait("http://127.0.0.1:8421/health")
         wait("http://127.0.0.1:8422/health")
-        scenarios = [(f"{args.against} /data", "http://127.0.0.1:8422/data?limit=100", None),
-                     ("this tree /data, acme's key", "http://127.0.0.1:8421/data?limit=100",
-                      "Authorization: Bearer acme-key")]
+        scenarios = [(f"{args.against} /data", servers[1],
+                      "http://127.0.0.1:8422/data?limit=100", None),
+                     ("this tree /data, acme's key", servers[0],
+                      "http://127.0.0.1:8421/data?limit=100", "Authorization: Bearer acme-key")]
+        db_name = db.rsplit("/", 1)[1]
         results: dict[tuple[str, int], list[dict[str, float]]] = {}
         for rnd in range(args.rounds):
             for conns in (16, 50):
-                for name, url, header in scenarios:
+                for name, server, url, header in scenarios:
+                    before = cpu_seconds(server.pid), backends_cpu(db_name)
                     got = wrk(url, args.duration, conns, header=header)
+                    got["server_us"] = (cpu_seconds(server.pid) - before[0]) / \
+                        got["requests"] * 1e6
+                    got["pg_us"] = (backends_cpu(db_name) - before[1]) / got["requests"] * 1e6
                     assert got["errors"] == 0, (name, got)
                     results.setdefault((name, conns), []).append(got)
                     print(rnd, conns, name, got, flush=True)
@@ -91,16 +118,25 @@ def main() -> None:
     base = scenarios[0][0]
     lines = [f"| {name} | {conns} | {median(name, conns, 'rps'):,.0f} | "
              f"{median(name, conns, 'p50'):.2f} ms | {median(name, conns, 'p99'):.2f} ms | "
+             f"{median(name, conns, 'server_us'):,.0f} µs | "
+             f"{median(name, conns, 'pg_us'):,.0f} µs | "
              f"**{median(name, conns, 'rps') / median(base, conns, 'rps'):.2f}×** |"
-             for conns in (16, 50) for name, _, _ in scenarios]
+             for conns in (16, 50) for name, *_ in scenarios]
+    rounds = "\n".join(
+        f"* {conns} connections, this tree / {args.against} per round: " + ", ".join(
+            f"{t['rps'] / b['rps']:.2f}×" for t, b in zip(results[(scenarios[1][0], conns)],
+                                                        results[(base, conns)]))
+        for conns in (16, 50))
     head = sh("git", "rev-parse", "--short", "HEAD").stdout.strip()
     record(f"\n### {dt.date.today()}: `python bench/bench_tenants.py --rows {args.rows} "
            f"--rounds {args.rounds} --against {args.against}` (this tree: `{head}`)\n\n"
            f"{machine()}\n\n`GET /data?limit=100`, first page, with row-level security "
            f"(this tree) and without ({args.against}); wrk, median of {args.rounds} "
-           f"interleaved rounds of {args.duration} s; server on CPU 0, wrk on CPU 1:\n\n"
-           f"| request | connections | requests/s | p50 | p99 | vs {args.against} |\n"
-           "|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
+           f"interleaved rounds of {args.duration} s; server on CPU 0, wrk on CPU 1; CPU "
+           f"time per request of the server process and of the database's backends:\n\n"
+           f"| request | connections | requests/s | p50 | p99 | server CPU | PostgreSQL CPU "
+           f"| vs {args.against} |\n"
+           "|---|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n\n" + rounds + "\n")
 
 
 if __name__ == "__main__":
