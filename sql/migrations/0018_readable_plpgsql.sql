@@ -6,11 +6,12 @@
 -- It replaces etlsvc_readable() (0017_tenants.sql), same answer with `shared`, written in
 -- PL/pgSQL: a SQL function that is not inlined (a SECURITY DEFINER one never is) has its
 -- query planned again at every call before PostgreSQL 18, ~0.5 ms of every read the API
--- made. PL/pgSQL keeps the plan for the session (one generic plan for either argument, even
--- under the read pool's plan_cache_mode = force_custom_plan: nothing in it is worth a
--- custom one).
+-- made. PL/pgSQL keeps the plan for the session: one generic plan for either argument,
+-- which the function's own plan_cache_mode asks for. The read pool's force_custom_plan
+-- would plan its query again at every call, for its argument: 175 µs a call, not 21.
 CREATE FUNCTION etlsvc_visible(shared boolean) RETURNS text[]
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path FROM CURRENT AS $$
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path FROM CURRENT SET plan_cache_mode = force_generic_plan AS $$
 BEGIN
     RETURN (
         SELECT coalesce(array_agg(s.source), '{}')

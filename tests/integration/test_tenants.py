@@ -157,3 +157,14 @@ async def test_the_api_role_cannot_bypass_row_level_security(two_tenants,
     for table in ("etl_api_keys", "etl_secrets"):
         assert not await pool.fetchval(
             "SELECT has_table_privilege('etlsvc_api', $1, 'SELECT')", table)
+
+
+async def test_the_policies_function_keeps_one_plan_whatever_the_read_pool_asks(
+    pool: asyncpg.Pool
+) -> None:
+    """The read pool plans each statement for its own values (force_custom_plan). The
+    function every policy calls must not follow it: its query would be planned again at
+    every read, 175 µs of PostgreSQL's time a read instead of 21 (bench/RESULTS.md)."""
+    config = await pool.fetchval(
+        "SELECT proconfig FROM pg_proc WHERE oid = 'etlsvc_visible(boolean)'::regprocedure")
+    assert "plan_cache_mode=force_generic_plan" in config
