@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import types
 import uuid
 
 import asyncpg
@@ -16,6 +17,7 @@ from etlsvc.config import Source
 from etlsvc.errors import DatabaseError
 from etlsvc.extract import KINDS
 from etlsvc.load import normalize
+from etlsvc.runtime import pipeline
 from etlsvc.transform.mapping import values_sql
 from tests.conftest import _with_db
 
@@ -300,3 +302,25 @@ async def test_the_history_table_keeps_every_column_a_normalized_row_has(
     current = await pool.fetch(columns, "normalized_data", ["changed_xid"])
     kept = await pool.fetch(columns, "data_history", ["from_xid", "to_xid", "ended_at"])
     assert [tuple(r) for r in kept] == [tuple(r) for r in current]
+
+
+async def test_a_batch_connection_closed_with_the_database_is_lost_while_the_runs_answers(
+    database_url: str
+) -> None:
+    """A batch's connection dies with the database (a killed postmaster) while the run's
+    own still answers for a moment, as the backends of a killed postmaster do: asyncpg's
+    "connection is closed" from the batch is a lost database (the run reconnects and goes
+    on), not a bug that fails the run. Seen in test_stream's database-crash test. An
+    InterfaceError from a statement given the wrong arguments still is a bug."""
+    conn = await asyncpg.connect(database_url)
+    run = types.SimpleNamespace(conn=conn)
+    try:
+        closed = asyncpg.InterfaceError(
+            "cannot call Transaction.__aexit__(): the underlying connection is closed")
+        closed.__context__ = asyncpg.InternalClientError(
+            "cannot switch to state 12; another operation (2) is in progress")
+        assert await pipeline._connection_lost(run, closed)
+        assert not await pipeline._connection_lost(run, asyncpg.InterfaceError(
+            "the server expects 2 arguments for this query, 1 was passed"))
+    finally:
+        await conn.close()

@@ -382,7 +382,7 @@ async def _connection_lost(run: ClaimedRun, exc: Exception) -> bool:
     """Whether ``exc`` means the run's connection is gone (not a file or upstream error)."""
     if isinstance(exc, EtlError) or not db.unavailable(exc):
         return False
-    if isinstance(exc, asyncpg.PostgresError):
+    if isinstance(exc, asyncpg.PostgresError) or _closed_connection(exc):
         return True
     # An OSError: from the database, or from a file? An InterfaceError: a dead connection,
     # or a statement given the wrong arguments (a bug: reconnecting would not help)?
@@ -390,6 +390,19 @@ async def _connection_lost(run: ClaimedRun, exc: Exception) -> bool:
         return run.conn.is_closed() or not await db.responds(run.conn, within=5)
     except asyncpg.InterfaceError:      # the pool took the connection back: it died
         return True
+
+
+def _closed_connection(exc: BaseException) -> bool:
+    """Whether asyncpg said, here or in what led to it, that a connection is closed. A
+    batch's own connection may be the one that died while the run's still answers: the
+    backends of a killed postmaster live on for a moment."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, asyncpg.ConnectionDoesNotExistError) or (
+                isinstance(seen, asyncpg.InterfaceError) and "connection is closed" in str(seen)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 async def _finish(run: ClaimedRun, progress: Progress,
