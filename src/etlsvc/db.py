@@ -378,9 +378,11 @@ class InTurn:
         self._sweep = None
         loop = asyncio.get_running_loop()
         since = loop.time() - self.PARK_S
-        stale = [c for at, c in self._parked if everyone or at <= since]
-        self._parked = [(at, c) for at, c in self._parked if not (everyone or at <= since)]
-        for conn in stale:
+        # Parked in the order of their time (the last parked is the first taken): the
+        # stale ones come first.
+        n = len(self._parked) if everyone else sum(at <= since for at, _ in self._parked)
+        stale, self._parked = self._parked[:n], self._parked[n:]
+        for _, conn in stale:
             self._in_background(self._release(conn))
         if self._parked:
             self._sweep = loop.call_later(self._parked[0][0] - since, self._end_parked)

@@ -110,16 +110,17 @@ def observe_sources(states: dict[str, dict[str, Any]] | None) -> None:
         FAILING.labels(source).set(state["failing"])
 
 
+#: SERVED_REQUESTS's and SERVED_ROWS's children by labels: finding them again at every
+#: request costs more than counting.
+_served: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+
+
 def served(tenant: str, key: str, source: str, rows: int) -> None:
-    # The children once per labels: finding them again costs more than counting.
     if (counters := _served.get((tenant, key, source))) is None:
         counters = _served[(tenant, key, source)] = (
             SERVED_REQUESTS.labels(tenant, key, source), SERVED_ROWS.labels(tenant, key, source))
     counters[0].inc()
     counters[1].inc(rows)
-
-
-_served: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 
 
 def observe_request(method: str, status: int, seconds: float) -> None:

@@ -37,6 +37,8 @@ from etlsvc.errors import AccessError
 from etlsvc.runtime import keys
 
 ADMIN: dict[str, Any] = {"responses": WRITE_ERRORS, "opt": {"scope": "admin"}}
+
+
 def audited(app: ASGIApp) -> ASGIApp:
     """ASGI middleware: the audit entry of a mutating request, written before the answer
     leaves (``http.audit_request``). A read is audited only if its key is refused, by the
