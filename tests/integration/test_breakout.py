@@ -20,7 +20,7 @@ from litestar.testing import AsyncTestClient
 
 from etlsvc.api.app import create_app
 from tests.conftest import Env, csv_source, run_source
-from tests.integration.test_tokens import AUDIENCE, ISSUER, Jwks, jwks, token  # noqa: F401
+from tests.integration.test_tokens import Jwks, jwks, jwt_config, token  # noqa: F401
 
 KEYS = ("acme-admin@acme:admin:acme-a, globex-admin@globex:admin:globex-a, "
         "initech-reader@initech:read:initech-r")
@@ -68,15 +68,7 @@ async def world(env: Env, tmp_path: Path, jwks: Jwks, monkeypatch: pytest.Monkey
         csv_source("g", tmp_path / "g.csv", fields=fields,
                    extra='tenant = "globex"\ndeletes = "detect"\nmax_error_rate = 0.5\n'
                          '[sources.share]\ntenants = ["initech"]\nfields = ["title"]'),
-        extra=f"""[server]
-public_read = false
-rate_limit_per_minute = 0
-[auth.jwt]
-jwks = "{jwks.url}"
-issuer = "{ISSUER}"
-audience = "{AUDIENCE}"
-tenant_claim = "org"
-""")
+        extra=jwt_config(jwks, server="rate_limit_per_minute = 0\n"))
     for name in ("a", "g"):
         assert (await run_source(cfg, name))["status"] == "succeeded"
     # A second load: changed and deleted rows (versions, tombstones).

@@ -67,6 +67,14 @@ def jwks() -> Iterator[Jwks]:
 ISSUER, AUDIENCE = "https://idp.test", "etlsvc"
 
 
+def jwt_config(jwks: Jwks, server: str = "", claims: str = "") -> str:
+    """The config's ``[server]`` (reads need a key, and ``server``'s lines) and
+    ``[auth.jwt]`` that trusts ``jwks`` for tokens of ISSUER to AUDIENCE, the tenant in
+    their ``org`` claim (and ``claims``' lines)."""
+    return (f'[server]\npublic_read = false\n{server}[auth.jwt]\njwks = "{jwks.url}"\n'
+            f'issuer = "{ISSUER}"\naudience = "{AUDIENCE}"\ntenant_claim = "org"\n{claims}')
+
+
 def token(private: object, kid: str, **claims: object) -> str:
     now = int(time.time())
     body = {"iss": ISSUER, "aud": AUDIENCE, "sub": "alice", "exp": now + 300, "iat": now,
@@ -83,15 +91,7 @@ async def service(env: Env, tmp_path: Path, jwks: Jwks, pool: asyncpg.Pool):
     cfg = env.config(
         csv_source("a", tmp_path / "a.csv", fields=fields, extra='tenant = "acme"') +
         csv_source("g", tmp_path / "g.csv", fields=fields, extra='tenant = "globex"'),
-        extra=f"""[server]
-public_read = false
-[auth.jwt]
-jwks = "{jwks.url}"
-issuer = "{ISSUER}"
-audience = "{AUDIENCE}"
-tenant_claim = "org"
-sources_claim = "datasets"
-""")
+        extra=jwt_config(jwks, claims='sources_claim = "datasets"\n'))
     for name in ("a", "g"):
         assert (await run_source(cfg, name))["status"] == "succeeded"
     return cfg
